@@ -1,0 +1,481 @@
+"""The extraction loop: images → model → hooks → :class:`repsim.store.StoreWriter`.
+
+Two steps, so the CLI can show the plan (bytes per image, total, free disk) before any work:
+
+    plan = plan_extraction(loaded_model, source, "vit.zarr", layers=None, pool="none")
+    store = run_extraction(plan, progress=True)
+
+Design points:
+
+- The store is preallocated for n rows; rows are written in whole sample chunks by one background writer
+  thread (the model never waits on disk; exactly one writer per chunk). ``chunk_size`` is a multiple of the
+  batch size, so a resumed run forms exactly the same batches as an uninterrupted one and its arrays are
+  bit-identical.
+- A chunk's completion flag is set only after all its arrays are written; rerunning the same command on a
+  killed store continues with the chunks not yet flagged. A store with another configuration (model,
+  weights, preprocessing, samples, layers, pooling, dtype, batching, library versions) is refused unless
+  ``overwrite``.
+- Images are decoded and transformed by a thread pool one batch ahead of the forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import queue
+import shutil
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+
+import repsim
+from repsim.data import CorruptImageError, ImageSource
+from repsim.errors import UsageError
+from repsim.store import (
+    FORMAT_VERSION,
+    ActivationStore,
+    LayerSpec,
+    StoreWriter,
+    WriterLock,
+    config_hash,
+    fingerprint_ids,
+    is_initialising,
+    is_store,
+    remove_store,
+)
+
+from hooks.capture import ActivationCapture, TapInfo, finite_or_raise
+from hooks.layers import default_layers, layer_layout, select_layers
+from hooks.registry import LoadedModel
+
+DTYPES = ("float16", "float32")
+DEFAULT_CHUNK_ROWS = 64
+
+
+class SubsetSource:
+    """A view of an :class:`ImageSource` keeping only ``keep`` (indices into its order)."""
+
+    def __init__(self, source: ImageSource, keep: Sequence[int]):
+        self._source = source
+        self._keep = list(keep)
+        self.name, self.root, self.classes = source.name, source.root, source.classes
+        self.ids = [source.ids[i] for i in self._keep]
+        self.labels = np.asarray(source.labels)[self._keep]
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    def load(self, i: int):
+        return self._source.load(self._keep[i])
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_ids(self.ids)
+
+    def describe(self) -> dict[str, Any]:
+        d = dict(self._source.describe())
+        d.update(n=len(self.ids), fingerprint=self.fingerprint)
+        return d
+
+
+def scan_images(
+    source: ImageSource, *, strict: bool, progress: bool = False
+) -> tuple[ImageSource, list[dict[str, str]]]:
+    """Decode every image of a file-based source once; drop corrupt ones (or fail under ``strict``).
+
+    Returns the (possibly reduced) source and the skipped samples as ``[{"id", "error"}]``. Generated and
+    array sources (shapes, digits, npz) cannot hold corrupt images and are returned as they are.
+    """
+    if source.name not in ("imagefolder", "folder"):
+        return source, []
+    from tqdm.auto import tqdm
+
+    def check(i: int) -> str | None:
+        try:
+            source.load(i)
+        except CorruptImageError as err:
+            return str(err)
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        errors = list(
+            tqdm(pool.map(check, range(len(source))), total=len(source), desc="checking images",
+                 unit="img", disable=not progress, leave=False)
+        )
+    bad = [i for i, e in enumerate(errors) if e is not None]
+    if not bad:
+        return source, []
+    if strict:
+        raise UsageError(f"corrupt image (--strict): {errors[bad[0]]}")
+    skipped = [{"id": source.ids[i], "error": str(errors[i])} for i in bad]
+    for s in skipped:
+        warnings.warn(f"skipping corrupt image {s['id']}: {s['error']}", stacklevel=2)
+    keep = [i for i in range(len(source)) if errors[i] is None]
+    if not keep:
+        raise UsageError("every image of the data set is unreadable")
+    return SubsetSource(source, keep), skipped
+
+
+@dataclass
+class ExtractionPlan:
+    """Everything decided before the first chunk is written (see :func:`plan_extraction`)."""
+
+    out: str
+    model: LoadedModel
+    source: ImageSource
+    paths: list[str]  # module paths hooked
+    taps: list[TapInfo]  # stored arrays (a module called twice gives two taps)
+    attrs: dict[str, Any]  # root attributes to write
+    dtype: str
+    batch_size: int
+    chunk_size: int
+    pool: str
+    spatial_pool: int | None
+    save_inputs: bool
+    resume: bool  # an existing store with the same configuration continues
+    already_complete: bool
+    bytes_per_image: int
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.source)
+
+    @property
+    def total_bytes(self) -> int:
+        """Uncompressed size of every array (an upper bound on the disk use)."""
+        return self.bytes_per_image * self.n
+
+    def free_bytes(self) -> int:
+        parent = os.path.dirname(os.path.abspath(self.out)) or "."
+        return shutil.disk_usage(parent).free
+
+    def check_disk(self, force: bool = False) -> None:
+        """Refuse a new store whose uncompressed size exceeds the free disk, unless ``force``."""
+        if self.resume or force:
+            return
+        if self.total_bytes > self.free_bytes():
+            raise UsageError(
+                f"the store needs up to {human_bytes(self.total_bytes)} but only {human_bytes(self.free_bytes())} is free "
+                "next to it: use --pool / --spatial-pool / fewer --layers, or --force (compression usually saves 10-40%)"
+            )
+
+
+def human_bytes(nbytes: float) -> str:
+    """Bytes as a short human-readable string (1024-based)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1024 or unit == "TB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TB"
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    import zarr
+
+    return {
+        "python": platform.python_version(),
+        "repsim": repsim.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"unknown device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} requested but CUDA is not available here")
+    return dev
+
+
+def _load_batch(source: ImageSource, transform: Callable, indices: range) -> torch.Tensor:
+    return torch.stack([transform(source.load(i)) for i in indices])
+
+
+def plan_extraction(
+    model: LoadedModel,
+    source: ImageSource,
+    out: str,
+    *,
+    layers: Sequence[str] | None = None,
+    pool: str = "none",
+    spatial_pool: int | None = None,
+    dtype: str = "float16",
+    batch_size: int = 32,
+    chunk_size: int | None = None,
+    save_inputs: bool = False,
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: bool = False,
+) -> ExtractionPlan:
+    """Resolve layers, probe output shapes with one small forward pass, and compare with any existing store.
+
+    ``layers`` are module paths or glob patterns (None → the family's default preset). ``chunk_size`` (rows
+    per chunk) defaults to the multiple of ``batch_size`` nearest 64 and must be a multiple of it.
+    """
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if chunk_size is None:
+        chunk_size = batch_size * max(1, round(DEFAULT_CHUNK_ROWS / batch_size))
+    if chunk_size < 1 or chunk_size % batch_size:
+        raise UsageError(f"--chunk-size ({chunk_size}) must be a positive multiple of --batch-size ({batch_size})")
+    module, info = model.module, model.info
+    paths = select_layers(module, layers) if layers else default_layers(module, info.family)
+    layouts = {p: layer_layout(info.family, p, module) for p in paths}
+
+    source, skipped = scan_images(source, strict=strict, progress=progress)
+    if len(source) == 0:
+        raise UsageError("the data set is empty")
+
+    # Probe: one forward pass on two real images fixes the taps (names, kinds, shapes, call counts).
+    transform = model.preprocessing.transform()
+    probe = _load_batch(source, transform, range(min(2, len(source))))
+    capture = ActivationCapture(
+        module, paths, layouts=layouts, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid,
+        pool=pool, spatial_pool=spatial_pool,
+    )
+    with capture, torch.inference_mode():
+        module(probe)
+        capture.pop()
+    taps = capture.taps or []
+    itemsize = np.dtype(dtype).itemsize
+    bytes_per_image = sum(int(np.prod(t.shape)) * itemsize for t in taps)
+    if save_inputs:
+        bytes_per_image += int(np.prod(probe.shape[1:])) * 2
+
+    dataset = source.describe()
+    dataset.update(n=len(source), fingerprint=source.fingerprint, skipped=skipped)
+    extraction = {
+        "pool": pool,
+        "spatial_pool": spatial_pool,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "chunk_size": chunk_size,
+        "layers_requested": list(layers) if layers else None,
+        "save_inputs": save_inputs,
+    }
+    config = {
+        "model": info.to_dict(),
+        "dataset": dataset,
+        "preprocessing": model.preprocessing.to_dict(),
+        "extraction": extraction,
+        "taps": [t.attrs() | {"name": t.name} for t in taps],
+        "libraries": {k: v for k, v in library_versions().items() if k in ("torch", "timm")},
+    }
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "repsim_version": repsim.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": config["model"],
+        "dataset": dataset,
+        "preprocessing": config["preprocessing"],
+        "extraction": extraction,
+        "layers": [t.name for t in taps],
+        "config_hash": config_hash(config),
+        "libraries": library_versions(),
+    }
+
+    resume = already_complete = False
+    if os.path.exists(out):
+        if overwrite or (is_store(out) and is_initialising(out)):
+            remove_store(out)
+        elif not is_store(out):
+            if os.path.isdir(out) and not os.listdir(out):
+                pass  # an empty directory is fine
+            else:
+                raise UsageError(f"{out} exists and is not a repsim store: choose another --out")
+        else:
+            existing = ActivationStore(out).attrs
+            if existing.get("config_hash") != attrs["config_hash"]:
+                diff = _config_difference(existing, attrs)
+                raise UsageError(
+                    f"{out} holds an extraction with another configuration ({diff}): "
+                    "use --overwrite to replace it, or another --out"
+                )
+            resume, already_complete = True, bool(existing.get("complete"))
+    return ExtractionPlan(
+        out=out, model=model, source=source, paths=paths, taps=taps, attrs=attrs, dtype=dtype,
+        batch_size=batch_size, chunk_size=chunk_size, pool=pool, spatial_pool=spatial_pool,
+        save_inputs=save_inputs, resume=resume, already_complete=already_complete,
+        bytes_per_image=bytes_per_image, skipped=skipped,
+    )
+
+
+def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    for key in ("model", "dataset", "preprocessing", "extraction", "layers"):
+        if old.get(key) != new.get(key):
+            if key == "dataset" and old.get(key, {}).get("fingerprint") != new[key].get("fingerprint"):
+                return "different samples"
+            return f"different {key}"
+    return "different library versions"
+
+
+class _BackgroundWriter:
+    """One thread that converts, writes and flags whole chunks, so the forward pass never waits on disk."""
+
+    def __init__(self, writer: StoreWriter, dtype: str, depth: int = 2):
+        self._writer = writer
+        self._dtype = np.dtype(dtype)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="repsim-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain after a failure
+            index, acts, inputs = item
+            try:
+                acts = {k: v.astype(self._dtype, copy=False) for k, v in acts.items()}
+                self._writer.write_chunk(index, acts, None if inputs is None else inputs.astype(np.float16))
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                self._error = err
+
+    def put(self, index: int, acts: dict[str, np.ndarray], inputs: np.ndarray | None) -> None:
+        self._raise()
+        self._queue.put((index, acts, inputs))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def run_extraction(
+    plan: ExtractionPlan,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    _stop_after_chunks: int | None = None,
+) -> ActivationStore:
+    """Run (or resume) the extraction planned by :func:`plan_extraction`; returns the finished store.
+
+    ``_stop_after_chunks`` is for tests: return after writing that many chunks, as a kill would.
+    """
+    from tqdm.auto import tqdm
+
+    if plan.already_complete:
+        return ActivationStore(plan.out)
+    dev = _resolve_device(device)
+    model, info = plan.model, plan.model.info
+    module = model.module.to(dev).eval()
+    source = plan.source
+    if plan.resume:
+        writer = StoreWriter.reopen(plan.out)
+    else:
+        input_shape = (3, *model.preprocessing.img_size) if plan.save_inputs else None
+        specs = [LayerSpec(t.name, t.shape, t.attrs()) for t in plan.taps]
+        writer = StoreWriter.create(
+            plan.out, plan.attrs, specs, source.ids, source.labels, dtype=plan.dtype, input_shape=input_shape
+        )
+    lock = WriterLock(plan.out)
+    lock.acquire()
+    try:
+        todo = [int(i) for i in np.flatnonzero(~writer.chunks_done())]
+        batches = [
+            (c, range(lo, min(lo + plan.batch_size, writer.chunk_rows(c).stop)))
+            for c in todo
+            for lo in range(writer.chunk_rows(c).start, writer.chunk_rows(c).stop, plan.batch_size)
+        ]
+        transform = model.preprocessing.transform()
+        capture = ActivationCapture(
+            module, plan.paths, layouts={p: layer_layout(info.family, p, module) for p in plan.paths},
+            num_prefix_tokens=info.num_prefix_tokens, grid=info.grid, pool=plan.pool, spatial_pool=plan.spatial_pool,
+        )
+        background = _BackgroundWriter(writer, plan.dtype)
+        bar = tqdm(total=sum(len(r) for _, r in batches), desc=f"extract {info.name}", unit="img",
+                   disable=not progress, dynamic_ncols=True)
+        chunks_written = 0
+        with ThreadPoolExecutor(max_workers=2) as loader, capture, torch.inference_mode():
+            futures = [loader.submit(_load_batch, source, transform, r) for _, r in batches[:2]]
+            parts: dict[str, list[np.ndarray]] = {}
+            inputs: list[np.ndarray] = []
+            for k, (chunk, rows) in enumerate(batches):
+                x = futures[k].result()
+                if k + 2 < len(batches):
+                    futures.append(loader.submit(_load_batch, source, transform, batches[k + 2][1]))
+                module(x.to(dev, non_blocking=True))
+                acts = capture.pop()
+                expected = [t.name for t in plan.taps]
+                if list(acts) != expected:
+                    raise UsageError("the model's layers changed since the store was planned")
+                for name, t in acts.items():
+                    finite_or_raise(name, t, plan.dtype)
+                    parts.setdefault(name, []).append(t.numpy())
+                if plan.save_inputs:
+                    inputs.append(x.numpy())
+                futures[k] = None  # release the batch
+                bar.update(len(rows))
+                if rows.stop == writer.chunk_rows(chunk).stop:
+                    background.put(
+                        chunk,
+                        {n: np.concatenate(p) for n, p in parts.items()},
+                        np.concatenate(inputs) if plan.save_inputs else None,
+                    )
+                    parts, inputs = {}, []
+                    chunks_written += 1
+                    if _stop_after_chunks is not None and chunks_written >= _stop_after_chunks:
+                        break
+        background.close()
+        bar.close()
+        if bool(writer.chunks_done().all()):
+            writer.update_attrs(complete=True, completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    finally:
+        lock.release()
+    return ActivationStore(plan.out)
+
+
+def extract(
+    model: LoadedModel,
+    source: ImageSource,
+    out: str,
+    *,
+    layers: Sequence[str] | None = None,
+    pool: str = "none",
+    spatial_pool: int | None = None,
+    dtype: str = "float16",
+    batch_size: int = 32,
+    chunk_size: int | None = None,
+    save_inputs: bool = False,
+    overwrite: bool = False,
+    strict: bool = False,
+    force: bool = False,
+    device: str = "auto",
+    progress: bool = False,
+) -> ActivationStore:
+    """Plan, check the disk and run an extraction in one call (the Python mirror of ``repsim extract``)."""
+    plan = plan_extraction(
+        model, source, out, layers=layers, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
+        batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, overwrite=overwrite,
+        strict=strict, progress=progress,
+    )
+    plan.check_disk(force=force)
+    return run_extraction(plan, device=device, progress=progress)
+
+
+__all__ = ["ExtractionPlan", "plan_extraction", "run_extraction", "extract", "scan_images", "human_bytes"]

@@ -1,0 +1,909 @@
+"""Model registry: short names and ``timm:`` / ``hf:`` / ``torchvision:`` / ``py:`` specs → an eval-mode model.
+
+:func:`load_model` returns a :class:`LoadedModel`: the module (``forward(x: (B, 3, H, W) float32) -> logits``),
+its provenance (:class:`ModelInfo`, recorded in every activation store) and its evaluation preprocessing.
+
+Weights never come from the network. Pretrained weights are looked up in the local caches *before* the
+model is built (the Hugging Face hub cache for timm and transformers models, the torch hub checkpoint
+directory for torchvision and URL-hosted timm weights), so nothing waits on a download; a miss is one
+:class:`~repsim.errors.UsageError` naming the three ways out (``--weights FILE``, ``--random-init``, or
+populating the cache). ``weights=FILE`` loads a local state dict strictly (see :mod:`hooks.weights`).
+
+Geometry is read from the built model, never guessed: ``num_prefix_tokens`` (class token, registers,
+distillation token) from timm's attribute / the HF embedding parameters, the patch grid from the patch
+embedding at the chosen ``img_size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from hooks.layers import infer_family
+from hooks.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, crop_pct_for, default_preprocessing
+from hooks.weights import apply_state_dict, load_state_dict_file, sha256_file
+from repsim.errors import UsageError
+
+SOURCES = ("timm", "hf", "torchvision", "py")
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """A short name: the timm id (architecture.pretrained_tag), its preset family, and what the weights are."""
+
+    timm_id: str
+    family: str
+    description: str
+
+
+#: Short names → timm ids. Tags are the standard published weights of each paper / release.
+REGISTRY: dict[str, RegistryEntry] = {
+    # ViT (Dosovitskiy et al. 2021) with the AugReg weights of Steiner et al. 2022, "How to train your ViT":
+    # ImageNet-21k pretraining, ImageNet-1k fine-tuning at 224 px; mean = std = 0.5.
+    "vit_t16": RegistryEntry("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "vit", "ViT-Ti/16, AugReg IN-21k → IN-1k"),
+    "vit_s16": RegistryEntry("vit_small_patch16_224.augreg_in21k_ft_in1k", "vit", "ViT-S/16, AugReg IN-21k → IN-1k"),
+    "vit_b16": RegistryEntry("vit_base_patch16_224.augreg_in21k_ft_in1k", "vit", "ViT-B/16, AugReg IN-21k → IN-1k"),
+    "vit_b32": RegistryEntry("vit_base_patch32_224.augreg_in21k_ft_in1k", "vit", "ViT-B/32, AugReg IN-21k → IN-1k"),
+    "vit_l16": RegistryEntry("vit_large_patch16_224.augreg_in21k_ft_in1k", "vit", "ViT-L/16, AugReg IN-21k → IN-1k"),
+    # DeiT (Touvron et al. 2021), ImageNet-1k only, the Facebook release.
+    "deit_t16": RegistryEntry("deit_tiny_patch16_224.fb_in1k", "vit", "DeiT-Ti/16, IN-1k"),
+    "deit_s16": RegistryEntry("deit_small_patch16_224.fb_in1k", "vit", "DeiT-S/16, IN-1k"),
+    "deit_b16": RegistryEntry("deit_base_patch16_224.fb_in1k", "vit", "DeiT-B/16, IN-1k"),
+    "deit_b16_distilled": RegistryEntry("deit_base_distilled_patch16_224.fb_in1k", "vit",
+                                        "DeiT-B/16 distilled from a RegNetY teacher; class + distillation token"),
+    # Self-supervised ViTs: DINO (Caron et al. 2021), DINOv2 (Oquab et al. 2024) with and without the 4
+    # registers of Darcet et al. 2024, MAE (He et al. 2022). No classifier: the "logits" are the features.
+    "dino_b16": RegistryEntry("vit_base_patch16_224.dino", "vit", "DINO ViT-B/16 (self-supervised, no head)"),
+    "dinov2_b14": RegistryEntry("vit_base_patch14_dinov2.lvd142m", "vit",
+                                "DINOv2 ViT-B/14, LVD-142M, 518 px (no head)"),
+    "dinov2_b14_reg4": RegistryEntry("vit_base_patch14_reg4_dinov2.lvd142m", "vit",
+                                     "DINOv2 ViT-B/14 with 4 registers, LVD-142M, 518 px (no head)"),
+    "mae_b16": RegistryEntry("vit_base_patch16_224.mae", "vit", "MAE ViT-B/16 pretrained encoder (no head)"),
+    # CLIP (Radford et al. 2021) image tower, OpenAI weights; the head is the 512-d image projection.
+    "clip_b16": RegistryEntry("vit_base_patch16_clip_224.openai", "vit", "CLIP ViT-B/16 image encoder, OpenAI"),
+    # BEiT (Bao et al. 2022): IN-22k self-supervised + IN-22k → IN-1k fine-tuning.
+    "beit_b16": RegistryEntry("beit_base_patch16_224.in22k_ft_in22k_in1k", "vit", "BEiT-B/16, IN-22k → IN-1k"),
+    "swin_t": RegistryEntry("swin_tiny_patch4_window7_224.ms_in1k", "swin", "Swin-T, window 7, Microsoft IN-1k"),
+    "convnext_t": RegistryEntry("convnext_tiny.fb_in1k", "convnext", "ConvNeXt-T, Facebook IN-1k"),
+    "convnext_b": RegistryEntry("convnext_base.fb_in1k", "convnext", "ConvNeXt-B, Facebook IN-1k"),
+    # ResNets with the original torchvision weights (the reference of most representation-similarity work).
+    "resnet18": RegistryEntry("resnet18.tv_in1k", "resnet", "ResNet-18, torchvision IN-1k weights (V1)"),
+    "resnet50": RegistryEntry("resnet50.tv_in1k", "resnet", "ResNet-50, torchvision IN-1k weights (V1)"),
+    "resnet101": RegistryEntry("resnet101.tv_in1k", "resnet", "ResNet-101, torchvision IN-1k weights (V1)"),
+    "mixer_b16": RegistryEntry("mixer_b16_224.goog_in21k_ft_in1k", "mixer", "MLP-Mixer-B/16, Google IN-21k → IN-1k"),
+    "nfnet_f0": RegistryEntry("dm_nfnet_f0.dm_in1k", "nfnet", "NFNet-F0, DeepMind IN-1k, 192 px (squash crop)"),
+    "levit_128": RegistryEntry("levit_128.fb_dist_in1k", "levit", "LeViT-128, distilled, Facebook IN-1k"),
+    "efficientnet_b0": RegistryEntry("efficientnet_b0.ra_in1k", "efficientnet",
+                                     "EfficientNet-B0, timm RandAugment IN-1k"),
+}
+
+
+@dataclass
+class ModelInfo:
+    """Provenance of a loaded model, JSON-able, recorded in the store.
+
+    name : what the user typed ("vit_b16", "timm:resnet18", ...)
+    source : "timm" | "hf" | "torchvision" | "py"
+    source_id : timm id with pretrained tag / hub id or local directory / torchvision name / "file.py:factory"
+    family : layer-preset family (see :data:`hooks.layers.FAMILIES`)
+    weights : {"kind": "random", "seed"} | {"kind": "hub", "tag", "cache_file", ...}
+        | {"kind": "file", "file", "sha256"}
+        | {"kind": "factory", ...} (a ``py:`` factory that made its own weights)
+    num_prefix_tokens : class + register + distillation tokens, read from the model; 0 for CNNs
+    patch_size : (ph, pw) in pixels, or None
+    grid : patch grid (gh, gw) at the model's input size, or None
+    num_classes : classifier outputs (0 when the model has no classifier; its output is then the features)
+    """
+
+    name: str
+    source: str
+    source_id: str
+    family: str
+    weights: dict[str, Any]
+    num_prefix_tokens: int = 0
+    patch_size: tuple[int, int] | None = None
+    grid: tuple[int, int] | None = None
+    num_classes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples as lists)."""
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size) if self.patch_size else None
+        d["grid"] = list(self.grid) if self.grid else None
+        return d
+
+
+@dataclass
+class LoadedModel:
+    """An eval-mode model, its provenance and its preprocessing."""
+
+    module: nn.Module
+    info: ModelInfo
+    preprocessing: Preprocessing
+
+
+# ==========================================================================================================
+# names
+# ==========================================================================================================
+def _normalise_short(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def _tv_names() -> list[str]:
+    import torchvision
+    from torchvision.models import list_models as tv_list
+
+    return tv_list(module=torchvision.models)  # image classifiers only
+
+
+def _resolve_timm(ident: str, spec: str) -> str:
+    import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    arch, tag = split_model_name_tag(ident)
+    if not arch or not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, _timm_names(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise UsageError(f"unknown timm model {arch!r} in {spec!r}{hint}")
+    if tag:
+        try:
+            get_pretrained_cfg(ident)
+        except RuntimeError:
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")]
+            raise UsageError(f"timm model {arch} has no pretrained tag {tag!r}; known tags: {', '.join(tags) or 'none'}"
+                             ) from None
+    return ident
+
+
+def resolve_name(spec: str) -> tuple[str, str]:
+    """A model spec → (source, id).
+
+    Short names (see :data:`REGISTRY`) give ("timm", timm id with tag); ``timm:<id>``, ``hf:<hub id or dir>``,
+    ``torchvision:<name>`` and ``py:<file.py>:<factory>`` give their source and the rest. An unknown short
+    name raises UsageError with the closest registry names (or the prefix to use when it names a timm model
+    or a local directory).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError("empty model name; see `repsim models`")
+    spec = spec.strip()
+    prefix, sep, rest = spec.partition(":")
+    if sep:
+        source = prefix.lower()
+        if source not in SOURCES:
+            close = difflib.get_close_matches(source, SOURCES, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}:{rest}?" if close else ""
+            raise UsageError(f"unknown model source {prefix!r} in {spec!r}; use one of "
+                             f"{', '.join(s + ':' for s in SOURCES)}{hint}")
+        if not rest.strip():
+            raise UsageError(f"{spec!r} names no model after '{prefix}:'")
+        rest = rest.strip()
+        if source == "timm":
+            return "timm", _resolve_timm(rest, spec)
+        if source == "torchvision":
+            names = _tv_names()
+            if rest not in names:
+                close = difflib.get_close_matches(rest, names, n=5, cutoff=0.6)
+                hint = f"; did you mean {', '.join('torchvision:' + c for c in close)}?" if close else ""
+                raise UsageError(f"unknown torchvision classification model {rest!r}{hint}")
+            return "torchvision", rest
+        if source == "py":
+            file, sep2, factory = rest.rpartition(":")
+            if not sep2 or not file or not factory.isidentifier():
+                raise UsageError(f"a py: spec is py:FILE.py:FACTORY (a function returning an nn.Module), got {spec!r}")
+            return "py", f"{file}:{factory}"
+        return "hf", rest
+    key = _normalise_short(spec)
+    if key in REGISTRY:
+        return "timm", REGISTRY[key].timm_id
+    hints = []
+    close = difflib.get_close_matches(key, list(REGISTRY), n=3, cutoff=0.6)
+    if close:
+        hints.append(f"did you mean {', '.join(close)}?")
+    try:
+        import timm
+
+        if timm.is_model(spec.split(".", 1)[0]):
+            hints.append(f"{spec} is a timm model: use timm:{spec}")
+    except Exception:  # noqa: BLE001 - only a hint
+        pass
+    if os.path.isdir(spec):
+        hints.append(f"for a transformers model directory use hf:{spec}")
+    if os.path.isfile(spec.split(":")[0]) and spec.endswith(".py"):
+        hints.append(f"for your own model use py:{spec}:FACTORY")
+    hint = ("; " + "; ".join(hints)) if hints else "; see `repsim models` (or use timm:/hf:/torchvision:/py:)"
+    raise UsageError(f"unknown model {spec!r}{hint}")
+
+
+# ==========================================================================================================
+# caches (looked up before building anything: nothing may wait on the network)
+# ==========================================================================================================
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache directory (HF_HUB_CACHE / HF_HOME / ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def torch_hub_checkpoints_dir() -> str:
+    """The torch hub checkpoint directory (TORCH_HOME / ~/.cache/torch → hub/checkpoints)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def _hf_cached(repo: str, filenames: Sequence[str]) -> str | None:
+    """Path of the first of ``filenames`` present in the local hub cache for ``repo`` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, _, revision = repo.partition("@")
+    for fname in filenames:
+        try:
+            hit = try_to_load_from_cache(repo_id, fname, revision=revision or None)
+        except Exception:  # noqa: BLE001 - malformed ids are simply not cached
+            return None
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    return None
+
+
+def _url_cached(url: str | None) -> str | None:
+    if not url:
+        return None
+    path = os.path.join(torch_hub_checkpoints_dir(), os.path.basename(urlparse(url).path))
+    return path if os.path.isfile(path) else None
+
+
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+                    "open_clip_pytorch_model.bin")
+
+
+def _timm_weights_location(cfg: Any) -> tuple[str | None, str | None]:
+    """(cached file or None, where the cache would be) for a timm pretrained config."""
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else list(_HF_WEIGHT_FILES[:2])
+        hit = _hf_cached(hub_id, names)
+        if hit:
+            return hit, None
+    hit = _url_cached(getattr(cfg, "url", None))
+    if hit:
+        return hit, None
+    if hub_id:
+        return None, f"the Hugging Face cache {hf_cache_dir()} (hub repo {hub_id.partition('@')[0]})"
+    if getattr(cfg, "url", None):
+        fname = os.path.basename(urlparse(cfg.url).path)
+        return None, f"the torch hub cache {torch_hub_checkpoints_dir()} (file {fname})"
+    return None, None
+
+
+def _offline_error(what: str, where: str) -> UsageError:
+    return UsageError(
+        f"no pretrained weights for {what} in the local caches and repsim never downloads: pass --weights FILE "
+        f"(a local state dict), or --random-init, or populate {where} on a machine with network and copy it here"
+    )
+
+
+def _hub_record(tag: str, cache_file: str) -> dict[str, Any]:
+    rec: dict[str, Any] = {"kind": "hub", "tag": tag, "cache_file": os.path.abspath(cache_file)}
+    # HF cache layout: .../models--org--name/snapshots/<commit>/<file> → blobs/<sha256 for LFS files>
+    parts = os.path.abspath(cache_file).split(os.sep)
+    if "snapshots" in parts:
+        rec["revision"] = parts[parts.index("snapshots") + 1]
+        blob = os.path.basename(os.path.realpath(cache_file))
+        if re.fullmatch(r"[0-9a-f]{64}", blob):
+            rec["sha256"] = blob
+    return rec
+
+
+# ==========================================================================================================
+# geometry
+# ==========================================================================================================
+def _pair_or_none(v: Any) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(x) for x in v)
+    return t if len(t) == 2 else None  # type: ignore[return-value]
+
+
+def _read_geometry(module: nn.Module) -> tuple[int, tuple[int, int] | None, tuple[int, int] | None]:
+    """(num_prefix_tokens, patch_size, grid) from timm-style attributes; (0, None, None) when absent."""
+    prefix = int(getattr(module, "num_prefix_tokens", 0) or 0)
+    pe = None
+    for name in ("patch_embed", "stem"):
+        cand = getattr(module, name, None)
+        if isinstance(cand, nn.Module) and hasattr(cand, "grid_size") and hasattr(cand, "patch_size"):
+            pe = cand
+            break
+    if pe is None:
+        return prefix, None, None
+    return prefix, _pair_or_none(pe.patch_size), _pair_or_none(pe.grid_size)
+
+
+def _check_patch_multiple(img: tuple[int, int], patch: tuple[int, int] | None, what: str) -> None:
+    if patch and (img[0] % patch[0] or img[1] % patch[1]):
+        raise UsageError(f"img_size {img[0]}x{img[1]} is not a multiple of the patch size {patch[0]}x{patch[1]} of "
+                         f"{what}: the border pixels would be dropped")
+
+
+# ==========================================================================================================
+# timm
+# ==========================================================================================================
+def _classifier_names(cfg: Any) -> list[str]:
+    clf = getattr(cfg, "classifier", None) or "head"
+    return [clf] if isinstance(clf, str) else list(clf)
+
+
+def _timm_create(ident: str, img_size: int | None, **kwargs: Any) -> nn.Module:
+    import timm
+
+    if img_size is not None:
+        try:
+            return timm.create_model(ident, img_size=img_size, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+            # CNNs take any input size: only the preprocessing changes.
+    return timm.create_model(ident, **kwargs)
+
+
+def _load_timm(name: str, ident: str, weights: str | None, random_init: bool,
+               img_size: int | None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    arch, _ = split_model_name_tag(ident)
+    cfg = get_pretrained_cfg(ident)
+    full_id = f"{arch}.{cfg.tag}" if cfg is not None and cfg.tag else arch
+    kwargs: dict[str, Any] = {}
+    state = None
+    if weights:
+        sd, digest = load_state_dict_file(weights)
+        state = (sd, digest)
+        # Size the classifier like the file (a CIFAR fine-tune has 10 classes; a backbone file has none).
+        if cfg is not None:
+            heads = [c for c in _classifier_names(cfg) if f"{c}.weight" in sd]
+            if heads:
+                kwargs["num_classes"] = int(sd[f"{heads[0]}.weight"].shape[0])
+            elif not any(k.startswith(tuple(c + "." for c in _classifier_names(cfg))) for k in sd):
+                kwargs["num_classes"] = 0
+        kwargs["pretrained"] = False
+        record: dict[str, Any] | None = None
+    elif random_init:
+        kwargs["pretrained"] = False
+        record = {"kind": "random"}
+    else:
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+            raise UsageError(f"timm has no pretrained weights for {ident}: use --random-init or --weights FILE")
+        cached, where = _timm_weights_location(cfg)
+        if cached is None:
+            raise _offline_error(f"{name} ({full_id})", where or "the timm cache")
+        if getattr(cfg, "custom_load", False) == "hf":
+            raise UsageError(f"{full_id} uses a custom hub loader that repsim cannot run offline; use --weights FILE")
+        # Point timm at the cached file: it then never consults the hub. custom_load (the original .npz
+        # loader of the AugReg ViTs) applies only to the URL file, not to the hub's safetensors.
+        is_url_file = bool(cfg.url) and os.path.basename(urlparse(cfg.url).path) == os.path.basename(cached)
+        kwargs["pretrained"] = True
+        kwargs["pretrained_cfg_overlay"] = {"file": cached, "custom_load": bool(cfg.custom_load) and is_url_file}
+        record = _hub_record(full_id, cached)
+    try:
+        module = _timm_create(ident, img_size, **kwargs)
+    except UsageError:
+        raise
+    except (RuntimeError, AssertionError, ValueError, TypeError, KeyError) as err:
+        at = f" at img_size {img_size}" if img_size else ""
+        msg = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise UsageError(f"timm could not build {full_id}{at}: {msg}") from err
+    if state is not None:
+        record = apply_state_dict(module, state[0], weights, state[1])  # type: ignore[arg-type]
+    module.eval()
+
+    data_cfg = _timm_data_config(module)
+    prep = Preprocessing(
+        img_size=tuple(data_cfg["input_size"][1:]), mean=data_cfg["mean"], std=data_cfg["std"],
+        interpolation=data_cfg["interpolation"] if data_cfg["interpolation"] in ("bicubic", "bilinear", "nearest")
+        else "bicubic",
+        crop_pct=data_cfg["crop_pct"], crop_mode=data_cfg.get("crop_mode") or "center",
+    )
+    if img_size is not None:
+        prep = prep.with_overrides(img_size=img_size)
+    prefix, patch, grid = _read_geometry(module)
+    family = infer_family(module)
+    if family == "levit":
+        # LeViT's stem is four stride-2 convolutions: its token grid is the stem output, read back by running it.
+        with torch.no_grad():
+            h, w = module.stem(torch.zeros(1, 3, *prep.img_size)).shape[-2:]
+        patch, grid = (16, 16), (int(h), int(w))
+    if grid is not None:
+        _check_patch_multiple(prep.img_size, patch, full_id)
+        if patch and (grid[0] * patch[0], grid[1] * patch[1]) != prep.img_size:
+            raise UsageError(f"{full_id} was built for {grid[0] * patch[0]}x{grid[1] * patch[1]} px, not "
+                             f"{prep.img_size[0]}x{prep.img_size[1]}; pass --img-size to build it at that size")
+    info = ModelInfo(
+        name=name, source="timm", source_id=full_id, family=family, weights=record or {"kind": "random"},
+        num_prefix_tokens=prefix, patch_size=patch, grid=grid, num_classes=int(getattr(module, "num_classes", 0) or 0),
+    )
+    return module, info, prep
+
+
+def _timm_data_config(module: nn.Module) -> dict[str, Any]:
+    from timm.data import resolve_model_data_config
+
+    return resolve_model_data_config(module)
+
+
+# ==========================================================================================================
+# Hugging Face transformers
+# ==========================================================================================================
+class HFImageModel(nn.Module):
+    """Wraps a transformers vision model so that ``module(x)`` → logits (or ``last_hidden_state``).
+
+    ``x`` is (B, 3, H, W) float32 pixel values, already normalised. ``interpolate_pos_encoding`` is passed when
+    the model runs at another size than its position embeddings were trained for.
+    """
+
+    def __init__(self, model: nn.Module, interpolate_pos_encoding: bool = False):
+        super().__init__()
+        self.model = model
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kwargs = {"interpolate_pos_encoding": True} if self.interpolate_pos_encoding else {}
+        out = self.model(pixel_values=x, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return out
+        for key in ("logits", "last_hidden_state"):
+            value = out.get(key) if hasattr(out, "get") else getattr(out, key, None)
+            if isinstance(value, torch.Tensor):
+                return value
+        raise UsageError(f"{type(self.model).__name__} returned neither logits nor last_hidden_state")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' per-load progress bars (they would interleave with repsim's own)."""
+    from transformers.utils import logging as tlog
+
+    enabled = tlog.is_progress_bar_enabled()
+    verbosity = tlog.get_verbosity()
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()  # its load report is redundant: repsim checks missing keys itself
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(verbosity)
+        if enabled:
+            tlog.enable_progress_bar()
+
+
+def _hf_file(ident: str, filename: str) -> str | None:
+    if os.path.isdir(ident):
+        path = os.path.join(ident, filename)
+        return path if os.path.isfile(path) else None
+    return _hf_cached(ident, [filename])
+
+
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def _hf_preprocessing(ident: str, config: Any) -> Preprocessing:
+    """Preprocessing from the local ``preprocessor_config.json`` (ImageNet defaults when there is none)."""
+    import json
+
+    image_size = getattr(config, "image_size", None) or 224
+    base = default_preprocessing(image_size if isinstance(image_size, int) else tuple(image_size))
+    path = _hf_file(ident, "preprocessor_config.json")
+    if path is None:
+        warnings.warn(f"{ident} has no preprocessor_config.json: using ImageNet mean/std, bicubic, crop_pct 0.875",
+                      stacklevel=3)
+        return base
+    with open(path) as f:
+        p = json.load(f)
+    mean = p.get("image_mean", IMAGENET_MEAN) if p.get("do_normalize", True) else (0.0, 0.0, 0.0)
+    std = p.get("image_std", IMAGENET_STD) if p.get("do_normalize", True) else (1.0, 1.0, 1.0)
+    resample = p.get("resample", 2)
+    interp = _PIL_RESAMPLE.get(resample)
+    if interp is None:
+        warnings.warn(f"{ident}: PIL resample {resample} is not supported; using bicubic", stacklevel=3)
+        interp = "bicubic"
+    size = p.get("size") or {}
+    crop = p.get("crop_size") or {}
+    do_crop = bool(p.get("do_center_crop", False)) and crop
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    if "height" in size and "width" in size:
+        if do_crop:
+            img = (int(crop["height"]), int(crop["width"]))
+            return Preprocessing(img, mean, std, interp, crop_pct_for(img[0], int(size["height"])), "squash")
+        # HF ViT-style processors resize straight to (height, width), ignoring the aspect ratio.
+        return Preprocessing((int(size["height"]), int(size["width"])), mean, std, interp, 1.0, "squash")
+    if "shortest_edge" in size:
+        edge = int(size["shortest_edge"])
+        if "crop_pct" in p and p["crop_pct"]:
+            # ConvNeXt-style: resize shorter side to edge / crop_pct, crop edge.
+            return Preprocessing((edge, edge), mean, std, interp, float(p["crop_pct"]), "center")
+        if do_crop:
+            img = (int(crop["height"]), int(crop["width"]))
+            return Preprocessing(img, mean, std, interp, crop_pct_for(img[0], edge), "center")
+        return Preprocessing((edge, edge), mean, std, interp, 1.0, "center")
+    warnings.warn(f"{ident}: unrecognised processor size {size!r}; using the model's image_size", stacklevel=3)
+    return dataclasses.replace(base, mean=tuple(mean), std=tuple(std), interpolation=interp)
+
+
+def _hf_class(config: Any) -> Any:
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    if type(config) in AutoModelForImageClassification._model_mapping:
+        return AutoModelForImageClassification
+    return AutoModel
+
+
+def _hf_geometry(model: nn.Module, config: Any, img: tuple[int, int]) -> tuple[int, tuple[int, int] | None,
+                                                                                  tuple[int, int] | None]:
+    emb = next((m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "embeddings"), None)
+    if emb is None or not hasattr(emb, "patch_embeddings"):
+        return 0, None, None
+    prefix = 0
+    for attr in ("cls_token", "distillation_token"):
+        if isinstance(getattr(emb, attr, None), torch.Tensor):
+            prefix += 1
+    reg = getattr(emb, "register_tokens", None)
+    if isinstance(reg, torch.Tensor):
+        prefix += int(reg.shape[1])
+    patch = _pair_or_none(getattr(config, "patch_size", None))
+    if patch is None:
+        return prefix, None, None
+    _check_patch_multiple(img, patch, "this model")
+    return prefix, patch, (img[0] // patch[0], img[1] // patch[1])
+
+
+def _hf_from_pretrained(cls: Any, ident: str, cache_dir: str | None) -> tuple[nn.Module, list[str], list[str]]:
+    """Load a checkpoint with ``cls``; return the model, its missing keys (the pooler aside) and mis-sized keys."""
+    try:
+        model, report = cls.from_pretrained(ident, local_files_only=True, attn_implementation="eager",
+                                            output_loading_info=True, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load hf:{ident}: {msg}") from None
+    # A backbone's pooler (tanh(dense(CLS))) is often absent from classification checkpoints; no preset
+    # records it, so its random init does not matter.
+    missing = sorted(k for k in report.get("missing_keys", ()) if not k.startswith("pooler.") and ".pooler." not in k)
+    return model, missing, [str(m) for m in report.get("mismatched_keys", ())]
+
+
+def _load_hf(name: str, ident: str, weights: str | None, random_init: bool,
+             img_size: int | None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
+    from transformers import AutoConfig
+
+    local = os.path.isdir(ident)
+    if not local and (ident.startswith(("/", ".", "~")) or ident.count("/") > 1 or os.path.exists(ident)):
+        raise UsageError(f"hf:{ident}: no such model directory (a hub id looks like org/name)")
+    where = f"the Hugging Face cache {hf_cache_dir()} (hub repo {ident})"
+    cache_dir = None if local else hf_cache_dir()  # the cache checked here is the one transformers reads
+    try:
+        config = AutoConfig.from_pretrained(ident, local_files_only=True, cache_dir=cache_dir)
+    except (OSError, ValueError, KeyError) as err:
+        if local:
+            msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise UsageError(f"{ident} is not a transformers model directory: {msg}") from None
+        raise _offline_error(f"hf:{ident}", where) from None
+    trained_size = getattr(config, "image_size", None)
+    trained = _pair_or_none(trained_size) if trained_size is not None else None
+    cls = _hf_class(config)
+    interpolate = False
+    with _quiet_transformers():
+        if weights or random_init:
+            if img_size is not None and trained is not None:
+                config.image_size = img_size  # build the position embeddings for this size
+                trained = (img_size, img_size)
+            # Auto classes build from a config with from_config, concrete model classes with _from_config
+            build = cls.from_config if cls.__name__.startswith("Auto") else cls._from_config
+            model = build(config, attn_implementation="eager")
+            record: dict[str, Any] = {"kind": "random"}
+            if weights:
+                sd, digest = load_state_dict_file(weights)
+                record = apply_state_dict(model, sd, weights, digest)
+        else:
+            weight_file = next((f for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                                            "pytorch_model.bin.index.json") if _hf_file(ident, f)), None)
+            if weight_file is None:
+                if local:
+                    raise UsageError(f"{ident} holds no model.safetensors / pytorch_model.bin; pass --weights FILE "
+                                     "or --random-init")
+                raise _offline_error(f"hf:{ident}", where)
+            model, missing, mismatched = _hf_from_pretrained(cls, ident, cache_dir)
+            if missing and not mismatched and cls.__name__ == "AutoModelForImageClassification" and all(
+                    "classifier" in k for k in missing):
+                # The config names no architecture and the checkpoint has no head: load the backbone.
+                from transformers import AutoModel
+
+                model, missing, mismatched = _hf_from_pretrained(AutoModel, ident, cache_dir)
+            if missing or mismatched:
+                bad = [*missing, *(str(m) for m in mismatched)]
+                raise UsageError(f"hf:{ident}: the checkpoint lacks or mis-sizes {len(bad)} weights of "
+                                 f"{type(model).__name__} (e.g. {', '.join(bad[:4])}); they would be random")
+            path = _hf_file(ident, weight_file)
+            if local:
+                assert path is not None
+                record = {"kind": "file", "file": os.path.abspath(path), "sha256": sha256_file(path)}
+            else:
+                record = _hub_record(ident, path)  # type: ignore[arg-type]
+    model.eval()
+    prep = _hf_preprocessing(ident, config)
+    if img_size is not None:
+        prep = prep.with_overrides(img_size=img_size)
+    if trained is not None and prep.img_size != trained:
+        # Position embeddings were trained for another size: ask for interpolation where the forward has
+        # the switch (ViT, DeiT, BEiT), and check with one dry run that the model accepts this size at all
+        # (DINOv2 always interpolates; others refuse).
+        interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+        try:
+            with torch.no_grad():
+                HFImageModel(model, interpolate)(torch.zeros(1, 3, *prep.img_size))
+        except Exception as err:  # noqa: BLE001 - any failure means this size is unsupported
+            msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise UsageError(f"hf:{ident} was trained at {trained[0]}x{trained[1]} px and cannot run at "
+                             f"{prep.img_size[0]}x{prep.img_size[1]}: {msg}") from None
+    module = HFImageModel(model, interpolate_pos_encoding=interpolate).eval()
+    prefix, patch, grid = _hf_geometry(model, config, prep.img_size)
+    family = "hf_vit" if default_layers_ok(module, "hf_vit") else "generic"
+    if family != "hf_vit":
+        prefix, patch, grid = 0, None, None
+    has_head = getattr(module.model, "classifier", None) is not None or any(
+        "classifier" in n for n, _ in module.model.named_children())
+    info = ModelInfo(
+        name=name, source="hf", source_id=os.path.abspath(ident) if local else ident, family=family, weights=record,
+        num_prefix_tokens=prefix, patch_size=patch, grid=grid,
+        num_classes=int(getattr(config, "num_labels", 0) or 0) if has_head else 0,
+    )
+    return module, info, prep
+
+
+def default_layers_ok(module: nn.Module, family: str) -> bool:
+    """Whether ``module`` has the structure of ``family``'s preset (no fallback to the generic rule)."""
+    from hooks.layers import _PRESETS
+
+    preset = _PRESETS.get(family)
+    return preset is not None and preset(dict(module.named_modules())) is not None
+
+
+# ==========================================================================================================
+# torchvision
+# ==========================================================================================================
+def _load_torchvision(name: str, ident: str, weights: str | None, random_init: bool,
+                      img_size: int | None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
+    from torchvision.models import get_model, get_model_weights
+
+    try:
+        default = get_model_weights(ident).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        default = None
+    kwargs: dict[str, Any] = {}
+    if img_size is not None and ident.startswith("vit_"):
+        kwargs["image_size"] = img_size  # torchvision ViTs size their position embedding at construction
+    if weights or random_init:
+        build_weights = None
+    else:
+        if default is None:
+            raise UsageError(f"torchvision has no pretrained weights for {ident}: use --random-init or --weights FILE")
+        if _url_cached(default.url) is None:
+            raise _offline_error(f"torchvision:{ident} ({default})",
+                                 f"the torch hub cache {torch_hub_checkpoints_dir()} (file "
+                                 f"{os.path.basename(urlparse(default.url).path)})")
+        build_weights = default
+    try:
+        module = get_model(ident, weights=build_weights, **kwargs)
+    except (ValueError, RuntimeError, TypeError, AssertionError) as err:
+        msg = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise UsageError(f"torchvision could not build {ident}: {msg}") from err
+    if weights:
+        sd, digest = load_state_dict_file(weights)
+        record = apply_state_dict(module, sd, weights, digest)
+    elif random_init:
+        record = {"kind": "random"}
+    else:
+        assert default is not None
+        record = {"kind": "hub", "tag": str(default), "cache_file": _url_cached(default.url)}
+    module.eval()
+    if default is not None:
+        t = default.transforms()
+        crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+        interp = t.interpolation.value if t.interpolation.value in ("bicubic", "bilinear", "nearest") else "bilinear"
+        prep = Preprocessing((crop, crop), tuple(t.mean), tuple(t.std), interp, crop_pct_for(crop, resize), "center")
+    else:
+        prep = default_preprocessing(224)
+    if img_size is not None:
+        prep = prep.with_overrides(img_size=img_size)
+    prefix, patch, grid = 0, None, None
+    if hasattr(module, "class_token") and hasattr(module, "patch_size") and hasattr(module, "image_size"):
+        # torchvision VisionTransformer: one class token, a fixed square patch grid
+        prefix = 1
+        patch = _pair_or_none(module.patch_size)
+        grid = (module.image_size // module.patch_size, module.image_size // module.patch_size)
+        _check_patch_multiple(prep.img_size, patch, ident)
+        if (module.image_size, module.image_size) != prep.img_size:
+            raise UsageError(f"torchvision:{ident} is built for {module.image_size} px; pass --img-size to change both")
+    info = ModelInfo(
+        name=name, source="torchvision", source_id=ident, family=infer_family(module), weights=record,
+        num_prefix_tokens=prefix, patch_size=patch, grid=grid, num_classes=_tv_num_classes(module),
+    )
+    return module, info, prep
+
+
+def _tv_num_classes(module: nn.Module) -> int:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return int(linears[-1].out_features) if linears else 0
+
+
+# ==========================================================================================================
+# py:<file.py>:<factory>
+# ==========================================================================================================
+def _load_py(name: str, ident: str, weights: str | None, random_init: bool,
+             img_size: int | None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
+    file, _, factory_name = ident.rpartition(":")
+    path = os.path.abspath(os.path.expanduser(file))
+    if not os.path.isfile(path):
+        raise UsageError(f"py: model file not found: {file}")
+    digest = sha256_file(path)
+    mod_name = f"repsim_user_model_{digest[:16]}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"cannot import {file} as a Python module")
+    user = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = user  # so classes defined there pickle (data-loader workers)
+    try:
+        spec.loader.exec_module(user)
+    except Exception as err:  # noqa: BLE001 - the user's code: report it as their input error, keep the chain
+        sys.modules.pop(mod_name, None)
+        raise UsageError(f"importing {file} failed: {type(err).__name__}: {err}") from err
+    factory = getattr(user, factory_name, None)
+    if not callable(factory):
+        options = [n for n, v in vars(user).items() if callable(v) and not n.startswith("_")
+                   and getattr(v, "__module__", None) == mod_name]
+        close = difflib.get_close_matches(factory_name, options, n=3, cutoff=0.5)
+        if close:
+            hint = f"; did you mean {', '.join(close)}?"
+        else:
+            hint = f"; it defines {', '.join(options[:8])}" if options else ""
+        raise UsageError(f"{file} has no function {factory_name!r}{hint}")
+    params = inspect.signature(factory).parameters
+    kwargs: dict[str, Any] = {}
+    if random_init and "pretrained" in params:
+        kwargs["pretrained"] = False
+    if img_size is not None and "img_size" in params:
+        kwargs["img_size"] = img_size
+    try:
+        module = factory(**kwargs)
+    except Exception as err:  # noqa: BLE001 - the user's code
+        raise UsageError(f"{file}:{factory_name}() failed: {type(err).__name__}: {err}") from err
+    if not isinstance(module, nn.Module):
+        raise UsageError(f"{file}:{factory_name}() returned a {type(module).__name__}, not a torch.nn.Module")
+    if weights:
+        sd, wdigest = load_state_dict_file(weights)
+        record: dict[str, Any] = apply_state_dict(module, sd, weights, wdigest)
+    elif random_init and "pretrained" in params:
+        record = {"kind": "random"}
+    else:
+        if random_init:
+            warnings.warn(f"{factory_name}() takes no `pretrained` argument: its weights are whatever it makes",
+                          stacklevel=3)
+        record = {"kind": "factory", "factory": f"{path}:{factory_name}", "sha256": digest}
+    module.eval()
+    cfg = getattr(module, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        prep = Preprocessing(tuple(cfg["input_size"][1:]), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
+                             cfg.get("interpolation", "bicubic") if cfg.get("interpolation") in
+                             ("bicubic", "bilinear", "nearest") else "bicubic",
+                             cfg.get("crop_pct") or 0.875, cfg.get("crop_mode") or "center")
+    else:
+        prep = default_preprocessing(224)
+    if img_size is not None:
+        prep = prep.with_overrides(img_size=img_size)
+    prefix, patch, grid = _read_geometry(module)
+    if grid is not None and patch is not None:
+        _check_patch_multiple(prep.img_size, patch, f"{file}:{factory_name}")
+        if (grid[0] * patch[0], grid[1] * patch[1]) != prep.img_size:
+            raise UsageError(f"{file}:{factory_name}() builds a {grid[0]}x{grid[1]} patch grid "
+                             f"({grid[0] * patch[0]} px) but the input is {prep.img_size[0]} px; "
+                             "give the factory an img_size parameter or pass the matching --img-size")
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    num_classes = int(getattr(module, "num_classes", 0) or (linears[-1].out_features if linears else 0))
+    info = ModelInfo(
+        name=name, source="py", source_id=f"{file}:{factory_name}", family=infer_family(module), weights=record,
+        num_prefix_tokens=prefix, patch_size=patch, grid=grid, num_classes=num_classes,
+    )
+    return module, info, prep
+
+
+# ==========================================================================================================
+# public entry points
+# ==========================================================================================================
+_LOADERS = {"timm": _load_timm, "hf": _load_hf, "torchvision": _load_torchvision, "py": _load_py}
+
+
+def load_model(
+    spec: str,
+    *,
+    weights: str | None = None,
+    random_init: bool = False,
+    img_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
+    init_seed: int = 0,
+) -> LoadedModel:
+    """Build a model in eval mode with its provenance and preprocessing.
+
+    spec : a short name (``repsim models``), ``timm:<id>``, ``hf:<hub id or dir>``, ``torchvision:<name>`` or
+        ``py:<file.py>:<factory>``
+    weights : a local state-dict file (.pt/.pth/.bin/.safetensors), loaded strictly
+    random_init : build without any weights (excludes ``weights``)
+    img_size : input side in pixels; architectures that size themselves by it (ViT family, Swin, Mixer, HF
+        ViTs, torchvision ViTs) are built at it (timm resamples position embeddings), others only change
+        their preprocessing
+    mean, std, interpolation, crop_pct : override the model's preprocessing
+    init_seed : seed of the random initialisation, so that a random-init model is the same in every
+        process (a resumed extraction, a baseline rerun); recorded as ``weights["seed"]``. The global
+        torch RNG state is left as it was.
+    """
+    if weights and random_init:
+        raise UsageError("--weights and --random-init exclude each other")
+    if img_size is not None:
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+            raise UsageError(f"img_size must be a positive integer, got {img_size!r}")
+    if weights is not None and not os.path.isfile(weights):
+        raise UsageError(f"weights file not found: {weights}")
+    source, ident = resolve_name(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        module, info, prep = _LOADERS[source](spec.strip(), ident, weights, random_init, img_size)
+    if info.weights.get("kind") == "random":
+        info.weights = {"kind": "random", "seed": int(init_seed)}
+    prep = prep.with_overrides(mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct)
+    return LoadedModel(module=module.eval(), info=info, preprocessing=prep)
+
+
+def list_models() -> list[dict[str, Any]]:
+    """One row per short name: name, source, id, family, weights_offline (cached locally), description."""
+    from timm.models import get_pretrained_cfg
+
+    rows = []
+    for name, entry in REGISTRY.items():
+        try:
+            cached, _ = _timm_weights_location(get_pretrained_cfg(entry.timm_id))
+        except Exception:  # noqa: BLE001 - a listing never fails on one entry
+            cached = None
+        rows.append({"name": name, "source": "timm", "id": entry.timm_id, "family": entry.family,
+                     "weights_offline": cached is not None, "description": entry.description})
+    return rows
+
+
+__all__ = [
+    "REGISTRY", "RegistryEntry", "ModelInfo", "LoadedModel", "HFImageModel", "load_model", "list_models",
+    "resolve_name",
+]

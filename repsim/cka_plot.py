@@ -1,0 +1,81 @@
+"""The layer × layer CKA heat map (Kornblith et al. 2019; Raghu et al. 2021 style).
+
+Rows are the layers of model A from the bottom up (``origin="lower"``: depth increases upwards, as in
+Raghu et al. 2021), columns the layers of model B from left to right. Layer names are shortened by dropping
+the dotted prefix all of a model's layers share; tick labels are thinned to at most 30 per axis.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from repsim.cka_engine import CKAResult
+
+MAX_TICKS = 30
+MAX_LABEL_CHARS = 22
+
+
+def short_layer_names(layers: Sequence[str], max_chars: int = MAX_LABEL_CHARS) -> list[str]:
+    """Drop the dotted prefix shared by all names ("model.blocks.3.mlp" → "3.mlp") and middle-truncate."""
+    parts = [name.split(".") for name in layers]
+    common = 0
+    if len(parts) > 1:
+        while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+            common += 1
+    out = []
+    for p in parts:
+        s = ".".join(p[common:])
+        if len(s) > max_chars:
+            keep = max_chars - 1
+            s = s[: keep // 2] + "…" + s[len(s) - (keep - keep // 2):]
+        out.append(s)
+    return out
+
+
+def _ticks(n: int) -> np.ndarray:
+    step = max(1, int(np.ceil(n / MAX_TICKS)))
+    return np.arange(0, n, step)
+
+
+def plot_cka(result: "CKAResult", path: str | os.PathLike | None, ax: Any = None) -> Any:
+    """Draw ``result.values`` as a heat map on ``ax`` (a new figure when None), save to ``path`` (PNG, PDF,
+    … by extension) when given, and return the Axes. Colour scale fixed to [0, 1], bar labelled "CKA"."""
+    # A bare Figure (no pyplot): renders headless with Agg, leaves the user's backend and figure list alone.
+    from matplotlib.figure import Figure
+
+    values = np.asarray(result.values, dtype=float)
+    if ax is None:
+        la, lb = values.shape
+        fig = Figure(figsize=(min(3 + 0.22 * lb, 14), min(2.5 + 0.22 * la, 13)))
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    im = ax.imshow(values, origin="lower", cmap="magma", vmin=0.0, vmax=1.0, aspect="auto",
+                   interpolation="nearest")
+    cbar = fig.colorbar(im, ax=ax)
+    cbar.set_label("CKA")
+    ya, xb = _ticks(values.shape[0]), _ticks(values.shape[1])
+    names_a, names_b = short_layer_names(result.layers_a), short_layer_names(result.layers_b)
+    ax.set_yticks(ya)
+    ax.set_yticklabels([names_a[i] for i in ya], fontsize=7)
+    ax.set_xticks(xb)
+    ax.set_xticklabels([names_b[i] for i in xb], fontsize=7, rotation=90)
+    model_a = result.model_a or "model A"
+    model_b = result.model_b or "model B"
+    ax.set_ylabel(f"{model_a} layer")
+    ax.set_xlabel(f"{model_b} layer")
+    how = f"{result.estimator} CKA ({result.kernel}, tokens={result.tokens}), n={result.n}"
+    if result.estimator == "minibatch" and result.batch_size:
+        how += f", batch {result.batch_size}"
+        if result.repeats > 1:
+            how += f", {result.repeats} repeats"
+    ax.set_title(f"{model_a} vs {model_b}\n{how}", fontsize=9)
+    if path is not None:
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), dpi=150)
+    return ax

@@ -1,0 +1,379 @@
+"""The ``repsim`` command line: thin click commands over the library API.
+
+Each command parses its options, calls the library, and prints. Bad input raises
+:class:`repsim.errors.UsageError`, which becomes one line on stderr and exit code 2 (``--debug`` shows the
+traceback instead). ``hooks`` and ``probes`` are imported here, inside the commands, never by ``repsim``'s
+library modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+import warnings
+from typing import Any
+
+import click
+
+from repsim.errors import RepsimError, UsageError
+
+_DEBUG = False
+
+
+class _Group(click.Group):
+    """Turns UsageError into ``error: ...`` + exit 2, and keeps tracebacks for --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as err:
+            if _DEBUG:
+                traceback.print_exc()
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+        except RepsimError as err:
+            # a measurement that cannot be trusted (NaN, negative self-HSIC, ...): no number, exit 1
+            if _DEBUG:
+                traceback.print_exc()
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="repsim")
+def cli(debug: bool) -> None:
+    """repsim: how vision networks represent images, and how CNNs, ViTs and MLP-Mixers differ.
+
+    \b
+    Typical session:
+      repsim models                                   # what can be extracted
+      repsim extract --model vit_b16 --data ~/imagenet/val --n 5000 --out vit_b16.zarr
+      repsim info vit_b16.zarr                        # provenance, layers, size, complete or not
+      repsim verify vit_b16.zarr                      # every chunk decodes, no NaN/Inf
+      repsim cka vit_b16.zarr resnet50.zarr --plot vit_vs_r50.png   # layer x layer CKA map
+
+    Every analysis reads the stores that `repsim extract` writes; nothing re-runs the model.
+    """
+    global _DEBUG
+    _DEBUG = debug
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+
+
+def _floats3(value: str | None, what: str) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        parts = tuple(float(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise UsageError(f"--{what} takes three comma-separated numbers (R,G,B), got {value!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _model_options(f):
+    """Options shared by commands that build a model."""
+    options = [
+        click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Local state dict (.pt/.pth/.bin/.safetensors) instead of hub weights."),
+        click.option("--random-init", is_flag=True, help="Build the architecture without any weights."),
+        click.option("--img-size", type=int, default=None, help="Input size in pixels (square)."),
+        click.option("--mean", default=None, help="Normalisation mean, 'R,G,B' (default: the model's config)."),
+        click.option("--std", default=None, help="Normalisation std, 'R,G,B' (default: the model's config)."),
+        click.option("--interpolation", type=click.Choice(["bicubic", "bilinear", "nearest"]), default=None,
+                     help="Resize interpolation (default: the model's config)."),
+        click.option("--crop-pct", type=float, default=None,
+                     help="Resize to img_size/crop_pct then centre-crop (default: the model's config)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _load_model(model: str, weights, random_init, img_size, mean, std, interpolation, crop_pct):
+    from hooks.registry import load_model
+
+    if weights and random_init:
+        raise UsageError("--weights and --random-init exclude each other")
+    if weights and not os.path.isfile(weights):
+        raise UsageError(f"weights file not found: {weights}")
+    return load_model(
+        model, weights=weights, random_init=random_init, img_size=img_size,
+        mean=_floats3(mean, "mean"), std=_floats3(std, "std"), interpolation=interpolation, crop_pct=crop_pct,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+def models(as_json: bool) -> None:
+    """List the short model names, what they map to, and whether weights are available offline.
+
+    Besides these names, --model accepts timm:<any timm id>, hf:<hub id or local directory>,
+    torchvision:<name> and py:<file.py>:<factory> (a function returning your own nn.Module).
+    """
+    from hooks.registry import list_models
+
+    rows = list_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    idw = max(len(r["id"]) for r in rows)
+    click.echo(f"{'name':<{width}}  {'family':<12} {'timm / source id':<{idw}}  weights offline")
+    for r in rows:
+        click.echo(f"{r['name']:<{width}}  {r['family']:<12} {r['id']:<{idw}}  {'yes' if r['weights_offline'] else 'no'}")
+    click.echo("\nAlso: timm:<id>  hf:<hub id or dir>  torchvision:<name>  py:<file.py>:<factory>")
+
+
+@cli.command()
+@click.argument("model")
+@_model_options
+@click.option("--all", "show_all", is_flag=True, help="List every module, not only those up to --depth.")
+@click.option("--depth", type=int, default=3, show_default=True, help="Deepest module path level shown.")
+def layers(model: str, weights, random_init, img_size, mean, std, interpolation, crop_pct, show_all, depth) -> None:
+    """List MODEL's modules with their output shapes; '*' marks the default preset.
+
+    Use the paths (or glob patterns such as 'blocks.*') with `repsim extract --layers`.
+    """
+    import torch
+
+    from hooks.capture import probe_output_shapes
+    from hooks.layers import default_layers
+
+    loaded = _load_model(model, weights, random_init, img_size, mean, std, interpolation, crop_pct)
+    preset = set(default_layers(loaded.module, loaded.info.family))
+    x = torch.zeros(1, 3, *loaded.preprocessing.img_size)
+    rows = probe_output_shapes(loaded.module, x)
+    click.echo(f"{loaded.info.name} ({loaded.info.source_id}), input {tuple(x.shape[1:])}, "
+               f"prefix tokens {loaded.info.num_prefix_tokens}, grid {loaded.info.grid}")
+    for path, type_name, shape, calls in rows:
+        if not show_all and path.count(".") >= depth and path not in preset:
+            continue
+        mark = "*" if path in preset else " "
+        extra = f"  (called {calls}x)" if calls > 1 else ""
+        click.echo(f"{mark} {path:<40} {type_name:<24} {shape}{extra}")
+
+
+@cli.command()
+@click.option("--model", "model_name", required=True, help="Short name (see `repsim models`) or timm:/hf:/torchvision:/py: spec.")
+@click.option("--data", required=True, help="Image folder, ImageFolder tree, .npz, 'shapes' or 'digits'.")
+@click.option("--out", required=True, type=click.Path(), help="Store to write (a .zarr directory).")
+@click.option("--n", type=int, default=None, help="Number of samples (seeded random subset; default all, 1000 for shapes).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample subset and order.")
+@click.option("--layers", "layer_patterns", multiple=True,
+              help="Module paths or globs, repeatable or comma-separated (default: the family preset; see `repsim layers`).")
+@click.option("--pool", type=click.Choice(["none", "mean", "cls", "gap"]), default="none", show_default=True,
+              help="none keeps tokens/maps; mean|gap average patch tokens (prefix excluded) or map positions; "
+                   "cls keeps the CLS token where a layer has one (others are mean-pooled).")
+@click.option("--spatial-pool", type=int, default=None, help="Average-pool maps (and token grids) to K x K.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--chunk-size", type=int, default=None, help="Rows per store chunk, a multiple of --batch-size (default ~64).")
+@click.option("--save-inputs", is_flag=True, help="Also store the preprocessed inputs (for localisation analyses).")
+@_model_options
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store with another configuration.")
+@click.option("--force", is_flag=True, help="Run even when the store may not fit on the disk.")
+@click.option("--strict", is_flag=True, help="A corrupt image is fatal instead of skipped.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, dtype, batch_size, chunk_size,
+            save_inputs, weights, random_init, img_size, mean, std, interpolation, crop_pct, device, overwrite,
+            force, strict, quiet) -> None:
+    """Run MODEL over images and store per-layer activations in a Zarr store.
+
+    \b
+    Examples:
+      repsim extract --model vit_b16 --data ~/imagenet/val --n 5000 --out vit_b16.zarr
+      repsim extract --model resnet50 --data ~/imagenet/val --n 5000 --pool gap --out r50.zarr
+      repsim extract --model timm:vit_tiny_patch16_224 --random-init --img-size 64 --data shapes --n 256 --out t.zarr
+
+    Rerunning the same command on a killed extraction resumes it (bit-identical result); another
+    configuration on an existing store is refused unless --overwrite.
+    """
+    from hooks.extract import human_bytes, plan_extraction, run_extraction
+    from repsim.data import open_dataset
+
+    if n is not None and n < 1:
+        raise UsageError(f"--n must be >= 1, got {n}")
+    loaded = _load_model(model_name, weights, random_init, img_size, mean, std, interpolation, crop_pct)
+    source = open_dataset(data, n=n, seed=seed, image_size=loaded.preprocessing.img_size[0])
+    patterns = [p.strip() for spec in layer_patterns for p in spec.split(",") if p.strip()] or None
+    plan = plan_extraction(
+        loaded, source, out, layers=patterns, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
+        batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, overwrite=overwrite,
+        strict=strict, progress=not quiet,
+    )
+    if plan.already_complete:
+        click.echo(f"{out} is already complete ({plan.n} samples, {len(plan.taps)} layers); nothing to do")
+        return
+    click.echo(
+        f"{loaded.info.name}: {len(plan.taps)} layers, {plan.n} images, {human_bytes(plan.bytes_per_image)}/image "
+        f"({dtype}), up to {human_bytes(plan.total_bytes)} in all; {human_bytes(plan.free_bytes())} free"
+        + ("; resuming" if plan.resume else "")
+    )
+    plan.check_disk(force=force)
+    store = run_extraction(plan, device=device, progress=not quiet)
+    click.echo(f"wrote {store.path}: {store.n} samples x {len(store.layers)} layers, "
+               f"{human_bytes(store.nbytes_on_disk())} on disk")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the root attributes and layer table as JSON.")
+def info(store: str, as_json: bool) -> None:
+    """Show a store's provenance, layers with shapes, dtype, size on disk, and whether it is complete."""
+    from hooks.extract import human_bytes
+    from repsim.store import open_store
+
+    s = open_store(store)
+    table = [{"layer": layer, **s.layer_info(layer)} for layer in s.layers]
+    done = s.chunks_done()
+    if as_json:
+        click.echo(json.dumps({"attrs": s.attrs, "layers": table, "chunks_done": int(done.sum()),
+                               "n_chunks": len(done), "bytes_on_disk": s.nbytes_on_disk()}, indent=2, default=list))
+        return
+    a = s.attrs
+    m, d, p = a["model"], a["dataset"], a["preprocessing"]
+    w = m.get("weights", {})
+    wdesc = {"file": f"file {w.get('file')} (sha256 {str(w.get('sha256'))[:12]}...)",
+             "random": f"random init (seed {w.get('seed')})",
+             "factory": f"made by {w.get('factory')} (sha256 {str(w.get('sha256'))[:12]}...)",
+             "hub": f"hub {w.get('tag', '')}"}.get(w.get("kind"), str(w))
+    state = "complete" if s.complete else f"INCOMPLETE: {int(done.sum())}/{len(done)} chunks (rerun extract to resume)"
+    click.echo(f"store      {s.path}  (format {a['format_version']}, repsim {a['repsim_version']})")
+    click.echo(f"state      {state}")
+    click.echo(f"model      {m['name']}  [{m['source']}:{m['source_id']}]  family {m['family']}, weights: {wdesc}")
+    click.echo(f"           prefix tokens {m.get('num_prefix_tokens')}, patch {m.get('patch_size')}, grid {m.get('grid')}")
+    click.echo(f"data       {d['name']} {d.get('root') or ''}  n={s.n}, seed {d.get('seed')}, fingerprint {s.fingerprint[:16]}"
+               + (f", {len(d.get('skipped', []))} corrupt images skipped" if d.get("skipped") else ""))
+    click.echo(f"input      {p['img_size']} px, mean {p['mean']}, std {p['std']}, {p['interpolation']}, crop_pct {p['crop_pct']}")
+    e = a["extraction"]
+    click.echo(f"extraction pool {e['pool']}, spatial_pool {e['spatial_pool']}, {e['dtype']}, batch {e['batch_size']}, "
+               f"chunk {e['chunk_size']} rows" + (", inputs saved" if e.get("save_inputs") else ""))
+    click.echo(f"disk       {human_bytes(s.nbytes_on_disk())}")
+    click.echo(f"layers     {len(s.layers)}")
+    for row in table:
+        extra = ""
+        if row["kind"] == "tokens":
+            extra = f"prefix {row.get('num_prefix_tokens')}, grid {row.get('grid')}"
+        elif row["kind"] == "map":
+            extra = f"grid {row.get('grid')}"
+        click.echo(f"  {row['layer']:<36} {row['kind']:<7} {str(tuple(row['shape'])):<18} {row['dtype']:<8} {extra}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def verify(store: str, quiet: bool) -> None:
+    """Check that every chunk decodes, holds no NaN/Inf, and that the sample fingerprint is consistent.
+
+    Exits with code 1 when a problem is found (each one is listed).
+    """
+    from repsim.store import open_store
+    from repsim.verify import verify_store
+
+    report = verify_store(open_store(store), progress=not quiet)
+    for problem in report.problems:
+        click.echo(f"problem: {problem}", err=True)
+    if not report.ok:
+        click.echo(f"{store}: {len(report.problems)} problem(s)", err=True)
+        sys.exit(1)
+    click.echo(f"{store}: ok ({report.layers_checked} arrays, {report.chunks_checked} chunks, no NaN/Inf, fingerprint consistent)")
+
+
+def _split_layers(specs: tuple[str, ...]) -> list[str] | None:
+    return [p.strip() for spec in specs for p in spec.split(",") if p.strip()] or None
+
+
+@cli.command()
+@click.argument("store_a", type=click.Path())
+@click.argument("store_b", type=click.Path(), required=False)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the result (values, std, layers, estimator, n, fingerprints, ...) as JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw the layer x layer heat map to this image file (.png, .pdf, .svg).")
+@click.option("--estimator", type=click.Choice(["minibatch", "exact", "debiased"]), default="minibatch",
+              show_default=True,
+              help="minibatch: unbiased HSIC summed over batches (Nguyen et al. 2021); exact: biased CKA on all "
+                   "samples; debiased: U-centred CKA on all samples.")
+@click.option("--kernel", type=click.Choice(["linear", "rbf"]), default="linear", show_default=True,
+              help="rbf only with --estimator exact|debiased.")
+@click.option("--threshold", type=float, default=1.0, show_default=True,
+              help="RBF bandwidth: sigma^2 = threshold^2 * median squared pairwise distance (Kornblith 2019).")
+@click.option("--tokens", type=click.Choice(["flatten", "mean", "cls"]), default="flatten", show_default=True,
+              help="How token / map layers become one row per image: flatten (as in the papers), mean over "
+                   "patch tokens or positions, cls token.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Minibatch size (minibatch estimator).")
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Re-shuffle the batch plan R times; the JSON then holds mean and std.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the batch plan.")
+@click.option("--layers-a", multiple=True, help="Layers of STORE_A to compare (repeatable or comma-separated; default all).")
+@click.option("--layers-b", multiple=True, help="Layers of STORE_B (default all).")
+@click.option("--align", type=click.Choice(["fingerprint", "ids"]), default="fingerprint", show_default=True,
+              help="fingerprint: the stores must hold the same samples in the same order; ids: compare the "
+                   "sample ids both hold (dropped counts are reported).")
+@click.option("--gram-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Precision of the Gram products (float32 runs with TF32 off; sums are always float64).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def cka(store_a, store_b, out, plot_path, estimator, kernel, threshold, tokens, batch_size, repeats, seed,
+        layers_a, layers_b, align, gram_dtype, device, quiet) -> None:
+    """Linear CKA between every layer of STORE_A and every layer of STORE_B (or of STORE_A itself).
+
+    \b
+    Examples:
+      repsim cka vit_b16.zarr resnet50.zarr --out vit_vs_resnet.json --plot vit_vs_resnet.png
+      repsim cka vit_b16.zarr --plot vit_self.png          # within one model
+      repsim cka a.zarr b.zarr --estimator debiased --tokens mean
+      repsim cka a.zarr b.zarr --batch-size 1024 --repeats 5
+
+    Both stores must hold the same images in the same order (same sample fingerprint: extract them with
+    the same --data, --n and --seed), unless --align ids. Prints the matrix; --out keeps it with its provenance.
+    """
+    from repsim.cka_engine import cka_matrix
+    from repsim.cka_plot import short_layer_names
+    from repsim.store import open_store
+
+    if out is None and plot_path is None and not quiet:
+        click.echo("(no --out or --plot: printing the matrix only)", err=True)
+    a = open_store(store_a)
+    b = open_store(store_b) if store_b is not None else None
+    result = cka_matrix(
+        a, b, estimator=estimator, kernel=kernel, tokens=tokens, layers_a=_split_layers(layers_a),
+        layers_b=_split_layers(layers_b), batch_size=batch_size, repeats=repeats, seed=seed, device=device,
+        threshold=threshold, progress=not quiet, align=align, gram_dtype=gram_dtype,
+    )
+    if out is not None:
+        result.to_json(out)
+    if plot_path is not None:
+        result.plot(plot_path)
+    names_a = short_layer_names(result.layers_a)
+    names_b = short_layer_names(result.layers_b)
+    width = max(len(x) for x in names_a)
+    dropped = result.align.get("dropped_a", 0) + result.align.get("dropped_b", 0) if result.align else 0
+    click.echo(f"{estimator} {kernel} CKA, tokens={tokens}, n={result.n}"
+               + (f", batch {batch_size}, {result.n_batches} batches" if estimator == "minibatch" else "")
+               + (f", {repeats} repeats" if repeats > 1 else "")
+               + (f"; aligned by id ({dropped} samples dropped)" if align == "ids" else ""))
+    click.echo(" " * width + "  " + " ".join(f"{j:>5d}" for j in range(len(names_b))))
+    for name, row in zip(names_a, result.values):
+        click.echo(f"{name:>{width}}  " + " ".join(f"{v:5.2f}" for v in row))
+    click.echo("columns: " + ", ".join(f"{j}={nm}" for j, nm in enumerate(names_b)))
+    for path in (out, plot_path):
+        if path is not None:
+            click.echo(f"wrote {path}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="repsim")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Exception types shared by every part of repsim.
+
+The CLI maps :class:`UsageError` to one line on stderr and exit code 2; any other exception is a bug and
+shows its traceback with ``--debug``.
+"""
+
+
+class RepsimError(Exception):
+    """Base class of repsim's own exceptions."""
+
+
+class UsageError(RepsimError):
+    """Bad user input: the CLI prints the message on one line and exits with code 2."""

@@ -1,0 +1,394 @@
+"""The activation store: one model × one ordered list of samples × one preprocessing, as a Zarr v3 group.
+
+This module docstring is the format specification (``FORMAT_VERSION`` below). Everything downstream of
+extraction reads only this.
+
+Layout::
+
+    model.zarr/
+      zarr.json                 root attributes, key "repsim" (see below)
+      samples/ids               (n,) str      sample ids in store order
+      samples/labels            (n,) int64    class index, -1 where unknown
+      inputs/pixels             (n, 3, H, W)  optional: the preprocessed model input (``--save-inputs``)
+      acts/<layer>              (n, ...)      one array per captured layer, in network order:
+                                              (n, T, D) tokens | (n, C, H, W) maps | (n, D) vectors
+      progress/chunk_done       (n_chunks,) uint8, one Zarr chunk per flag: 1 once every array's rows of
+                                that sample chunk are on disk
+
+Root attribute ``repsim`` (JSON)::
+
+    format_version, repsim_version, created (UTC ISO 8601),
+    model          {name, source, source_id, family, weights{kind, file, sha256 | tag}, num_prefix_tokens,
+                    patch_size, grid, num_classes}
+    dataset        {name, root, n, seed, fingerprint (sha256 of "\\n".join(ids)), classes, params, skipped[]}
+    preprocessing  {img_size, mean, std, interpolation, crop_pct, crop_mode}
+    extraction     {pool, spatial_pool, dtype, batch_size, chunk_size, layers_requested, save_inputs}
+    layers         [layer names in network order]
+    config_hash    sha256 of the canonical JSON of everything above that determines the arrays' contents
+    libraries      {python, torch, timm, zarr, numpy, ...}
+    complete       bool; completed (UTC ISO 8601) once complete
+
+Per-layer attributes (``acts/<layer>`` zarr.json): ``kind`` (tokens | map | vector), ``module`` (module path),
+``call_index`` (which call of a module used several times per forward, else null), ``tap`` (what was taken
+from the module output, e.g. "output" or "output[0]"), ``layout_in`` (the module's native layout, e.g. nhwc),
+``pool`` (the pooling actually applied), ``num_prefix_tokens`` and ``grid`` (tokens: how many leading tokens
+are CLS / register / distillation tokens, and the (gh, gw) patch grid of the rest; null where unknown),
+``shape`` (per-sample shape).
+
+Chunking: every array is chunked along samples only (``chunk_size`` rows, whole feature dims per chunk),
+compressed with Blosc/zstd. All arrays share ``chunk_size`` so a sample chunk is the unit of writing,
+resuming and (later) sharding. Exactly one writer touches a chunk (Zarr loses data when several writers
+share one chunk or shard). Sample order is a seeded random permutation of the data set (see
+:mod:`repsim.data`), so any contiguous block of rows is a uniform random sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from repsim.errors import UsageError
+
+FORMAT_VERSION = 1
+ATTR_KEY = "repsim"
+LOCK_NAME = ".repsim-writer.lock"
+
+
+def _compressor() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``config`` (sorted keys, no whitespace)."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def fingerprint_ids(ids: Sequence[str]) -> str:
+    """sha256 hex of the ordered sample ids joined by newlines (utf-8)."""
+    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
+
+
+def is_store(path: str) -> bool:
+    """True when ``path`` holds a Zarr group carrying repsim attributes."""
+    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "zarr.json")):
+        return False
+    try:
+        return ATTR_KEY in zarr.open_group(path, mode="r").attrs
+    except Exception:  # noqa: BLE001 - anything unreadable is simply "not a store"
+        return False
+
+
+class ActivationStore:
+    """Read access to a store written by ``repsim extract``.
+
+    Attributes
+    ----------
+    path : str
+    attrs : dict          the root ``repsim`` attributes (provenance, see the module docstring)
+    layers : list[str]    captured layers in network order
+    n : int               number of samples (rows of every array)
+    chunk_size : int      rows per chunk, shared by all arrays
+    """
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        if not os.path.exists(self.path):
+            raise UsageError(f"no store at {path}")
+        if not is_store(self.path):
+            raise UsageError(f"{path} is not a repsim store (no Zarr group with repsim attributes)")
+        self._group = zarr.open_group(self.path, mode="r")
+        self.attrs: dict[str, Any] = dict(self._group.attrs[ATTR_KEY])
+        if self.attrs.get("format_version", 0) > FORMAT_VERSION:
+            raise UsageError(
+                f"{path} has store format {self.attrs['format_version']}, newer than this repsim "
+                f"understands ({FORMAT_VERSION}): upgrade repsim"
+            )
+        self.layers: list[str] = list(self.attrs["layers"])
+        self.n: int = int(self.attrs["dataset"]["n"])
+        self.chunk_size: int = int(self.attrs["extraction"]["chunk_size"])
+        self._ids: list[str] | None = None
+
+    # -- metadata -------------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete", False))
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs["dataset"]["fingerprint"])
+
+    @property
+    def model_name(self) -> str:
+        return str(self.attrs["model"]["name"])
+
+    @property
+    def ids(self) -> list[str]:
+        if self._ids is None:
+            self._ids = [str(s) for s in self._group["samples/ids"][:]]
+        return self._ids
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 (n,), -1 where unknown."""
+        return np.asarray(self._group["samples/labels"][:], dtype=np.int64)
+
+    @property
+    def has_inputs(self) -> bool:
+        return "inputs" in self._group and "pixels" in self._group["inputs"]
+
+    def layer_info(self, layer: str) -> dict[str, Any]:
+        """Per-layer attributes: kind, shape (per sample), num_prefix_tokens, grid, module, pool, dtype."""
+        arr = self._array(layer)
+        info = dict(arr.attrs)
+        info["shape"] = tuple(arr.shape[1:])
+        info["dtype"] = str(arr.dtype)
+        return info
+
+    def n_chunks(self) -> int:
+        return -(-self.n // self.chunk_size)
+
+    def chunks_done(self) -> np.ndarray:
+        """bool (n_chunks,): which sample chunks are completely written."""
+        return np.asarray(self._group["progress/chunk_done"][:], dtype=bool)
+
+    def nbytes_on_disk(self) -> int:
+        total = 0
+        for root, _, files in os.walk(self.path):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return total
+
+    # -- data -----------------------------------------------------------------------------------------
+    def _array(self, layer: str) -> zarr.Array:
+        if layer not in self.layers:
+            from difflib import get_close_matches
+
+            close = get_close_matches(layer, self.layers, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; it has {len(self.layers)} layers (see `repsim info`)"
+            raise UsageError(f"layer {layer!r} is not in {self.path}{hint}")
+        return self._group[f"acts/{layer}"]
+
+    def read(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``layer`` in store order, in the stored dtype (float16 by default)."""
+        return self._array(layer)[slice(start, stop)]
+
+    def read_inputs(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Preprocessed inputs (rows, 3, H, W), when extracted with ``save_inputs``."""
+        if not self.has_inputs:
+            raise UsageError(f"{self.path} has no saved inputs: extract with --save-inputs")
+        return self._group["inputs/pixels"][slice(start, stop)]
+
+    def iter_batches(
+        self, layers: Sequence[str], batch_size: int, *, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
+        """Yield ``(rows, {layer: array})`` for consecutive row blocks of ``batch_size`` (the last may be smaller)."""
+        if batch_size < 1:
+            raise UsageError(f"batch size must be >= 1, got {batch_size}")
+        arrays = {layer: self._array(layer) for layer in layers}
+        stop = self.n if stop is None else min(stop, self.n)
+        for lo in range(start, stop, batch_size):
+            rows = slice(lo, min(lo + batch_size, stop))
+            yield rows, {layer: arr[rows] for layer, arr in arrays.items()}
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else "incomplete"
+        return f"ActivationStore({self.path!r}, model={self.model_name!r}, n={self.n}, layers={len(self.layers)}, {state})"
+
+
+def open_store(path: str) -> ActivationStore:
+    """Open a store written by ``repsim extract`` for reading."""
+    return ActivationStore(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerSpec:
+    """What the writer needs to preallocate one ``acts/<layer>`` array."""
+
+    name: str
+    shape: tuple[int, ...]  # per sample
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class WriterLock:
+    """An exclusive lock file inside the store: a second concurrent writer is refused.
+
+    A lock left by a killed process on this host (its pid no longer alive) is taken over.
+    """
+
+    def __init__(self, store_path: str):
+        self.path = os.path.join(store_path, LOCK_NAME)
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner and owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                    os.unlink(self.path)  # stale: its writer was killed
+                    continue
+                who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
+                raise UsageError(
+                    f"{os.path.dirname(self.path)} is being written by {who}; wait for it to finish "
+                    f"(or delete {self.path} if that process is gone)"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise UsageError(f"could not take the writer lock {self.path}")
+
+    def _owner(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StoreWriter:
+    """Creates (or reopens for resuming) a store and writes whole sample chunks.
+
+    Use :meth:`create` for a new store and :meth:`reopen` to resume; :meth:`write_chunk` writes every array's
+    rows of one chunk and only then sets that chunk's completion flag, so a killed writer never leaves a
+    chunk marked done with partial data.
+    """
+
+    def __init__(self, path: str, group: zarr.Group):
+        self.path = path
+        self._group = group
+        self.attrs: dict[str, Any] = dict(group.attrs[ATTR_KEY])
+        self.chunk_size = int(self.attrs["extraction"]["chunk_size"])
+        self.n = int(self.attrs["dataset"]["n"])
+        self.layers = list(self.attrs["layers"])
+        self._arrays = {layer: group[f"acts/{layer}"] for layer in self.layers}
+        self._inputs = group["inputs/pixels"] if self.attrs["extraction"].get("save_inputs") else None
+        self._done = group["progress/chunk_done"]
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        attrs: dict[str, Any],
+        layers: Sequence[LayerSpec],
+        ids: Sequence[str],
+        labels: np.ndarray,
+        *,
+        dtype: str,
+        input_shape: tuple[int, int, int] | None = None,
+    ) -> "StoreWriter":
+        """Preallocate every array for ``len(ids)`` rows and write the sample table and root attributes."""
+        n = len(ids)
+        chunk = int(attrs["extraction"]["chunk_size"])
+        group = zarr.open_group(path, mode="w")
+        # Mark the group first, so a store killed while being laid out is recognised (and recreated).
+        group.attrs[ATTR_KEY] = dict(attrs, initialising=True)
+        id_arr = group.create_array("samples/ids", shape=(n,), chunks=(max(n, 1),), dtype=str)
+        id_arr[:] = np.asarray(list(ids), dtype=object)
+        lab = group.create_array("samples/labels", shape=(n,), chunks=(max(n, 1),), dtype="int64", fill_value=-1)
+        lab[:] = np.asarray(labels, dtype=np.int64)
+        for spec in layers:
+            arr = group.create_array(
+                f"acts/{spec.name}",
+                shape=(n, *spec.shape),
+                chunks=(chunk, *spec.shape),
+                dtype=dtype,
+                compressors=_compressor(),
+                fill_value=0,
+            )
+            arr.attrs.update(spec.attrs)
+        if input_shape is not None:
+            group.create_array(
+                "inputs/pixels",
+                shape=(n, *input_shape),
+                chunks=(chunk, *input_shape),
+                dtype="float16",
+                compressors=_compressor(),
+                fill_value=0,
+            )
+        n_chunks = -(-n // chunk)
+        group.create_array("progress/chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
+        attrs = dict(attrs, complete=False, layers=[s.name for s in layers])
+        attrs.pop("initialising", None)
+        group.attrs[ATTR_KEY] = attrs
+        return cls(path, group)
+
+    @classmethod
+    def reopen(cls, path: str) -> "StoreWriter":
+        return cls(path, zarr.open_group(path, mode="r+"))
+
+    def chunks_done(self) -> np.ndarray:
+        return np.asarray(self._done[:], dtype=bool)
+
+    def chunk_rows(self, chunk_index: int) -> slice:
+        lo = chunk_index * self.chunk_size
+        return slice(lo, min(lo + self.chunk_size, self.n))
+
+    def write_chunk(
+        self, chunk_index: int, acts: dict[str, np.ndarray], inputs: np.ndarray | None = None
+    ) -> None:
+        """Write all layers' rows of one sample chunk, then flag the chunk complete."""
+        rows = self.chunk_rows(chunk_index)
+        for layer, arr in self._arrays.items():
+            arr[rows] = acts[layer]
+        if self._inputs is not None:
+            if inputs is None:
+                raise ValueError("this store keeps inputs: pass them to write_chunk")
+            self._inputs[rows] = inputs
+        self._done[chunk_index] = 1
+
+    def update_attrs(self, **changes: Any) -> None:
+        self.attrs.update(changes)
+        self._group.attrs[ATTR_KEY] = self.attrs
+
+
+def is_initialising(path: str) -> bool:
+    """True for a store whose creation was interrupted before its arrays were all laid out."""
+    return bool(zarr.open_group(path, mode="r").attrs[ATTR_KEY].get("initialising", False))
+
+
+def remove_store(path: str) -> None:
+    """Delete a store (used by ``--overwrite``); refuses paths that are not repsim stores."""
+    if os.path.isdir(path) and not is_store(path) and os.listdir(path):
+        raise UsageError(f"{path} exists and is not a repsim store: refusing to delete it")
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        raise UsageError(f"{path} exists and is a file, not a store")

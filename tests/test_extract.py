@@ -1,0 +1,230 @@
+"""The extraction loop and the store: contents equal direct computation, resume is bit-identical, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from hooks.extract import extract, plan_extraction, run_extraction
+from hooks.registry import load_model
+from repsim import open_store
+from repsim.data import open_dataset
+from repsim.errors import UsageError
+from repsim.store import WriterLock
+from repsim.verify import verify_store
+
+VIT = "timm:vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return load_model(VIT, random_init=True, img_size=32)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return open_dataset("shapes", n=40, seed=3, image_size=32)
+
+
+def _direct_blocks(model, source, idx):
+    """Residual stream of every block for samples ``idx``, computed without hooks."""
+    transform = model.preprocessing.transform()
+    x = torch.stack([transform(source.load(i)) for i in idx])
+    m = model.module
+    with torch.no_grad():
+        h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        out = []
+        for blk in m.blocks:
+            h = blk(h)
+            out.append(h.numpy())
+    return out, x.numpy()
+
+
+def test_store_contents_equal_direct_forward(tmp_path, vit, shapes):
+    store = extract(vit, shapes, str(tmp_path / "v.zarr"), batch_size=8, dtype="float32", save_inputs=True)
+    assert store.complete and store.n == 40
+    assert store.layers[0] == "patch_embed" and "blocks.0" in store.layers
+    direct, x = _direct_blocks(vit, shapes, [0, 17, 39])
+    for i, ref in enumerate(direct):
+        got = store.read(f"blocks.{i}")[[0, 17, 39]]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(store.read_inputs()[[0, 17, 39]], x, atol=2e-3)  # inputs are float16
+    info = store.layer_info("blocks.0")
+    assert info["kind"] == "tokens" and info["num_prefix_tokens"] == 1 and info["grid"] == [2, 2]
+    assert store.ids == shapes.ids and store.fingerprint == shapes.fingerprint
+    np.testing.assert_array_equal(store.labels, shapes.labels)
+    a = store.attrs
+    assert a["model"]["weights"] == {"kind": "random", "seed": 0}
+    assert a["preprocessing"]["img_size"] in ([32, 32], (32, 32))
+    assert a["libraries"]["torch"] == torch.__version__
+    assert verify_store(store).ok
+
+
+def test_float16_default_and_iter_batches(tmp_path, vit, shapes):
+    store = extract(vit, shapes, str(tmp_path / "h.zarr"), layers=["blocks.*"], batch_size=16)
+    assert store.layers == [f"blocks.{i}" for i in range(12)]
+    assert store.read("blocks.3").dtype == np.float16
+    direct, _ = _direct_blocks(vit, shapes, range(40))
+    np.testing.assert_allclose(store.read("blocks.3").astype(np.float32), direct[3], rtol=2e-3, atol=2e-3)
+    seen = 0
+    for rows, block in store.iter_batches(["blocks.0", "blocks.11"], 15):
+        assert block["blocks.0"].shape[0] == rows.stop - rows.start
+        seen += rows.stop - rows.start
+    assert seen == 40
+
+
+def test_pool_and_resnet(tmp_path, shapes):
+    torch.manual_seed(0)
+    model = load_model("timm:resnet18", random_init=True, img_size=32)
+    store = extract(model, shapes, str(tmp_path / "r.zarr"), pool="gap", batch_size=8, dtype="float32")
+    assert "layer1.0" in store.layers and "layer4.1" in store.layers
+    for layer in store.layers:
+        assert store.layer_info(layer)["kind"] == "vector"
+    # the logits layer equals the model output
+    transform = model.preprocessing.transform()
+    x = torch.stack([transform(shapes.load(i)) for i in range(4)])
+    with torch.no_grad():
+        logits = model.module(x).numpy()
+    np.testing.assert_allclose(store.read(store.layers[-1], 0, 4), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path, vit, shapes):
+    full = extract(vit, shapes, str(tmp_path / "full.zarr"), batch_size=8, chunk_size=8)
+    plan = plan_extraction(vit, shapes, str(tmp_path / "part.zarr"), batch_size=8, chunk_size=8)
+    part = run_extraction(plan, progress=False, _stop_after_chunks=2)
+    assert not part.complete and part.chunks_done().sum() == 2
+    report = verify_store(part)
+    assert not report.ok and any("never completed" in p for p in report.problems)
+    plan = plan_extraction(vit, shapes, str(tmp_path / "part.zarr"), batch_size=8, chunk_size=8)
+    assert plan.resume and not plan.already_complete
+    resumed = run_extraction(plan, progress=False)
+    assert resumed.complete
+    for layer in full.layers:
+        np.testing.assert_array_equal(resumed.read(layer), full.read(layer))
+    again = plan_extraction(vit, shapes, str(tmp_path / "part.zarr"), batch_size=8, chunk_size=8)
+    assert again.already_complete
+
+
+def test_kill_and_resume_cli(tmp_path):
+    """SIGKILL a real extraction mid-run; the same command finishes it with bit-identical arrays."""
+    args = [sys.executable, "-m", "repsim.cli", "extract", "--model", VIT, "--random-init", "--img-size", "32",
+            "--data", "shapes", "--n", "96", "--batch-size", "8", "--chunk-size", "8", "--quiet"]
+    ref = tmp_path / "ref.zarr"
+    subprocess.run(args + ["--out", str(ref)], check=True, capture_output=True)
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(args + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = out / "progress" / "chunk_done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (flags.exists() and len(os.listdir(flags)) >= 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not open_store(str(out)).complete, "the run finished before it could be killed"
+    res = subprocess.run(args + ["--out", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    a, b = open_store(str(ref)), open_store(str(out))
+    assert b.complete
+    for layer in a.layers:
+        np.testing.assert_array_equal(a.read(layer), b.read(layer))
+
+
+def test_other_configuration_refused_then_overwrite(tmp_path, vit, shapes):
+    out = str(tmp_path / "c.zarr")
+    extract(vit, shapes, out, batch_size=8, layers=["blocks.0"])
+    with pytest.raises(UsageError, match="another configuration"):
+        plan_extraction(vit, shapes, out, batch_size=8, layers=["blocks.1"])
+    other = open_dataset("shapes", n=40, seed=4, image_size=32)
+    with pytest.raises(UsageError, match="different samples"):
+        plan_extraction(vit, other, out, batch_size=8, layers=["blocks.0"])
+    store = extract(vit, shapes, out, batch_size=8, layers=["blocks.1"], overwrite=True)
+    assert store.layers == ["blocks.1"]
+
+
+def test_second_writer_refused(tmp_path, vit, shapes):
+    out = str(tmp_path / "l.zarr")
+    plan = plan_extraction(vit, shapes, out, batch_size=8, chunk_size=8)
+    run_extraction(plan, progress=False, _stop_after_chunks=1)
+    lock = WriterLock(out)
+    lock.acquire()  # another live writer (this process)
+    try:
+        with pytest.raises(UsageError, match="being written by"):
+            run_extraction(plan_extraction(vit, shapes, out, batch_size=8, chunk_size=8), progress=False)
+    finally:
+        lock.release()
+
+
+def test_stale_lock_of_dead_process_is_taken_over(tmp_path, vit, shapes):
+    out = str(tmp_path / "s.zarr")
+    plan = plan_extraction(vit, shapes, out, batch_size=8, chunk_size=8)
+    run_extraction(plan, progress=False, _stop_after_chunks=1)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import json
+    import socket
+
+    with open(os.path.join(out, ".repsim-writer.lock"), "w") as f:
+        json.dump({"pid": dead.pid, "host": socket.gethostname()}, f)
+    store = run_extraction(plan_extraction(vit, shapes, out, batch_size=8, chunk_size=8), progress=False)
+    assert store.complete
+
+
+def test_float16_overflow_names_the_layer(tmp_path, shapes):
+    torch.manual_seed(0)
+    model = load_model(VIT, random_init=True, img_size=32)
+    with torch.no_grad():
+        model.module.blocks[2].mlp.fc2.bias.fill_(1e5)
+    with pytest.raises(UsageError, match=r"blocks\.2.*float16"):
+        extract(model, shapes, str(tmp_path / "o.zarr"), batch_size=8)
+    store = extract(model, shapes, str(tmp_path / "o32.zarr"), batch_size=8, dtype="float32", overwrite=True)
+    assert store.complete
+
+
+def test_verify_finds_corruption(tmp_path, vit, shapes):
+    out = str(tmp_path / "v.zarr")
+    store = extract(vit, shapes, out, batch_size=8, chunk_size=8, layers=["blocks.0"], dtype="float32")
+    arr = zarr.open_array(os.path.join(out, "acts", "blocks.0"), mode="r+")
+    arr[3, 0, 0] = np.nan
+    chunk_file = os.path.join(out, "acts", "blocks.0", "c", "2", "0", "0")
+    with open(chunk_file, "wb") as f:
+        f.write(b"garbage")
+    report = verify_store(open_store(out))
+    assert not report.ok
+    assert any("NaN" in p and "chunk 0" in p for p in report.problems)
+    assert any("chunk 2" in p and "decode" in p for p in report.problems)
+    assert store.n == 40
+
+
+def test_corrupt_images_skipped_and_recorded(tmp_path, vit):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    (root / "bad.jpg").write_bytes(b"not a jpeg at all")
+    source = open_dataset(str(root))
+    with pytest.warns(UserWarning, match="bad.jpg"):
+        store = extract(vit, source, str(tmp_path / "f.zarr"), batch_size=4, layers=["blocks.0"])
+    assert store.n == 6 and "bad.jpg" not in store.ids
+    assert [s["id"] for s in store.attrs["dataset"]["skipped"]] == ["bad.jpg"]
+    with pytest.raises(UsageError, match="bad.jpg"):
+        extract(vit, source, str(tmp_path / "g.zarr"), batch_size=4, layers=["blocks.0"], strict=True)
+
+
+def test_disk_check(tmp_path, vit, shapes):
+    plan = plan_extraction(vit, shapes, str(tmp_path / "d.zarr"), batch_size=8)
+    assert plan.bytes_per_image == sum(int(np.prod(t.shape)) * 2 for t in plan.taps)
+    plan.bytes_per_image = 10**15  # pretend each image needs a petabyte
+    with pytest.raises(UsageError, match="free"):
+        plan.check_disk()
+    plan.check_disk(force=True)

@@ -1,0 +1,41 @@
+"""The package table of DESIGN.md: no circular imports between repsim/, hooks/ and probes/."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# package -> packages it must not import (repsim's CLI layer is the one allowed exception)
+FORBIDDEN = {"repsim": {"hooks", "probes"}, "hooks": {"probes"}, "probes": {"hooks"}}
+CLI_LAYER = {ROOT / "repsim" / "cli.py"}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_forbidden_imports():
+    bad = []
+    for package, forbidden in FORBIDDEN.items():
+        for path in (ROOT / package).rglob("*.py"):
+            if path in CLI_LAYER:
+                continue
+            hit = _imports(path) & forbidden
+            if hit:
+                bad.append(f"{path.relative_to(ROOT)} imports {sorted(hit)}")
+    assert not bad, bad
+
+
+def test_library_has_no_click():
+    for package in ("repsim", "hooks", "probes"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path not in CLI_LAYER:
+                assert "click" not in _imports(path), path
