@@ -20,6 +20,7 @@ Design points:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import queue
@@ -51,6 +52,8 @@ from repsim.store import (
     remove_store,
 )
 
+from hooks.attention_capture import AttentionCapture, find_attention_layers
+from hooks.attention_reduce import AttentionReducer
 from hooks.capture import ActivationCapture, TapInfo, finite_or_raise
 from hooks.layers import default_layers, layer_layout, select_layers
 from hooks.registry import LoadedModel
@@ -143,6 +146,9 @@ class ExtractionPlan:
     already_complete: bool
     bytes_per_image: int
     skipped: list[dict[str, str]] = field(default_factory=list)
+    attention_layers: list[Any] = field(default_factory=list)  # hooks.attention_capture.AttentionLayer
+    attn_keep: int = 0
+    extra_bytes: int = 0  # arrays not proportional to n (kept attention maps)
 
     @property
     def n(self) -> int:
@@ -151,7 +157,7 @@ class ExtractionPlan:
     @property
     def total_bytes(self) -> int:
         """Uncompressed size of every array (an upper bound on the disk use)."""
-        return self.bytes_per_image * self.n
+        return self.bytes_per_image * self.n + self.extra_bytes
 
     def free_bytes(self) -> int:
         parent = os.path.dirname(os.path.abspath(self.out)) or "."
@@ -219,6 +225,8 @@ def plan_extraction(
     batch_size: int = 32,
     chunk_size: int | None = None,
     save_inputs: bool = False,
+    attention: bool = False,
+    attn_keep: int = 0,
     overwrite: bool = False,
     strict: bool = False,
     progress: bool = False,
@@ -227,6 +235,9 @@ def plan_extraction(
 
     ``layers`` are module paths or glob patterns (None → the family's default preset). ``chunk_size`` (rows
     per chunk) defaults to the multiple of ``batch_size`` nearest 64 and must be a multiple of it.
+    ``attention``: also capture every attention layer's probabilities (fused kernels switched off for the
+    capture) and store per image × head statistics (see :mod:`hooks.attention_reduce`); ``attn_keep``: keep
+    the full maps of the first ``attn_keep`` images.
     """
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -251,14 +262,37 @@ def plan_extraction(
         module, paths, layouts=layouts, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid,
         pool=pool, spatial_pool=spatial_pool,
     )
-    with capture, torch.inference_mode():
+    attn_layers: list[Any] = []
+    reducer = None
+    if attention:
+        attn_layers = find_attention_layers(module)
+        if not attn_layers:
+            raise UsageError(f"{info.name} has no attention layers that repsim can capture (a CNN?): drop "
+                             "--attention; `repsim attention STORE --erf` gives a CNN's effective receptive fields")
+        unknown = [ly.path for ly in attn_layers if ly.grid is None or ly.num_heads is None or ly.patch_size is None]
+        if unknown:
+            raise UsageError(f"the token geometry of attention layer {unknown[0]} cannot be read from the model "
+                             "(an nn.MultiheadAttention?): use the Python API with AttentionCapture(geometry=...)")
+        reducer = AttentionReducer(attn_layers, attn_keep)
+    elif attn_keep:
+        raise UsageError("--attn-keep needs --attention")
+    with capture, _attention_capture(module, reducer), torch.inference_mode():
+        if reducer is not None:
+            reducer.begin_batch(range(len(probe)))
         module(probe)
         capture.pop()
+        if reducer is not None:
+            reducer.pop_chunk()  # the probe proves the capture and the geometry; its numbers are dropped
     taps = capture.taps or []
     itemsize = np.dtype(dtype).itemsize
     bytes_per_image = sum(int(np.prod(t.shape)) * itemsize for t in taps)
     if save_inputs:
         bytes_per_image += int(np.prod(probe.shape[1:])) * 2
+    extra_bytes = 0
+    if reducer is not None:
+        bytes_per_image += reducer.bytes_per_image()
+        extra_bytes = sum(int(np.prod(sp.shape)) * np.dtype(sp.dtype).itemsize * min(sp.first_rows, len(source))
+                          for sp in reducer.specs() if sp.rows == "first")
 
     dataset = source.describe()
     dataset.update(n=len(source), fingerprint=source.fingerprint, skipped=skipped)
@@ -270,6 +304,8 @@ def plan_extraction(
         "chunk_size": chunk_size,
         "layers_requested": list(layers) if layers else None,
         "save_inputs": save_inputs,
+        "attention": bool(attention),
+        "attn_keep": int(attn_keep),
     }
     config = {
         "model": info.to_dict(),
@@ -291,6 +327,8 @@ def plan_extraction(
         "config_hash": config_hash(config),
         "libraries": library_versions(),
     }
+    if reducer is not None:
+        attrs["attention"] = reducer.attrs()
 
     resume = already_complete = False
     if os.path.exists(out):
@@ -314,8 +352,16 @@ def plan_extraction(
         out=out, model=model, source=source, paths=paths, taps=taps, attrs=attrs, dtype=dtype,
         batch_size=batch_size, chunk_size=chunk_size, pool=pool, spatial_pool=spatial_pool,
         save_inputs=save_inputs, resume=resume, already_complete=already_complete,
-        bytes_per_image=bytes_per_image, skipped=skipped,
+        bytes_per_image=bytes_per_image, skipped=skipped, attention_layers=attn_layers, attn_keep=attn_keep,
+        extra_bytes=extra_bytes,
     )
+
+
+def _attention_capture(module: torch.nn.Module, reducer: AttentionReducer | None):
+    """An AttentionCapture feeding ``reducer`` (nothing when attention is not extracted)."""
+    if reducer is None:
+        return contextlib.nullcontext()
+    return AttentionCapture(module, layers=list(reducer.layers), callback=reducer)
 
 
 def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -345,16 +391,17 @@ class _BackgroundWriter:
                 return
             if self._error is not None:
                 continue  # drain after a failure
-            index, acts, inputs = item
+            index, acts, inputs, extra = item
             try:
                 acts = {k: v.astype(self._dtype, copy=False) for k, v in acts.items()}
-                self._writer.write_chunk(index, acts, None if inputs is None else inputs.astype(np.float16))
+                self._writer.write_chunk(index, acts, None if inputs is None else inputs.astype(np.float16), extra)
             except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
                 self._error = err
 
-    def put(self, index: int, acts: dict[str, np.ndarray], inputs: np.ndarray | None) -> None:
+    def put(self, index: int, acts: dict[str, np.ndarray], inputs: np.ndarray | None,
+            extra: dict[str, np.ndarray] | None = None) -> None:
         self._raise()
-        self._queue.put((index, acts, inputs))
+        self._queue.put((index, acts, inputs, extra))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -390,8 +437,10 @@ def run_extraction(
     else:
         input_shape = (3, *model.preprocessing.img_size) if plan.save_inputs else None
         specs = [LayerSpec(t.name, t.shape, t.attrs()) for t in plan.taps]
+        extra_specs = AttentionReducer(plan.attention_layers, plan.attn_keep).specs() if plan.attention_layers else []
         writer = StoreWriter.create(
-            plan.out, plan.attrs, specs, source.ids, source.labels, dtype=plan.dtype, input_shape=input_shape
+            plan.out, plan.attrs, specs, source.ids, source.labels, dtype=plan.dtype, input_shape=input_shape,
+            extra=extra_specs,
         )
     lock = WriterLock(plan.out)
     lock.acquire()
@@ -407,11 +456,13 @@ def run_extraction(
             module, plan.paths, layouts={p: layer_layout(info.family, p, module) for p in plan.paths},
             num_prefix_tokens=info.num_prefix_tokens, grid=info.grid, pool=plan.pool, spatial_pool=plan.spatial_pool,
         )
+        reducer = AttentionReducer(plan.attention_layers, plan.attn_keep) if plan.attention_layers else None
         background = _BackgroundWriter(writer, plan.dtype)
         bar = tqdm(total=sum(len(r) for _, r in batches), desc=f"extract {info.name}", unit="img",
                    disable=not progress, dynamic_ncols=True)
         chunks_written = 0
-        with ThreadPoolExecutor(max_workers=2) as loader, capture, torch.inference_mode():
+        with ThreadPoolExecutor(max_workers=2) as loader, capture, _attention_capture(module, reducer), \
+                torch.inference_mode():
             futures = [loader.submit(_load_batch, source, transform, r) for _, r in batches[:2]]
             parts: dict[str, list[np.ndarray]] = {}
             inputs: list[np.ndarray] = []
@@ -419,6 +470,8 @@ def run_extraction(
                 x = futures[k].result()
                 if k + 2 < len(batches):
                     futures.append(loader.submit(_load_batch, source, transform, batches[k + 2][1]))
+                if reducer is not None:
+                    reducer.begin_batch(rows)
                 module(x.to(dev, non_blocking=True))
                 acts = capture.pop()
                 expected = [t.name for t in plan.taps]
@@ -436,6 +489,7 @@ def run_extraction(
                         chunk,
                         {n: np.concatenate(p) for n, p in parts.items()},
                         np.concatenate(inputs) if plan.save_inputs else None,
+                        None if reducer is None else reducer.pop_chunk(),
                     )
                     parts, inputs = {}, []
                     chunks_written += 1
@@ -462,6 +516,8 @@ def extract(
     batch_size: int = 32,
     chunk_size: int | None = None,
     save_inputs: bool = False,
+    attention: bool = False,
+    attn_keep: int = 0,
     overwrite: bool = False,
     strict: bool = False,
     force: bool = False,
@@ -471,8 +527,8 @@ def extract(
     """Plan, check the disk and run an extraction in one call (the Python mirror of ``repsim extract``)."""
     plan = plan_extraction(
         model, source, out, layers=layers, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
-        batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, overwrite=overwrite,
-        strict=strict, progress=progress,
+        batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, attention=attention,
+        attn_keep=attn_keep, overwrite=overwrite, strict=strict, progress=progress,
     )
     plan.check_disk(force=force)
     return run_extraction(plan, device=device, progress=progress)

@@ -907,3 +907,33 @@ __all__ = [
     "REGISTRY", "RegistryEntry", "ModelInfo", "LoadedModel", "HFImageModel", "load_model", "list_models",
     "resolve_name",
 ]
+
+
+def reload_model(attrs: dict[str, Any]) -> LoadedModel:
+    """Rebuild the model a store was extracted from, from its root attributes (``store.attrs``).
+
+    The same spec, input size and weights: a weights file must still hash to the recorded sha256, a random
+    initialisation uses the recorded seed, hub weights must be in the local cache. Preprocessing overrides
+    recorded in the store are re-applied.
+    """
+    model, prep = attrs["model"], attrs["preprocessing"]
+    w = model.get("weights", {})
+    kind = w.get("kind")
+    size = prep.get("img_size")
+    img_size = int(size[0]) if isinstance(size, (list, tuple)) else (int(size) if size else None)
+    kwargs: dict[str, Any] = dict(img_size=img_size, mean=prep.get("mean"), std=prep.get("std"),
+                                  interpolation=prep.get("interpolation"), crop_pct=prep.get("crop_pct"))
+    if kind == "random":
+        loaded = load_model(model["name"], random_init=True, init_seed=int(w.get("seed", 0)), **kwargs)
+    elif kind == "file":
+        path = w.get("file")
+        if not path or not os.path.isfile(path):
+            raise UsageError(f"the store's weights file {path} is gone: the model cannot be rebuilt")
+        if sha256_file(path) != w.get("sha256"):
+            raise UsageError(f"{path} changed since the extraction (sha256 differs): the model cannot be rebuilt")
+        loaded = load_model(model["name"], weights=path, **kwargs)
+    else:  # hub weights (from the local cache) or a py: factory that makes its own
+        loaded = load_model(model["name"], **kwargs)
+        if kind == "factory" and loaded.info.weights.get("sha256") != w.get("sha256"):
+            raise UsageError(f"{model['name']} now builds other weights than at extraction (sha256 differs)")
+    return loaded

@@ -176,6 +176,11 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--chunk-size", type=int, default=None, help="Rows per store chunk, a multiple of --batch-size (default ~64).")
 @click.option("--save-inputs", is_flag=True, help="Also store the preprocessed inputs (for localisation analyses).")
+@click.option("--attention", is_flag=True,
+              help="Also capture every attention layer (fused kernels off for the capture) and store per image x "
+                   "head statistics: mean distance (px), prefix mass, entropy, aligned-map sums. See `repsim attention`.")
+@click.option("--attn-keep", type=int, default=0, show_default=True,
+              help="With --attention: keep the full attention maps of the first N images (ViT-B/16: ~11 MB each).")
 @_model_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store with another configuration.")
@@ -183,7 +188,7 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
 @click.option("--strict", is_flag=True, help="A corrupt image is fatal instead of skipped.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, dtype, batch_size, chunk_size,
-            save_inputs, weights, random_init, img_size, mean, std, interpolation, crop_pct, device, overwrite,
+            save_inputs, attention, attn_keep, weights, random_init, img_size, mean, std, interpolation, crop_pct, device, overwrite,
             force, strict, quiet) -> None:
     """Run MODEL over images and store per-layer activations in a Zarr store.
 
@@ -206,7 +211,8 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
     patterns = [p.strip() for spec in layer_patterns for p in spec.split(",") if p.strip()] or None
     plan = plan_extraction(
         loaded, source, out, layers=patterns, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
-        batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, overwrite=overwrite,
+        batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, attention=attention,
+        attn_keep=attn_keep, overwrite=overwrite,
         strict=strict, progress=not quiet,
     )
     if plan.already_complete:
@@ -255,7 +261,9 @@ def info(store: str, as_json: bool) -> None:
     click.echo(f"input      {p['img_size']} px, mean {p['mean']}, std {p['std']}, {p['interpolation']}, crop_pct {p['crop_pct']}")
     e = a["extraction"]
     click.echo(f"extraction pool {e['pool']}, spatial_pool {e['spatial_pool']}, {e['dtype']}, batch {e['batch_size']}, "
-               f"chunk {e['chunk_size']} rows" + (", inputs saved" if e.get("save_inputs") else ""))
+               f"chunk {e['chunk_size']} rows" + (", inputs saved" if e.get("save_inputs") else "")
+               + (f", attention statistics ({len(s.attention_layers)} layers, maps of {e.get('attn_keep', 0)} images)"
+                  if e.get("attention") else ""))
     click.echo(f"disk       {human_bytes(s.nbytes_on_disk())}")
     click.echo(f"layers     {len(s.layers)}")
     for row in table:
@@ -365,6 +373,95 @@ def cka(store_a, store_b, out, plot_path, estimator, kernel, threshold, tokens, 
     for name, row in zip(names_a, result.values):
         click.echo(f"{name:>{width}}  " + " ".join(f"{v:5.2f}" for v in row))
     click.echo("columns: " + ", ".join(f"{j}={nm}" for j, nm in enumerate(names_b)))
+    for path in (out, plot_path):
+        if path is not None:
+            click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write per layer x head statistics (distance px mean/std, prefix mass, entropy, offset, kind) as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Distance-vs-depth scatter to this file, plus <name>_aligned and <name>_rollout siblings.")
+@click.option("--layers", "layer_list", multiple=True, help="Attention layers to report (default all; comma-separated ok).")
+@click.option("--rollout-images", type=int, default=4, show_default=True, help="Images in the rollout figure.")
+@click.option("--erf", is_flag=True,
+              help="Effective receptive fields instead (CNNs): gradient of each map layer's centre unit w.r.t. the "
+                   "input, as a radius in pixels on the attention-distance axis. Rebuilds the model from the store.")
+@click.option("--erf-images", type=int, default=8, show_default=True, help="Images averaged for --erf.")
+@click.option("--device", default="cpu", show_default=True, help="Device for --erf (cpu, cuda, ...).")
+def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images, device) -> None:
+    """Per-head attention statistics of a store extracted with --attention.
+
+    \b
+    Examples:
+      repsim extract --model vit_b16 --data ~/imagenet/val --n 5000 --attention --attn-keep 8 --out vit.zarr
+      repsim attention vit.zarr --out vit_attention.json --plot vit_attention.png
+
+    \b
+    For every attention layer and head: mean attention distance in pixels (patch-centre distance weighted
+    by attention; prefix keys dropped and rows renormalised; mean over patch queries, then images), the
+    attention mass on prefix tokens, the row entropy (nats), the centroid offset (dy, dx) of the aligned
+    attention map in grid steps, and the head kind: strict_local, soft_local, offset_local, axial, global.
+
+    \b
+    CNNs have no attention; their counterpart is the effective receptive field:
+      repsim attention resnet50.zarr --erf --out r50_erf.json --plot r50_erf.png
+    """
+    import numpy as np
+
+    from repsim.attention_plot import figure_paths, plot_attention_report
+    from repsim.attention_report import attention_report
+    from repsim.cka_plot import short_layer_names
+    from repsim.store import open_store
+
+    s = open_store(store)
+    if erf:
+        _erf(s, out, plot_path, erf_images, device)
+        return
+    if not s.attention_layers:
+        raise UsageError(f"{store} holds no attention statistics ({s.model_name}): re-extract with --attention; "
+                         "a model without attention layers (a CNN) has none: use --erf for its effective "
+                         "receptive fields")
+    report = attention_report(s, layers=_split_layers(layer_list))
+    if out is not None:
+        report.to_json(out)
+    if plot_path is not None:
+        plot_attention_report(report, plot_path, store=s, rollout_images=rollout_images)
+    names = short_layer_names([ly.layer for ly in report.layers])
+    width = max(len(x) for x in names)
+    click.echo(f"{report.model}: {len(report.layers)} attention layers, n={report.n} images")
+    click.echo(f"{'layer':<{width}}  distance px (min / mean / max over heads)  prefix mass  kinds")
+    for name, ly in zip(names, report.layers):
+        d = [h.distance_px for h in ly.heads]
+        kinds: dict[str, int] = {}
+        for h in ly.heads:
+            kinds[h.kind] = kinds.get(h.kind, 0) + 1
+        kind_text = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        click.echo(f"{name:<{width}}  {min(d):7.1f} / {np.mean(d):7.1f} / {max(d):7.1f}"
+                   f"{'':17}{np.mean([h.prefix_mass for h in ly.heads]):7.3f}      {kind_text}")
+    if out is not None:
+        click.echo(f"wrote {out}")
+    if plot_path is not None:
+        written = [p for p in figure_paths(plot_path).values() if os.path.exists(p)]
+        click.echo("wrote " + ", ".join(written))
+
+
+def _erf(s, out, plot_path, images: int, device: str) -> None:
+    from hooks.erf import store_erf
+    from repsim.attention_plot import plot_erf
+    from repsim.attention_report import erf_json
+
+    results = store_erf(s, images=images, device=device)
+    if out is not None:
+        erf_json(s, results, images, out)
+    if plot_path is not None:
+        plot_erf([r.layer for r in results], [r.radius_px for r in results], [r.map for r in results],
+                 s.model_name, plot_path, n_images=min(images, s.n))
+    click.echo(f"{s.model_name}: effective receptive field radius (px) over {min(images, s.n)} images")
+    for r in results:
+        click.echo(f"  {r.layer:<36} {r.radius_px:8.2f}")
     for path in (out, plot_path):
         if path is not None:
             click.echo(f"wrote {path}")

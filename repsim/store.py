@@ -12,6 +12,8 @@ Layout::
       inputs/pixels             (n, 3, H, W)  optional: the preprocessed model input (``--save-inputs``)
       acts/<layer>              (n, ...)      one array per captured layer, in network order:
                                               (n, T, D) tokens | (n, C, H, W) maps | (n, D) vectors
+      attn/<layer>/...          optional (``--attention``): per-image attention statistics of one attention
+                                layer (see "Attention" below)
       progress/chunk_done       (n_chunks,) uint8, one Zarr chunk per flag: 1 once every array's rows of
                                 that sample chunk are on disk
 
@@ -34,6 +36,21 @@ from the module output, e.g. "output" or "output[0]"), ``layout_in`` (the module
 ``pool`` (the pooling actually applied), ``num_prefix_tokens`` and ``grid`` (tokens: how many leading tokens
 are CLS / register / distillation tokens, and the (gh, gw) patch grid of the rest; null where unknown),
 ``shape`` (per-sample shape).
+
+Attention (optional; root attribute ``attention`` = {layers: [...], attn_keep: K, info: {layer: {kind,
+num_heads, num_prefix_tokens, grid, patch_size (token stride in input pixels), window_size, shift_size}}})::
+
+      attn/<layer>/distance     (n, heads) float32  mean attention distance in pixels
+      attn/<layer>/prefix_mass  (n, heads) float32  attention on prefix tokens (mean over patch queries)
+      attn/<layer>/entropy      (n, heads) float32  row entropy in nats (mean over patch queries)
+      attn/<layer>/aligned      (n_chunks, heads, 2gh-1, 2gw-1) float32  per-sample-chunk sums of the
+                                     aligned attention maps (Walmer et al. 2023); sum over axis 0 for the total
+      attn/<layer>/maps         (K, heads, N, N) float16  full probabilities of the first K images
+                                     (global-attention layers only)
+
+Extra arrays are declared in the root attribute ``extra_arrays`` = [{name, rows}] where ``rows`` says how
+the first axis relates to samples: ``samples`` (one row per sample), ``chunks`` (one row per sample chunk)
+or ``first`` (one row per sample for the first rows only).
 
 Chunking: every array is chunked along samples only (``chunk_size`` rows, whole feature dims per chunk),
 compressed with Blosc/zstd. All arrays share ``chunk_size`` so a sample chunk is the unit of writing,
@@ -200,6 +217,52 @@ class ActivationStore:
             rows = slice(lo, min(lo + batch_size, stop))
             yield rows, {layer: arr[rows] for layer, arr in arrays.items()}
 
+    @property
+    def extra_arrays(self) -> list[str]:
+        """Paths of the extra arrays (attention statistics, ...) declared in the root attributes."""
+        return [e["name"] for e in self.attrs.get("extra_arrays", [])]
+
+    def extra_shape(self, name: str) -> tuple[int, ...]:
+        """Full shape of the extra array ``name`` (first axis: samples, chunks or the first K samples)."""
+        if name not in self.extra_arrays:
+            raise UsageError(f"{self.path} has no array {name!r}")
+        return tuple(self._group[name].shape)
+
+    def read_extra(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of the extra array ``name`` (see :attr:`extra_arrays`)."""
+        if name not in self.extra_arrays:
+            raise UsageError(f"{self.path} has no array {name!r}")
+        return self._group[name][slice(start, stop)]
+
+    # -- attention statistics (``--attention``) -------------------------------------------------------------
+    @property
+    def attention_layers(self) -> list[str]:
+        """Attention layers whose statistics the store holds (empty unless extracted with ``--attention``)."""
+        return list(self.attrs.get("attention", {}).get("layers", []))
+
+    def attention_info(self, layer: str) -> dict[str, Any]:
+        """Geometry of one attention layer: kind, num_heads, num_prefix_tokens, grid, patch_size (px), ..."""
+        self._check_attention_layer(layer)
+        return dict(self.attrs["attention"]["info"][layer])
+
+    def read_attention(self, layer: str, stat: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """One attention statistic of ``layer``: ``distance`` | ``prefix_mass`` | ``entropy`` (rows, heads),
+        ``aligned`` (n_chunks, heads, 2gh-1, 2gw-1) per-chunk sums, or ``maps`` (first K images)."""
+        self._check_attention_layer(layer)
+        key = f"attn/{layer}/{stat}"
+        if stat not in ("distance", "prefix_mass", "entropy", "aligned", "maps"):
+            raise UsageError(f"unknown attention statistic {stat!r}")
+        if stat == "maps" and key not in self._group:
+            raise UsageError(f"{self.path} keeps no attention maps of {layer} (extract with --attn-keep K > 0)")
+        return self._group[key][slice(start, stop)]
+
+    def _check_attention_layer(self, layer: str) -> None:
+        if not self.attention_layers:
+            raise UsageError(f"{self.path} holds no attention statistics: extract with --attention")
+        if layer not in self.attention_layers:
+            raise UsageError(f"{layer!r} is not an attention layer of {self.path} "
+                             f"(it has {', '.join(self.attention_layers[:4])}...)")
+
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
         return f"ActivationStore({self.path!r}, model={self.model_name!r}, n={self.n}, layers={len(self.layers)}, {state})"
@@ -221,6 +284,26 @@ class LayerSpec:
 
     name: str
     shape: tuple[int, ...]  # per sample
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+ROW_MODES = ("samples", "chunks", "first")
+
+
+@dataclass
+class ArraySpec:
+    """An extra array written chunk by chunk alongside the activations (e.g. attention statistics).
+
+    ``name`` is the array's path in the group, ``shape`` its per-row shape; ``rows`` how its first axis maps
+    to samples: ``samples`` (n rows), ``chunks`` (one row per sample chunk: a per-chunk reduction) or
+    ``first`` (the first ``first_rows`` samples only).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    rows: str = "samples"
+    first_rows: int = 0
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -300,6 +383,7 @@ class StoreWriter:
         self.layers = list(self.attrs["layers"])
         self._arrays = {layer: group[f"acts/{layer}"] for layer in self.layers}
         self._inputs = group["inputs/pixels"] if self.attrs["extraction"].get("save_inputs") else None
+        self._extra = {e["name"]: (group[e["name"]], e["rows"]) for e in self.attrs.get("extra_arrays", [])}
         self._done = group["progress/chunk_done"]
 
     @classmethod
@@ -313,10 +397,12 @@ class StoreWriter:
         *,
         dtype: str,
         input_shape: tuple[int, int, int] | None = None,
+        extra: Sequence[ArraySpec] = (),
     ) -> "StoreWriter":
         """Preallocate every array for ``len(ids)`` rows and write the sample table and root attributes."""
         n = len(ids)
         chunk = int(attrs["extraction"]["chunk_size"])
+        n_chunks = -(-n // chunk)
         group = zarr.open_group(path, mode="w")
         # Mark the group first, so a store killed while being laid out is recognised (and recreated).
         group.attrs[ATTR_KEY] = dict(attrs, initialising=True)
@@ -343,9 +429,22 @@ class StoreWriter:
                 compressors=_compressor(),
                 fill_value=0,
             )
-        n_chunks = -(-n // chunk)
+        for spec in extra:
+            if spec.rows not in ROW_MODES:
+                raise ValueError(f"rows must be one of {ROW_MODES}, got {spec.rows!r}")
+            rows = {"samples": n, "chunks": n_chunks, "first": min(spec.first_rows, n)}[spec.rows]
+            arr = group.create_array(
+                spec.name,
+                shape=(rows, *spec.shape),
+                chunks=(1 if spec.rows == "chunks" else max(1, min(chunk, rows)), *spec.shape),
+                dtype=spec.dtype,
+                compressors=_compressor(),
+                fill_value=0,
+            )
+            arr.attrs.update(spec.attrs)
         group.create_array("progress/chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
-        attrs = dict(attrs, complete=False, layers=[s.name for s in layers])
+        attrs = dict(attrs, complete=False, layers=[s.name for s in layers],
+                     extra_arrays=[{"name": e.name, "rows": e.rows} for e in extra])
         attrs.pop("initialising", None)
         group.attrs[ATTR_KEY] = attrs
         return cls(path, group)
@@ -362,9 +461,17 @@ class StoreWriter:
         return slice(lo, min(lo + self.chunk_size, self.n))
 
     def write_chunk(
-        self, chunk_index: int, acts: dict[str, np.ndarray], inputs: np.ndarray | None = None
+        self,
+        chunk_index: int,
+        acts: dict[str, np.ndarray],
+        inputs: np.ndarray | None = None,
+        extra: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Write all layers' rows of one sample chunk, then flag the chunk complete."""
+        """Write all layers' rows of one sample chunk (and of every extra array), then flag the chunk complete.
+
+        ``extra[name]`` holds the chunk's rows of a ``samples`` or ``first`` array (for ``first``, the rows past
+        its length are ignored) or the one row of a ``chunks`` array.
+        """
         rows = self.chunk_rows(chunk_index)
         for layer, arr in self._arrays.items():
             arr[rows] = acts[layer]
@@ -372,6 +479,19 @@ class StoreWriter:
             if inputs is None:
                 raise ValueError("this store keeps inputs: pass them to write_chunk")
             self._inputs[rows] = inputs
+        extra = extra or {}
+        missing = set(self._extra) - set(extra)
+        if missing:
+            raise ValueError(f"write_chunk is missing extra arrays {sorted(missing)}")
+        for name, (arr, mode) in self._extra.items():
+            value = extra[name]
+            if mode == "chunks":
+                arr[chunk_index] = value
+            elif mode == "samples":
+                arr[rows] = value
+            elif rows.start < arr.shape[0]:  # "first": only the leading rows are kept
+                stop = min(rows.stop, arr.shape[0])
+                arr[rows.start:stop] = value[: stop - rows.start]
         self._done[chunk_index] = 1
 
     def update_attrs(self, **changes: Any) -> None:

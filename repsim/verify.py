@@ -77,5 +77,17 @@ def verify_store(store: ActivationStore, *, progress: bool = False) -> VerifyRep
                 report.problems.append(f"{name}: chunk {c} (rows {lo}..{hi - 1}) holds {bad} NaN/Inf values")
             bar.update()
         report.layers_checked += 1
+    for name in store.extra_arrays:  # attention statistics etc.: decode and check in blocks of chunk_size rows
+        try:
+            total = store.extra_shape(name)[0]
+            for lo in range(0, total, store.chunk_size):
+                block = store.read_extra(name, lo, min(lo + store.chunk_size, total))
+                report.chunks_checked += 1
+                bad = int(block.size - np.count_nonzero(np.isfinite(block)))
+                if bad:
+                    report.problems.append(f"{name}: rows {lo}.. hold {bad} NaN/Inf values")
+        except Exception as err:  # noqa: BLE001 - any decoding failure is a finding
+            report.problems.append(f"{name}: does not decode ({type(err).__name__}: {err})")
+        report.layers_checked += 1
     bar.close()
     return report

@@ -1,0 +1,160 @@
+"""Online reduction of captured attention probabilities to the per-image statistics a store keeps.
+
+Full attention maps cost about 11 MB per image for ViT-B/16 (12 layers × 12 heads × 197²), so extraction
+never keeps them all: each batch's probabilities (from :class:`hooks.attention_capture.AttentionCapture`) are
+reduced at once, in float32, to per image × head statistics (mean attention distance in pixels, prefix
+mass, entropy; :func:`repsim.attention.head_statistics`) and to per-chunk sums of the aligned attention maps
+(Walmer et al. 2023). The full maps of the first ``attn_keep`` images of global-attention layers are kept
+(float16) for attention rollout and figures. The arrays and their layout are specified in
+:mod:`repsim.store` ("Attention").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from hooks.attention_capture import AttentionLayer, AttentionRecord
+from repsim.attention import head_statistics
+from repsim.errors import UsageError
+from repsim.store import ArraySpec
+
+STATS = ("distance", "prefix_mass", "entropy")
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def layer_attrs(layer: AttentionLayer) -> dict[str, Any]:
+    """JSON-able geometry of one attention layer, as recorded in the store's ``attention.info``."""
+    return {
+        "kind": layer.kind,
+        "num_heads": int(layer.num_heads),
+        "num_prefix_tokens": int(layer.num_prefix_tokens),
+        "grid": list(_pair(layer.grid)),
+        "patch_size": list(_pair(layer.patch_size)),
+        "window_size": None if getattr(layer, "window_size", None) is None else list(_pair(layer.window_size)),
+        "shift_size": None if getattr(layer, "shift_size", None) is None else list(_pair(layer.shift_size)),
+    }
+
+
+def is_windowed(layer: AttentionLayer) -> bool:
+    return getattr(layer, "window_size", None) is not None
+
+
+class AttentionReducer:
+    """Collects the attention statistics of one sample chunk at a time.
+
+    Use as the ``callback`` of an ``AttentionCapture``; call :meth:`begin_batch` with the batch's store
+    rows before each forward pass and :meth:`pop_chunk` once a chunk's last batch has run.
+    """
+
+    def __init__(self, layers: list[AttentionLayer], attn_keep: int = 0):
+        if attn_keep < 0:
+            raise UsageError(f"--attn-keep must be >= 0, got {attn_keep}")
+        self.layers = {layer.path: layer for layer in layers}
+        self.attn_keep = int(attn_keep)
+        self._rows: range | None = None
+        self._parts: dict[str, list[np.ndarray]] = {}
+        self._aligned: dict[str, np.ndarray] = {}
+        self._seen: dict[str, int] = {}
+
+    # -- layout ---------------------------------------------------------------------------------------------
+    def keeps_maps(self, layer: AttentionLayer) -> bool:
+        return self.attn_keep > 0 and not is_windowed(layer)
+
+    def specs(self) -> list[ArraySpec]:
+        """The extra store arrays (see :mod:`repsim.store`, "Attention")."""
+        out = []
+        for path, layer in self.layers.items():
+            gh, gw = _pair(layer.grid)
+            heads = int(layer.num_heads)
+            for stat in STATS:
+                out.append(ArraySpec(f"attn/{path}/{stat}", (heads,), "float32"))
+            out.append(ArraySpec(f"attn/{path}/aligned", (heads, 2 * gh - 1, 2 * gw - 1), "float32", rows="chunks"))
+            if self.keeps_maps(layer):
+                n_tok = int(layer.num_prefix_tokens) + gh * gw
+                out.append(ArraySpec(f"attn/{path}/maps", (heads, n_tok, n_tok), "float16", rows="first",
+                                     first_rows=self.attn_keep))
+        return out
+
+    def attrs(self) -> dict[str, Any]:
+        """The root attribute ``attention``."""
+        return {
+            "layers": list(self.layers),
+            "attn_keep": self.attn_keep,
+            "info": {path: layer_attrs(layer) for path, layer in self.layers.items()},
+        }
+
+    def bytes_per_image(self) -> int:
+        total = 0
+        for layer in self.layers.values():
+            total += 3 * 4 * int(layer.num_heads)
+        return total
+
+    # -- online reduction -----------------------------------------------------------------------------------
+    def begin_batch(self, rows: range) -> None:
+        """The store rows of the next forward pass (needed to keep the maps of the first images)."""
+        self._rows = rows
+        self._seen = {}
+
+    def __call__(self, path: str, record: AttentionRecord) -> None:
+        layer = self.layers.get(path)
+        if layer is None:
+            return
+        if self._rows is None:
+            raise RuntimeError("AttentionReducer.begin_batch was not called")
+        if self._seen.get(path):
+            raise UsageError(f"attention layer {path} ran twice in one forward pass: not supported")
+        self._seen[path] = 1
+        probs = record.probs
+        grid, patch = _pair(layer.grid), _pair(layer.patch_size)
+        with torch.no_grad():
+            if record.positions is None:
+                stats = head_statistics(probs, grid, patch, int(layer.num_prefix_tokens))
+                for stat in STATS:
+                    self._parts.setdefault(f"attn/{path}/{stat}", []).append(stats[stat].float().cpu().numpy())
+                aligned = stats["aligned_sum"].float().cpu().numpy()
+                if self.keeps_maps(layer) and self._rows.start < self.attn_keep:
+                    keep = min(len(self._rows), self.attn_keep - self._rows.start)
+                    maps = probs[:keep].to(torch.float16).cpu().numpy()
+                    self._parts.setdefault(f"attn/{path}/maps", []).append(maps)
+            else:
+                aligned = self._windowed(path, layer, record, grid, patch)
+        key = f"attn/{path}/aligned"
+        self._aligned[key] = self._aligned.get(key, 0) + aligned
+
+    def _windowed(self, path: str, layer: AttentionLayer, record: AttentionRecord, grid, patch) -> np.ndarray:
+        """Swin: probabilities (B, nW, H, w², w²) with each window token's image position (nW, w², 2).
+
+        Per-image statistics are means over the windows (every window has w² queries)."""
+        if record.padded is not None and bool(record.padded.any()):
+            # padded tokens have no image position; dropping them would bias the per-query means
+            raise UsageError(f"{path}: the stage grid {tuple(grid)} is not a multiple of the window "
+                             f"{layer.window_size}, so timm pads windows; choose --img-size so that it is")
+        pos = record.positions[:, None]  # (nW, 1, w², 2): broadcast over heads
+        stats = head_statistics(record.probs, grid, patch, 0, positions=pos)
+        for stat in STATS:
+            self._parts.setdefault(f"attn/{path}/{stat}", []).append(stats[stat].mean(1).float().cpu().numpy())
+        return stats["aligned_sum"].sum(0).float().cpu().numpy()
+
+    def pop_chunk(self) -> dict[str, np.ndarray]:
+        """The finished chunk's arrays for :meth:`repsim.store.StoreWriter.write_chunk` (``extra=``)."""
+        out: dict[str, np.ndarray] = {k: np.concatenate(v) for k, v in self._parts.items()}
+        out.update({k: np.asarray(v, dtype=np.float32) for k, v in self._aligned.items()})
+        for path, layer in self.layers.items():
+            for stat in STATS:
+                if f"attn/{path}/{stat}" not in out:
+                    raise UsageError(f"attention layer {path} did not run during the forward pass")
+            if self.keeps_maps(layer) and f"attn/{path}/maps" not in out:
+                # chunk past the kept images: the writer ignores these rows
+                gh, gw = _pair(layer.grid)
+                n_tok = int(layer.num_prefix_tokens) + gh * gw
+                out[f"attn/{path}/maps"] = np.zeros((0, int(layer.num_heads), n_tok, n_tok), np.float16)
+        self._parts, self._aligned = {}, {}
+        return out
