@@ -10,10 +10,7 @@ offset (dy, dx) of the aligned aggregated attention map in grid steps, and the h
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +19,7 @@ import torch
 
 from repsim.attention import attention_distance, attention_rollout, centroid_offset, classify_heads, rollout_map
 from repsim.errors import UsageError
+from repsim.json_output import write_json_atomic
 from repsim.store import ActivationStore
 
 
@@ -72,7 +70,7 @@ class AttentionReport:
         d.pop("aligned")
         d["kind"] = "repsim.attention"
         if path is not None:
-            _write_json_atomic(os.fspath(path), d)
+            write_json_atomic(os.fspath(path), d)
         return d
 
     def plot(self, path: str | os.PathLike | None, store: ActivationStore | None = None) -> Any:
@@ -91,21 +89,6 @@ DEFINITIONS = {
     "offset": "centroid (dy, dx) in grid steps of the aligned aggregated attention map (Walmer et al. 2023)",
     "kind": "head class from the aligned map, see repsim.attention.classify_heads",
 }
-
-
-def _write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def attention_report(store: ActivationStore, layers: list[str] | None = None) -> AttentionReport:
@@ -197,5 +180,5 @@ def erf_json(store: ActivationStore, results: list[Any], images: int, path: str 
         "repsim_version": store.attrs.get("repsim_version"),
     }
     if path is not None:
-        _write_json_atomic(os.fspath(path), d)
+        write_json_atomic(os.fspath(path), d)
     return d

@@ -49,7 +49,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
@@ -58,6 +57,7 @@ import numpy as np
 import torch
 
 from repsim.errors import RepsimError, UsageError
+from repsim.json_output import write_json_atomic
 
 ESTIMATORS = ("minibatch", "exact", "debiased")
 KERNELS = ("linear", "rbf")
@@ -300,12 +300,18 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
         raise NumericalError(f"non-finite value (NaN or Inf) in {what} at index {tuple(bad)}")
 
 
-def u_centre(gram: torch.Tensor) -> torch.Tensor:
-    """U-centre a symmetric (m, m) Gram in float64 (Székely–Rizzo 2014); torch twin of :func:`u_centre_np`."""
+def u_centre(gram: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """U-centre a symmetric (m, m) Gram in float64 (Székely–Rizzo 2014); torch twin of :func:`u_centre_np`.
+
+    ``out``: optional float64 (m, m) buffer (may be a view into a preallocated stack) that receives the result.
+    """
     m = gram.shape[0]
     if m < MIN_UNBIASED:
         raise UsageError(f"unbiased HSIC needs at least {MIN_UNBIASED} samples per batch, got {m}")
-    k = gram.to(torch.float64).clone()
+    if out is None:
+        out = torch.empty((m, m), dtype=torch.float64, device=gram.device)
+    k = out
+    k.copy_(gram)
     k.fill_diagonal_(0.0)
     means = k.sum(dim=0) / (m - 2)
     means -= means.sum() / (2 * (m - 1))
@@ -316,24 +322,35 @@ def u_centre(gram: torch.Tensor) -> torch.Tensor:
 
 
 def unbiased_gram(
-    features: torch.Tensor | np.ndarray, *, gram_dtype: str = "float32", what: str = "features"
+    features: torch.Tensor | np.ndarray,
+    *,
+    gram_dtype: str = "float32",
+    what: str = "features",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """U-centred linear Gram of one batch, flattened: (m, f) features → (m·m,) float64 on the features' device.
 
-    The features are up-cast (float16 → float32), centred per column with a float64 mean, and only then
-    multiplied (in ``gram_dtype``; call under TF32-off, as :func:`cka_matrix` does). ``what`` names the
-    layer and batch in errors.
+    The features are up-cast (float16 → float32), centred per column, and only then multiplied (in
+    ``gram_dtype``; call under TF32-off, as :func:`cka_matrix` does). ``what`` names the layer and batch in
+    errors. ``out``: optional contiguous float64 (m·m,) buffer for the result (a row of a Gram stack).
     """
     dt = _gram_dtype(gram_dtype)
     x = _from_numpy(features) if isinstance(features, np.ndarray) else torch.as_tensor(features)
     x = x.reshape(x.shape[0], -1).to(dt)  # up-cast before any arithmetic
-    _check_finite(x, what)
-    mu = x.mean(dim=0, dtype=torch.float64)
-    x = x - mu.to(dt)  # Sterbenz: x - μ is exact in float32 where x ≈ μ, so offsets cancel exactly
-    g = (x @ x.T).to(torch.float64)
-    g = (g + g.T) / 2  # float32 products are not bitwise symmetric
-    _check_finite(g, f"the Gram of {what}")
-    return u_centre(g).reshape(-1)
+    m = x.shape[0]
+    # The mean in the Gram dtype is enough: U-centring removes any constant shift exactly, so centring
+    # only has to shrink a large common offset (X = 100 + 0.1·Z) before the products, to avoid cancellation.
+    x = x - x.mean(dim=0)
+    g = x @ x.T
+    # A NaN / Inf anywhere in x or in a product shows on the diagonal (|x_i·x_j| <= sqrt(g_ii g_jj)):
+    # scanning m values instead of m·f keeps the check off the hot path; the full scan only names the culprit.
+    if not bool(torch.isfinite(torch.diagonal(g)).all()):
+        _check_finite(x, what)
+        _check_finite(g, f"the Gram of {what}")
+        raise NumericalError(f"non-finite Gram diagonal of {what}")
+    g = (g + g.T) * 0.5  # float32 products are not bitwise symmetric
+    view = None if out is None else out.view(m, m)
+    return u_centre(g, out=view).reshape(-1)
 
 
 class MinibatchCKA:
@@ -388,14 +405,18 @@ class MinibatchCKA:
     ) -> None:
         """Add one batch given per-layer features, each (m, ...) for the same m samples."""
         with _tf32_off():
-            ga = torch.stack([unbiased_gram(_to_device(f, self.device), gram_dtype=gram_dtype,
-                                            what=f"layer {i} (a), batch {self.n_batches}")
-                              for i, f in enumerate(feats_a)])
-            gb = None
-            if feats_b is not None:
-                gb = torch.stack([unbiased_gram(_to_device(f, self.device), gram_dtype=gram_dtype,
-                                                what=f"layer {i} (b), batch {self.n_batches}")
-                                  for i, f in enumerate(feats_b)])
+            stacks = []
+            for side, feats in (("a", feats_a), ("b", feats_b)):
+                if feats is None:
+                    stacks.append(None)
+                    continue
+                m = int(np.shape(feats[0])[0])
+                stack = torch.empty((len(feats), m * m), dtype=torch.float64, device=self.device)
+                for i, f in enumerate(feats):
+                    unbiased_gram(_to_device(f, self.device), gram_dtype=gram_dtype, out=stack[i],
+                                  what=f"layer {i} ({side}), batch {self.n_batches}")
+                stacks.append(stack)
+            ga, gb = stacks
         self.update(ga, gb, what=f"batch {self.n_batches}")
 
     def result(self, names_a: Sequence[str] | None = None, names_b: Sequence[str] | None = None) -> np.ndarray:
@@ -747,19 +768,7 @@ class CKAResult:
         d["std"] = None if self.std is None else np.asarray(self.std, dtype=float).tolist()
         d["kind"] = "repsim.cka"
         if path is not None:
-            path = os.fspath(path)
-            folder = os.path.dirname(os.path.abspath(path))
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(d, f, indent=1, allow_nan=False)
-                    f.write("\n")
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            write_json_atomic(path, d)
         return d
 
     @classmethod
@@ -952,7 +961,7 @@ def _minibatch_pass(a: _Side, b: _Side | None, tokens: str, batch_size: int, rng
                         pos = side.pos[group.batches[j]]
                         what = (f"layer {layer!r} of {side.store.path}, batch {batch_no + j} of repeat {repeat} "
                                 f"({len(pos)} samples, store rows {pos.min()}..{pos.max()})")
-                        grams[j][li] = unbiased_gram(feats[edges[j]:edges[j + 1]], gram_dtype=gname, what=what)
+                        unbiased_gram(feats[edges[j]:edges[j + 1]], gram_dtype=gname, what=what, out=grams[j][li])
                     del feats
                 stacks.append(grams)
             for j in range(len(group.batches)):

@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from hooks.extract import extract, plan_extraction, run_extraction
 from hooks.registry import load_model
 from repsim.attention import aligned_attention, attention_distance, attention_entropy, prefix_mass
 from repsim.attention_report import attention_report, store_rollout
-from repsim.cli import cli
+from conftest import run_cli as _cli
 from repsim.data import open_dataset
 from repsim.errors import UsageError
 from repsim.verify import verify_store
@@ -120,10 +119,6 @@ def test_attention_requires_attention_layers(tmp_path, shapes):
     cnn = load_model("timm:resnet18", random_init=True, img_size=IMG)
     with pytest.raises(UsageError, match="no attention"):
         plan_extraction(cnn, shapes, str(tmp_path / "c.zarr"), attention=True)
-
-
-def _cli(*args):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
 def test_cli_attention_and_erf(store, tmp_path):

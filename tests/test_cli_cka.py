@@ -6,26 +6,15 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from repsim import cka as cka_arrays
 from repsim import cka_matrix, open_store
-from repsim.cli import cli
+from conftest import assert_one_line_error as _one_line_error
+from conftest import run_cli as run
 
 VIT = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32"]
 RESNET = ["--model", "timm:resnet18", "--random-init", "--img-size", "32"]
 DATA = ["--data", "shapes", "--batch-size", "8", "--quiet"]
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-
-def _one_line_error(result, pattern: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error:") and pattern.lower() in lines[0].lower(), lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,28 @@
+"""Atomic JSON output of analysis results (CKA maps, attention reports, ...)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically: a temporary file in the same folder, then
+    ``os.replace``, so a reader never sees a half-written file and an old result survives a crash.
+    NaN / Inf are refused (``allow_nan=False``): they are not JSON and hide failed measurements."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
