@@ -464,7 +464,8 @@ def run_extraction(
         with ThreadPoolExecutor(max_workers=2) as loader, capture, _attention_capture(module, reducer), \
                 torch.inference_mode():
             futures = [loader.submit(_load_batch, source, transform, r) for _, r in batches[:2]]
-            parts: dict[str, list[np.ndarray]] = {}
+            # one buffer per layer and chunk, in the stored dtype: each batch is converted once, in place
+            buffers: dict[str, np.ndarray] | None = None
             inputs: list[np.ndarray] = []
             for k, (chunk, rows) in enumerate(batches):
                 x = futures[k].result()
@@ -477,21 +478,26 @@ def run_extraction(
                 expected = [t.name for t in plan.taps]
                 if list(acts) != expected:
                     raise UsageError("the model's layers changed since the store was planned")
+                crow = writer.chunk_rows(chunk)
+                if buffers is None:
+                    buffers = {t.name: np.empty((crow.stop - crow.start, *t.shape), dtype=plan.dtype)
+                               for t in plan.taps}
+                offset = rows.start - crow.start
                 for name, t in acts.items():
                     finite_or_raise(name, t, plan.dtype)
-                    parts.setdefault(name, []).append(t.numpy())
+                    buffers[name][offset:offset + len(rows)] = t.numpy()
                 if plan.save_inputs:
                     inputs.append(x.numpy())
                 futures[k] = None  # release the batch
                 bar.update(len(rows))
-                if rows.stop == writer.chunk_rows(chunk).stop:
+                if rows.stop == crow.stop:
                     background.put(
                         chunk,
-                        {n: np.concatenate(p) for n, p in parts.items()},
+                        buffers,
                         np.concatenate(inputs) if plan.save_inputs else None,
                         None if reducer is None else reducer.pop_chunk(),
                     )
-                    parts, inputs = {}, []
+                    buffers, inputs = None, []
                     chunks_written += 1
                     if _stop_after_chunks is not None and chunks_written >= _stop_after_chunks:
                         break
