@@ -19,6 +19,11 @@ _LAZY = {
     "cka": "repsim.cka_engine",
     "cka_matrix": "repsim.cka_engine",
     "CKAResult": "repsim.cka_engine",
+    "attention_distance": "repsim.attention",
+    "aligned_attention": "repsim.attention",
+    "classify_heads": "repsim.attention",
+    "attention_rollout": "repsim.attention",
+    "attention_report": "repsim.attention_report",
 }
 
 __all__ = ["ActivationStore", "RepsimError", "UsageError", "open_store", "__version__", *_LAZY]

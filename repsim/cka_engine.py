@@ -759,6 +759,7 @@ class CKAResult:
     gram_dtype: str = "float32"
     device: str = "cpu"
     repsim_version: str | None = None
+    exact_form: str | None = None  # exact estimator: "feature" (‖XᵀY‖²) or "gram" (n × n Grams)
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """The result as a JSON-ready dict (``values``/``std`` as lists of rows); written atomically to
@@ -873,6 +874,7 @@ def cka_matrix(
 
     plan_info: dict[str, Any] = {}
     std = None
+    exact_form = None
     with _tf32_off():
         if estimator == "minibatch":
             passes = []
@@ -884,8 +886,13 @@ def cka_matrix(
             std = np.std(passes, axis=0, ddof=1) if repeats > 1 else None
         else:
             budget = _default_memory_budget() if memory_budget is None else int(memory_budget)
-            values = _exact_matrix(side_a, side_b, tokens, estimator == "debiased", kernel, threshold, dev,
-                                   gdt, progress, budget, batch_size)
+            if estimator == "exact" and kernel == "linear" and _feature_form_fits(side_a, side_b, m, gdt, budget):
+                exact_form = "feature"
+                values = _exact_feature_form(side_a, side_b, tokens, dev, gdt, progress, batch_size)
+            else:
+                exact_form = "gram"
+                values = _exact_matrix(side_a, side_b, tokens, estimator == "debiased", kernel, threshold, dev,
+                                       gdt, progress, budget, batch_size)
 
     return CKAResult(
         layers_a=list(la), layers_b=list(lb), values=np.asarray(values, dtype=np.float64),
@@ -895,7 +902,7 @@ def cka_matrix(
         path_a=str(store_a.path), path_b=str(sb.path), model_a=_model_name(store_a), model_b=_model_name(sb),
         threshold=threshold if kernel == "rbf" else None, align=align_info,
         n_batches=plan_info.get("n_batches"), batch_rows=plan_info.get("batch_rows"),
-        gram_dtype=gram_dtype, device=str(dev), repsim_version=_repsim_version(),
+        gram_dtype=gram_dtype, device=str(dev), repsim_version=_repsim_version(), exact_form=exact_form,
     )
 
 
@@ -971,6 +978,63 @@ def _minibatch_pass(a: _Side, b: _Side | None, tokens: str, batch_size: int, rng
             batch_no += len(group.batches)
     values = acc.result(a.layers, None if b is None else b.layers)
     return values, {"n_batches": len(sizes), "batch_rows": [int(min(sizes)), int(max(sizes))]}
+
+
+def _feature_form_fits(a: _Side, b: _Side | None, m: int, gdt: torch.dtype, budget: int) -> bool:
+    """Use the feature-space form when every layer has fewer features than samples (no n × n Gram, fewer
+    FLOPs) and A's centred features fit the memory budget."""
+    sides = [a] if b is None else [a, b]
+    if not all(d < m for s in sides for d in s.dims.values()):
+        return False
+    elem = 8 if gdt == torch.float64 else 4
+    return (sum(a.dims.values()) + max(max(s.dims.values()) for s in sides)) * m * elem < budget
+
+
+def _exact_feature_form(a: _Side, b: _Side | None, tokens: str, dev: torch.device, gdt: torch.dtype,
+                        progress: bool, batch_size: int) -> np.ndarray:
+    """Exact (biased) linear CKA in feature space (Kornblith et al. 2019, Sec. 3, "Linear CKA"): with
+    column-centred X (n, p) and Y (n, q), CKA = ‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F). A's centred features are held;
+    B's layers are streamed. Products in ``gdt`` (TF32 off), squares and sums in float64."""
+    from tqdm.auto import tqdm
+
+    m = len(a.pos)
+    max_read = max(int(a.store.chunk_size), batch_size, 1024)
+
+    def centred(side: _Side, layer: str) -> tuple[torch.Tensor, float]:
+        f = _read_features(side.store, layer, side.pos, side.infos[layer], tokens, dev, gdt, side.dims[layer],
+                           max_read)
+        what = f"layer {layer!r} of {side.store.path} (all {m} samples)"
+        _check_finite(f, what)
+        f -= f.mean(dim=0, dtype=torch.float64).to(gdt)  # centre before any product
+        self_hsic = float((f.T @ f).to(torch.float64).pow(2).sum().sqrt())
+        if not math.isfinite(self_hsic):
+            raise NumericalError(f"non-finite self-HSIC of {what}")
+        if self_hsic == 0:
+            raise NumericalError(f"self-HSIC of {what} is 0 (constant activations): CKA is undefined")
+        return f, self_hsic
+
+    def cross(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((x.T @ y).to(torch.float64).pow(2).sum())
+
+    total = len(a.layers) + (0 if b is None else len(b.layers))
+    with tqdm(total=total, desc="CKA (feature form)", unit="layer", disable=not progress, leave=False) as bar:
+        xs = []
+        for layer in a.layers:
+            xs.append(centred(a, layer))
+            bar.update(1)
+        if b is None:
+            values = np.eye(len(xs))
+            for i in range(len(xs)):
+                for j in range(i + 1, len(xs)):
+                    values[i, j] = values[j, i] = cross(xs[i][0], xs[j][0]) / (xs[i][1] * xs[j][1])
+        else:
+            values = np.empty((len(a.layers), len(b.layers)))
+            for j, layer in enumerate(b.layers):
+                y, sy = centred(b, layer)
+                for i, (x, sx) in enumerate(xs):
+                    values[i, j] = cross(x, y) / (sx * sy)
+                bar.update(1)
+    return values
 
 
 def _exact_matrix(a: _Side, b: _Side | None, tokens: str, debiased: bool, kernel: str, threshold: float,

@@ -409,6 +409,22 @@ def test_store_exact_matches_array_cka(estimator, kernel):
             assert r.values[i, j] == pytest.approx(ref, abs=1e-9)
 
 
+@pytest.mark.parametrize("n, form", [(40, "feature"), (24, "gram")])
+@pytest.mark.parametrize("gram_dtype", ["float32", "float64"])
+def test_exact_feature_form_and_gram_form_agree_with_array_cka(n, form, gram_dtype):
+    """Exact linear CKA takes the feature-space form when every layer has fewer features than samples
+    (here 30, 12 and 7 features), the Gram form otherwise; both equal the array API."""
+    a, b = FakeStore(_model_acts(3, n=n), chunk_size=6), FakeStore(_model_acts(4, n=n), chunk_size=6)
+    for other in (None, b):
+        r = cka_matrix(a, other, estimator="exact", progress=False, device="cpu", gram_dtype=gram_dtype)
+        assert r.exact_form == form
+        sb = a if other is None else b
+        for i, la in enumerate(a.layers):
+            for j, lb in enumerate(sb.layers):
+                ref = cka(_flat(a.acts[la]), _flat(sb.acts[lb]))
+                assert r.values[i, j] == pytest.approx(ref, abs=1e-6 if gram_dtype == "float32" else 1e-12)
+
+
 def test_store_minibatch_matches_naive_reference_and_reads_each_chunk_once():
     acts_a, acts_b = _model_acts(3, n=61), _model_acts(4, n=61)  # 61 = 7 chunks of 8 + a partial chunk of 5
     a, b = FakeStore(acts_a, chunk_size=8), FakeStore(acts_b, chunk_size=8)
