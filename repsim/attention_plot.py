@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from repsim.cka_plot import short_layer_names
+from repsim.cka_plot import model_label, short_layer_names
 from repsim.errors import UsageError
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def plot_distance_vs_depth(reports: "AttentionReport | Sequence[AttentionReport]
                     for i, r in enumerate(reports)]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head kind",
               title_fontsize=7, frameon=False)
-    title = " vs ".join(r.model for r in reports)
+    title = " vs ".join(model_label(r.model) for r in reports)
     ax.set_title(f"{title}: attention distance per head (n={first.n} images)", fontsize=10)
     return ax
 
@@ -119,7 +119,7 @@ def plot_aligned_maps(report: "AttentionReport", max_layers: int | None = None) 
     if image is not None:
         cbar = fig.colorbar(image, ax=axes, shrink=min(0.6, 4.0 / len(layers)), pad=0.01)
         cbar.set_label("log10 attention (aligned, normalised)", fontsize=7)
-    fig.suptitle(f"{report.model}: aligned attention maps (query at the + ; n={report.n})", fontsize=9)
+    fig.suptitle(f"{model_label(report.model)}: aligned attention maps (query at the + ; n={report.n})", fontsize=9)
     return fig
 
 
@@ -148,7 +148,7 @@ def plot_rollout(maps: np.ndarray, images: np.ndarray | None, model: str) -> Any
             ax.set_yticks([])
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.7).set_label("rollout attention (max = 1)", fontsize=7)
-    fig.suptitle(f"{model}: attention rollout (Abnar & Zuidema 2020)", fontsize=9)
+    fig.suptitle(f"{model_label(model)}: attention rollout (Abnar & Zuidema 2020)", fontsize=9)
     return fig
 
 
@@ -209,7 +209,7 @@ def plot_erf(layers: Sequence[str], radii: Sequence[float], maps: Sequence[np.nd
     ax.set_xlabel("layer (network order)")
     ax.set_ylabel("ERF radius (pixels)")
     ax.grid(alpha=0.3)
-    ax.set_title(f"{model}: effective receptive field" + (f" (n={n_images} images)" if n_images else ""), fontsize=10)
+    ax.set_title(f"{model_label(model)}: effective receptive field" + (f" (n={n_images} images)" if n_images else ""), fontsize=10)
     image = None
     for j, i in enumerate(show):
         sub = fig.add_subplot(grid[1, j])

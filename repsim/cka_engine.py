@@ -659,6 +659,36 @@ def _read_features(store: StoreLike, layer: str, positions: np.ndarray, info: di
     return out
 
 
+def layer_features(store: StoreLike, layer: str, *, tokens: str = "flatten", positions: np.ndarray | None = None,
+                   dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+    """One row of features per sample of ``layer``: (len(positions), f) in ``dtype``, read chunk by chunk.
+
+    ``tokens`` as in :func:`cka_matrix` (flatten | mean over patch tokens or positions | cls);
+    ``positions``: store rows to read, in that order (default all).
+    """
+    if tokens not in TOKEN_MODES:
+        raise UsageError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {tokens!r}")
+    info = store.layer_info(layer)
+    dim = _check_tokens_mode(info, layer, tokens)
+    pos = np.arange(int(store.n), dtype=np.int64) if positions is None else np.asarray(positions, dtype=np.int64)
+    return _read_features(store, layer, pos, info, tokens, _resolve_device(device), dtype, dim,
+                          max(int(store.chunk_size), 1024))
+
+
+def aligned_positions(store_a: StoreLike, store_b: StoreLike | None, align: str = "fingerprint"
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Rows (pos_a, pos_b) of the samples two stores share (``align``: fingerprint | ids), with the numbers
+    dropped; refuses stores holding different samples under ``fingerprint`` (see :func:`cka_matrix`)."""
+    if align not in ALIGN_MODES:
+        raise UsageError(f"align must be one of {', '.join(ALIGN_MODES)}, got {align!r}")
+    return _align(store_a, store_b, align)
+
+
+def select_layers(store: StoreLike, layers: Sequence[str] | None) -> list[str]:
+    """``layers`` checked against the store (default: all of its layers, in network order)."""
+    return _select_layers(store, layers)
+
+
 def _first_difference(ids_a: list[str], ids_b: list[str]) -> str:
     for i, (a, b) in enumerate(zip(ids_a, ids_b)):
         if a != b:

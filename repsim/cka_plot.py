@@ -20,6 +20,16 @@ MAX_TICKS = 30
 MAX_LABEL_CHARS = 22
 
 
+def model_label(name: str | None) -> str:
+    """A model name short enough for a title: ``py:/long/path/file.py:factory`` → ``file.py:factory``."""
+    if not name:
+        return ""
+    if name.startswith("py:"):
+        path, _, factory = name[3:].rpartition(":")
+        return f"{os.path.basename(path)}:{factory}"
+    return name
+
+
 def short_layer_names(layers: Sequence[str], max_chars: int = MAX_LABEL_CHARS) -> list[str]:
     """Drop the dotted prefix shared by all names ("model.blocks.3.mlp" → "3.mlp") and middle-truncate."""
     parts = [name.split(".") for name in layers]
@@ -65,8 +75,8 @@ def plot_cka(result: "CKAResult", path: str | os.PathLike | None, ax: Any = None
     ax.set_yticklabels([names_a[i] for i in ya], fontsize=7)
     ax.set_xticks(xb)
     ax.set_xticklabels([names_b[i] for i in xb], fontsize=7, rotation=90)
-    model_a = result.model_a or "model A"
-    model_b = result.model_b or "model B"
+    model_a = model_label(result.model_a) or "model A"
+    model_b = model_label(result.model_b) or "model B"
     ax.set_ylabel(f"{model_a} layer")
     ax.set_xlabel(f"{model_b} layer")
     how = f"{result.estimator} CKA ({result.kernel}, tokens={result.tokens}), n={result.n}"
@@ -74,7 +84,8 @@ def plot_cka(result: "CKAResult", path: str | os.PathLike | None, ax: Any = None
         how += f", batch {result.batch_size}"
         if result.repeats > 1:
             how += f", {result.repeats} repeats"
-    ax.set_title(f"{model_a} vs {model_b}\n{how}", fontsize=9)
+    same = result.path_a == result.path_b
+    ax.set_title(f"{model_a}" + ("" if same else f" vs {model_b}") + f"\n{how}", fontsize=9)
     if path is not None:
         fig.tight_layout()
         fig.savefig(os.fspath(path), dpi=150)
