@@ -46,6 +46,7 @@ from repsim.store import (
     StoreWriter,
     WriterLock,
     config_hash,
+    shard_lock_name,
     fingerprint_ids,
     is_initialising,
     is_store,
@@ -149,6 +150,15 @@ class ExtractionPlan:
     attention_layers: list[Any] = field(default_factory=list)  # hooks.attention_capture.AttentionLayer
     attn_keep: int = 0
     extra_bytes: int = 0  # arrays not proportional to n (kept attention maps)
+    shard: tuple[int, int] | None = None  # (k, N): this process writes the k-th of N chunk ranges
+
+    def shard_chunks(self) -> range:
+        """The sample chunks this run writes: all, or the k-th of N contiguous, disjoint chunk ranges."""
+        n_chunks = -(-self.n // self.chunk_size)
+        if self.shard is None:
+            return range(n_chunks)
+        k, total = self.shard
+        return range(k * n_chunks // total, (k + 1) * n_chunks // total)
 
     @property
     def n(self) -> int:
@@ -230,6 +240,7 @@ def plan_extraction(
     overwrite: bool = False,
     strict: bool = False,
     progress: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> ExtractionPlan:
     """Resolve layers, probe output shapes with one small forward pass, and compare with any existing store.
 
@@ -237,7 +248,9 @@ def plan_extraction(
     per chunk) defaults to the multiple of ``batch_size`` nearest 64 and must be a multiple of it.
     ``attention``: also capture every attention layer's probabilities (fused kernels switched off for the
     capture) and store per image × head statistics (see :mod:`hooks.attention_reduce`); ``attn_keep``: keep
-    the full maps of the first ``attn_keep`` images.
+    the full maps of the first ``attn_keep`` images. ``shard=(k, N)``: this run writes only the k-th of N
+    contiguous chunk ranges (independent processes or machines share one store; the first to arrive
+    creates it, the last to finish marks it complete).
     """
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -247,6 +260,12 @@ def plan_extraction(
         chunk_size = batch_size * max(1, round(DEFAULT_CHUNK_ROWS / batch_size))
     if chunk_size < 1 or chunk_size % batch_size:
         raise UsageError(f"--chunk-size ({chunk_size}) must be a positive multiple of --batch-size ({batch_size})")
+    if shard is not None:
+        k, total = shard
+        if total < 1 or not 0 <= k < total:
+            raise UsageError(f"--shard must be k/N with 0 <= k < N, got {k}/{total}")
+        if overwrite:
+            raise UsageError("--overwrite cannot be combined with --shard (other shards may be writing)")
     module, info = model.module, model.info
     paths = select_layers(module, layers) if layers else default_layers(module, info.family)
     layouts = {p: layer_layout(info.family, p, module) for p in paths}
@@ -330,10 +349,41 @@ def plan_extraction(
     if reducer is not None:
         attrs["attention"] = reducer.attrs()
 
+    if shard is not None and shard[1] > -(-len(source) // chunk_size):
+        raise UsageError(f"--shard {shard[0]}/{shard[1]}: more shards than the {-(-len(source) // chunk_size)} "
+                         "sample chunks; use fewer shards or a smaller --chunk-size")
+    resume = already_complete = False
+    with _creation_lock(out):  # never look at a store another process is laying out
+        if overwrite and os.path.exists(out):
+            remove_store(out)
+        resume, already_complete = _existing_store_state(out, attrs)
+    return ExtractionPlan(
+        out=out, model=model, source=source, paths=paths, taps=taps, attrs=attrs, dtype=dtype,
+        batch_size=batch_size, chunk_size=chunk_size, pool=pool, spatial_pool=spatial_pool,
+        save_inputs=save_inputs, resume=resume, already_complete=already_complete,
+        bytes_per_image=bytes_per_image, skipped=skipped, attention_layers=attn_layers, attn_keep=attn_keep,
+        extra_bytes=extra_bytes, shard=shard,
+    )
+
+
+@contextlib.contextmanager
+def _creation_lock(out: str):
+    """Serialises store creation and the checks of an existing store between concurrent (shard) processes."""
+    folder = os.path.dirname(os.path.abspath(out)) or "."
+    lock = WriterLock(folder, f".{os.path.basename(os.path.abspath(out))}.creating.lock")
+    lock.acquire(wait=600.0)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _existing_store_state(out: str, attrs: dict[str, Any]) -> tuple[bool, bool]:
+    """(resume, already_complete) for ``out``; refuses another configuration or a non-store path."""
     resume = already_complete = False
     if os.path.exists(out):
-        if overwrite or (is_store(out) and is_initialising(out)):
-            remove_store(out)
+        if is_store(out) and is_initialising(out):
+            pass  # an interrupted creation: recreated (under the creation lock) when the run starts
         elif not is_store(out):
             if os.path.isdir(out) and not os.listdir(out):
                 pass  # an empty directory is fine
@@ -348,13 +398,46 @@ def plan_extraction(
                     "use --overwrite to replace it, or another --out"
                 )
             resume, already_complete = True, bool(existing.get("complete"))
-    return ExtractionPlan(
-        out=out, model=model, source=source, paths=paths, taps=taps, attrs=attrs, dtype=dtype,
-        batch_size=batch_size, chunk_size=chunk_size, pool=pool, spatial_pool=spatial_pool,
-        save_inputs=save_inputs, resume=resume, already_complete=already_complete,
-        bytes_per_image=bytes_per_image, skipped=skipped, attention_layers=attn_layers, attn_keep=attn_keep,
-        extra_bytes=extra_bytes,
-    )
+    return resume, already_complete
+
+
+def _create_store(plan: ExtractionPlan) -> StoreWriter:
+    """Open the store for writing, creating it if needed: concurrent shard processes serialise on a
+    creation lock next to it, and the later ones reopen what the first created (same configuration)."""
+    with _creation_lock(plan.out):
+        if is_store(plan.out) and not is_initialising(plan.out):
+            existing = ActivationStore(plan.out).attrs
+            if existing.get("config_hash") != plan.attrs["config_hash"]:
+                raise UsageError(f"{plan.out} was created by another process with another configuration "
+                                 f"({_config_difference(existing, plan.attrs)})")
+            return StoreWriter.reopen(plan.out)
+        if os.path.exists(plan.out) and (is_store(plan.out) or os.listdir(plan.out)):
+            remove_store(plan.out)  # an interrupted creation (remove_store refuses non-stores)
+        model, source = plan.model, plan.source
+        input_shape = (3, *model.preprocessing.img_size) if plan.save_inputs else None
+        specs = [LayerSpec(t.name, t.shape, t.attrs()) for t in plan.taps]
+        extra_specs = AttentionReducer(plan.attention_layers, plan.attn_keep).specs() if plan.attention_layers else []
+        return StoreWriter.create(
+            plan.out, plan.attrs, specs, source.ids, source.labels, dtype=plan.dtype, input_shape=input_shape,
+            extra=extra_specs,
+        )
+
+
+def _acquire_writer_lock(out: str, shard: tuple[int, int] | None) -> WriterLock:
+    """This run's writer lock; refuses when a live writer holds an overlapping part of the store (the whole
+    store, the same shard, or a shard of another split k/M)."""
+    lock = WriterLock(out, shard_lock_name(shard))
+    lock.acquire()
+    for name in os.listdir(out):
+        if not name.startswith(".repsim-writer") or name == shard_lock_name(shard):
+            continue
+        other = WriterLock(out, name)
+        same_split = shard is not None and name.endswith(f"-of-{shard[1]}.lock")
+        if not same_split and other.holder_alive():
+            lock.release()
+            raise UsageError(f"{out} is being written by another writer ({name.strip('.')}); shards of one split "
+                             "k/N may run together, nothing else may")
+    return lock
 
 
 def _attention_capture(module: torch.nn.Module, reducer: AttentionReducer | None):
@@ -432,20 +515,11 @@ def run_extraction(
     model, info = plan.model, plan.model.info
     module = model.module.to(dev).eval()
     source = plan.source
-    if plan.resume:
-        writer = StoreWriter.reopen(plan.out)
-    else:
-        input_shape = (3, *model.preprocessing.img_size) if plan.save_inputs else None
-        specs = [LayerSpec(t.name, t.shape, t.attrs()) for t in plan.taps]
-        extra_specs = AttentionReducer(plan.attention_layers, plan.attn_keep).specs() if plan.attention_layers else []
-        writer = StoreWriter.create(
-            plan.out, plan.attrs, specs, source.ids, source.labels, dtype=plan.dtype, input_shape=input_shape,
-            extra=extra_specs,
-        )
-    lock = WriterLock(plan.out)
-    lock.acquire()
+    writer = _create_store(plan)
+    lock = _acquire_writer_lock(plan.out, plan.shard)
     try:
-        todo = [int(i) for i in np.flatnonzero(~writer.chunks_done())]
+        mine = set(plan.shard_chunks())
+        todo = [int(i) for i in np.flatnonzero(~writer.chunks_done()) if int(i) in mine]
         batches = [
             (c, range(lo, min(lo + plan.batch_size, writer.chunk_rows(c).stop)))
             for c in todo
@@ -529,12 +603,13 @@ def extract(
     force: bool = False,
     device: str = "auto",
     progress: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> ActivationStore:
     """Plan, check the disk and run an extraction in one call (the Python mirror of ``repsim extract``)."""
     plan = plan_extraction(
         model, source, out, layers=layers, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
         batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, attention=attention,
-        attn_keep=attn_keep, overwrite=overwrite, strict=strict, progress=progress,
+        attn_keep=attn_keep, overwrite=overwrite, strict=strict, progress=progress, shard=shard,
     )
     plan.check_disk(force=force)
     return run_extraction(plan, device=device, progress=progress)

@@ -31,7 +31,6 @@ samples (see :func:`check_test_store`).
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -216,10 +215,7 @@ def read_layer_features(store: StoreLike, layer: str, mode: str = "mean", *,
     out = np.empty((n, dim), dtype=np.float32)
     for lo in range(0, n, step):
         hi = min(lo + step, n)
-        if reduction == "cls":  # read only what is needed
-            block = store.read(layer, lo, hi)
-        else:
-            block = store.read(layer, lo, hi)
+        block = store.read(layer, lo, hi)
         if block.shape[0] != hi - lo:
             raise UsageError(f"{store.path}: reading rows {lo}..{hi} of layer {layer!r} returned {block.shape[0]} rows")
         out[lo:hi] = _reduce(block, reduction, npt)
@@ -456,12 +452,3 @@ def _first_diff(a: Sequence[Any], b: Sequence[Any]) -> str:
         if x != z:
             return f"class {i}: {x!r} vs {z!r}"
     return f"lengths {len(a)} vs {len(b)}"
-
-
-def chunk_rows_for(n_cols: int, budget_elems: int = 1 << 24) -> int:
-    """Rows per block so that a (rows, n_cols) float64 block stays near ``budget_elems`` elements."""
-    return max(1, min(1 << 20, budget_elems // max(int(n_cols), 1)))
-
-
-def n_chunks(n: int, rows: int) -> int:
-    return math.ceil(n / rows)

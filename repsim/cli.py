@@ -64,6 +64,15 @@ def cli(debug: bool) -> None:
         warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
 
 
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    k, sep, total = value.partition("/")
+    if not sep or not k.strip().isdigit() or not total.strip().isdigit():
+        raise UsageError(f"--shard takes K/N (e.g. 3/8), got {value!r}")
+    return int(k), int(total)
+
+
 def _floats3(value: str | None, what: str) -> tuple[float, float, float] | None:
     if value is None:
         return None
@@ -186,10 +195,13 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
 @click.option("--overwrite", is_flag=True, help="Replace an existing store with another configuration.")
 @click.option("--force", is_flag=True, help="Run even when the store may not fit on the disk.")
 @click.option("--strict", is_flag=True, help="A corrupt image is fatal instead of skipped.")
+@click.option("--shard", default=None, metavar="K/N",
+              help="Write only the K-th of N disjoint chunk ranges (0-based), e.g. one shard per GPU box; all "
+                   "shards share the store, the last to finish marks it complete.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, dtype, batch_size, chunk_size,
-            save_inputs, attention, attn_keep, weights, random_init, img_size, mean, std, interpolation, crop_pct, device, overwrite,
-            force, strict, quiet) -> None:
+            save_inputs, attention, attn_keep, weights, random_init, img_size, mean, std, interpolation, crop_pct,
+            device, overwrite, force, strict, shard, quiet) -> None:
     """Run MODEL over images and store per-layer activations in a Zarr store.
 
     \b
@@ -212,7 +224,7 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
     plan = plan_extraction(
         loaded, source, out, layers=patterns, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
         batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, attention=attention,
-        attn_keep=attn_keep, overwrite=overwrite,
+        attn_keep=attn_keep, overwrite=overwrite, shard=_parse_shard(shard),
         strict=strict, progress=not quiet,
     )
     if plan.already_complete:
@@ -225,8 +237,13 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
     )
     plan.check_disk(force=force)
     store = run_extraction(plan, device=device, progress=not quiet)
+    if plan.shard is not None:
+        chunks = plan.shard_chunks()
+        done = store.chunks_done()
+        click.echo(f"shard {plan.shard[0]}/{plan.shard[1]}: chunks {chunks.start}..{chunks.stop - 1} written; "
+                   + ("store complete" if store.complete else f"{int(done.sum())}/{len(done)} chunks done in all"))
     click.echo(f"wrote {store.path}: {store.n} samples x {len(store.layers)} layers, "
-               f"{human_bytes(store.nbytes_on_disk())} on disk")
+               f"{human_bytes(store.nbytes_on_disk())} on disk" + ("" if store.complete else " (incomplete)"))
 
 
 @cli.command()

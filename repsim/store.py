@@ -61,6 +61,7 @@ share one chunk or shard). Sample order is a seeded random permutation of the da
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -309,25 +310,39 @@ class ArraySpec:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-class WriterLock:
-    """An exclusive lock file inside the store: a second concurrent writer is refused.
+def shard_lock_name(shard: tuple[int, int] | None) -> str:
+    """Writer-lock file name of one shard ``(k, N)`` of a store, or of an unsharded writer (None)."""
+    return LOCK_NAME if shard is None else f".repsim-writer-shard-{shard[0]}-of-{shard[1]}.lock"
 
-    A lock left by a killed process on this host (its pid no longer alive) is taken over.
+
+class WriterLock:
+    """An exclusive lock file (by default inside the store): a second concurrent writer is refused.
+
+    A lock left by a killed process on this host (its pid no longer alive) is taken over. ``name`` picks
+    another lock file in ``folder`` (per-shard writers, store creation).
     """
 
-    def __init__(self, store_path: str):
-        self.path = os.path.join(store_path, LOCK_NAME)
+    def __init__(self, folder: str, name: str = LOCK_NAME):
+        self.path = os.path.join(folder, name)
         self.held = False
 
-    def acquire(self) -> None:
+    def acquire(self, wait: float = 0.0) -> None:
+        """Take the lock; with ``wait`` > 0, poll up to that many seconds while a live process holds it."""
+        import time
+
         me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
+        deadline = time.monotonic() + wait
+        while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 owner = self._owner()
                 if owner and owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
-                    os.unlink(self.path)  # stale: its writer was killed
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)  # stale: its writer was killed
+                    continue
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
                     continue
                 who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
                 raise UsageError(
@@ -338,7 +353,15 @@ class WriterLock:
                 json.dump(me, f)
             self.held = True
             return
-        raise UsageError(f"could not take the writer lock {self.path}")
+
+    def holder_alive(self) -> bool:
+        """Whether the lock file exists and names a live process (always True for another host's process)."""
+        owner = self._owner()
+        if owner is None:
+            return os.path.exists(self.path)
+        if owner.get("host") != socket.gethostname():
+            return True
+        return _pid_alive(int(owner.get("pid", -1)))
 
     def _owner(self) -> dict | None:
         try:
