@@ -419,6 +419,14 @@ class MinibatchCKA:
             ga, gb = stacks
         self.update(ga, gb, what=f"batch {self.n_batches}")
 
+    def merge(self, other: "MinibatchCKA") -> None:
+        """Add another accumulator's sums (partial sums of other batches, e.g. from a Dask worker)."""
+        self.cross += other.cross.to(self.device)
+        self.self_a += other.self_a.to(self.device)
+        self.self_b += other.self_b.to(self.device)
+        self.n_batches += other.n_batches
+        self.n_samples += other.n_samples
+
     def result(self, names_a: Sequence[str] | None = None, names_b: Sequence[str] | None = None) -> np.ndarray:
         """CKA matrix (La, Lb) float64. Raises :class:`NumericalError` on a non-positive self-HSIC."""
         if self.n_batches == 0:
@@ -839,6 +847,7 @@ def cka_matrix(
     align: str = "fingerprint",
     gram_dtype: str = "float32",
     memory_budget: int | None = None,
+    client: Any = None,
 ) -> CKAResult:
     """CKA between every layer of ``store_a`` and every layer of ``store_b`` (or of ``store_a`` itself).
 
@@ -854,7 +863,9 @@ def cka_matrix(
     available), cpu, cuda[:N]. ``gram_dtype``: precision of the Gram products (float32 with TF32 off, or
     float64); all sums are float64. Minibatch memory: one chunk group of one layer's features (about
     ``max(batch_size, 2·chunk_size)`` rows) plus the U-centred Grams of that group's batches for every
-    layer, independent of n.
+    layer, independent of n. ``client``: a ``dask.distributed.Client``; the minibatch plan's groups then
+    run as Dask tasks that read the stores by path (the stores must be reachable from the workers) and
+    return partial sums, added here in float64 (equal to the local result up to summation order, ~1e-12).
     """
     if estimator not in ESTIMATORS:
         raise UsageError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
@@ -873,6 +884,8 @@ def cka_matrix(
         raise UsageError(f"repeats must be >= 1, got {repeats}")
     if repeats > 1 and estimator != "minibatch":
         raise UsageError(f"repeats only applies to the minibatch estimator ({estimator} is deterministic)")
+    if client is not None and estimator != "minibatch":
+        raise UsageError(f"distributed CKA (workers / scheduler) runs the minibatch estimator, not {estimator}")
     if estimator == "minibatch" and batch_size < MIN_UNBIASED:
         raise UsageError(f"batch size must be at least {MIN_UNBIASED} (unbiased HSIC), got {batch_size}")
     gdt = _gram_dtype(gram_dtype)
@@ -910,7 +923,7 @@ def cka_matrix(
             passes = []
             for r in range(repeats):
                 vals, plan_info = _minibatch_pass(side_a, side_b, tokens, batch_size, _repeat_rng(seed, r),
-                                                  r, repeats, dev, gdt, progress)
+                                                  r, repeats, dev, gdt, progress, client=client)
                 passes.append(vals)
             values = np.mean(passes, axis=0)
             std = np.std(passes, axis=0, ddof=1) if repeats > 1 else None
@@ -966,9 +979,13 @@ class _Side:
 
 
 def _minibatch_pass(a: _Side, b: _Side | None, tokens: str, batch_size: int, rng: np.random.Generator,
-                    repeat: int, repeats: int, dev: torch.device, gdt: torch.dtype, progress: bool
-                    ) -> tuple[np.ndarray, dict[str, Any]]:
-    """One pass over the data with a fresh batch plan; returns (CKA matrix, plan facts)."""
+                    repeat: int, repeats: int, dev: torch.device, gdt: torch.dtype, progress: bool,
+                    client: Any = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """One pass over the data with a fresh batch plan; returns (CKA matrix, plan facts).
+
+    With a Dask ``client`` each plan group (whole chunks of store A, one or more batches) is a task that
+    reads its rows from the stores by path and returns partial sums; the client adds them in float64.
+    """
     from tqdm.auto import tqdm
 
     cs = int(a.store.chunk_size)
@@ -979,35 +996,73 @@ def _minibatch_pass(a: _Side, b: _Side | None, tokens: str, batch_size: int, rng
     plan = batch_plan(chunk_rows, batch_size, rng)
     sizes = [len(bt) for g in plan for bt in g.batches]
     acc = MinibatchCKA(len(a.layers), None if b is None else len(b.layers), device=dev)
-    gname = "float64" if gdt == torch.float64 else "float32"
     desc = "CKA" + (f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else "")
-    batch_no = 0
+    firsts = np.cumsum([0] + [len(g.batches) for g in plan])  # global number of each group's first batch
     with tqdm(total=len(sizes), desc=desc, unit="batch", disable=not progress, leave=False) as bar:
-        for group in plan:
-            rows = np.concatenate(group.batches)  # common-row indices, already shuffled
-            edges = np.cumsum([0] + [len(bt) for bt in group.batches])
-            stacks = []
-            for side in (a,) if b is None else (a, b):
-                grams = [torch.empty((len(side.layers), int(s) ** 2), dtype=torch.float64, device=dev)
-                         for s in np.diff(edges)]
-                max_read = max(len(rows), cs)
-                for li, layer in enumerate(side.layers):
-                    feats = _read_features(side.store, layer, side.pos[rows], side.infos[layer], tokens, dev, gdt,
-                                           side.dims[layer], max_read)
-                    for j in range(len(group.batches)):
-                        pos = side.pos[group.batches[j]]
-                        what = (f"layer {layer!r} of {side.store.path}, batch {batch_no + j} of repeat {repeat} "
-                                f"({len(pos)} samples, store rows {pos.min()}..{pos.max()})")
-                        unbiased_gram(feats[edges[j]:edges[j + 1]], gram_dtype=gname, what=what, out=grams[j][li])
-                    del feats
-                stacks.append(grams)
-            for j in range(len(group.batches)):
-                acc.update(stacks[0][j], None if b is None else stacks[1][j],
-                           what=f"batch {batch_no + j} of repeat {repeat}")
-                bar.update(1)
-            batch_no += len(group.batches)
+        if client is None:
+            for group, first in zip(plan, firsts):
+                acc.merge(_group_sums(a, b, group.batches, int(first), repeat, tokens, dev, gdt))
+                bar.update(len(group.batches))
+        else:
+            from dask.distributed import as_completed
+
+            spec_a, spec_b = _side_spec(a), None if b is None else _side_spec(b)
+            futures = [client.submit(_remote_group_sums, spec_a, spec_b, group.batches, int(first), repeat,
+                                     tokens, str(gdt).replace("torch.", ""), pure=False)
+                       for group, first in zip(plan, firsts)]
+            for future in as_completed(futures):
+                part = future.result()
+                acc.merge(part)
+                bar.update(part.n_batches)
     values = acc.result(a.layers, None if b is None else b.layers)
     return values, {"n_batches": len(sizes), "batch_rows": [int(min(sizes)), int(max(sizes))]}
+
+
+def _group_sums(a: _Side, b: _Side | None, batches: Sequence[np.ndarray], first_batch: int, repeat: int,
+                tokens: str, dev: torch.device, gdt: torch.dtype) -> MinibatchCKA:
+    """Partial minibatch sums of one plan group: its rows are read once per layer, one Gram per layer and
+    batch, all pairs from one product per batch."""
+    acc = MinibatchCKA(len(a.layers), None if b is None else len(b.layers), device=dev)
+    gname = "float64" if gdt == torch.float64 else "float32"
+    rows = np.concatenate(batches)  # common-row indices, already shuffled
+    edges = np.cumsum([0] + [len(bt) for bt in batches])
+    stacks = []
+    with _tf32_off():
+        for side in (a,) if b is None else (a, b):
+            grams = [torch.empty((len(side.layers), int(s) ** 2), dtype=torch.float64, device=dev)
+                     for s in np.diff(edges)]
+            max_read = max(len(rows), int(side.store.chunk_size))
+            for li, layer in enumerate(side.layers):
+                feats = _read_features(side.store, layer, side.pos[rows], side.infos[layer], tokens, dev, gdt,
+                                       side.dims[layer], max_read)
+                for j in range(len(batches)):
+                    pos = side.pos[batches[j]]
+                    what = (f"layer {layer!r} of {side.store.path}, batch {first_batch + j} of repeat {repeat} "
+                            f"({len(pos)} samples, store rows {pos.min()}..{pos.max()})")
+                    unbiased_gram(feats[edges[j]:edges[j + 1]], gram_dtype=gname, what=what, out=grams[j][li])
+                del feats
+            stacks.append(grams)
+    for j in range(len(batches)):
+        acc.update(stacks[0][j], None if b is None else stacks[1][j], what=f"batch {first_batch + j} of repeat {repeat}")
+    return acc
+
+
+def _side_spec(side: _Side) -> dict[str, Any]:
+    """What a Dask worker needs to rebuild a :class:`_Side`: the store's path (or URL), not the open store."""
+    return {"path": str(side.store.path), "layers": list(side.layers), "pos": side.pos, "infos": side.infos,
+            "dims": side.dims}
+
+
+def _remote_group_sums(spec_a: dict[str, Any], spec_b: dict[str, Any] | None, batches: list[np.ndarray],
+                       first_batch: int, repeat: int, tokens: str, gram_dtype: str) -> MinibatchCKA:
+    """Dask task: open the stores on the worker, compute one group's partial sums on CPU."""
+    from repsim.store import open_store
+
+    def side(spec: dict[str, Any]) -> _Side:
+        return _Side(open_store(spec["path"]), spec["layers"], spec["pos"], spec["infos"], spec["dims"])
+
+    return _group_sums(side(spec_a), None if spec_b is None else side(spec_b), batches, first_batch, repeat,
+                       tokens, torch.device("cpu"), _gram_dtype(gram_dtype))
 
 
 def _feature_form_fits(a: _Side, b: _Side | None, m: int, gdt: torch.dtype, budget: int) -> bool:

@@ -8,6 +8,7 @@ library modules.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -312,6 +313,31 @@ def verify(store: str, quiet: bool) -> None:
     click.echo(f"{store}: ok ({report.layers_checked} arrays, {report.chunks_checked} chunks, no NaN/Inf, fingerprint consistent)")
 
 
+@contextlib.contextmanager
+def _dask_client(workers: int | None, scheduler: str | None):
+    """A Dask client for --workers N (local cluster, loopback) or --scheduler ADDRESS; None without either."""
+    if workers is None and scheduler is None:
+        yield None
+        return
+    if workers is not None and scheduler is not None:
+        raise UsageError("--workers and --scheduler exclude each other")
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as err:
+            raise UsageError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from None
+        with client:
+            yield client
+        return
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0", silence_logs=50) as cluster, Client(cluster) as client:
+        yield client
+
+
 def _split_layers(specs: tuple[str, ...]) -> list[str] | None:
     return [p.strip() for spec in specs for p in spec.split(",") if p.strip()] or None
 
@@ -346,9 +372,14 @@ def _split_layers(specs: tuple[str, ...]) -> list[str] | None:
 @click.option("--gram-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision of the Gram products (float32 runs with TF32 off; sums are always float64).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+@click.option("--workers", type=int, default=None,
+              help="Run the minibatch plan on a local Dask cluster of this many worker processes.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run the minibatch plan on an existing Dask cluster (e.g. tcp://10.0.0.5:8786); its workers "
+                   "must reach the stores by the same paths.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def cka(store_a, store_b, out, plot_path, estimator, kernel, threshold, tokens, batch_size, repeats, seed,
-        layers_a, layers_b, align, gram_dtype, device, quiet) -> None:
+        layers_a, layers_b, align, gram_dtype, device, workers, scheduler, quiet) -> None:
     """Linear CKA between every layer of STORE_A and every layer of STORE_B (or of STORE_A itself).
 
     \b
@@ -369,11 +400,14 @@ def cka(store_a, store_b, out, plot_path, estimator, kernel, threshold, tokens, 
         click.echo("(no --out or --plot: printing the matrix only)", err=True)
     a = open_store(store_a)
     b = open_store(store_b) if store_b is not None else None
-    result = cka_matrix(
-        a, b, estimator=estimator, kernel=kernel, tokens=tokens, layers_a=_split_layers(layers_a),
-        layers_b=_split_layers(layers_b), batch_size=batch_size, repeats=repeats, seed=seed, device=device,
-        threshold=threshold, progress=not quiet, align=align, gram_dtype=gram_dtype,
-    )
+    if (workers or scheduler) and estimator != "minibatch":
+        raise UsageError(f"--workers / --scheduler run the minibatch estimator, not {estimator}")
+    with _dask_client(workers, scheduler) as client:
+        result = cka_matrix(
+            a, b, estimator=estimator, kernel=kernel, tokens=tokens, layers_a=_split_layers(layers_a),
+            layers_b=_split_layers(layers_b), batch_size=batch_size, repeats=repeats, seed=seed, device=device,
+            threshold=threshold, progress=not quiet, align=align, gram_dtype=gram_dtype, client=client,
+        )
     if out is not None:
         result.to_json(out)
     if plot_path is not None:
