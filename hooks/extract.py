@@ -50,6 +50,7 @@ from repsim.store import (
     fingerprint_ids,
     is_initialising,
     is_store,
+    is_url,
     remove_store,
 )
 
@@ -260,6 +261,9 @@ def plan_extraction(
         chunk_size = batch_size * max(1, round(DEFAULT_CHUNK_ROWS / batch_size))
     if chunk_size < 1 or chunk_size % batch_size:
         raise UsageError(f"--chunk-size ({chunk_size}) must be a positive multiple of --batch-size ({batch_size})")
+    if is_url(out):
+        raise UsageError(f"--out {out}: extraction writes to a local or shared file-system path (resume and "
+                         "writer locks need one); copy the finished store to object storage afterwards")
     if shard is not None:
         k, total = shard
         if total < 1 or not 0 <= k < total:

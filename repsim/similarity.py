@@ -673,6 +673,9 @@ def _cosine(x: np.ndarray, name: str) -> np.ndarray:
         raise NumericalError(f"sample {int(np.argmin(nrm))} of {name} is the zero vector: its cosine "
                              "similarity is undefined")
     z = x / nrm[:, None]
+    if float(np.ptp(z, axis=0).max()) <= 1e-12:
+        raise NumericalError(f"all samples of {name} point in the same direction (a constant representation up to "
+                             "scale): cosine neighbourhoods are undefined")
     return z @ z.T
 
 

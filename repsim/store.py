@@ -99,8 +99,18 @@ def fingerprint_ids(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
 
 
+def is_url(path: str) -> bool:
+    """An fsspec URL (``s3://``, ``gs://``, ``memory://``, ...) rather than a local path."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
 def is_store(path: str) -> bool:
-    """True when ``path`` holds a Zarr group carrying repsim attributes."""
+    """True when ``path`` (a local path or an fsspec URL) holds a Zarr group carrying repsim attributes."""
+    if is_url(path):
+        try:
+            return ATTR_KEY in zarr.open_group(path, mode="r").attrs
+        except Exception:  # noqa: BLE001 - unreachable or not a group: "not a store"
+            return False
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "zarr.json")):
         return False
     try:
@@ -122,10 +132,13 @@ class ActivationStore:
     """
 
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-        if not os.path.exists(self.path):
+        path = str(path)
+        self.path = path if is_url(path) else os.path.abspath(path)
+        if not is_url(path) and not os.path.exists(self.path):
             raise UsageError(f"no store at {path}")
         if not is_store(self.path):
+            if is_url(path):
+                raise UsageError(f"no repsim store at {path} (unreachable, missing, or without repsim attributes)")
             raise UsageError(f"{path} is not a repsim store (no Zarr group with repsim attributes)")
         self._group = zarr.open_group(self.path, mode="r")
         self.attrs: dict[str, Any] = dict(self._group.attrs[ATTR_KEY])
@@ -183,6 +196,12 @@ class ActivationStore:
         return np.asarray(self._group["progress/chunk_done"][:], dtype=bool)
 
     def nbytes_on_disk(self) -> int:
+        """Bytes the store occupies (its files, or its objects under a URL)."""
+        if is_url(self.path):
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(self.path)
+            return int(fs.du(root))
         total = 0
         for root, _, files in os.walk(self.path):
             total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
@@ -272,7 +291,8 @@ class ActivationStore:
 
 
 def open_store(path: str) -> ActivationStore:
-    """Open a store written by ``repsim extract`` for reading."""
+    """Open a store written by ``repsim extract`` for reading: a local path or any fsspec URL
+    (``s3://bucket/vit.zarr`` with s3fs installed, ``gs://``, ``memory://`` ...)."""
     return ActivationStore(path)
 
 
