@@ -1047,6 +1047,11 @@ def _group_sums(a: _Side, b: _Side | None, batches: Sequence[np.ndarray], first_
     return acc
 
 
+# Tests set this to a file path: the first task to see the file missing creates it and kills its worker
+# process, as a crashed machine would; Dask must retry the task elsewhere with the same result.
+_KILL_ONCE_ENV = "REPSIM_TEST_KILL_WORKER_ONCE"
+
+
 def _side_spec(side: _Side) -> dict[str, Any]:
     """What a Dask worker needs to rebuild a :class:`_Side`: the store's path (or URL), not the open store."""
     return {"path": str(side.store.path), "layers": list(side.layers), "pos": side.pos, "infos": side.infos,
@@ -1057,6 +1062,11 @@ def _remote_group_sums(spec_a: dict[str, Any], spec_b: dict[str, Any] | None, ba
                        first_batch: int, repeat: int, tokens: str, gram_dtype: str) -> MinibatchCKA:
     """Dask task: open the stores on the worker, compute one group's partial sums on CPU."""
     from repsim.store import open_store
+
+    marker = os.environ.get(_KILL_ONCE_ENV)
+    if marker and not os.path.exists(marker):  # fault injection for the killed-worker test only
+        open(marker, "w").close()
+        os._exit(1)
 
     def side(spec: dict[str, Any]) -> _Side:
         return _Side(open_store(spec["path"]), spec["layers"], spec["pos"], spec["infos"], spec["dims"])

@@ -57,3 +57,17 @@ def test_cli_workers(stores, tmp_path):
     np.testing.assert_allclose(got, local.values, rtol=0, atol=1e-10)
     res = run_cli("cka", a.path, "--estimator", "exact", "--workers", "2", "--quiet")
     assert res.exit_code == 2 and "minibatch" in res.output
+
+
+def test_killed_worker_is_retried_with_the_same_result(stores, tmp_path, monkeypatch):
+    a, b = stores
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("REPSIM_TEST_KILL_WORKER_ONCE", str(marker))  # inherited by the workers spawned below
+    kw = dict(batch_size=16, seed=1, tokens="mean", progress=False, device="cpu")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=":0", silence_logs=50) as cluster, \
+            distributed.Client(cluster) as c:
+        remote = cka_matrix(a, b, client=c, **kw)
+    assert marker.exists()  # a worker really died mid-run
+    monkeypatch.delenv("REPSIM_TEST_KILL_WORKER_ONCE")
+    np.testing.assert_allclose(remote.values, cka_matrix(a, b, **kw).values, rtol=0, atol=1e-10)
