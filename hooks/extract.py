@@ -405,7 +405,7 @@ def _existing_store_state(out: str, attrs: dict[str, Any]) -> tuple[bool, bool]:
     return resume, already_complete
 
 
-def _create_store(plan: ExtractionPlan) -> StoreWriter:
+def create_or_open_store(plan: ExtractionPlan) -> StoreWriter:
     """Open the store for writing, creating it if needed: concurrent shard processes serialise on a
     creation lock next to it, and the later ones reopen what the first created (same configuration)."""
     with _creation_lock(plan.out):
@@ -519,7 +519,7 @@ def run_extraction(
     model, info = plan.model, plan.model.info
     module = model.module.to(dev).eval()
     source = plan.source
-    writer = _create_store(plan)
+    writer = create_or_open_store(plan)
     lock = _acquire_writer_lock(plan.out, plan.shard)
     try:
         mine = set(plan.shard_chunks())

@@ -261,15 +261,11 @@ def _encode(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return np.where(classes[pos] == y, pos, -1)
 
 
-def _scores(fit_score: float, metric: str) -> None:  # pragma: no cover - placeholder for typing clarity
-    return None
-
-
 def _pick(top1: np.ndarray, mpc: np.ndarray, lambdas: np.ndarray, metric: str) -> int:
     """Index of the best strength: largest metric, ties → the larger λ."""
-    m = top1 if metric == "top1" else mpc
+    m = np.asarray(top1 if metric == "top1" else mpc)
     best = np.flatnonzero(m == m.max())
-    return int(best[np.argmax(lambdas[best])])
+    return int(best[np.argmax(np.asarray(lambdas)[best])])
 
 
 def _to_device(X: np.ndarray, dev: torch.device) -> torch.Tensor:
@@ -481,38 +477,39 @@ def fit_logreg(
             Xv = scaler.apply(_to_device(X_val, dev), dt)
             yv_idx = _encode(y_val, classes)
         theta = torch.zeros(d * c + c, dtype=torch.float64, device=dev)
-        thetas, top1, mpc, conv, iters, secs = [], [], [], [], [], []
-        best_so_far, since_best = -1.0, 0
+        top1, mpc, conv, iters, secs, gmaxes = [], [], [], [], [], []
+        best, best_score, theta_best, since_best = 0, -1.0, theta, 0
         bar = tqdm(path, desc=desc, unit="λ", disable=not progress, leave=False, dynamic_ncols=True)
-        for lam in bar:
+        for i, lam in enumerate(bar):
             t0 = time.perf_counter()
             start = theta if warm_start else torch.zeros_like(theta)
-            theta, ok, it, _ = prob.solve(float(lam), start, tol, max_iter, history_size)
+            theta, ok, it, gm = prob.solve(float(lam), start, tol, max_iter, history_size)
             secs.append(time.perf_counter() - t0)
-            thetas.append(theta)
+            gmaxes.append(gm)
             conv.append(ok)
             iters.append(it)
-            if has_val:
-                W, b = theta[: d * c].view(d, c), theta[d * c:]
-                a, m = _val_metrics(_predict_idx(Xv, W, b, prob.block), yv_idx, y_val)
-                top1.append(a)
-                mpc.append(m)
-                score = a if metric == "top1" else m
-                bar.set_postfix(val=f"{100 * score:.1f}%", it=it)
-                if score > best_so_far:
-                    best_so_far, since_best = score, 0
-                else:
-                    since_best += 1
-                    if patience is not None and since_best >= patience:
-                        break
+            if not has_val:
+                theta_best = theta
+                continue
+            W, b = theta[: d * c].view(d, c), theta[d * c:]
+            a, m = _val_metrics(_predict_idx(Xv, W, b, prob.block), yv_idx, y_val)
+            top1.append(a)
+            mpc.append(m)
+            score = a if metric == "top1" else m
+            bar.set_postfix(val=f"{100 * score:.1f}%", it=it)
+            if score > best_score:  # strictly better: ties keep the earlier, larger λ
+                best, best_score, theta_best, since_best = i, score, theta, 0
+            else:
+                since_best += 1
+                if patience is not None and since_best >= patience:
+                    break
         bar.close()
-        fitted = path[: len(thetas)]
-        top1_a, mpc_a = np.asarray(top1), np.asarray(mpc)
-        best = _pick(top1_a, mpc_a, fitted, metric) if has_val else 0
+        fitted = path[: len(conv)]
+        top1_a, mpc_a = np.asarray(top1, dtype=np.float64), np.asarray(mpc, dtype=np.float64)
         lam_best = float(fitted[best])
-        theta_best = thetas[best]
         n_fit = X_train.shape[0]
         if refit:
+            del Xs, Xv, prob
             X_all = np.concatenate([X_train, X_val.astype(X_train.dtype, copy=False)])
             y_all = np.concatenate([y_train, y_val])
             classes_all = np.unique(y_all)
@@ -526,7 +523,7 @@ def fit_logreg(
             theta_best, ok, it, gmax = prob.solve(lam_best, theta0, tol, max_iter, history_size)
             n_fit = X_all.shape[0]
         else:
-            _, ok, it, gmax = conv[best], conv[best], iters[best], float(prob.loss_grad(theta_best, lam_best)[1].abs().max())
+            ok, it, gmax = conv[best], iters[best], gmaxes[best]
         coef, intercept = scaler.to_raw(theta_best[: d * c].view(d, c), theta_best[d * c:])
     if not ok:
         warnings.warn(f"{desc}: L-BFGS stopped after {it} iterations with max|grad| = {gmax:.2e} > tol = {tol:g} "
@@ -553,3 +550,507 @@ def _expand_theta(theta: torch.Tensor, classes: np.ndarray, classes_all: np.ndar
     W2[:, pos] = W
     b2[pos] = b
     return torch.cat([W2.reshape(-1), b2])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Closed-form ridge regression on one-hot targets
+# ----------------------------------------------------------------------------------------------------
+
+
+class _RidgeEig:
+    """Eigen-decomposition of the centred Gram of the fitting rows, for the whole λ path at once.
+
+    Primal (d ≤ n): ``XᵀX = V diag(s) Vᵀ`` (d, d), ``W(λ) = V diag(1/(s + nλ)) Vᵀ XᵀỸ``. Dual (d > n):
+    ``XXᵀ = U diag(s) Uᵀ`` (n, n), ``W(λ) = Xᵀ U diag(1/(s + nλ)) Uᵀ Ỹ``. ``X`` are the centred (standardised)
+    features, ``Ỹ`` the centred one-hot targets; the Gram is accumulated in float64 block by block and the
+    tiny negative eigenvalues of rounding are set to 0.
+    """
+
+    def __init__(self, Xs: torch.Tensor, y_idx: torch.Tensor, c: int, block: int = 1 << 14):
+        n, d = Xs.shape
+        self.n, self.d, self.c = n, d, c
+        dev = Xs.device
+        Y = torch.zeros((n, c), dtype=torch.float64, device=dev)
+        Y[torch.arange(n, device=dev), y_idx] = 1.0
+        self.ybar = Y.mean(0)
+        Yc = Y - self.ybar
+        self.dual = d > n
+        if not self.dual:
+            G = torch.zeros((d, d), dtype=torch.float64, device=dev)
+            R = torch.zeros((d, c), dtype=torch.float64, device=dev)
+            for lo in range(0, n, block):
+                xb = Xs[lo:lo + block].to(torch.float64)
+                G.addmm_(xb.T, xb)
+                R.addmm_(xb.T, Yc[lo:lo + block])
+            s, V = torch.linalg.eigh(G)
+            self.B = V.T @ R  # (d, c)
+            self.V = V
+        else:
+            X64 = Xs.to(torch.float64)
+            s, U = torch.linalg.eigh(X64 @ X64.T)
+            self.B = U.T @ Yc  # (n, c)
+            self.XtU = X64.T @ U  # (d, n)
+        self.s = torch.clamp(s, min=0.0)
+
+    def project(self, Xq: torch.Tensor) -> torch.Tensor:
+        """Query features (m, d) → coordinates (m, r) in the eigenbasis, float64."""
+        Xq = Xq.to(torch.float64)
+        return Xq @ (self.XtU if self.dual else self.V)
+
+    def scores(self, A: torch.Tensor, lam: float) -> torch.Tensor:
+        """Predicted targets (m, c) of projected queries ``A`` at strength λ."""
+        return (A / (self.s + self.n * lam)) @ self.B + self.ybar
+
+    def coef(self, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W (d, c), b (c,)) at λ, for the centred features."""
+        M = self.XtU if self.dual else self.V
+        return (M / (self.s + self.n * lam)) @ self.B, self.ybar.clone()
+
+
+def ridge_classify(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
+    lambdas: Sequence[float] | np.ndarray | None = None,
+    *,
+    refit: bool = False,
+    standardize: bool = True,
+    metric: str = "top1",
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    desc: str = "ridge",
+) -> LinearFit:
+    """Ridge regression on one-hot targets, arg-max prediction; λ chosen on a validation set (cheap screening).
+
+    Minimises ``(1/2n)‖XW + 1bᵀ − Y‖²_F + (λ/2)‖W‖²_F`` (scikit-learn ``Ridge(alpha=λ·n)``) in closed form: one
+    float64 eigen-decomposition of the d × d (or, when d > n, the n × n) Gram of the fitting rows serves every
+    λ of the grid (default :data:`DEFAULT_LAMBDAS`). Arguments and the returned :class:`LinearFit` as in
+    :func:`fit_logreg` (``converged`` is always true, ``n_iter`` 0; ``C`` is meaningless here, ``alpha = λ·n_fit``).
+    """
+    t_start = time.perf_counter()
+    X_train, y_train = _check_xy(X_train, y_train, "training")
+    d = X_train.shape[1]
+    lam_grid = _lambdas(lambdas)
+    if metric not in METRICS:
+        raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    has_val = X_val is not None and len(X_val) > 0
+    if has_val:
+        X_val, y_val = _check_xy(X_val, y_val, "validation", d)
+    if not has_val and lam_grid.size > 1:
+        raise UsageError(f"choosing among {lam_grid.size} strengths needs a validation set (X_val, y_val)")
+    if refit and not has_val:
+        raise UsageError("refit=True needs a validation set to refit on")
+    classes = np.unique(y_train)
+    if classes.size < 2:
+        raise UsageError(f"the training labels hold {classes.size} class; a classifier needs at least 2")
+    dev = resolve_device(device)
+    from tqdm.auto import tqdm
+
+    with tf32_off(), torch.no_grad():
+        Xt = _to_device(X_train, dev)
+        scaler = _Scaler(Xt, standardize)
+        eig = _RidgeEig(scaler.apply(Xt, torch.float64 if dev.type == "cpu" else Xt.dtype),
+                        torch.from_numpy(_encode(y_train, classes)).to(dev), classes.size)
+        del Xt
+        top1, mpc, secs = [], [], []
+        if has_val:
+            A = eig.project(scaler.apply(_to_device(X_val, dev), torch.float64))
+            yv_idx = _encode(y_val, classes)
+            for lam in tqdm(lam_grid, desc=desc, unit="λ", disable=not progress, leave=False, dynamic_ncols=True):
+                t0 = time.perf_counter()
+                pred = torch.argmax(eig.scores(A, float(lam)), dim=1).cpu().numpy()
+                a, m = _val_metrics(pred, yv_idx, y_val)
+                top1.append(a)
+                mpc.append(m)
+                secs.append(time.perf_counter() - t0)
+            best = _pick(np.asarray(top1), np.asarray(mpc), lam_grid, metric)
+        else:
+            best = 0
+        lam_best = float(lam_grid[best])
+        n_fit = X_train.shape[0]
+        if refit:
+            del eig
+            X_all = np.concatenate([X_train, X_val.astype(X_train.dtype, copy=False)])
+            y_all = np.concatenate([y_train, y_val])
+            classes = np.unique(y_all)
+            Xa = _to_device(X_all, dev)
+            scaler = _Scaler(Xa, standardize)
+            eig = _RidgeEig(scaler.apply(Xa, torch.float64 if dev.type == "cpu" else Xa.dtype),
+                            torch.from_numpy(_encode(y_all, classes)).to(dev), classes.size)
+            del Xa
+            n_fit = X_all.shape[0]
+        W, b = eig.coef(lam_best)
+        coef, intercept = scaler.to_raw(W, b)
+    k = lam_grid.size
+    return LinearFit(
+        method="ridge", classes=classes, coef=coef, intercept=intercept, lam=lam_best, n_fit=int(n_fit),
+        n_train=int(X_train.shape[0]), lambdas=lam_grid, val_top1=np.asarray(top1, dtype=np.float64),
+        val_mean_per_class=np.asarray(mpc, dtype=np.float64), converged=np.ones(k, dtype=bool),
+        n_iter=np.zeros(k, dtype=np.int64), best_index=best, final_converged=True, final_n_iter=0,
+        final_grad=0.0, standardize=standardize, precision="float64", device=str(dev),
+        seconds=time.perf_counter() - t_start, seconds_per_lambda=secs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeRow:
+    """One feature set's probe: ``top1`` / ``mean_per_class`` on the test split (fractions in [0, 1]),
+    ``train_top1`` on the final fitting data (train + val), ``val_top1`` at the chosen strength; ``lam`` the
+    chosen λ, ``C = 1/(λ·n_fit)`` (logreg) or ``alpha = λ·n_fit`` (ridge), ``converged`` / ``n_iter`` of the
+    final fit (all None for k-NN); ``val_curve`` one dict per strength (see :meth:`LinearFit.curve`);
+    ``seconds`` the fitting wall time, ``read_seconds`` the time spent reading the features."""
+
+    layer: str
+    layers: list[str]
+    reductions: list[str]
+    dim: int
+    top1: float
+    mean_per_class: float
+    train_top1: float | None = None
+    val_top1: float | None = None
+    lam: float | None = None
+    C: float | None = None
+    alpha: float | None = None
+    converged: bool | None = None
+    n_iter: int | None = None
+    val_curve: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    read_seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class ProbeResult:
+    """Per-layer transfer accuracies of one store with everything needed to reproduce them.
+
+    ``rows`` in network order (one per layer, or one concat-last-K set); ``method`` logreg | ridge | knn;
+    ``protocol`` the split (fraction or test store), seed, validation fraction, strength grid, objective
+    convention, selection rule, standardisation, solver tolerances, k-NN parameters, ``n_train`` / ``n_val``
+    / ``n_test``, ``n_classes``; ``store`` its path, fingerprint, model and n.
+    """
+
+    method: str
+    features: str
+    rows: list[ProbeRow]
+    protocol: dict[str, Any]
+    store: dict[str, Any]
+    device: str = "cpu"
+    repsim_version: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def layers(self) -> list[str]:
+        return [r.layer for r in self.rows]
+
+    @property
+    def top1(self) -> np.ndarray:
+        return np.array([r.top1 for r in self.rows])
+
+    @property
+    def best_layer(self) -> str:
+        """The feature set with the highest test top-1 (the first of equals, in network order). Descriptive:
+        choosing a layer by its test score is itself a selection on the test set."""
+        return self.rows[int(np.argmax(self.top1))].layer
+
+    def row(self, layer: str) -> ProbeRow:
+        for r in self.rows:
+            if r.layer == layer:
+                return r
+        raise UsageError(f"no row {layer!r} in this result (it has {', '.join(self.layers[:5])}...)")
+
+    @property
+    def label(self) -> str:
+        """Legend text: model · method · features."""
+        return f"{self.store.get('model') or os.path.basename(str(self.store.get('path', '')))} · {self.method} · {self.features}"
+
+    def summary(self) -> str:
+        """A plain-text table (one line per row: test top-1 %, mean per-class %, λ, C, converged, iterations)."""
+        head = f"{'layer':<28} {'top-1 %':>8} {'mpc %':>7} {'lambda':>9} {'C':>9} {'conv':>5} {'iter':>5}"
+        lines = [f"{self.label}  (n_train={self.protocol.get('n_train')}, n_val={self.protocol.get('n_val')}, "
+                 f"n_test={self.protocol.get('n_test')}, classes={self.protocol.get('n_classes')})", head]
+        for r in self.rows:
+            lam = "" if r.lam is None else f"{r.lam:.2e}"
+            C = "" if r.C is None else f"{r.C:.2e}"
+            conv = "" if r.converged is None else ("yes" if r.converged else "NO")
+            it = "" if r.n_iter is None else str(r.n_iter)
+            name = r.layer if len(r.layer) <= 28 else "…" + r.layer[-27:]
+            lines.append(f"{name:<28} {100 * r.top1:>8.2f} {100 * r.mean_per_class:>7.2f} {lam:>9} {C:>9} "
+                         f"{conv:>5} {it:>5}")
+        lines.append(f"best layer: {self.best_layer}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"ProbeResult({self.method}, {self.features}, {len(self.rows)} rows, best {self.best_layer!r} "
+                f"{100 * float(self.top1.max()):.2f}%)")
+
+    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
+        """The result as a JSON-ready dict (kind ``repsim.probe``); written atomically to ``path`` when given."""
+        d = asdict(self)
+        d["kind"] = "repsim.probe"
+        d["best_layer"] = self.best_layer
+        d = _jsonable(d)
+        if path is not None:
+            write_json_atomic(path, d)
+        return d
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> "ProbeResult":
+        """Inverse of :meth:`to_json` (a dict or a path to the JSON file)."""
+        if not isinstance(source, dict):
+            with open(source) as f:
+                source = json.load(f)
+        if source.get("kind") != "repsim.probe":
+            raise UsageError(f"not a probe result (kind {source.get('kind')!r})")
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in source.items() if k in known}
+        row_fields = {f.name for f in fields(ProbeRow)}
+        d["rows"] = [ProbeRow(**{k: v for k, v in r.items() if k in row_fields}) for r in d["rows"]]
+        return cls(**d)
+
+    def plot(self, path: str | os.PathLike | None = None, others: Sequence["ProbeResult"] = (), *,
+             metric: str = "top1", labels: Sequence[str] | None = None, ax: Any = None) -> Any:
+        """Test accuracy (%) against depth, this result and ``others`` on one axis; saved to ``path`` (PNG,
+        PDF, … by extension) when given; returns the Axes.
+
+        When every result has the same rows the x axis is the layer (short names, see
+        :func:`repsim.cka_plot.short_layer_names`); otherwise each curve is placed on relative depth
+        (row index / (rows − 1)). concat-last-K sets are drawn as dashed horizontal lines; the dotted grey
+        line is chance (1 / classes of this result). ``metric``: top1 | mean_per_class.
+        """
+        from matplotlib.figure import Figure
+
+        from repsim.cka_plot import short_layer_names
+
+        if metric not in METRICS:
+            raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        results = [self, *others]
+        if labels is not None and len(labels) != len(results):
+            raise UsageError(f"{len(labels)} labels for {len(results)} results")
+        names = labels or [r.label for r in results]
+        depth = [[row for row in r.rows if len(row.layers) == 1 or not row.layer.startswith("concat")]
+                 for r in results]
+        same = all([row.layer for row in rows] == [row.layer for row in depth[0]] for rows in depth)
+        if ax is None:
+            n_max = max(len(rows) for rows in depth) or 1
+            fig = Figure(figsize=(min(4 + 0.35 * n_max, 14), 4.2))
+            ax = fig.subplots()
+        else:
+            fig = ax.figure
+        for k, (r, rows, name) in enumerate(zip(results, depth, names)):
+            colour = f"C{k % 10}"
+            y = [100 * (row.top1 if metric == "top1" else row.mean_per_class) for row in rows]
+            if rows:
+                x = np.arange(len(rows), dtype=float)
+                if not same:
+                    x = x / max(len(rows) - 1, 1)
+                ax.plot(x, y, marker="o", ms=3.5, lw=1.5, color=colour, label=name)
+            for row in r.rows:
+                if row not in rows:
+                    v = 100 * (row.top1 if metric == "top1" else row.mean_per_class)
+                    ax.axhline(v, ls="--", lw=1.2, color=colour, label=f"{name} [{row.layer}]")
+        n_classes = self.protocol.get("n_classes")
+        if n_classes:
+            ax.axhline(100.0 / n_classes, ls=":", lw=1, color="0.5", label="chance")
+        if same and depth[0]:
+            ticks = np.arange(len(depth[0]))
+            step = max(1, int(np.ceil(len(ticks) / 30)))
+            ax.set_xticks(ticks[::step])
+            ax.set_xticklabels(short_layer_names([row.layer for row in depth[0]])[::step], rotation=60,
+                               ha="right", fontsize=8)
+            ax.set_xlabel("layer (network order)")
+        else:
+            ax.set_xlabel("relative depth (layer index / (layers − 1))")
+        ax.set_ylabel("test top-1 accuracy (%)" if metric == "top1" else "test mean per-class accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        ax.set_title(f"linear transfer ({self.protocol.get('n_classes')} classes, n_test = "
+                     f"{self.protocol.get('n_test')})" if len(results) == 1 else "transfer accuracy vs depth",
+                     fontsize=10)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(os.fspath(path), dpi=150)
+        return ax
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _repsim_version() -> str | None:
+    try:
+        import repsim
+
+        return str(repsim.__version__)
+    except Exception:  # noqa: BLE001 - provenance is best effort
+        return None
+
+
+def _store_info(store: StoreLike) -> dict[str, Any]:
+    model = getattr(store, "model_name", None) or (store.attrs.get("model") or {}).get("name")
+    return {"path": str(store.path), "fingerprint": str(store.fingerprint), "model": model, "n": int(store.n),
+            "dataset": (store.attrs.get("dataset") or {}).get("name")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Store-level driver
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    sets: list[FeatureSet]
+    split: ProbeSplit
+
+
+def prepare_probe(store: StoreLike, *, layers: Sequence[str] | None, features: str, split: float | None,
+                  test_store: StoreLike | None, seed: int, val_fraction: float | None) -> _Prepared:
+    """Validate everything up front (layers, feature mode, labels, split, test store) before any fitting."""
+    for s in (store,) if test_store is None else (store, test_store):
+        if not getattr(s, "complete", True):
+            raise UsageError(f"{s.path} is incomplete (an extraction is unfinished or was killed): rerun the same "
+                             "`repsim extract` command to finish it")
+    sets = plan_feature_sets(store, layers, features)
+    used = sorted({lay for fs in sets for lay in fs.layers}, key=list(store.layers).index)
+    # a test store is checked layer by layer (kind, shape, prefix tokens) in make_split → check_test_store
+    sp = make_split(store, split=split, val_fraction=val_fraction, seed=seed, test_store=test_store, layers=used)
+    return _Prepared(sets, sp)
+
+
+def _protocol(prep: _Prepared, *, split: float | None, test_store: StoreLike | None, seed: int,
+              val_fraction: float | None, features: str) -> dict[str, Any]:
+    sp = prep.split
+    return {
+        "split": None if test_store is not None else float(split),
+        "test": sp.info["test"],
+        "seed": int(seed),
+        "val_fraction": val_fraction,
+        "features": features,
+        "feature_sets": [{"name": fs.name, "layers": fs.layers, "reductions": fs.reductions, "dim": fs.dim}
+                         for fs in prep.sets],
+        "n_train": int(sp.train.size),
+        "n_val": int(sp.val.size),
+        "n_test": int(sp.test.size),
+        "n_classes": int(np.unique(np.concatenate([sp.y_train, sp.y_val, sp.y_test])).size),
+        "split_rule": "per-class stratified, seeded (numpy default_rng([seed, 0]) test, [seed, 1] validation)",
+    }
+
+
+def _iter_features(store: StoreLike, test_store: StoreLike | None, prep: _Prepared
+                   ) -> Iterator[tuple[FeatureSet, np.ndarray, np.ndarray, np.ndarray, float]]:
+    """Yield (feature set, X_train, X_val, X_test, read seconds) — one feature set in memory at a time."""
+    sp = prep.split
+    for fs in prep.sets:
+        t0 = time.perf_counter()
+        X = load_feature_set(store, fs)
+        Xte = X[sp.test] if test_store is None else load_feature_set(test_store, fs)[sp.test]
+        Xtr, Xv = X[sp.train], X[sp.val]
+        del X
+        yield fs, Xtr, Xv, Xte, time.perf_counter() - t0
+
+
+def linear_probe(
+    store: StoreLike,
+    *,
+    layers: Sequence[str] | None = None,
+    features: str = "mean",
+    method: str = "logreg",
+    split: float = 0.2,
+    test_store: StoreLike | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    lambdas: Sequence[float] | np.ndarray | None = None,
+    val_fraction: float = 0.2,
+    standardize: bool = True,
+    metric: str = "top1",
+    tol: float = DEFAULT_TOL,
+    max_iter: int = DEFAULT_MAX_ITER,
+    precision: str = "auto",
+    patience: int | None = None,
+) -> ProbeResult:
+    """Linear transfer accuracy of every selected layer of ``store`` (Kornblith, Shlens & Le 2019 protocol).
+
+    ``features``: cls | mean | gap | concat-last-K (see :mod:`probes.features`). ``method``: ``logreg``
+    (multinomial logistic regression, L-BFGS, :func:`fit_logreg`) or ``ridge`` (closed form on one-hot
+    targets, :func:`ridge_classify`; cheap screening). ``split``: the stratified test fraction, ignored when
+    ``test_store`` (same model and layers, disjoint samples) is given. The strength is chosen on a stratified
+    ``val_fraction`` of the training samples among ``lambdas`` (default 45 log-spaced values in [1e-6, 1e5]),
+    then the probe is refit on train + val and scored on the test samples. ``metric`` selects λ by
+    validation top-1 or mean per-class accuracy. ``device``: auto (CUDA when available) | cpu | cuda[:N].
+    """
+    if method not in METHODS:
+        raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise UsageError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    t_start = time.perf_counter()
+    lam_grid = _lambdas(lambdas)
+    dev = resolve_device(device)
+    prep = prepare_probe(store, layers=layers, features=features, split=split, test_store=test_store, seed=seed,
+                         val_fraction=val_fraction)
+    sp = prep.split
+    from tqdm.auto import tqdm
+
+    rows = []
+    bar = tqdm(total=len(prep.sets), desc=f"{method} probe", unit="layer", disable=not progress,
+               dynamic_ncols=True)
+    for fs, Xtr, Xv, Xte, read_s in _iter_features(store, test_store, prep):
+        bar.set_postfix_str(fs.name[-30:])
+        if method == "logreg":
+            fit = fit_logreg(Xtr, sp.y_train, Xv, sp.y_val, lam_grid, refit=True, standardize=standardize,
+                             metric=metric, tol=tol, max_iter=max_iter, precision=precision, patience=patience,
+                             device=dev, progress=progress, desc=fs.name[-24:])
+        else:
+            fit = ridge_classify(Xtr, sp.y_train, Xv, sp.y_val, lam_grid, refit=True, standardize=standardize,
+                                 metric=metric, device=dev, progress=progress, desc=fs.name[-24:])
+        top1, mpc = accuracy_scores(sp.y_test, fit.predict(Xte))
+        train_top1 = accuracy_scores(np.concatenate([sp.y_train, sp.y_val]),
+                                     fit.predict(np.concatenate([Xtr, Xv])))[0]
+        rows.append(ProbeRow(
+            layer=fs.name, layers=fs.layers, reductions=fs.reductions, dim=fs.dim, top1=top1, mean_per_class=mpc,
+            train_top1=train_top1, val_top1=float(fit.val_top1[fit.best_index]), lam=fit.lam,
+            C=fit.C if method == "logreg" else None, alpha=fit.lam * fit.n_fit if method == "ridge" else None,
+            converged=fit.final_converged, n_iter=fit.final_n_iter, val_curve=fit.curve(),
+            seconds=fit.seconds, read_seconds=read_s,
+        ))
+        precision_used = fit.precision
+        bar.update(1)
+    bar.close()
+    protocol = _protocol(prep, split=split, test_store=test_store, seed=seed, val_fraction=val_fraction,
+                         features=features)
+    protocol.update({
+        "method": method,
+        "lambdas": [float(v) for v in lam_grid],
+        "objective": LOSS_CONVENTION if method == "logreg" else RIDGE_CONVENTION,
+        "C_mapping": "C = 1/(lambda * n_fit), n_fit = n_train + n_val for the reported (refit) model; "
+                     "val_curve C values use n_train" if method == "logreg" else "alpha = lambda * n_fit",
+        "selection": f"largest validation {metric} over the grid, ties to the larger lambda; then refit on "
+                     "train + val with that lambda",
+        "standardize": standardize,
+        "solver": ({"name": "torch.optim.LBFGS", "line_search": "strong_wolfe", "tol": tol,
+                    "tol_meaning": "max |gradient of the objective| <= tol", "max_iter": max_iter,
+                    "history_size": DEFAULT_HISTORY, "warm_start": "strong to weak", "precision": precision,
+                    "precision_used": precision_used,
+                    "patience": patience}
+                   if method == "logreg" else {"name": "eigendecomposition (float64)"}),
+    })
+    return ProbeResult(method=method, features=features, rows=rows, protocol=protocol, store=_store_info(store),
+                       device=str(dev), repsim_version=_repsim_version(), seconds=time.perf_counter() - t_start)

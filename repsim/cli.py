@@ -199,10 +199,18 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
 @click.option("--shard", default=None, metavar="K/N",
               help="Write only the K-th of N disjoint chunk ranges (0-based), e.g. one shard per GPU box; all "
                    "shards share the store, the last to finish marks it complete.")
+@click.option("--workers", type=int, default=None,
+              help="Extract on a local Dask cluster of this many worker processes, one shard each.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Extract on an existing Dask cluster (tcp://host:8786): one shard per worker; --out must be a "
+                   "path every worker reaches (shared file system).")
+@click.option("--gpus-per-task", type=int, default=0, show_default=True,
+              help="With --scheduler: each shard asks for this many of the workers' GPU resources "
+                   "(start workers with --resources GPU=1).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, dtype, batch_size, chunk_size,
             save_inputs, attention, attn_keep, weights, random_init, img_size, mean, std, interpolation, crop_pct,
-            device, overwrite, force, strict, shard, quiet) -> None:
+            device, overwrite, force, strict, shard, workers, scheduler, gpus_per_task, quiet) -> None:
     """Run MODEL over images and store per-layer activations in a Zarr store.
 
     \b
@@ -213,12 +221,39 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
 
     Rerunning the same command on a killed extraction resumes it (bit-identical result); another
     configuration on an existing store is refused unless --overwrite.
+
+    \b
+    Scale out: --shard K/N writes one of N disjoint parts (run one per GPU box, by hand), or
+    --workers N / --scheduler ADDRESS runs one shard per Dask worker.
     """
     from hooks.extract import human_bytes, plan_extraction, run_extraction
     from repsim.data import open_dataset
 
     if n is not None and n < 1:
         raise UsageError(f"--n must be >= 1, got {n}")
+    if workers is not None or scheduler is not None:
+        if shard is not None or overwrite:
+            raise UsageError("--workers / --scheduler choose the shards themselves: drop --shard / --overwrite")
+        from hooks.distributed_extract import ExtractionSpec, extract_distributed
+
+        if weights and random_init:
+            raise UsageError("--weights and --random-init exclude each other")
+        spec = ExtractionSpec(
+            model=model_name, data=data, out=out, n=n, seed=seed,
+            load=dict(weights=os.path.abspath(weights) if weights else None, random_init=random_init,
+                      img_size=img_size, mean=_floats3(mean, "mean"), std=_floats3(std, "std"),
+                      interpolation=interpolation, crop_pct=crop_pct),
+            plan=dict(layers=[p.strip() for s_ in layer_patterns for p in s_.split(",") if p.strip()] or None,
+                      pool=pool, spatial_pool=spatial_pool, dtype=dtype, batch_size=batch_size,
+                      chunk_size=chunk_size, save_inputs=save_inputs, attention=attention, attn_keep=attn_keep,
+                      strict=strict),
+        )
+        with _dask_client(workers, scheduler) as client:
+            store = extract_distributed(client, spec, gpus_per_task=gpus_per_task, device=device,
+                                        progress=not quiet)
+        click.echo(f"wrote {store.path}: {store.n} samples x {len(store.layers)} layers, "
+                   f"{human_bytes(store.nbytes_on_disk())} on disk")
+        return
     loaded = _load_model(model_name, weights, random_init, img_size, mean, std, interpolation, crop_pct)
     source = open_dataset(data, n=n, seed=seed, image_size=loaded.preprocessing.img_size[0])
     patterns = [p.strip() for spec in layer_patterns for p in spec.split(",") if p.strip()] or None

@@ -48,7 +48,12 @@ of ``Q_Xᵀ Q_Y`` (Björck & Golub 1973; Kornblith et al. 2019, Sec. 2 / Table 1
 ``mknn``               Huh, Cheung, Wang & Isola (2024), "The Platonic Representation Hypothesis", ICML, Sec. 2.3,
                        mutual k-nearest-neighbour alignment: ``mean_i |N_k(i; X) ∩ N_k(i; Y)| / k`` with
                        neighbourhoods by cosine similarity of the (uncentred) rows, the sample itself excluded.
-``jaccard_knn``        the same neighbourhoods compared by ``mean_i |∩| / |∪|``.
+                       As ``mutual_knn`` in the authors' platonic-rep ``metrics.py`` (L2-normalised rows, self
+                       excluded), without their pipeline's clamping of features at the 95th percentile of |x|
+                       (do that upstream if wanted).
+``jaccard_knn``        the same neighbourhoods compared by ``mean_i |∩| / |∪|`` (the k-NN Jaccard similarity of
+                       Klabunde, Schumacher, Strohmaier & Lemmerich 2025, ACM Computing Surveys 57(9), "Similarity of
+                       Neural Network Models", neighbourhood-based measures).
 ``cka``, ``cka_debiased``, ``cka_rbf``  delegated to :func:`repsim.cka_engine.cka` (linear biased, linear with the
                        unbiased HSIC, RBF kernel with ``threshold``); see that module for definitions.
 
@@ -561,8 +566,8 @@ def canonical_correlations(x: Any, y: Any, *, keep: float | int | None = None) -
     """
     measure, opts = ("cca", {}) if keep is None else ("svcca", {"keep": keep})
     d = similarity_details(x, y, measure, **opts)
-    for w in d["warnings"]:
-        warnings.warn(w, SimilarityWarning, stacklevel=2)
+    if d["warnings"]:
+        warnings.warn("; ".join(d["warnings"]), SimilarityWarning, stacklevel=2)
     return np.asarray(d["canonical_correlations"], dtype=np.float64)
 
 
@@ -843,8 +848,8 @@ def similarity(x: Any, y: Any, measure: str = "procrustes", **options: Any) -> f
     returns the same value with the facts behind it.
     """
     d = similarity_details(x, y, measure, **options)
-    for w in d["warnings"]:
-        warnings.warn(f"{d['measure']}: {w}", SimilarityWarning, stacklevel=2)
+    if d["warnings"]:
+        warnings.warn(f"{d['measure']}: " + "; ".join(d["warnings"]), SimilarityWarning, stacklevel=2)
     return d["value"]
 
 
@@ -1016,8 +1021,9 @@ def _registry() -> dict[str, MeasureSpec]:
         _spec_of("jaccard_knn", "similarity", (0.0, 1.0), 1.0, True, True, 2, {"k": 10},
                  ("orthogonal transforms", "isotropic scaling", "per-sample positive scaling"),
                  "k-NN Jaccard: mean over samples of |N_k(i;X) ∩ N_k(i;Y)| / |N_k(i;X) ∪ N_k(i;Y)| (cosine, self "
-                 "excluded)", "Huh, Cheung, Wang & Isola (2024), The Platonic Representation Hypothesis, ICML "
-                 "(k-NN neighbourhood overlap; Jaccard form)",
+                 "excluded)", "Klabunde, Schumacher, Strohmaier & Lemmerich (2025), Similarity of Neural Network "
+                 "Models: A Survey of Functional and Representational Measures, ACM Computing Surveys 57(9), "
+                 "neighbourhood-based measures (k-NN Jaccard similarity)",
                  "neighbours are found among the distinct resampled images (copies excluded), each image weighted "
                  "by its number of copies; ~63 % of images are distinct, so neighbourhoods are wider than on all n",
                  _knn_impl("jaccard_knn"), _knn_permuter("jaccard_knn"), _knn_resampler("jaccard_knn")),

@@ -1,4 +1,4 @@
-"""Distributed minibatch CKA on a local Dask cluster (2 worker processes, loopback only)."""
+"""Dask scale-out on a local cluster (2 worker processes, loopback only): distributed CKA and extraction."""
 
 from __future__ import annotations
 
@@ -71,3 +71,16 @@ def test_killed_worker_is_retried_with_the_same_result(stores, tmp_path, monkeyp
     assert marker.exists()  # a worker really died mid-run
     monkeypatch.delenv("REPSIM_TEST_KILL_WORKER_ONCE")
     np.testing.assert_allclose(remote.values, cka_matrix(a, b, **kw).values, rtol=0, atol=1e-10)
+
+
+def test_distributed_extraction_equals_local(tmp_path):
+    common = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--data", "shapes",
+              "--n", "40", "--batch-size", "4", "--chunk-size", "8", "--dtype", "float32", "--quiet"]
+    local, dist = str(tmp_path / "l.zarr"), str(tmp_path / "d.zarr")
+    assert run_cli("extract", *common, "--out", local).exit_code == 0
+    res = run_cli("extract", *common, "--out", dist, "--workers", "2")
+    assert res.exit_code == 0, res.output
+    a, b = open_store(local), open_store(dist)
+    assert b.complete and a.ids == b.ids
+    for layer in a.layers:
+        np.testing.assert_array_equal(a.read(layer), b.read(layer))
