@@ -308,6 +308,14 @@ def _num_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+SMALL_WORK = 1 << 22  # n·d·c below which every CPU kernel runs on one thread (parallel regions cost more)
+
+
+def _heavy_threads(n: int, d: int, c: int) -> int:
+    """Threads for the O(n·d·c) kernels: torch's setting, or 1 for small problems."""
+    return 1 if n * d * c < SMALL_WORK else torch.get_num_threads()
+
+
 class _SoftmaxProblem:
     """Mean cross-entropy + (λ/2)‖W‖² of standardised features on one device; parameters flat float64
     ``θ = [vec(W) (d·c), b (c)]``. Products in ``X.dtype``, everything else float64; rows in blocks so the
@@ -323,7 +331,7 @@ class _SoftmaxProblem:
         self.n, self.d = Xs.shape
         self.block = max(1, min(self.n, (1 << 24) // max(c, 1)))
         self.cpu = Xs.device.type == "cpu"
-        self.threads = (threads or torch.get_num_threads()) if self.cpu else None
+        self.threads = (threads or _heavy_threads(self.n, self.d, c)) if self.cpu else None
         self.evals = 0
 
     def loss_grad(self, theta: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,7 +474,8 @@ def fit_logreg(
 
     from tqdm.auto import tqdm
 
-    with tf32_off(), torch.no_grad():
+    small = dev.type == "cpu" and _heavy_threads(X_train.shape[0], d, c) == 1
+    with tf32_off(), torch.no_grad(), _num_threads(1 if small else None):
         Xt = _to_device(X_train, dev)
         scaler = _Scaler(Xt, standardize)
         Xs = scaler.apply(Xt, dt)
@@ -647,7 +656,8 @@ def ridge_classify(
     dev = resolve_device(device)
     from tqdm.auto import tqdm
 
-    with tf32_off(), torch.no_grad():
+    small = dev.type == "cpu" and _heavy_threads(X_train.shape[0], d, max(d, classes.size)) == 1
+    with tf32_off(), torch.no_grad(), _num_threads(1 if small else None):
         Xt = _to_device(X_train, dev)
         scaler = _Scaler(Xt, standardize)
         eig = _RidgeEig(scaler.apply(Xt, torch.float64 if dev.type == "cpu" else Xt.dtype),
@@ -1009,7 +1019,7 @@ def linear_probe(
     sp = prep.split
     from tqdm.auto import tqdm
 
-    rows = []
+    rows, precision_used = [], None
     bar = tqdm(total=len(prep.sets), desc=f"{method} probe", unit="layer", disable=not progress,
                dynamic_ncols=True)
     for fs, Xtr, Xv, Xte, read_s in _iter_features(store, test_store, prep):

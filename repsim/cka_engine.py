@@ -1050,6 +1050,7 @@ def _group_sums(a: _Side, b: _Side | None, batches: Sequence[np.ndarray], first_
 # Tests set this to a file path: the first task to see the file missing creates it and kills its worker
 # process, as a crashed machine would; Dask must retry the task elsewhere with the same result.
 _KILL_ONCE_ENV = "REPSIM_TEST_KILL_WORKER_ONCE"
+_WORKER_STORES: dict[str, Any] = {}  # stores opened by Dask tasks in this worker process
 
 
 def _side_spec(side: _Side) -> dict[str, Any]:
@@ -1069,7 +1070,10 @@ def _remote_group_sums(spec_a: dict[str, Any], spec_b: dict[str, Any] | None, ba
         os._exit(1)
 
     def side(spec: dict[str, Any]) -> _Side:
-        return _Side(open_store(spec["path"]), spec["layers"], spec["pos"], spec["infos"], spec["dims"])
+        store = _WORKER_STORES.get(spec["path"])
+        if store is None:  # opened once per worker process, not once per task
+            store = _WORKER_STORES[spec["path"]] = open_store(spec["path"])
+        return _Side(store, spec["layers"], spec["pos"], spec["infos"], spec["dims"])
 
     return _group_sums(side(spec_a), None if spec_b is None else side(spec_b), batches, first_batch, repeat,
                        tokens, torch.device("cpu"), _gram_dtype(gram_dtype))

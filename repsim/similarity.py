@@ -64,8 +64,8 @@ spaces intersect and at least ``rank(X̃) + rank(Ỹ) − (n − 1)`` canonical 
 alone (all of them when p ≥ n): mean CCA would report a meaningless ≈ 1. ``cca``, ``cca_r2`` and ``pwcca`` then
 reduce each side by SVD before CCA: the top directions explaining ``keep`` (default 0.99) of the variance, and then,
 if the kept dimensions still sum above n − 1, a cap so that ``k_x + k_y ≤ n − 1`` (the larger side is cut to
-``n − 1 − k_small`` when the smaller side fits in ⌊(n − 1)/2⌋, otherwise both to ⌊(n − 1)/2⌋). ``svcca`` applies the same
-cap after its own reduction. The reduction is never silent: :func:`similarity` emits a :class:`SimilarityWarning`
+``n − 1 − k_small`` when the smaller side fits in ⌊(n − 1)/2⌋, otherwise both to ⌊(n − 1)/2⌋). ``svcca`` applies
+the same cap after its own reduction. The reduction is never silent: :func:`similarity` emits a :class:`SimilarityWarning`
 and :func:`similarity_details` reports ``rank_x``, ``dims_x``, ``variance_kept_x`` (and for Y), ``reduced`` and the
 reason under ``warnings``. Even below the bound CCA is biased upwards when k/n is not small (it fits k_x·k_y
 parameters); compare against :func:`permutation_null` rather than against 0. A rank-deficient side (collinear
@@ -939,6 +939,9 @@ _WILLIAMS = ("Williams, Kunz, Kornblith & Linderman (2021), Generalized Shape Me
 _KORNBLITH = ("Kornblith, Norouzi, Lee & Hinton (2019), Similarity of Neural Network Representations Revisited, "
               "ICML, Table 1")
 _COPIES = "bootstrap copies of an image enter as repeated rows (weights in the covariances)"
+_CCA_COPIES = (_COPIES + "; a resample holds ~63 % distinct images, so its centred rank is lower and the "
+               "degenerate-case SVD reduction can apply to resamples although not to the full data, shifting the "
+               "interval (CCA's upward bias grows as dimensions / distinct images grows)")
 _CCA_INV = ("invertible linear maps of either side (while no reduction applies)", "translation")
 _SHAPE_INV = ("orthogonal transforms", "translation", "isotropic scaling")
 
@@ -981,16 +984,16 @@ def _registry() -> dict[str, MeasureSpec]:
                  _procrustes_impl("procrustes_euclid"), _procrustes_permuter("procrustes_euclid")),
         _spec_of("cca", "similarity", (0.0, 1.0), 1.0, False, True, 3, {"keep": 0.99}, _CCA_INV,
                  "mean canonical correlation Σρ_i / min(k_x, k_y) on centred features (SVD-reduced and reported "
-                 "when rank(X̃) + rank(Ỹ) > n − 1)", _KORNBLITH + " (ρ̄_CCA)", _COPIES,
+                 "when rank(X̃) + rank(Ỹ) > n − 1)", _KORNBLITH + " (ρ̄_CCA)", _CCA_COPIES,
                  _cca_impl("cca"), _cca_permuter("cca")),
         _spec_of("cca_r2", "similarity", (0.0, 1.0), 1.0, False, True, 3, {"keep": 0.99}, _CCA_INV,
                  "R²_CCA = mean squared canonical correlation Σρ_i² / min(k_x, k_y) (same reduction rule as cca)",
-                 _KORNBLITH + " (R²_CCA)", _COPIES, _cca_impl("cca_r2"), _cca_permuter("cca_r2")),
+                 _KORNBLITH + " (R²_CCA)", _CCA_COPIES, _cca_impl("cca_r2"), _cca_permuter("cca_r2")),
         _spec_of("svcca", "similarity", (0.0, 1.0), 1.0, False, True, 3, {"keep": 0.99},
                  ("orthogonal transforms", "translation", "isotropic scaling"),
                  "SVCCA: top singular directions keeping `keep` of each side's variance, then mean canonical "
                  "correlation", "Raghu, Gilmer, Yosinski & Sohl-Dickstein (2017), SVCCA: Singular Vector Canonical "
-                 "Correlation Analysis for Deep Learning Dynamics and Interpretability, NeurIPS, Sec. 2", _COPIES,
+                 "Correlation Analysis for Deep Learning Dynamics and Interpretability, NeurIPS, Sec. 2", _CCA_COPIES,
                  _cca_impl("svcca"), _cca_permuter("svcca")),
         _spec_of("pwcca", "similarity", (0.0, 1.0), 1.0, False, False, 3, {"keep": 0.99, "weighted": "auto"},
                  ("translation", "isotropic scaling", "permutations and sign flips of features"),
@@ -998,7 +1001,7 @@ def _registry() -> dict[str, MeasureSpec]:
                  "variates (side with fewer CCA dimensions, ties → X); asymmetric",
                  "Morcos, Raghu & Bengio (2018), Insights on representational similarity in neural networks with "
                  "canonical correlation, NeurIPS, Sec. 3.2 (projection weighting); google/svcca pwcca.py",
-                 _COPIES, _pwcca_impl, _pwcca_permuter),
+                 _CCA_COPIES, _pwcca_impl, _pwcca_permuter),
         _spec_of("rsa", "similarity", (-1.0, 1.0), 1.0, True, True, 3,
                  {"rdm": "correlation", "compare": "spearman"},
                  ("rdm='correlation': per-sample positive scaling and shifts, feature permutations",
