@@ -1055,8 +1055,9 @@ _WORKER_STORES: dict[str, Any] = {}  # stores opened by Dask tasks in this worke
 
 def _side_spec(side: _Side) -> dict[str, Any]:
     """What a Dask worker needs to rebuild a :class:`_Side`: the store's path (or URL), not the open store."""
+    attrs = getattr(side.store, "attrs", {})
     return {"path": str(side.store.path), "layers": list(side.layers), "pos": side.pos, "infos": side.infos,
-            "dims": side.dims}
+            "dims": side.dims, "config": (attrs.get("config_hash"), attrs.get("created"))}
 
 
 def _remote_group_sums(spec_a: dict[str, Any], spec_b: dict[str, Any] | None, batches: list[np.ndarray],
@@ -1070,9 +1071,10 @@ def _remote_group_sums(spec_a: dict[str, Any], spec_b: dict[str, Any] | None, ba
         os._exit(1)
 
     def side(spec: dict[str, Any]) -> _Side:
-        store = _WORKER_STORES.get(spec["path"])
+        key = (spec["path"], spec["config"])  # a store rewritten in place is reopened
+        store = _WORKER_STORES.get(key)
         if store is None:  # opened once per worker process, not once per task
-            store = _WORKER_STORES[spec["path"]] = open_store(spec["path"])
+            store = _WORKER_STORES[key] = open_store(spec["path"])
         return _Side(store, spec["layers"], spec["pos"], spec["infos"], spec["dims"])
 
     return _group_sums(side(spec_a), None if spec_b is None else side(spec_b), batches, first_batch, repeat,

@@ -20,24 +20,24 @@ Measures (``MEASURES`` holds the same facts in machine-readable form)
 Notation: ``X̃ = HX`` column-centred (``H = I - 11ᵀ/n``); ``X̂ = X̃ / ‖X̃‖_F``; ``Q_X`` (n, k_x) an orthonormal basis
 of the column space of ``X̃`` (from its SVD, numerical rank ``s_i > s_1 · max(n, p) · eps``, as numpy's
 ``matrix_rank``); ``ρ_1 ≥ … ≥ ρ_m`` (``m = min(k_x, k_y)``) the canonical correlations, i.e. the singular values
-of ``Q_Xᵀ Q_Y`` (Björck & Golub 1973; Kornblith et al. 2019, Sec. 2 / Table 1).
+of ``Q_Xᵀ Q_Y`` (Björck & Golub 1973; Kornblith et al. 2019, Table 1).
 
 ``procrustes``         Williams, Kunz, Kornblith & Linderman (2021), "Generalized Shape Metrics on Neural
-                       Representations", NeurIPS, Sec. 2, the angular shape metric with the orthogonal group
+                       Representations", NeurIPS: the angular shape metric with the orthogonal group
                        (their α = 1): ``θ = min_Q arccos⟨X̂, ŶQ⟩ = arccos ν`` with ``ν = ‖X̂ᵀŶ‖_*`` (nuclear norm;
                        the smaller side is implicitly zero-padded when p ≠ q). A metric: radians in [0, π/2].
 ``procrustes_1mnu``    ``1 − ν`` in [0, 1] (a monotone transform of the same quantity, not a metric).
 ``procrustes_euclid``  ``√(2 − 2ν) = min_Q ‖X̂ − ŶQ‖_F`` in [0, √2], the Euclidean (chordal) Procrustes metric
-                       on unit-norm shapes (Williams et al. 2021, Sec. 2; Ding, Denain & Steinhardt 2021).
+                       on unit-norm shapes (Williams et al. 2021; Ding, Denain & Steinhardt 2021).
 ``cca``                mean canonical correlation ``ρ̄ = Σρ_i / m`` (Kornblith et al. 2019, Table 1, "ρ̄_CCA").
 ``cca_r2``             ``R²_CCA = Σρ_i² / m`` (Kornblith et al. 2019, Table 1). Both divide by ``m = min(k_x, k_y)``,
                        so both are symmetric.
-``svcca``              Raghu, Gilmer, Yosinski & Sohl-Dickstein (2017), "SVCCA", Sec. 2: keep the top singular
+``svcca``              Raghu, Gilmer, Yosinski & Sohl-Dickstein (2017), "SVCCA", NeurIPS: keep the top singular
                        directions of each centred side explaining ``keep`` (default 0.99) of its variance
                        (``s_i²``), then the mean canonical correlation of the two reduced sides. ``keep`` may also be
                        an int: that many directions (as the google/svcca tutorials do).
 ``pwcca``              Morcos, Raghu & Bengio (2018), "Insights on representational similarity in neural networks
-                       with canonical correlation", NeurIPS, Sec. 3.2, projection weighting: ``Σ α_i ρ_i / Σ α_i``
+                       with canonical correlation", NeurIPS, projection weighting: ``Σ α_i ρ_i / Σ α_i``
                        with ``α_i = Σ_j |⟨h_i, x̃_j⟩|``, ``h_i`` the i-th unit-norm canonical variate of the weighted
                        side and ``x̃_j`` its j-th centred feature (neuron) column. See "PWCCA conventions" below.
 ``rsa``                Kriegeskorte, Mur & Bandettini (2008), "Representational similarity analysis": the
@@ -45,7 +45,7 @@ of ``Q_Xᵀ Q_Y`` (Björck & Golub 1973; Kornblith et al. 2019, Sec. 2 / Table 1
                        ``1 − Pearson(x_i, x_j)`` between samples, or ``"euclidean"``: ``‖x_i − x_j‖``), compared by
                        the Spearman (default) or Pearson correlation of their upper triangles (k = 1, the diagonal
                        excluded). In [−1, 1].
-``mknn``               Huh, Cheung, Wang & Isola (2024), "The Platonic Representation Hypothesis", ICML, Sec. 2.3,
+``mknn``               Huh, Cheung, Wang & Isola (2024), "The Platonic Representation Hypothesis", ICML,
                        mutual k-nearest-neighbour alignment: ``mean_i |N_k(i; X) ∩ N_k(i; Y)| / k`` with
                        neighbourhoods by cosine similarity of the (uncentred) rows, the sample itself excluded.
                        As ``mutual_knn`` in the authors' platonic-rep ``metrics.py`` (L2-normalised rows, self
@@ -77,7 +77,7 @@ Morcos et al.'s code (google/svcca ``pwcca.compute_pwcca``) takes activations as
 samples are rows, so their ``acts1`` is ``X.T``, their "neurons" are our feature columns and their
 ``np.dot(P.T, acts.T)`` is our ``Hᵀ X̃`` (k × p). Kept from the official code: the weighted side is the one with fewer
 CCA dimensions (their ``sum(x_idxs) <= sum(y_idxs)``; ties → X), so ``pwcca(X, Y)`` and ``pwcca(Y, X)`` agree when
-p ≠ q and may differ when the dimensions tie (``weighted="x"`` or ``"y"`` forces a side; extra canonical directions
+the CCA dimensions differ and may differ when they tie (``weighted="x"`` or ``"y"`` forces a side; extra canonical directions
 of a larger weighted side have ρ = 0, since they are orthogonal to the other side); weights are ``Σ_j |·|`` over
 that side's neurons, normalised to sum 1; the correlations are all ``m`` of them (no trailing-zero trimming).
 Deliberately different: the official code builds its "directions" as ``u.T @ (acts - mean) + mean`` with ``u`` the
@@ -94,11 +94,12 @@ Uncertainty
 :func:`permutation_null` shuffles the pairing (rows of Y) with ``numpy.random.default_rng(seed)``; p-value
 ``(1 + #{null at least as extreme}) / (1 + n_perm)``, "extreme" meaning at least as similar as observed (≥ for
 similarities, ≤ for distances; one-sided: "more similar than chance"). What does not change under a permutation is
-computed once: Procrustes and the CCA family reduce each side to a small orthonormal factor, then one k_x × k_y SVD
-per permutation; RSA and kNN permute precomputed RDM ranks / neighbour lists; CKA permutes precomputed centred Grams
-(n ≤ 4096). :func:`bootstrap_interval` resamples images with replacement (rows of X and Y together) and reports the
+computed once: Procrustes keeps each side's (n, min(n, p)) shape factor and needs one min(n, p) × min(n, q) SVD per
+permutation; the CCA family keeps its orthonormal bases (the n × p SVDs are done once) and needs one k_x × k_y SVD;
+RSA and k-NN permute precomputed RDM ranks / neighbour lists; CKA permutes precomputed centred Grams (n ≤ 4096). :func:`bootstrap_interval` resamples images with replacement (rows of X and Y together) and reports the
 percentile interval. Bootstrap duplicates are handled per measure: RSA drops the dissimilarities between copies of
-the same image (they are 0 in both RDMs and would inflate agreement; as rsatoolbox's bootstrap does); mknn /
+the same image (they are 0 in both RDMs and would inflate agreement; as rsatoolbox's ``RDMs.subsample_pattern``
+does for its bootstrap); mknn /
 jaccard_knn find neighbours among the *distinct* resampled images and weight each by its multiplicity (copies would
 otherwise be each other's nearest neighbours in both spaces). Distinct images are ~63 % of n, so k-NN neighbourhoods
 are wider in a resample; read its interval as a spread, not as an unbiased interval. Covariance- and Gram-based
@@ -935,7 +936,7 @@ def bootstrap_interval(x: Any, y: Any, measure: str = "procrustes", n_boot: int 
 # ----------------------------------------------------------------------------------------------------
 
 _WILLIAMS = ("Williams, Kunz, Kornblith & Linderman (2021), Generalized Shape Metrics on Neural Representations, "
-             "NeurIPS, Sec. 2 (angular shape metric, orthogonal group)")
+             "NeurIPS (angular shape metric, orthogonal group, α = 1)")
 _KORNBLITH = ("Kornblith, Norouzi, Lee & Hinton (2019), Similarity of Neural Network Representations Revisited, "
               "ICML, Table 1")
 _COPIES = "bootstrap copies of an image enter as repeated rows (weights in the covariances)"
@@ -993,14 +994,14 @@ def _registry() -> dict[str, MeasureSpec]:
                  ("orthogonal transforms", "translation", "isotropic scaling"),
                  "SVCCA: top singular directions keeping `keep` of each side's variance, then mean canonical "
                  "correlation", "Raghu, Gilmer, Yosinski & Sohl-Dickstein (2017), SVCCA: Singular Vector Canonical "
-                 "Correlation Analysis for Deep Learning Dynamics and Interpretability, NeurIPS, Sec. 2", _CCA_COPIES,
+                 "Correlation Analysis for Deep Learning Dynamics and Interpretability, NeurIPS", _CCA_COPIES,
                  _cca_impl("svcca"), _cca_permuter("svcca")),
         _spec_of("pwcca", "similarity", (0.0, 1.0), 1.0, False, False, 3, {"keep": 0.99, "weighted": "auto"},
                  ("translation", "isotropic scaling", "permutations and sign flips of features"),
                  "projection-weighted CCA Σα_iρ_i/Σα_i, α_i = Σ_j|⟨h_i, x̃_j⟩| over the weighted side's canonical "
                  "variates (side with fewer CCA dimensions, ties → X); asymmetric",
                  "Morcos, Raghu & Bengio (2018), Insights on representational similarity in neural networks with "
-                 "canonical correlation, NeurIPS, Sec. 3.2 (projection weighting); google/svcca pwcca.py",
+                 "canonical correlation, NeurIPS (projection weighting); google/svcca pwcca.py",
                  _CCA_COPIES, _pwcca_impl, _pwcca_permuter),
         _spec_of("rsa", "similarity", (-1.0, 1.0), 1.0, True, True, 3,
                  {"rdm": "correlation", "compare": "spearman"},
@@ -1017,7 +1018,7 @@ def _registry() -> dict[str, MeasureSpec]:
                  ("orthogonal transforms", "isotropic scaling", "per-sample positive scaling"),
                  "mutual k-NN alignment: mean over samples of |N_k(i;X) ∩ N_k(i;Y)| / k (cosine similarity, "
                  "self excluded)", "Huh, Cheung, Wang & Isola (2024), The Platonic Representation Hypothesis, "
-                 "ICML, Sec. 2.3 (mutual nearest-neighbour metric)",
+                 "ICML (mutual nearest-neighbour metric; platonic-rep metrics.py mutual_knn)",
                  "neighbours are found among the distinct resampled images (copies excluded), each image weighted "
                  "by its number of copies; ~63 % of images are distinct, so neighbourhoods are wider than on all n",
                  _knn_impl("mknn"), _knn_permuter("mknn"), _knn_resampler("mknn")),
