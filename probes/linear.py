@@ -24,12 +24,21 @@ scales differ by orders of magnitude across depth (ViT residual streams grow, a 
 outliers), so without it one λ grid would mean something different per layer and L-BFGS would be badly
 conditioned. With ``standardize=False`` the objective is the one above on the raw features.
 
-Numerics: features are held in float32 (``precision="float32"``) or float64; the two matrix products per
-evaluation (``XW`` and ``Xᵀ(P − Y)``) run in that precision with TF32 off; the softmax, the loss, the gradient
-sums, the parameters and the L-BFGS state are float64. ``precision="auto"`` uses float64 when a product is
-small (n·d·c ≤ 2²⁸) and float32 otherwise. L-BFGS: ``torch.optim.LBFGS`` with a strong-Wolfe line search,
-stopped when ``max|∇L| ≤ tol`` (scikit-learn's ``tol`` for lbfgs is the same test on the same objective) or
-after ``max_iter`` iterations; ``converged`` reports the gradient test at the returned point.
+Numerics: the standardised features are held in float32 or float64 (``precision``; ``"auto"`` takes float64
+when n·d·c ≤ 2²⁸, i.e. whenever it is cheap, float32 otherwise). The two products per evaluation (``XW`` and
+``Xᵀ(P − Y)``) and the softmax run in that precision with TF32 off; the sums over samples, the penalty, the
+parameters and the L-BFGS state are float64. The mean/std statistics are float64.
+
+Solver: ``torch.optim.LBFGS`` (strong-Wolfe line search, history ``history_size``), full batch, on diagonally
+rescaled parameters ``u = D ⊙ θ`` with ``D = max(1, √(λ + q·E[x_j²]))`` for the weights of feature j, 1 for the
+biases, ``q = (1/c)(1 − 1/c)``: the square root of the Hessian diagonal at W = 0, so strongly regularised
+weights (curvature up to 1e5) and the unpenalised biases (curvature ~1/c) are equally conditioned. Stopping
+test (``converged``): ``max_i |∂L/∂θ_i| / D_i ≤ tol``; since D = 1 for biases and for all weights whenever
+λ + q·E[x²] ≤ 1 (λ ≲ 1 on standardised features), this is scikit-learn's lbfgs test ``max|∇L| ≤ tol`` there,
+and the gradient in the preconditioned metric for stronger regularisation, where an absolute test would ask
+for changes of L below float64 resolution. Defaults: ``tol = 1e-5`` (scikit-learn's default is 1e-4),
+``max_iter = 1000`` per strength, ``history_size = 20``; a fit that stops early (iteration cap, or no
+further decrease representable in float64) is flagged ``converged=False`` and warned about.
 
 Warm starts: the path runs from the strongest to the weakest regularisation, each fit starting from the
 previous solution (the problem is strictly convex for λ > 0, so the solution does not depend on the start).
@@ -444,8 +453,8 @@ def fit_logreg(
     non-negative values; the classes are those of ``y_train``, plus ``y_val``'s with ``refit``). ``lambdas``:
     the strengths λ of the objective (default :data:`DEFAULT_LAMBDAS`, 45 log-spaced values in [1e-6, 1e5]);
     fitted strongest first, each from the previous solution when ``warm_start`` (else from zero). One λ needs
-    no validation set. ``patience``: stop the path after that many strengths without a new best validation
-    score (None: fit the whole grid, as the protocol does). ``refit``: refit on train + val at the chosen λ
+    no validation set. ``patience``: stop the path once that many strengths have scored below the best validation
+    score so far (equal scores do not count; None: fit the whole grid, as the protocol does). ``refit``: refit on train + val at the chosen λ
     (warm-started) and return that model. ``tol`` / ``max_iter`` / ``history_size``: L-BFGS stopping test
     ``max|∇L| ≤ tol``, iteration cap per strength, and memory. Returns a :class:`LinearFit`.
     """
@@ -511,7 +520,7 @@ def fit_logreg(
             bar.set_postfix(val=f"{100 * score:.1f}%", it=it)
             if score > best_score:  # strictly better: ties keep the earlier, larger λ
                 best, best_score, theta_best, since_best = i, score, theta, 0
-            else:
+            elif score < best_score:  # a plateau (e.g. chance level at the strong end) is not a decline
                 since_best += 1
                 if patience is not None and since_best >= patience:
                     break
@@ -847,7 +856,8 @@ class ProbeResult:
         names = labels or [r.label for r in results]
         depth = [[row for row in r.rows if len(row.layers) == 1 or not row.layer.startswith("concat")]
                  for r in results]
-        same = all([row.layer for row in rows] == [row.layer for row in depth[0]] for rows in depth)
+        curves = [[row.layer for row in rows] for rows in depth if rows]
+        same = all(c == curves[0] for c in curves)
         if ax is None:
             n_max = max(len(rows) for rows in depth) or 1
             fig = Figure(figsize=(min(4 + 0.35 * n_max, 14), 4.2))
@@ -869,12 +879,11 @@ class ProbeResult:
         n_classes = self.protocol.get("n_classes")
         if n_classes:
             ax.axhline(100.0 / n_classes, ls=":", lw=1, color="0.5", label="chance")
-        if same and depth[0]:
-            ticks = np.arange(len(depth[0]))
+        if same and curves:
+            ticks = np.arange(len(curves[0]))
             step = max(1, int(np.ceil(len(ticks) / 30)))
             ax.set_xticks(ticks[::step])
-            ax.set_xticklabels(short_layer_names([row.layer for row in depth[0]])[::step], rotation=60,
-                               ha="right", fontsize=8)
+            ax.set_xticklabels(short_layer_names(curves[0])[::step], rotation=60, ha="right", fontsize=8)
             ax.set_xlabel("layer (network order)")
         else:
             ax.set_xlabel("relative depth (layer index / (layers − 1))")

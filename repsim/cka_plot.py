@@ -55,37 +55,48 @@ def _ticks(n: int) -> np.ndarray:
 def plot_cka(result: "CKAResult", path: str | os.PathLike | None, ax: Any = None) -> Any:
     """Draw ``result.values`` as a heat map on ``ax`` (a new figure when None), save to ``path`` (PNG, PDF,
     … by extension) when given, and return the Axes. Colour scale fixed to [0, 1], bar labelled "CKA"."""
-    # A bare Figure (no pyplot): renders headless with Agg, leaves the user's backend and figure list alone.
-    from matplotlib.figure import Figure
-
-    values = np.asarray(result.values, dtype=float)
-    if ax is None:
-        la, lb = values.shape
-        fig = Figure(figsize=(min(3 + 0.22 * lb, 14), min(2.5 + 0.22 * la, 13)))
-        ax = fig.subplots()
-    else:
-        fig = ax.figure
-    im = ax.imshow(values, origin="lower", cmap="magma", vmin=0.0, vmax=1.0, aspect="auto",
-                   interpolation="nearest")
-    cbar = fig.colorbar(im, ax=ax)
-    cbar.set_label("CKA")
-    ya, xb = _ticks(values.shape[0]), _ticks(values.shape[1])
-    names_a, names_b = short_layer_names(result.layers_a), short_layer_names(result.layers_b)
-    ax.set_yticks(ya)
-    ax.set_yticklabels([names_a[i] for i in ya], fontsize=7)
-    ax.set_xticks(xb)
-    ax.set_xticklabels([names_b[i] for i in xb], fontsize=7, rotation=90)
-    model_a = model_label(result.model_a) or "model A"
-    model_b = model_label(result.model_b) or "model B"
-    ax.set_ylabel(f"{model_a} layer")
-    ax.set_xlabel(f"{model_b} layer")
     how = f"{result.estimator} CKA ({result.kernel}, tokens={result.tokens}), n={result.n}"
     if result.estimator == "minibatch" and result.batch_size:
         how += f", batch {result.batch_size}"
         if result.repeats > 1:
             how += f", {result.repeats} repeats"
-    same = result.path_a == result.path_b
-    ax.set_title(f"{model_a}" + ("" if same else f" vs {model_b}") + f"\n{how}", fontsize=9)
+    return plot_layer_map(result.values, result.layers_a, result.layers_b, model_a=result.model_a,
+                          model_b=result.model_b, same_store=result.path_a == result.path_b, subtitle=how,
+                          label="CKA", vmin=0.0, vmax=1.0, path=path, ax=ax)
+
+
+def plot_layer_map(values: Any, layers_a: Sequence[str], layers_b: Sequence[str], *, model_a: str = "",
+                   model_b: str = "", same_store: bool = False, subtitle: str = "", label: str = "",
+                   vmin: float | None = None, vmax: float | None = None, reverse: bool = False,
+                   path: str | os.PathLike | None = None, ax: Any = None) -> Any:
+    """Layer × layer heat map (rows: ``layers_a`` from the bottom, columns: ``layers_b``), colour bar
+    ``label``; ``reverse`` flips the colour map so that for distances, too, bright means alike."""
+    # A bare Figure (no pyplot): renders headless with Agg, leaves the user's backend and figure list alone.
+    from matplotlib.figure import Figure
+
+    values = np.asarray(values, dtype=float)
+    if ax is None:
+        la, lb = values.shape
+        fig = Figure(figsize=(min(max(5.0, 3 + 0.22 * lb), 14), min(max(4.0, 2.5 + 0.22 * la), 13)))
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    im = ax.imshow(values, origin="lower", cmap="magma_r" if reverse else "magma", vmin=vmin, vmax=vmax,
+                   aspect="auto", interpolation="nearest")
+    cbar = fig.colorbar(im, ax=ax)
+    cbar.set_label(label)
+    ya, xb = _ticks(values.shape[0]), _ticks(values.shape[1])
+    names_a, names_b = short_layer_names(layers_a), short_layer_names(layers_b)
+    ax.set_yticks(ya)
+    ax.set_yticklabels([names_a[i] for i in ya], fontsize=7)
+    ax.set_xticks(xb)
+    ax.set_xticklabels([names_b[i] for i in xb], fontsize=7, rotation=90)
+    model_a = model_label(model_a) or "model A"
+    model_b = model_label(model_b) or "model B"
+    ax.set_ylabel(f"{model_a} layer")
+    ax.set_xlabel(f"{model_b} layer")
+    ax.set_title(f"{model_a}" + ("" if same_store else f" vs {model_b}") + (f"\n{subtitle}" if subtitle else ""),
+                 fontsize=9)
     if path is not None:
         fig.tight_layout()
         fig.savefig(os.fspath(path), dpi=150)

@@ -534,6 +534,80 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
         click.echo("wrote " + ", ".join(written))
 
 
+@cli.command()
+@click.argument("store_a", type=click.Path())
+@click.argument("store_b", type=click.Path(), required=False)
+@click.option("--measure", "measures", default="procrustes", show_default=True,
+              help="One or more comma-separated measures: procrustes, procrustes_1mnu, procrustes_euclid, cca, "
+                   "cca_r2, svcca, pwcca, rsa, mknn, jaccard_knn, cka, cka_debiased, cka_rbf.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="JSON result; with several measures one file each, named <stem>_<measure>.json.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Heat map; with several measures <stem>_<measure>.png. Bright = alike for every measure.")
+@click.option("--tokens", type=click.Choice(["mean", "flatten", "cls"]), default="mean", show_default=True,
+              help="How token / map layers become one row per image (mean keeps CCA and Procrustes well-posed).")
+@click.option("--null", type=int, default=0, show_default=True,
+              help="Permutation null with R shuffles of the image pairing per cell: p-values in the JSON.")
+@click.option("--bootstrap", type=int, default=0, show_default=True,
+              help="Percentile bootstrap over images with R resamples: ci_low / ci_high in the JSON.")
+@click.option("--level", type=float, default=0.95, show_default=True, help="Bootstrap interval level.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the null and the bootstrap.")
+@click.option("--layers-a", multiple=True, help="Layers of STORE_A (repeatable or comma-separated; default all).")
+@click.option("--layers-b", multiple=True, help="Layers of STORE_B (default all).")
+@click.option("--align", type=click.Choice(["fingerprint", "ids"]), default="fingerprint", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compare(store_a, store_b, measures, out, plot_path, tokens, null, bootstrap, level, seed, layers_a, layers_b,
+            align, quiet) -> None:
+    """Layer x layer maps of other similarity measures (Procrustes, CCA family, RSA, k-NN, CKA variants).
+
+    \b
+    Examples:
+      repsim compare a.zarr b.zarr --measure procrustes --out proc.json --plot proc.png
+      repsim compare a.zarr b.zarr --measure cka,svcca,pwcca,rsa,mknn --tokens mean
+      repsim compare a.zarr b.zarr --measure cka --null 200 --bootstrap 200
+
+    Each measure states its orientation (similarity or distance) and range in the output. Measures
+    that need all samples at once read every layer whole; for large n prefer `repsim cka` (minibatch).
+    """
+    from repsim.cka_plot import short_layer_names
+    from repsim.compare import compare_matrix
+    from repsim.similarity import MEASURES
+    from repsim.store import open_store
+
+    names = [m.strip() for m in measures.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MEASURES]
+    if unknown or not names:
+        raise UsageError(f"unknown measure {unknown[0] if unknown else measures!r}; choose from {', '.join(MEASURES)}")
+    a = open_store(store_a)
+    b = open_store(store_b) if store_b is not None else None
+
+    def target(path: str | None, name: str) -> str | None:
+        if path is None or len(names) == 1:
+            return path
+        stem, ext = os.path.splitext(path)
+        return f"{stem}_{name}{ext}"
+
+    for name in names:
+        result = compare_matrix(a, b, measure=name, tokens=tokens, layers_a=_split_layers(layers_a),
+                                layers_b=_split_layers(layers_b), align=align, null=null, bootstrap=bootstrap,
+                                level=level, seed=seed, progress=not quiet)
+        json_path, png_path = target(out, name), target(plot_path, name)
+        if json_path:
+            result.to_json(json_path)
+        if png_path:
+            result.plot(png_path)
+        names_a = short_layer_names(result.layers_a)
+        width = max(len(x) for x in names_a)
+        click.echo(f"{name} ({result.spec['orientation']}; range {result.spec['range']}), tokens={tokens}, "
+                   f"n={result.n}" + (f"; {len(result.notes)} cells adjusted (see JSON notes)" if result.notes else ""))
+        click.echo(" " * width + "  " + " ".join(f"{j:>6d}" for j in range(len(result.layers_b))))
+        for row_name, row in zip(names_a, result.values):
+            click.echo(f"{row_name:>{width}}  " + " ".join(f"{v:6.3f}" for v in row))
+        for path in (json_path, png_path):
+            if path:
+                click.echo(f"wrote {path}")
+
+
 def _erf(s, out, plot_path, images: int, device: str) -> None:
     from hooks.erf import store_erf
     from repsim.attention_plot import plot_erf

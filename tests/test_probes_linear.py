@@ -77,13 +77,13 @@ def _onehot_data(n=400, c=4, d=12, noise=0.3, seed=0):
     return X.astype(np.float32), y
 
 
-def _overlap_data(n=600, d=50, c=5, seed=0, sep=0.6):
+def _overlap_data(n=600, d=50, c=5, seed=0, sep=0.3, offset=2.0, spread=0.5):
     """Gaussian classes with overlap (~70-85% separable), heterogeneous feature scales and an offset."""
     rng = np.random.default_rng(seed)
     y = _balanced_labels(n, c, rng)
     means = sep * rng.standard_normal((c, d))
     X = means[y] + rng.standard_normal((n, d))
-    X = X * np.exp(rng.normal(0, 0.5, d)) + 2.0
+    X = X * np.exp(rng.normal(0, spread, d)) + offset
     return X, y
 
 
@@ -151,10 +151,11 @@ def test_logreg_matches_sklearn_at_the_same_strength(standardize):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    X, y = _overlap_data(n=1000, seed=3)
+    # raw features: mild scales (scikit-learn needs ~1000 iterations on badly scaled raw features)
+    X, y = _overlap_data(n=1000, seed=3) if standardize else _overlap_data(n=1000, seed=3, offset=0.5, spread=0.2)
     Xt, yt, Xs, ys = X[:600], y[:600], X[600:], y[600:]
     lam = 1e-2
-    fit = fit_logreg(Xt, yt, lambdas=[lam], standardize=standardize, tol=1e-9, max_iter=5000, device="cpu",
+    fit = fit_logreg(Xt, yt, lambdas=[lam], standardize=standardize, tol=1e-7, max_iter=5000, device="cpu",
                      precision="float64")
     assert fit.final_converged and fit.C == pytest.approx(1 / (lam * 600))
     A, B = Xt, Xs
@@ -176,7 +177,7 @@ def test_logreg_matches_sklearn_at_the_same_strength(standardize):
 def test_logreg_float32_agrees_with_float64():
     X, y = _overlap_data(n=800, seed=4)
     f64 = fit_logreg(X[:600], y[:600], lambdas=[3e-3], tol=1e-8, device="cpu", precision="float64")
-    f32 = fit_logreg(X[:600], y[:600], lambdas=[3e-3], tol=1e-6, device="cpu", precision="float32")
+    f32 = fit_logreg(X[:600], y[:600], lambdas=[3e-3], tol=1e-5, device="cpu", precision="float32")
     assert f32.precision == "float32" and f32.final_converged
     np.testing.assert_allclose(f32.coef, f64.coef, atol=2e-3 * np.abs(f64.coef).max())
     assert np.mean(f32.predict(X[600:]) == f64.predict(X[600:])) >= 0.99
@@ -203,42 +204,55 @@ def test_warm_start_path_equals_cold_fit_at_the_chosen_strength():
     X, y = _overlap_data(n=700, seed=7)
     Xt, yt, Xv, yv = X[:500], y[:500], X[500:], y[500:]
     grid = np.logspace(-4, 2, 13)
-    path = fit_logreg(Xt, yt, Xv, yv, grid, tol=1e-9, max_iter=5000, device="cpu")
-    cold = fit_logreg(Xt, yt, lambdas=[path.lam], tol=1e-9, max_iter=5000, device="cpu", warm_start=False)
+    path = fit_logreg(Xt, yt, Xv, yv, grid, tol=1e-7, max_iter=5000, device="cpu")
+    cold = fit_logreg(Xt, yt, lambdas=[path.lam], tol=1e-7, max_iter=5000, device="cpu", warm_start=False)
     assert path.converged.all() and cold.final_converged
     assert path.lambdas[0] == grid.max() and np.all(np.diff(path.lambdas) < 0)  # strong → weak
     np.testing.assert_allclose(path.coef, cold.coef, atol=1e-6 * max(1.0, np.abs(cold.coef).max()))
     np.testing.assert_allclose(path.intercept - path.intercept.mean(), cold.intercept - cold.intercept.mean(),
                                atol=1e-6 * max(1.0, np.abs(cold.intercept).max()))
     # warm starts pay: fewer iterations along the path than cold fits of the same strengths
-    cold_all = fit_logreg(Xt, yt, Xv, yv, grid, tol=1e-9, max_iter=5000, device="cpu", warm_start=False)
+    cold_all = fit_logreg(Xt, yt, Xv, yv, grid, tol=1e-7, max_iter=5000, device="cpu", warm_start=False)
     assert path.n_iter.sum() < cold_all.n_iter.sum()
     np.testing.assert_array_equal(path.val_top1, cold_all.val_top1)
 
 
 def test_chosen_strength_grows_with_fewer_samples_and_noisier_features():
-    rng = np.random.default_rng(11)
+    # Classes differ along directions that also carry large nuisance variance, so the best direction is
+    # Σ⁻¹μ, which needs weak regularisation (strong λ tends to the class-mean direction μ). With many samples
+    # and few features weak λ wins; with 60 samples and 400 extra noise features strong λ must win.
+    g = np.random.default_rng(0)
+    d = 20
+    U, _ = np.linalg.qr(g.standard_normal((d, d)))
+    mu = 0.4 * g.standard_normal((3, d)) + 2.0 * g.standard_normal((3, 3)) @ U[:, :3].T
+    rng = np.random.default_rng(1)
 
     def data(n, d_noise):
         y = _balanced_labels(n, 3, rng)
-        signal = 1.2 * np.eye(3)[y] + rng.standard_normal((n, 3))
-        return np.hstack([signal, rng.standard_normal((n, d_noise))]).astype(np.float32), y
+        X = mu[y] + 5.0 * rng.standard_normal((n, 3)) @ U[:, :3].T + rng.standard_normal((n, d))
+        return np.hstack([X, rng.standard_normal((n, d_noise))]).astype(np.float32), y
 
-    lam = {}
-    for name, (n, dn) in {"easy": (3000, 2), "hard": (90, 300)}.items():
+    fits = {}
+    for name, (n, dn) in {"easy": (3000, 0), "hard": (60, 400)}.items():
         X, y = data(n, dn)
         Xv, yv = data(1500, dn)
-        lam[name] = fit_logreg(X, y, Xv, yv, device="cpu").lam
-    assert lam["hard"] > 10 * lam["easy"], lam
+        fits[name] = fit_logreg(X, y, Xv, yv, device="cpu")
+    easy, hard = fits["easy"], fits["hard"]
+    assert hard.lam >= 100 * easy.lam, (hard.lam, easy.lam)
+    assert hard.val_top1[hard.best_index] > hard.val_top1[-1]  # regularising helped
+    assert easy.val_top1[easy.best_index] > easy.val_top1[0] + 0.1  # and hurt when strong
+    # patience: the hard curve declines after its peak, so the path can stop early at the same choice
+    short = fit_logreg(X, y, Xv, yv, device="cpu", patience=5)
+    assert len(short.lambdas) < 45 and short.lam == hard.lam
 
 
-def test_ties_go_to_the_stronger_regularisation_and_patience_stops_early():
+def test_ties_go_to_the_stronger_regularisation():
     X, y = _onehot_data(n=300, seed=2)
-    fit = fit_logreg(X[:200], y[:200], X[200:], y[200:], device="cpu")
-    best = fit.val_top1.max()
-    assert fit.lam == fit.lambdas[np.flatnonzero(fit.val_top1 == best)].max()
-    short = fit_logreg(X[:200], y[:200], X[200:], y[200:], device="cpu", patience=3)
-    assert len(short.lambdas) < 45 and short.lam == fit.lam
+    for fit in (fit_logreg(X[:200], y[:200], X[200:], y[200:], device="cpu"),
+                ridge_classify(X[:200], y[:200], X[200:], y[200:], device="cpu")):
+        best = fit.val_top1.max()
+        assert np.sum(fit.val_top1 == best) > 1  # a plateau
+        assert fit.lam == fit.lambdas[np.flatnonzero(fit.val_top1 == best)].max()
 
 
 def test_array_api_refusals():

@@ -461,6 +461,17 @@ def test_rsa_matches_rsatoolbox() -> None:
         rx, ry = calc_rdm(Dataset(x), method="correlation"), calc_rdm(Dataset(y), method="correlation")
         expected = float(compare(rx, ry, method="corr")[0, 0])
     assert similarity(x, y, "rsa", compare="pearson") == pytest.approx(expected, abs=1e-8)
+    # bootstrap duplicates: rsatoolbox's RDMs.subsample_pattern marks copy-pair dissimilarities NaN and drops them
+    idx = np.random.default_rng(0).integers(0, 40, 40)
+    spec = MEASURES["rsa"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for compare_, method in (("spearman", "spearman"), ("pearson", "corr")):
+            rdms = [calc_rdm(Dataset(a, obs_descriptors={"image": np.arange(40)}), method="correlation",
+                             descriptor="image").subsample_pattern("image", idx) for a in (x, y)]
+            expected = float(compare(*rdms, method=method)[0, 0])
+            got = spec._resampler(x, y, {**spec.options, "compare": compare_})(idx)
+            assert got == pytest.approx(expected, abs=1e-10)
 
 
 def test_rsa_invariances() -> None:
