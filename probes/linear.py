@@ -341,38 +341,47 @@ class _SoftmaxProblem:
         self.block = max(1, min(self.n, (1 << 24) // max(c, 1)))
         self.cpu = Xs.device.type == "cpu"
         self.threads = (threads or _heavy_threads(self.n, self.d, c)) if self.cpu else None
-        self.evals = 0
+        self.evals = 0  # passes over the data
+        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def loss_grad(self, theta: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L(θ), ∇L(θ)), both float64. Products and softmax in ``X.dtype``; the sums over samples, the
-        penalty and the gradient assembly in float64."""
+        """(L(θ), ∇L(θ)), both float64. The two products in ``X.dtype``; logits + bias, log-softmax, the sums
+        over samples, the penalty and the gradient assembly in float64 (a float32 softmax leaves ~1e-9 noise in
+        L, enough to stall the line search on the biases at strong regularisation). The data part at the last
+        θ is cached: a new λ at the same θ (warm start) costs no pass over the data."""
         d, c, n, dt = self.d, self.c, self.n, self.X.dtype
         W = theta[: d * c].view(d, c)
         b = theta[d * c:]
-        Wd, bd = W.to(dt), b.to(dt)
-        gW = torch.zeros((d, c), dtype=dt, device=theta.device)
-        gb = torch.zeros(c, dtype=torch.float64, device=theta.device)
-        nll = torch.zeros((), dtype=torch.float64, device=theta.device)
-        with _num_threads(self.threads):
-            for lo in range(0, n, self.block):
-                Xb, yb = self.X[lo:lo + self.block], self.y[lo:lo + self.block]
-                logp = torch.addmm(bd, Xb, Wd).log_softmax(dim=1)
-                nll -= logp.gather(1, yb[:, None]).sum(dtype=torch.float64)
-                p = logp.exp_()  # softmax probabilities, in place
-                p.scatter_add_(1, yb[:, None], self._minus_one(yb.shape[0], dt, p.device))
-                gb += p.sum(0, dtype=torch.float64)
-                gW.addmm_(Xb.T, p)
-        grad = torch.empty_like(theta)
-        torch.add(gW.to(torch.float64).reshape(-1).div_(n), theta[: d * c], alpha=lam, out=grad[: d * c])
-        torch.div(gb, n, out=grad[d * c:])
-        loss = nll / n + 0.5 * lam * torch.dot(theta[: d * c], theta[: d * c])
-        self.evals += 1
+        cached = self._cache
+        if cached is not None and torch.equal(cached[0], theta):
+            nll_n, gdata = cached[1], cached[2]
+        else:
+            Wd = W.to(dt)
+            gW = torch.zeros((d, c), dtype=dt, device=theta.device)
+            gb = torch.zeros(c, dtype=torch.float64, device=theta.device)
+            nll = torch.zeros((), dtype=torch.float64, device=theta.device)
+            with _num_threads(self.threads):
+                for lo in range(0, n, self.block):
+                    Xb, yb = self.X[lo:lo + self.block], self.y[lo:lo + self.block]
+                    logp = torch.mm(Xb, Wd).to(torch.float64).add_(b).log_softmax(dim=1)
+                    nll -= logp.gather(1, yb[:, None]).sum()
+                    p = logp.exp_()  # softmax probabilities, in place
+                    p.scatter_add_(1, yb[:, None], self._minus_one(yb.shape[0], p.device))
+                    gb += p.sum(0)
+                    gW.addmm_(Xb.T, p.to(dt))
+            nll_n = nll / n
+            gdata = torch.cat([gW.to(torch.float64).reshape(-1), gb]).div_(n)
+            self._cache = (theta.clone(), nll_n, gdata)
+            self.evals += 1
+        grad = gdata.clone()
+        grad[: d * c].add_(theta[: d * c], alpha=lam)
+        loss = nll_n + 0.5 * lam * torch.dot(theta[: d * c], theta[: d * c])
         return loss, grad
 
-    def _minus_one(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def _minus_one(self, rows: int, device: torch.device) -> torch.Tensor:
         m = getattr(self, "_m1", None)
         if m is None or m.shape[0] < rows:
-            m = self._m1 = torch.full((rows, 1), -1.0, dtype=dtype, device=device)
+            m = self._m1 = torch.full((rows, 1), -1.0, dtype=torch.float64, device=device)
         return m[:rows]
 
     def preconditioner(self, lam: float) -> torch.Tensor:
@@ -390,9 +399,9 @@ class _SoftmaxProblem:
         dw = torch.clamp(torch.sqrt(lam + q * self._m2), min=1.0)[:, None].expand(self.d, self.c).reshape(-1)
         return torch.cat([dw, torch.ones(self.c, dtype=torch.float64, device=self.X.device)])
 
-    def solve(self, lam: float, theta0: torch.Tensor, tol: float, max_iter: int, history: int
-              ) -> tuple[torch.Tensor, bool, int, float]:
-        """Minimise from ``theta0``; returns (θ, converged, iterations, max_i |∂L/∂θ_i| / D_i at θ).
+    def solve(self, lam: float, theta0: torch.Tensor, tol: float, max_iter: int, history: int,
+              memory: "_Memory | None" = None) -> tuple[torch.Tensor, bool, int, float, "_Memory | None"]:
+        """Minimise from ``theta0``; returns (θ, converged, iterations, max_i |∂L/∂θ_i| / D_i at θ, memory).
 
         L-BFGS runs on ``u = D ⊙ θ`` (:meth:`preconditioner`) and stops when ``max|∇_u L| = max_i |∂L/∂θ_i| / D_i
         ≤ tol``: scikit-learn's test ``max|∇L| ≤ tol`` wherever ``D_i = 1`` (all biases; all weights when
@@ -400,31 +409,79 @@ class _SoftmaxProblem:
         strongly regularised weights (an absolute test there asks for changes of L below float64 resolution:
         at λ = 1e5 a step that halves a 2e-5 gradient lowers L by ~1e-15). The flag re-checks that test at the
         returned point.
+
+        ``memory``: the curvature pairs of the previous strength's solve (warm starts along the path). The data
+        term does not depend on λ, so a pair (s, y) of strength λ' is exactly a pair of strength λ after
+        ``y += (λ − λ')·s`` on the weight coordinates; the solver starts with that memory instead of a
+        steepest-descent step of length 1/‖g‖₁ (the first step of a fresh L-BFGS), saving most of the
+        iterations a warm start would otherwise spend rebuilding curvature.
         """
         D = self.preconditioner(lam)
-        u = (theta0.detach() * D).clone()
+        theta0 = theta0.detach()
+        u = (theta0 * D).clone()
+        u0 = u.clone()
         opt = torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, max_eval=max(2 * max_iter, 25),
                                 tolerance_grad=tol, tolerance_change=1e-14, history_size=history,
                                 line_search_fn="strong_wolfe")
-        last: dict[str, torch.Tensor] = {}
 
         def closure() -> torch.Tensor:
-            theta = u.detach() / D
+            theta = theta0 if torch.equal(u, u0) else u.detach() / D  # the start exactly: a cache hit
             loss, grad = self.loss_grad(theta, lam)
-            last["u"], last["grad"] = u.detach().clone(), grad
             u.grad = grad / D
             return loss
 
+        start_iter = 0
+        if memory is not None and memory.pairs:
+            start_iter = memory.install(opt, u, lam, D, self.d * self.c)
         with _num_threads(1 if self.cpu else None):
             opt.step(closure)
-        n_iter = int(opt.state[u].get("n_iter", 0)) if u in opt.state else 0
-        theta = u.detach() / D
-        if "u" in last and torch.equal(last["u"], u.detach()):
-            grad = last["grad"]  # the optimiser's last evaluation was at the returned point
-        else:
-            _, grad = self.loss_grad(theta, lam)
+        state = opt.state.get(u, {})
+        n_iter = int(state.get("n_iter", 0)) - start_iter
+        theta = theta0 if torch.equal(u, u0) else u.detach() / D
+        _, grad = self.loss_grad(theta, lam)  # cached when the optimiser's last evaluation was here
         gmax = float((grad / D).abs().max())
-        return theta, bool(gmax <= tol), n_iter, gmax
+        return theta, bool(gmax <= tol), n_iter, gmax, _Memory.harvest(state, lam, D)
+
+
+class _Memory:
+    """L-BFGS curvature pairs in θ coordinates, tagged with the strength they were measured at."""
+
+    KEYS = ("d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "n_iter")
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], lam: float):
+        self.pairs, self.lam = pairs, lam
+
+    @classmethod
+    def harvest(cls, state: dict[str, Any], lam: float, D: torch.Tensor) -> "_Memory | None":
+        """From torch's LBFGS state (u = D ⊙ θ: s_θ = s_u / D, y_θ = y_u · D); None if the state is not the
+        layout this code knows (then warm starts simply begin with fresh curvature)."""
+        if not all(k in state for k in ("old_dirs", "old_stps")):
+            return None
+        pairs = [(s_u / D, y_u * D) for s_u, y_u in zip(state["old_stps"], state["old_dirs"])]
+        return cls(pairs, lam)
+
+    def install(self, opt: torch.optim.LBFGS, u: torch.Tensor, lam: float, D: torch.Tensor, n_w: int) -> int:
+        """Seed a fresh optimiser's state with the pairs moved to strength ``lam`` and scaling ``D``; returns
+        the iteration count it starts from (its first iteration then takes the L-BFGS direction, step 1)."""
+        dirs, stps, ro = [], [], []
+        for s_t, y_t in self.pairs:
+            y_t = y_t.clone()
+            y_t[:n_w].add_(s_t[:n_w], alpha=lam - self.lam)
+            s_u, y_u = s_t * D, y_t / D
+            ys = float(y_u.dot(s_u))
+            if ys > 1e-10:
+                dirs.append(y_u)
+                stps.append(s_u)
+                ro.append(1.0 / ys)
+        if not dirs:
+            return 0
+        state = opt.state[u]
+        state.update({
+            "func_evals": 0, "n_iter": 1, "d": torch.zeros_like(u), "t": 0.0, "old_dirs": dirs,
+            "old_stps": stps, "ro": ro, "H_diag": float(dirs[-1].dot(stps[-1]) / dirs[-1].dot(dirs[-1])),
+            "prev_flat_grad": torch.zeros_like(u), "prev_loss": None,
+        })
+        return 1
 
 
 def fit_logreg(
@@ -498,13 +555,15 @@ def fit_logreg(
             Xv = scaler.apply(_to_device(X_val, dev), dt)
             yv_idx = _encode(y_val, classes)
         theta = torch.zeros(d * c + c, dtype=torch.float64, device=dev)
+        memory = None
         top1, mpc, conv, iters, secs, gmaxes = [], [], [], [], [], []
         best, best_score, theta_best, since_best = 0, -1.0, theta, 0
         bar = tqdm(path, desc=desc, unit="λ", disable=not progress, leave=False, dynamic_ncols=True)
         for i, lam in enumerate(bar):
             t0 = time.perf_counter()
-            start = theta if warm_start else torch.zeros_like(theta)
-            theta, ok, it, gm = prob.solve(float(lam), start, tol, max_iter, history_size)
+            if not warm_start:
+                theta, memory = torch.zeros_like(theta), None
+            theta, ok, it, gm, memory = prob.solve(float(lam), theta, tol, max_iter, history_size, memory)
             secs.append(time.perf_counter() - t0)
             gmaxes.append(gm)
             conv.append(ok)
@@ -541,7 +600,7 @@ def fit_logreg(
             Xs = scaler.apply(Xa, dt)
             del Xa
             prob = _SoftmaxProblem(Xs, torch.from_numpy(_encode(y_all, classes)).to(dev), c)
-            theta_best, ok, it, gmax = prob.solve(lam_best, theta0, tol, max_iter, history_size)
+            theta_best, ok, it, gmax, _ = prob.solve(lam_best, theta0, tol, max_iter, history_size)
             n_fit = X_all.shape[0]
         else:
             ok, it, gmax = conv[best], iters[best], gmaxes[best]

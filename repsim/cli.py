@@ -608,6 +608,66 @@ def compare(store_a, store_b, measures, out, plot_path, tokens, null, bootstrap,
                 click.echo(f"wrote {path}")
 
 
+@cli.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path())
+@click.option("--method", type=click.Choice(["logreg", "ridge", "knn"]), default="logreg", show_default=True,
+              help="logreg: multinomial logistic regression, L-BFGS, L2 strength chosen on a validation split "
+                   "(Kornblith et al. 2019); ridge: closed form on one-hot targets (fast screening); knn: "
+                   "weighted k-NN (DINO).")
+@click.option("--features", default="mean", show_default=True,
+              help="cls | mean | gap | concat-last-K (e.g. concat-last-4): how a layer becomes one vector per image.")
+@click.option("--split", type=float, default=0.2, show_default=True,
+              help="Test fraction (seeded, stratified); ignored with --test-store.")
+@click.option("--test-store", type=click.Path(), default=None,
+              help="Evaluate on this store's images instead (same model and layers; no shared ids).")
+@click.option("--layers", "layer_list", multiple=True, help="Layers to probe (comma-separated ok; default all).")
+@click.option("--k", type=int, default=20, show_default=True, help="Neighbours for --method knn.")
+@click.option("--temperature", type=float, default=0.07, show_default=True, help="k-NN vote temperature.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="JSON per layer: test top-1, mean per-class accuracy, chosen strength, convergence; best_layer; "
+                   "the protocol. With several stores: <stem>_<i>.json.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Accuracy vs depth; several stores share one axis.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def probe(stores, method, features, split, test_store, layer_list, k, temperature, seed, device, out, plot_path,
+          quiet) -> None:
+    """Linear (or k-NN) transfer accuracy of every layer, from stored activations and the stores' labels.
+
+    \b
+    Examples:
+      repsim probe vit_b16.zarr --split 0.2 --out vit_probe.json --plot vit_probe.png
+      repsim probe vit_b16_train.zarr --test-store vit_b16_test.zarr --method logreg --features cls
+      repsim probe resnet50.zarr --method knn --k 20
+      repsim probe vit.zarr resnet.zarr --plot both.png        # several models on one axis
+    """
+    import probes
+    from repsim.store import open_store
+
+    if test_store is not None and len(stores) > 1:
+        raise UsageError("--test-store applies to one store; probe the others separately")
+    test = open_store(test_store) if test_store else None
+    results = []
+    for path in stores:
+        s = open_store(path)
+        common = dict(layers=_split_layers(layer_list), features=features, split=split, test_store=test, seed=seed,
+                      device=device, progress=not quiet)
+        if method == "knn":
+            result = probes.knn_probe(s, k=k, temperature=temperature, **common)
+        else:
+            result = probes.linear_probe(s, method=method, **common)
+        results.append(result)
+        click.echo(result.summary())
+        if out is not None:
+            target = out if len(stores) == 1 else "{0}_{2}{1}".format(*os.path.splitext(out), len(results) - 1)
+            result.to_json(target)
+            click.echo(f"wrote {target}")
+    if plot_path is not None:
+        results[0].plot(plot_path, others=results[1:])
+        click.echo(f"wrote {plot_path}")
+
+
 def _erf(s, out, plot_path, images: int, device: str) -> None:
     from hooks.erf import store_erf
     from repsim.attention_plot import plot_erf
