@@ -250,6 +250,12 @@ class _Scaler:
         else:
             self.scale = torch.ones(d, dtype=torch.float64, device=X.device)
 
+    @classmethod
+    def from_stats(cls, mean: torch.Tensor, scale: torch.Tensor) -> "_Scaler":
+        obj = cls.__new__(cls)
+        obj.mean, obj.scale = mean, scale
+        return obj
+
     def apply(self, X: torch.Tensor, dtype: torch.dtype, block: int = 1 << 16) -> torch.Tensor:
         out = torch.empty(X.shape, dtype=dtype, device=X.device)
         for lo in range(0, X.shape[0], block):
@@ -557,7 +563,7 @@ def fit_logreg(
         theta = torch.zeros(d * c + c, dtype=torch.float64, device=dev)
         memory = None
         top1, mpc, conv, iters, secs, gmaxes = [], [], [], [], [], []
-        best, best_score, theta_best, since_best = 0, -1.0, theta, 0
+        best, best_score, theta_best, since_best, memory_best = 0, -1.0, theta, 0, None
         bar = tqdm(path, desc=desc, unit="λ", disable=not progress, leave=False, dynamic_ncols=True)
         for i, lam in enumerate(bar):
             t0 = time.perf_counter()
@@ -578,7 +584,7 @@ def fit_logreg(
             score = a if metric == "top1" else m
             bar.set_postfix(val=f"{100 * score:.1f}%", it=it)
             if score > best_score:  # strictly better: ties keep the earlier, larger λ
-                best, best_score, theta_best, since_best = i, score, theta, 0
+                best, best_score, theta_best, since_best, memory_best = i, score, theta, 0, memory
             elif score < best_score:  # a plateau (e.g. chance level at the strong end) is not a decline
                 since_best += 1
                 if patience is not None and since_best >= patience:
@@ -594,13 +600,16 @@ def fit_logreg(
             y_all = np.concatenate([y_train, y_val])
             classes_all = np.unique(y_all)
             theta0 = _expand_theta(theta_best, classes, classes_all, d)
+            same_classes = classes_all.size == classes.size
             classes, c = classes_all, classes_all.size
             Xa = _to_device(X_all, dev)
             scaler = _Scaler(Xa, standardize)
             Xs = scaler.apply(Xa, dt)
             del Xa
             prob = _SoftmaxProblem(Xs, torch.from_numpy(_encode(y_all, classes)).to(dev), c)
-            theta_best, ok, it, gmax, _ = prob.solve(lam_best, theta0, tol, max_iter, history_size)
+            # the path's curvature at the chosen λ approximates the refit's (same features, more rows)
+            memory = memory_best if warm_start and same_classes else None
+            theta_best, ok, it, gmax, _ = prob.solve(lam_best, theta0, tol, max_iter, history_size, memory)
             n_fit = X_all.shape[0]
         else:
             ok, it, gmax = conv[best], iters[best], gmaxes[best]
@@ -637,54 +646,101 @@ def _expand_theta(theta: torch.Tensor, classes: np.ndarray, classes_all: np.ndar
 # ----------------------------------------------------------------------------------------------------
 
 
-class _RidgeEig:
-    """Eigen-decomposition of the centred Gram of the fitting rows, for the whole λ path at once.
+@dataclass
+class _RidgeStats:
+    """Sufficient statistics of raw features for ridge, float64: row count, feature sums (d,), the Gram
+    ``Σ (x − m₀)(x − m₀)ᵀ`` about a fixed shift ``m₀`` (d, d) (the training mean: no cancellation for features
+    with large offsets), per-class sums of ``x − m₀`` (c, d) and class counts (c,). Train and val statistics
+    add up, so the refit on train + val needs no second pass over the data."""
 
-    Primal (d ≤ n): ``XᵀX = V diag(s) Vᵀ`` (d, d), ``W(λ) = V diag(1/(s + nλ)) Vᵀ XᵀỸ``. Dual (d > n):
-    ``XXᵀ = U diag(s) Uᵀ`` (n, n), ``W(λ) = Xᵀ U diag(1/(s + nλ)) Uᵀ Ỹ``. ``X`` are the centred (standardised)
-    features, ``Ỹ`` the centred one-hot targets; the Gram is accumulated in float64 block by block and the
-    tiny negative eigenvalues of rounding are set to 0.
+    n: int
+    shift: torch.Tensor
+    s1: torch.Tensor
+    gram: torch.Tensor
+    class_sums: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def accumulate(cls, X: torch.Tensor, y_idx: torch.Tensor, c: int, shift: torch.Tensor,
+                   block: int = 1 << 14) -> "_RidgeStats":
+        n, d = X.shape
+        dev = X.device
+        s1 = torch.zeros(d, dtype=torch.float64, device=dev)
+        gram = torch.zeros((d, d), dtype=torch.float64, device=dev)
+        sums = torch.zeros((c, d), dtype=torch.float64, device=dev)
+        for lo in range(0, n, block):
+            xb = X[lo:lo + block].to(torch.float64) - shift
+            gram.addmm_(xb.T, xb)
+            sums.index_add_(0, y_idx[lo:lo + block], xb)
+            s1 += xb.sum(0)
+        counts = torch.bincount(y_idx, minlength=c).to(torch.float64)
+        return cls(n, shift, s1, gram, sums, counts)
+
+    def __add__(self, other: "_RidgeStats") -> "_RidgeStats":
+        return _RidgeStats(self.n + other.n, self.shift, self.s1 + other.s1, self.gram + other.gram,
+                           self.class_sums + other.class_sums, self.counts + other.counts)
+
+
+class _RidgeEig:
+    """Eigen-decomposition of the centred (standardised) Gram of the fitting rows, for the whole λ path.
+
+    Primal (d ≤ n, from :class:`_RidgeStats`): ``X̃ᵀX̃ = V diag(s) Vᵀ`` (d, d), ``W(λ) = V diag(1/(s + nλ)) Vᵀ
+    X̃ᵀỸ``. Dual (d > n, from the rows): ``X̃X̃ᵀ = U diag(s) Uᵀ`` (n, n), ``W(λ) = X̃ᵀ U diag(1/(s + nλ)) Uᵀ Ỹ``.
+    ``X̃`` are the centred, optionally scaled features, ``Ỹ`` the centred one-hot targets; everything float64;
+    the tiny negative eigenvalues of rounding are set to 0. ``scaler`` maps coefficients back to raw units.
     """
 
-    def __init__(self, Xs: torch.Tensor, y_idx: torch.Tensor, c: int, block: int = 1 << 14):
-        n, d = Xs.shape
-        self.n, self.d, self.c = n, d, c
-        dev = Xs.device
-        Y = torch.zeros((n, c), dtype=torch.float64, device=dev)
-        Y[torch.arange(n, device=dev), y_idx] = 1.0
-        self.ybar = Y.mean(0)
-        Yc = Y - self.ybar
-        self.dual = d > n
-        if not self.dual:
-            G = torch.zeros((d, d), dtype=torch.float64, device=dev)
-            R = torch.zeros((d, c), dtype=torch.float64, device=dev)
-            for lo in range(0, n, block):
-                xb = Xs[lo:lo + block].to(torch.float64)
-                G.addmm_(xb.T, xb)
-                R.addmm_(xb.T, Yc[lo:lo + block])
-            s, V = torch.linalg.eigh(G)
-            self.B = V.T @ R  # (d, c)
-            self.V = V
-        else:
-            X64 = Xs.to(torch.float64)
-            s, U = torch.linalg.eigh(X64 @ X64.T)
-            self.B = U.T @ Yc  # (n, c)
-            self.XtU = X64.T @ U  # (d, n)
-        self.s = torch.clamp(s, min=0.0)
+    def __init__(self, n: int, s: torch.Tensor, M: torch.Tensor, B: torch.Tensor, ybar: torch.Tensor,
+                 scaler: _Scaler, dual: bool):
+        self.n, self.s, self.M, self.B, self.ybar, self.scaler, self.dual = n, torch.clamp(s, min=0.0), M, B, \
+            ybar, scaler, dual
 
-    def project(self, Xq: torch.Tensor) -> torch.Tensor:
-        """Query features (m, d) → coordinates (m, r) in the eigenbasis, float64."""
-        Xq = Xq.to(torch.float64)
-        return Xq @ (self.XtU if self.dual else self.V)
+    @classmethod
+    def primal(cls, st: _RidgeStats, standardize: bool) -> "_RidgeEig":
+        n = st.n
+        delta = st.s1 / n  # mean − shift
+        G = st.gram - n * torch.outer(delta, delta)  # Σ (x − μ)(x − μ)ᵀ
+        R = (st.class_sums - st.counts[:, None] * delta[None, :]).T  # Σ (x − μ) e_yᵀ = X̃ᵀỸ (d, c)
+        mean = st.shift + delta
+        if standardize:
+            sd = torch.sqrt(torch.clamp(torch.diagonal(G) / n, min=0.0))
+            sd = torch.where(sd <= 1e-12 * torch.clamp(mean.abs(), min=1.0), torch.ones_like(sd), sd)
+        else:
+            sd = torch.ones_like(mean)
+        G = G / torch.outer(sd, sd)
+        R = R / sd[:, None]
+        s, V = torch.linalg.eigh(G)
+        return cls(n, s, V, V.T @ R, st.counts / n, _Scaler.from_stats(mean, sd), dual=False)
+
+    @classmethod
+    def dual_from_rows(cls, X: torch.Tensor, y_idx: torch.Tensor, c: int, standardize: bool) -> "_RidgeEig":
+        n = X.shape[0]
+        scaler = _Scaler(X, standardize)
+        X64 = scaler.apply(X, torch.float64)
+        ybar = torch.bincount(y_idx, minlength=c).to(torch.float64) / n
+        Yc = -ybar.expand(n, c).clone()
+        Yc[torch.arange(n, device=X.device), y_idx] += 1.0
+        s, U = torch.linalg.eigh(X64 @ X64.T)
+        return cls(n, s, X64.T @ U, U.T @ Yc, ybar, scaler, dual=True)
+
+    def project(self, Xq: torch.Tensor, block: int = 1 << 14) -> torch.Tensor:
+        """Raw query features (m, d) → coordinates (m, r) in the eigenbasis (float32: only arg-max is used)."""
+        M = self.M.to(torch.float32)
+        out = torch.empty((Xq.shape[0], M.shape[1]), dtype=torch.float32, device=Xq.device)
+        for lo in range(0, Xq.shape[0], block):
+            xs = (Xq[lo:lo + block].to(torch.float64) - self.scaler.mean) / self.scaler.scale
+            out[lo:lo + block] = xs.to(torch.float32) @ M
+        return out
 
     def scores(self, A: torch.Tensor, lam: float) -> torch.Tensor:
-        """Predicted targets (m, c) of projected queries ``A`` at strength λ."""
-        return (A / (self.s + self.n * lam)) @ self.B + self.ybar
+        """Predicted targets (m, c), float32, of projected queries ``A`` at strength λ."""
+        f = (1.0 / (self.s + self.n * lam)).to(torch.float32)
+        return (A * f) @ self.B.to(torch.float32) + self.ybar.to(torch.float32)
 
-    def coef(self, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W (d, c), b (c,)) at λ, for the centred features."""
-        M = self.XtU if self.dual else self.V
-        return (M / (self.s + self.n * lam)) @ self.B, self.ybar.clone()
+    def coef(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        """Raw-unit (coef (d, c), intercept (c,)) at λ, float64."""
+        W = (self.M / (self.s + self.n * lam)) @ self.B
+        return self.scaler.to_raw(W, self.ybar.clone())
 
 
 def ridge_classify(
@@ -704,13 +760,15 @@ def ridge_classify(
     """Ridge regression on one-hot targets, arg-max prediction; λ chosen on a validation set (cheap screening).
 
     Minimises ``(1/2n)‖XW + 1bᵀ − Y‖²_F + (λ/2)‖W‖²_F`` (scikit-learn ``Ridge(alpha=λ·n)``) in closed form: one
-    float64 eigen-decomposition of the d × d (or, when d > n, the n × n) Gram of the fitting rows serves every
-    λ of the grid (default :data:`DEFAULT_LAMBDAS`). Arguments and the returned :class:`LinearFit` as in
-    :func:`fit_logreg` (``converged`` is always true, ``n_iter`` 0; ``C`` is meaningless here, ``alpha = λ·n_fit``).
+    float64 eigen-decomposition of the d × d (or, when d > n, the n × n) centred Gram of the fitting rows serves
+    every λ of the grid (default :data:`DEFAULT_LAMBDAS`); the refit on train + val reuses the training Gram
+    plus the validation one (one pass over the data in all). Validation scores per λ are float32 products
+    (only their arg-max is used). Arguments and the returned :class:`LinearFit` as in :func:`fit_logreg`
+    (``converged`` always true, ``n_iter`` 0; ``C`` does not apply, ``alpha = λ·n_fit``).
     """
     t_start = time.perf_counter()
     X_train, y_train = _check_xy(X_train, y_train, "training")
-    d = X_train.shape[1]
+    n, d = X_train.shape
     lam_grid = _lambdas(lambdas)
     if metric not in METRICS:
         raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -721,27 +779,37 @@ def ridge_classify(
         raise UsageError(f"choosing among {lam_grid.size} strengths needs a validation set (X_val, y_val)")
     if refit and not has_val:
         raise UsageError("refit=True needs a validation set to refit on")
-    classes = np.unique(y_train)
-    if classes.size < 2:
-        raise UsageError(f"the training labels hold {classes.size} class; a classifier needs at least 2")
+    classes_train = np.unique(y_train)
+    if classes_train.size < 2:
+        raise UsageError(f"the training labels hold {classes_train.size} class; a classifier needs at least 2")
+    classes = np.unique(np.concatenate([y_train, y_val])) if refit else classes_train
+    c = classes.size
     dev = resolve_device(device)
     from tqdm.auto import tqdm
 
-    small = dev.type == "cpu" and _heavy_threads(X_train.shape[0], d, max(d, classes.size)) == 1
+    small = dev.type == "cpu" and _heavy_threads(n, d, d) == 1
     with tf32_off(), torch.no_grad(), _num_threads(1 if small else None):
         Xt = _to_device(X_train, dev)
-        scaler = _Scaler(Xt, standardize)
-        eig = _RidgeEig(scaler.apply(Xt, torch.float64 if dev.type == "cpu" else Xt.dtype),
-                        torch.from_numpy(_encode(y_train, classes)).to(dev), classes.size)
-        del Xt
+        yt_idx = torch.from_numpy(_encode(y_train, classes)).to(dev)
+        shift = Xt[: min(n, 1 << 16)].to(torch.float64).mean(0)
+        if d > n:
+            eig = _RidgeEig.dual_from_rows(Xt, yt_idx, c, standardize)
+            st_train = None
+        else:
+            st_train = _RidgeStats.accumulate(Xt, yt_idx, c, shift)
+            eig = _RidgeEig.primal(st_train, standardize)
         top1, mpc, secs = [], [], []
         if has_val:
-            A = eig.project(scaler.apply(_to_device(X_val, dev), torch.float64))
+            Xv = _to_device(X_val, dev)
+            A = eig.project(Xv)
             yv_idx = _encode(y_val, classes)
+            unseen = torch.from_numpy(~np.isin(classes, classes_train)).to(dev)  # never predicted on the path
             for lam in tqdm(lam_grid, desc=desc, unit="λ", disable=not progress, leave=False, dynamic_ncols=True):
                 t0 = time.perf_counter()
-                pred = torch.argmax(eig.scores(A, float(lam)), dim=1).cpu().numpy()
-                a, m = _val_metrics(pred, yv_idx, y_val)
+                sc = eig.scores(A, float(lam))
+                if bool(unseen.any()):
+                    sc[:, unseen] = -torch.inf
+                a, m = _val_metrics(torch.argmax(sc, dim=1).cpu().numpy(), yv_idx, y_val)
                 top1.append(a)
                 mpc.append(m)
                 secs.append(time.perf_counter() - t0)
@@ -749,24 +817,21 @@ def ridge_classify(
         else:
             best = 0
         lam_best = float(lam_grid[best])
-        n_fit = X_train.shape[0]
+        n_fit = n
         if refit:
-            del eig
-            X_all = np.concatenate([X_train, X_val.astype(X_train.dtype, copy=False)])
-            y_all = np.concatenate([y_train, y_val])
-            classes = np.unique(y_all)
-            Xa = _to_device(X_all, dev)
-            scaler = _Scaler(Xa, standardize)
-            eig = _RidgeEig(scaler.apply(Xa, torch.float64 if dev.type == "cpu" else Xa.dtype),
-                            torch.from_numpy(_encode(y_all, classes)).to(dev), classes.size)
-            del Xa
-            n_fit = X_all.shape[0]
-        W, b = eig.coef(lam_best)
-        coef, intercept = scaler.to_raw(W, b)
+            yv_t = torch.from_numpy(_encode(y_val, classes)).to(dev)
+            n_fit = n + X_val.shape[0]
+            if st_train is not None:  # primal: add the validation statistics
+                eig = _RidgeEig.primal(st_train + _RidgeStats.accumulate(Xv, yv_t, c, shift), standardize)
+            else:
+                X_all, y_all = torch.cat([Xt, Xv.to(Xt.dtype)]), torch.cat([yt_idx, yv_t])
+                eig = (_RidgeEig.dual_from_rows(X_all, y_all, c, standardize) if d > n_fit
+                       else _RidgeEig.primal(_RidgeStats.accumulate(X_all, y_all, c, shift), standardize))
+        coef, intercept = eig.coef(lam_best)
     k = lam_grid.size
     return LinearFit(
         method="ridge", classes=classes, coef=coef, intercept=intercept, lam=lam_best, n_fit=int(n_fit),
-        n_train=int(X_train.shape[0]), lambdas=lam_grid, val_top1=np.asarray(top1, dtype=np.float64),
+        n_train=int(n), lambdas=lam_grid, val_top1=np.asarray(top1, dtype=np.float64),
         val_mean_per_class=np.asarray(mpc, dtype=np.float64), converged=np.ones(k, dtype=bool),
         n_iter=np.zeros(k, dtype=np.int64), best_index=best, final_converged=True, final_n_iter=0,
         final_grad=0.0, standardize=standardize, precision="float64", device=str(dev),

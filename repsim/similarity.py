@@ -64,30 +64,32 @@ spaces intersect and at least ``rank(X̃) + rank(Ỹ) − (n − 1)`` canonical 
 alone (all of them when p ≥ n): mean CCA would report a meaningless ≈ 1. ``cca``, ``cca_r2`` and ``pwcca`` then
 reduce each side by SVD before CCA: the top directions explaining ``keep`` (default 0.99) of the variance, and then,
 if the kept dimensions still sum above n − 1, a cap so that ``k_x + k_y ≤ n − 1`` (the larger side is cut to
-``n − 1 − k_small`` when the smaller side fits in ⌊(n − 1)/2⌋, otherwise both to ⌊(n − 1)/2⌋). ``svcca`` applies
-the same cap after its own reduction. The reduction is never silent: :func:`similarity` emits a :class:`SimilarityWarning`
-and :func:`similarity_details` reports ``rank_x``, ``dims_x``, ``variance_kept_x`` (and for Y), ``reduced`` and the
-reason under ``warnings``. Even below the bound CCA is biased upwards when k/n is not small (it fits k_x·k_y
-parameters); compare against :func:`permutation_null` rather than against 0. A rank-deficient side (collinear
-features) is not degenerate by itself: CCA then works in its column space and ``notes`` says so.
+``n − 1 − k_small`` when the smaller side fits in ⌊(n − 1)/2⌋, otherwise both to ⌊(n − 1)/2⌋). ``svcca`` applies the
+same cap after its own reduction. The reduction is never silent: :func:`similarity` emits a
+:class:`SimilarityWarning` and :func:`similarity_details` reports ``rank_x``, ``dims_x``, ``variance_kept_x`` (and
+for Y), ``reduced`` and the reason under ``warnings``. Even below the bound CCA is biased upwards when k/n is not
+small (it fits k_x·k_y parameters); compare against :func:`permutation_null` rather than against 0. A rank-deficient
+side (collinear features) is not degenerate by itself: CCA then works in its column space and ``notes`` says so.
+Repeated samples (rows identical in X and Y alike: bootstrap copies, a duplicated image) shrink the space: n above
+is then the number of *distinct* samples (reported as ``n_distinct``).
 
 PWCCA conventions (what differs from the google/svcca code, and why)
 --------------------------------------------------------------------
 Morcos et al.'s code (google/svcca ``pwcca.compute_pwcca``) takes activations as *neurons × datapoints*; here
 samples are rows, so their ``acts1`` is ``X.T``, their "neurons" are our feature columns and their
-``np.dot(P.T, acts.T)`` is our ``Hᵀ X̃`` (k × p). Kept from the official code: the weighted side is the one with fewer
-CCA dimensions (their ``sum(x_idxs) <= sum(y_idxs)``; ties → X), so ``pwcca(X, Y)`` and ``pwcca(Y, X)`` agree when
-the CCA dimensions differ and may differ when they tie (``weighted="x"`` or ``"y"`` forces a side; extra canonical directions
-of a larger weighted side have ρ = 0, since they are orthogonal to the other side); weights are ``Σ_j |·|`` over
-that side's neurons, normalised to sum 1; the correlations are all ``m`` of them (no trailing-zero trimming).
-Deliberately different: the official code builds its "directions" as ``u.T @ (acts - mean) + mean`` with ``u`` the
-left singular vectors of the *whitened* cross-covariance, omitting ``Σ_xx^{-1/2}``, so they are not the canonical
-variates the paper defines; adding the means back also makes its value depend on a translation of the data and on
-the arbitrary signs LAPACK gives to ``u``. Here ``h_i`` are the true canonical variates (``Q_X U``, already
+``np.dot(P.T, acts.T)`` is our ``Hᵀ X̃`` (k × p). Kept from the official code: the weighted side is the one with
+fewer CCA dimensions (their ``sum(x_idxs) <= sum(y_idxs)``; ties → X), so ``pwcca(X, Y)`` and ``pwcca(Y, X)`` agree
+when the CCA dimensions differ and may differ when they tie (``weighted="x"`` or ``"y"`` forces a side; extra
+canonical directions of a larger weighted side have ρ = 0, since they are orthogonal to the other side); weights are
+``Σ_j |·|`` over that side's neurons, normalised to sum 1; the correlations are all ``m`` of them (no trailing-zero
+trimming). Deliberately different: the official code builds its "directions" as ``u.T @ (acts - mean) + mean`` with
+``u`` the left singular vectors of the *whitened* cross-covariance, omitting ``Σ_xx^{-1/2}``, so they are not the
+canonical variates the paper defines; adding the means back also makes its value depend on a translation of the data
+and on the arbitrary signs LAPACK gives to ``u``. Here ``h_i`` are the true canonical variates (``Q_X U``, already
 orthonormal and centred), which gives the paper's definition, translation-invariant and sign-free. The two coincide
 when the weighted side is centred with orthonormal (whitened) columns; ``tests/test_similarity.py`` checks that
-against a transcription of the official function. The official ``else`` branch also indexes ``acts1`` where it
-means ``acts2`` (google/svcca PR #9); the Y-weighted branch here uses Y.
+against a transcription of the official function. The official ``else`` branch also indexes ``acts1`` where it means
+``acts2`` (google/svcca PR #9); the Y-weighted branch here uses Y.
 
 Uncertainty
 -----------
@@ -96,15 +98,17 @@ Uncertainty
 similarities, ≤ for distances; one-sided: "more similar than chance"). What does not change under a permutation is
 computed once: Procrustes keeps each side's (n, min(n, p)) shape factor and needs one min(n, p) × min(n, q) SVD per
 permutation; the CCA family keeps its orthonormal bases (the n × p SVDs are done once) and needs one k_x × k_y SVD;
-RSA and k-NN permute precomputed RDM ranks / neighbour lists; CKA permutes precomputed centred Grams (n ≤ 4096). :func:`bootstrap_interval` resamples images with replacement (rows of X and Y together) and reports the
-percentile interval. Bootstrap duplicates are handled per measure: RSA drops the dissimilarities between copies of
-the same image (they are 0 in both RDMs and would inflate agreement; as rsatoolbox's ``RDMs.subsample_pattern``
-does for its bootstrap); mknn /
-jaccard_knn find neighbours among the *distinct* resampled images and weight each by its multiplicity (copies would
-otherwise be each other's nearest neighbours in both spaces). Distinct images are ~63 % of n, so k-NN neighbourhoods
-are wider in a resample; read its interval as a spread, not as an unbiased interval. Covariance- and Gram-based
-measures take duplicates as repeated rows (the usual bootstrap; for debiased CKA a copy pair enters the U-statistic
-as a distinct pair, a known upward bias).
+RSA and k-NN permute precomputed RDM ranks / neighbour lists; CKA permutes precomputed centred Grams (n ≤ 4096).
+:func:`bootstrap_interval` resamples images with replacement (rows of X and Y together) and reports the percentile
+interval. Bootstrap duplicates are handled per measure: RSA drops the dissimilarities between copies of the same
+image (they are 0 in both RDMs and would inflate agreement; as rsatoolbox's ``RDMs.subsample_pattern`` does for its
+bootstrap); mknn / jaccard_knn find neighbours among the *distinct* resampled images and weight each by its
+multiplicity (copies would otherwise be each other's nearest neighbours in both spaces). Distinct images are ~63 %
+of n, so k-NN neighbourhoods are wider in a resample; read its interval as a spread, not as an unbiased interval.
+Covariance- and Gram-based measures take duplicates as repeated rows (the usual bootstrap; for debiased CKA a copy
+pair enters the U-statistic as a distinct pair, a known upward bias); the CCA family computes each resample on its
+distinct images weighted by their counts (the same value, fewer rows) and bounds its dimensions by the number of
+distinct images (see above).
 
 Numerics: float64 throughout (float16 / bfloat16 inputs are up-cast first); features are centred before any
 product; deterministic (no randomness outside the seeded resampling; ties in neighbour rankings are broken by the
@@ -376,8 +380,15 @@ class _Side:
         return float(v[:self.k].sum() / v.sum())
 
 
-def _side(x: np.ndarray, name: str) -> _Side:
-    xc = _centre(x)
+def _side(x: np.ndarray, name: str, weights: np.ndarray | None = None) -> _Side:
+    """SVD of the centred data. ``weights`` (counts of distinct rows, e.g. bootstrap copies): rows are centred on
+    the weighted mean and scaled by √w, which has the singular values of the expanded data and left singular
+    vectors with the same inner products (``Dᵀ D = W`` for the duplication matrix D), so CCA is unchanged."""
+    if weights is None:
+        xc = _centre(x)
+    else:
+        w = weights.astype(np.float64)
+        xc = (x - (w @ x) / w.sum()) * np.sqrt(w)[:, None]
     u, s, _ = np.linalg.svd(xc, full_matrices=False)
     tol = s[0] * max(xc.shape) * _EPS if s.size else 0.0
     rank = int((s > tol).sum())
@@ -421,13 +432,39 @@ def _cap(kx: int, ky: int, n: int) -> tuple[int, int]:
     return half, half
 
 
-def _cca_sides(x: np.ndarray, y: np.ndarray, mode: str, keep: float | int
+def _n_distinct_rows(x: np.ndarray, y: np.ndarray) -> int:
+    """Number of distinct joint rows ``[x_i, y_i]`` (exact comparison; −0.0 counts as 0.0)."""
+    xy = np.ascontiguousarray(np.concatenate([x, y], axis=1) + 0.0)
+    return int(np.unique(xy.view(np.dtype((np.void, xy.dtype.itemsize * xy.shape[1]))).ravel()).size)
+
+
+def _collapse(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One row per distinct group (bootstrap copies) with its count as weight; unchanged when groups is None."""
+    if groups is None:
+        return x, y, None
+    _, first, counts = np.unique(groups, return_index=True, return_counts=True)
+    return x[first], y[first], counts
+
+
+def _cca_sides(x: np.ndarray, y: np.ndarray, mode: str, keep: float | int, weights: np.ndarray | None = None
                ) -> tuple[_Side, _Side, dict[str, Any]]:
-    """Prepare both sides for CCA (``mode`` "cca" or "svcca"); returns the sides and the facts to report."""
-    n = x.shape[0]
-    sx, sy = _side(x, "X"), _side(y, "Y")
+    """Prepare both sides for CCA (``mode`` "cca" or "svcca"); returns the sides and the facts to report.
+
+    The dimension bound is the number of *distinct* samples minus 1: centred columns of data whose rows repeat
+    (bootstrap copies, duplicated images) live in that smaller space. ``weights``: rows are distinct, with counts.
+    """
+    n_total = int(weights.sum()) if weights is not None else x.shape[0]
+    n = x.shape[0] if weights is not None else _n_distinct_rows(x, y)
+    if n < 3:
+        raise NumericalError(f"CCA needs at least 3 distinct samples, got {n}")
+    sx, sy = _side(x, "X", weights), _side(y, "Y", weights)
     notes: list[str] = []
     warns: list[str] = []
+    bound = "n − 1" if n == n_total else "distinct samples − 1"
+    if n < n_total:
+        notes.append(f"{n_total - n} of the {n_total} samples repeat others (in X and Y alike): the CCA dimension "
+                     f"bound is distinct samples − 1 = {n - 1}")
     if mode == "svcca":
         sx.k, sy.k = _n_keep(sx, keep), _n_keep(sy, keep)
         notes.append(f"SVD step kept {sx.k} of rank {sx.rank} directions of X and {sy.k} of {sy.rank} of Y "
@@ -435,29 +472,29 @@ def _cca_sides(x: np.ndarray, y: np.ndarray, mode: str, keep: float | int
     elif sx.rank + sy.rank > n - 1:
         sx.k, sy.k = _n_keep(sx, keep), _n_keep(sy, keep)
         warns.append(
-            f"CCA is degenerate on these data: rank(X̃) + rank(Ỹ) = {sx.rank} + {sy.rank} > n − 1 = {n - 1}, which "
-            f"forces at least {sx.rank + sy.rank - (n - 1)} canonical correlations to 1; each side was reduced "
+            f"CCA is degenerate on these data: rank(X̃) + rank(Ỹ) = {sx.rank} + {sy.rank} > {bound} = {n - 1}, "
+            f"which forces at least {sx.rank + sy.rank - (n - 1)} canonical correlations to 1; each side was reduced "
             f"by SVD (keep={keep} of the variance")
-    for s, nm in ((sx, "X"), (sy, "Y")):
-        if s.rank < min(s.centred.shape[1], n - 1):
-            notes.append(f"{nm} has numerical rank {s.rank} < {s.centred.shape[1]} features: CCA uses its "
-                         f"{s.rank}-dimensional column space")
+    for side, nm in ((sx, "X"), (sy, "Y")):
+        if side.rank < min(side.centred.shape[1], n - 1):
+            notes.append(f"{nm} has numerical rank {side.rank} < {side.centred.shape[1]} features: CCA uses its "
+                         f"{side.rank}-dimensional column space")
     kx, ky = _cap(sx.k, sy.k, n)
     if (kx, ky) != (sx.k, sy.k):
-        msg = (f"capped to {kx} + {ky} ≤ n − 1 = {n - 1} dimensions so that no canonical correlation is 1 by "
+        msg = (f"capped to {kx} + {ky} ≤ {bound} = {n - 1} dimensions so that no canonical correlation is 1 by "
                "dimension counting")
         if warns:
             warns[-1] += f", then {msg})"
         else:
-            warns.append(f"SVCCA kept {sx.k} + {sy.k} > n − 1 = {n - 1} dimensions; {msg}")
+            warns.append(f"SVCCA kept {sx.k} + {sy.k} > {bound} = {n - 1} dimensions; {msg}")
         sx.k, sy.k = kx, ky
     elif warns:
         warns[-1] += ")"
     if warns:
-        warns.append(f"CCA on {sx.k} + {sy.k} dimensions from n = {n} samples is biased upwards when "
+        warns.append(f"CCA on {sx.k} + {sy.k} dimensions from {n} distinct samples is biased upwards when "
                      "dimensions / n is not small; compare with permutation_null")
     info = {
-        "n": n, "rank_x": sx.rank, "rank_y": sy.rank, "dims_x": sx.k, "dims_y": sy.k,
+        "n_distinct": n, "rank_x": sx.rank, "rank_y": sy.rank, "dims_x": sx.k, "dims_y": sy.k,
         "variance_kept_x": sx.variance_kept, "variance_kept_y": sy.variance_kept,
         "reduced": (sx.k, sy.k) != (sx.rank, sy.rank), "notes": notes, "warnings": warns,
     }
@@ -488,7 +525,8 @@ def _cca_impl(name: str) -> Impl:
 
     def impl(x: np.ndarray, y: np.ndarray, opts: dict[str, Any], groups: np.ndarray | None
              ) -> tuple[float, dict[str, Any]]:
-        sx, sy, info = _cca_sides(x, y, mode, _check_keep(opts["keep"]))
+        x, y, weights = _collapse(x, y, groups)
+        sx, sy, info = _cca_sides(x, y, mode, _check_keep(opts["keep"]), weights)
         rho = _rhos(sx.basis.T @ sy.basis)
         info["canonical_correlations"] = rho.tolist()
         return summary(rho), info
@@ -528,10 +566,10 @@ def _pwcca_from(qx: np.ndarray, qy: np.ndarray, cx: np.ndarray, cy: np.ndarray, 
     return float(alpha @ rho_full), alpha, rho_full
 
 
-def _pwcca_setup(x: np.ndarray, y: np.ndarray, opts: dict[str, Any]
+def _pwcca_setup(x: np.ndarray, y: np.ndarray, opts: dict[str, Any], weights: np.ndarray | None = None
                  ) -> tuple[_Side, _Side, dict[str, Any], str]:
     weighted = _check_choice(opts["weighted"], "weighted", ("auto", "x", "y"))
-    sx, sy, info = _cca_sides(x, y, "cca", _check_keep(opts["keep"]))
+    sx, sy, info = _cca_sides(x, y, "cca", _check_keep(opts["keep"]), weights)
     side = ("x" if sx.k <= sy.k else "y") if weighted == "auto" else weighted
     info["weighted_side"] = side.upper()
     return sx, sy, info, side
@@ -539,7 +577,8 @@ def _pwcca_setup(x: np.ndarray, y: np.ndarray, opts: dict[str, Any]
 
 def _pwcca_impl(x: np.ndarray, y: np.ndarray, opts: dict[str, Any], groups: np.ndarray | None
                 ) -> tuple[float, dict[str, Any]]:
-    sx, sy, info, side = _pwcca_setup(x, y, opts)
+    x, y, weights = _collapse(x, y, groups)
+    sx, sy, info, side = _pwcca_setup(x, y, opts, weights)
     qx, qy = sx.basis, sy.basis
     cx = qx.T @ sx.centred if side == "x" else None
     cy = qy.T @ sy.centred if side == "y" else None
@@ -940,9 +979,10 @@ _WILLIAMS = ("Williams, Kunz, Kornblith & Linderman (2021), Generalized Shape Me
 _KORNBLITH = ("Kornblith, Norouzi, Lee & Hinton (2019), Similarity of Neural Network Representations Revisited, "
               "ICML, Table 1")
 _COPIES = "bootstrap copies of an image enter as repeated rows (weights in the covariances)"
-_CCA_COPIES = (_COPIES + "; a resample holds ~63 % distinct images, so its centred rank is lower and the "
-               "degenerate-case SVD reduction can apply to resamples although not to the full data, shifting the "
-               "interval (CCA's upward bias grows as dimensions / distinct images grows)")
+_CCA_COPIES = ("bootstrap copies enter as repeated rows (each distinct image once, weighted by its count: the same "
+               "CCA); a resample holds ~63 % distinct images, which bounds its CCA dimensions, so the degenerate-"
+               "case SVD reduction can apply to resamples although not to the full data, and CCA's upward bias "
+               "grows as dimensions / distinct images grows: the interval can sit above the observed value")
 _CCA_INV = ("invertible linear maps of either side (while no reduction applies)", "translation")
 _SHAPE_INV = ("orthogonal transforms", "translation", "isotropic scaling")
 

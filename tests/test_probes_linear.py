@@ -197,6 +197,24 @@ def test_ridge_matches_sklearn_ridge_primal_and_dual():
         np.testing.assert_allclose(fit.intercept, sk.intercept_, rtol=1e-7, atol=1e-9)
 
 
+def test_refit_on_train_plus_val_equals_a_direct_fit():
+    X, y = _overlap_data(n=500, seed=8)
+    for d_cut in (50, 20):
+        Xd = X[:, :d_cut]
+        r = ridge_classify(Xd[:300], y[:300], Xd[300:], y[300:], [0.03, 0.3], refit=True, device="cpu")
+        direct = ridge_classify(Xd, y, lambdas=[r.lam], device="cpu")
+        assert r.n_fit == 500
+        np.testing.assert_allclose(r.coef, direct.coef, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(r.intercept, direct.intercept, rtol=1e-8, atol=1e-10)
+    small = ridge_classify(X[:30, :40], y[:30], X[30:45, :40], y[30:45], [0.1], refit=True, device="cpu")  # dual
+    np.testing.assert_allclose(small.coef, ridge_classify(X[:45, :40], y[:45], lambdas=[0.1], device="cpu").coef,
+                               rtol=1e-7, atol=1e-9)
+    lr = fit_logreg(X[:300], y[:300], X[300:], y[300:], [0.01, 0.1], refit=True, tol=1e-8, device="cpu")
+    lr_direct = fit_logreg(X, y, lambdas=[lr.lam], tol=1e-8, device="cpu")
+    assert lr.n_fit == 500 and lr.C == pytest.approx(1 / (lr.lam * 500))
+    np.testing.assert_allclose(lr.coef, lr_direct.coef, atol=1e-5 * np.abs(lr_direct.coef).max())
+
+
 # --- path, warm starts, choice of λ ---------------------------------------------------------------------------
 
 

@@ -357,6 +357,26 @@ def test_degenerate_cca_reduces_and_says_so() -> None:
     assert (d["dims_x"], d["dims_y"]) == (n - 1 - 3, 3) and d["reduced"]
 
 
+def test_cca_counts_distinct_samples() -> None:
+    """Repeated rows shrink the space the centred columns live in: 40 images twice each hold 39 dimensions, not
+    79, so 25 + 25 features force 11 unit correlations unless reduced; duplication changes nothing else."""
+    rng = np.random.default_rng(30)
+    x, y = rng.standard_normal((40, 25)), rng.standard_normal((40, 25))
+    rep = np.repeat(np.arange(40), 2)
+    for name in ("cca", "cca_r2", "svcca", "pwcca"):
+        d, d2 = similarity_details(x, y, name), similarity_details(x[rep], y[rep], name)
+        assert d2["n_distinct"] == 40 and d2["dims_x"] + d2["dims_y"] <= 39
+        assert d2["value"] == pytest.approx(d["value"], abs=1e-10) and d2["value"] < 0.95
+    # a bootstrap resample: the collapsed (distinct rows, weighted) path equals the expanded rows
+    idx = rng.integers(0, 40, 40)
+    for name in ("cca", "svcca", "pwcca"):
+        spec = MEASURES[name]
+        fast = spec._impl(x[idx], y[idx], dict(spec.options), idx)
+        slow = spec._impl(x[idx], y[idx], dict(spec.options), None)
+        assert fast[0] == pytest.approx(slow[0], abs=1e-10)
+        assert fast[1]["n_distinct"] == len(np.unique(idx)) and max(fast[1]["canonical_correlations"]) < 1 - 1e-6
+
+
 def test_rank_deficient_cca_uses_the_column_space() -> None:
     x, y = _pair(4, n=80, p=4, q=3)
     dup = np.concatenate([x, x[:, :2] @ np.array([[1.0], [2.0]])], axis=1)  # a collinear extra feature
