@@ -615,8 +615,9 @@ def fit_logreg(
             ok, it, gmax = conv[best], iters[best], gmaxes[best]
         coef, intercept = scaler.to_raw(theta_best[: d * c].view(d, c), theta_best[d * c:])
     if not ok:
-        warnings.warn(f"{desc}: L-BFGS stopped after {it} iterations with max|grad| = {gmax:.2e} > tol = {tol:g} "
-                      f"at lambda = {lam_best:.3g}; raise max_iter or tol", stacklevel=2)
+        warnings.warn(f"{desc}: L-BFGS stopped after {it} iterations at lambda = {lam_best:.3g} with max|grad| "
+                      f"= {gmax:.2e} > tol = {tol:g} (iteration cap, or no further decrease representable in "
+                      "float64); raise max_iter or tol", stacklevel=2)
     return LinearFit(
         method="logreg", classes=classes, coef=coef, intercept=intercept, lam=lam_best, n_fit=int(n_fit),
         n_train=int(X_train.shape[0]), lambdas=fitted, val_top1=top1_a, val_mean_per_class=mpc_a,

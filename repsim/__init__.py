@@ -24,6 +24,9 @@ _LAZY = {
     "classify_heads": "repsim.attention",
     "attention_rollout": "repsim.attention",
     "attention_report": "repsim.attention_report",
+    "similarity": "repsim.similarity_measures",
+    "MEASURES": "repsim.similarity_measures",
+    "compare_matrix": "repsim.compare",
 }
 
 __all__ = ["ActivationStore", "RepsimError", "UsageError", "open_store", "__version__", *_LAZY]

@@ -571,7 +571,7 @@ def compare(store_a, store_b, measures, out, plot_path, tokens, null, bootstrap,
     """
     from repsim.cka_plot import short_layer_names
     from repsim.compare import compare_matrix
-    from repsim.similarity import MEASURES
+    from repsim.similarity_measures import MEASURES
     from repsim.store import open_store
 
     names = [m.strip() for m in measures.split(",") if m.strip()]

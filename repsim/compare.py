@@ -1,6 +1,6 @@
 """Layer × layer maps of any similarity measure between two stores (``repsim compare``).
 
-The store front end of :mod:`repsim.similarity`: every layer of store A against every layer of store B (or
+The store front end of :mod:`repsim.similarity_measures`: every layer of store A against every layer of store B (or
 of A itself), on the samples both hold (equal fingerprints, or ``align="ids"``). Each layer becomes one row
 per image by ``tokens`` (default ``mean``: patch-token / spatial mean, which keeps CCA and Procrustes
 well-posed; ``flatten`` as in the CKA papers gives n × (T·D) matrices), read chunk by chunk in float64. The
@@ -22,7 +22,7 @@ import torch
 from repsim.cka_engine import aligned_positions, layer_features, select_layers
 from repsim.errors import UsageError
 from repsim.json_output import write_json_atomic
-from repsim.similarity import MEASURES, SimilarityWarning, bootstrap_interval, permutation_null, similarity_details
+from repsim.similarity_measures import MEASURES, SimilarityWarning, bootstrap_interval, permutation_null, similarity_details
 
 
 @dataclass(eq=False)
@@ -102,7 +102,7 @@ def compare_matrix(
     options: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> CompareResult:
-    """``measure`` (a name in :data:`repsim.similarity.MEASURES`) between every layer pair of two stores.
+    """``measure`` (a name in :data:`repsim.similarity_measures.MEASURES`) between every layer pair of two stores.
 
     ``store_b=None`` compares ``store_a`` with itself (symmetric measures fill the upper triangle once).
     ``null=R``: permutation null with R shuffles of the sample pairing per cell (p-values); ``bootstrap=R``:

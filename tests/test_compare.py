@@ -1,4 +1,4 @@
-"""`repsim compare`: any measure of repsim.similarity between the layers of stores."""
+"""`repsim compare`: any measure of repsim.similarity_measures between the layers of stores."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import assert_one_line_error, run_cli
 from repsim import open_store
 from repsim.cka_engine import layer_features
 from repsim.compare import compare_matrix
-from repsim.similarity import MEASURES, similarity
+from repsim.similarity_measures import MEASURES, similarity
 
 ARGS = ["--random-init", "--img-size", "32", "--data", "shapes", "--batch-size", "8", "--quiet"]
 

@@ -1,5 +1,5 @@
 """Similarity measures beyond CKA: hand-derived references, reference packages, invariances, validation,
-the degenerate-CCA reduction, permutation nulls and bootstrap intervals (repsim.similarity)."""
+the degenerate-CCA reduction, permutation nulls and bootstrap intervals (repsim.similarity_measures)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from repsim import cka_engine
 from repsim.errors import RepsimError, UsageError
-from repsim.similarity import (
+from repsim.similarity_measures import (
     MEASURES,
     MeasureSpec,
     NumericalError,
