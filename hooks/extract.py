@@ -38,6 +38,7 @@ import torch
 
 import repsim
 from repsim.data import CorruptImageError, ImageSource
+from repsim.devices import resolve_device as _resolve_device
 from repsim.errors import UsageError
 from repsim.store import (
     FORMAT_VERSION,
@@ -206,18 +207,6 @@ def library_versions() -> dict[str, str]:
         "zarr": zarr.__version__,
         "numpy": np.__version__,
     }
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise UsageError(f"unknown device {device!r}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} requested but CUDA is not available here")
-    return dev
 
 
 def _load_batch(source: ImageSource, transform: Callable, indices: range) -> torch.Tensor:

@@ -45,7 +45,6 @@ the current chunk group are held, never the features of all layers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -56,6 +55,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from repsim.devices import resolve_device as _resolve_device
+from repsim.devices import tf32_off as _tf32_off
 from repsim.errors import RepsimError, UsageError
 from repsim.json_output import write_json_atomic
 
@@ -260,32 +261,6 @@ def cka(x: Any, y: Any, *, kernel: str = "linear", debiased: bool = False, thres
 # ----------------------------------------------------------------------------------------------------
 # Minibatch engine (torch; CPU or GPU)
 # ----------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _tf32_off() -> Iterator[None]:
-    """TF32 rounds float32 matmul inputs to 10 mantissa bits on Ampere+ GPUs: far too coarse for Grams."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise UsageError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} requested but no CUDA GPU is available; use device='cpu' or 'auto'")
-    return dev
 
 
 def _gram_dtype(gram_dtype: str) -> torch.dtype:
