@@ -30,16 +30,16 @@ samples (see :func:`check_test_store`).
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from repsim.devices import resolve_device, tf32_off  # re-exported for probes.linear / probes.knn
 from repsim.errors import UsageError
 
 FEATURE_MODES = ("cls", "mean", "gap", "concat-last-K")
@@ -84,38 +84,6 @@ class StoreLike(Protocol):
     def layer_info(self, layer: str) -> dict[str, Any]: ...
 
     def read(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray: ...
-
-
-# ----------------------------------------------------------------------------------------------------
-# Devices
-# ----------------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` checked (UsageError)."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise UsageError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} requested but no CUDA GPU is available; use device='cpu' or 'auto'")
-    return dev
-
-
-@contextlib.contextmanager
-def tf32_off() -> Iterator[None]:
-    """Full float32 matmuls on Ampere+ GPUs (TF32 keeps 10 mantissa bits: too coarse for solver gradients)."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,15 +362,15 @@ def make_split(store: StoreLike, *, split: float | None, val_fraction: float | N
     unseen = np.setdiff1d(np.unique(y_test), sp.classes)
     if unseen.size:
         warnings.warn(f"{int(np.isin(y_test, unseen).sum())} test samples belong to {unseen.size} classes absent "
-                      f"from the training data (e.g. {unseen[:5].tolist()}); they count as errors", stacklevel=3)
+                      f"from the training data (e.g. {unseen[:5].tolist()}); they count as errors", stacklevel=4)
     return sp
 
 
 def _model_key(store: StoreLike) -> dict[str, Any]:
     model = dict(store.attrs.get("model", {}))
     weights = model.get("weights") or {}
-    return {"name": model.get("name"), "source_id": model.get("source_id"),
-            "weights": weights.get("sha256") or weights.get("tag") or weights.get("file")}
+    key = weights.get("sha256") or [weights.get(k) for k in ("kind", "tag", "seed", "file")]
+    return {"name": model.get("name"), "source_id": model.get("source_id"), "weights": key}
 
 
 def check_test_store(store: StoreLike, test_store: StoreLike, layers: Sequence[str] | None) -> dict[str, Any]:
@@ -432,7 +400,7 @@ def check_test_store(store: StoreLike, test_store: StoreLike, layers: Sequence[s
     pa = (store.attrs.get("preprocessing") or {})
     pb = (test_store.attrs.get("preprocessing") or {})
     if pa != pb:
-        warnings.warn(f"the test store was preprocessed differently ({pb} vs {pa})", stacklevel=4)
+        warnings.warn(f"the test store was preprocessed differently ({pb} vs {pa})", stacklevel=5)
     shared = set(store.ids).intersection(test_store.ids)
     da, db = store.attrs.get("dataset") or {}, test_store.attrs.get("dataset") or {}
     same_source = (da.get("name"), da.get("root")) == (db.get("name"), db.get("root"))
@@ -440,9 +408,10 @@ def check_test_store(store: StoreLike, test_store: StoreLike, layers: Sequence[s
         raise UsageError(f"{len(shared)} test samples (e.g. {sorted(shared)[0]!r}) are also in the training store "
                          f"(same data set {da.get('root') or da.get('name')!r}): extract disjoint samples")
     if shared:
+        where_a, where_b = da.get("root") or da.get("name"), db.get("root") or db.get("name")
         warnings.warn(f"{len(shared)} sample ids occur in both stores (e.g. {sorted(shared)[0]!r}) although their "
-                      f"data sets differ ({da.get('root') or da.get('name')!r} vs {db.get('root') or db.get('name')!r}); "
-                      "if these are the same images the test accuracy is inflated", stacklevel=4)
+                      f"data sets differ ({where_a!r} vs {where_b!r}); if these are the same images the test "
+                      "accuracy is inflated", stacklevel=5)
     return {"path": str(test_store.path), "fingerprint": str(test_store.fingerprint), "n": int(test_store.n),
             "shared_ids": len(shared)}
 

@@ -41,7 +41,13 @@ for changes of L below float64 resolution. Defaults: ``tol = 1e-5`` (scikit-lear
 further decrease representable in float64) is flagged ``converged=False`` and warned about.
 
 Warm starts: the path runs from the strongest to the weakest regularisation, each fit starting from the
-previous solution (the problem is strictly convex for λ > 0, so the solution does not depend on the start).
+previous solution and its L-BFGS curvature memory, moved to the new strength exactly (only the penalty depends
+on λ, so a pair (s, y) becomes (s, y + Δλ·s) on the weights). The problem is strictly convex for λ > 0, so the
+solution does not depend on the start; a warm-started fit typically needs a handful of evaluations. The refit
+on train + val starts from the chosen path solution and memory (an approximation there: the data grew).
+CPU threads: the O(n·d·c) products use torch's thread count (one thread for small problems); the O(d·c) L-BFGS
+vector updates run on one thread, since on a shared machine splitting a 10⁵-element dot product over threads
+costs milliseconds of synchronisation per call.
 Selection: the largest validation top-1 (or mean per-class accuracy, ``metric=``); ties go to the *larger* λ.
 """
 
@@ -516,10 +522,13 @@ def fit_logreg(
     non-negative values; the classes are those of ``y_train``, plus ``y_val``'s with ``refit``). ``lambdas``:
     the strengths λ of the objective (default :data:`DEFAULT_LAMBDAS`, 45 log-spaced values in [1e-6, 1e5]);
     fitted strongest first, each from the previous solution when ``warm_start`` (else from zero). One λ needs
-    no validation set. ``patience``: stop the path once that many strengths have scored below the best validation
-    score so far (equal scores do not count; None: fit the whole grid, as the protocol does). ``refit``: refit on train + val at the chosen λ
-    (warm-started) and return that model. ``tol`` / ``max_iter`` / ``history_size``: L-BFGS stopping test
-    ``max|∇L| ≤ tol``, iteration cap per strength, and memory. Returns a :class:`LinearFit`.
+    no validation set. ``patience``: stop the path once that many strengths have scored below the best
+    validation score so far (equal scores do not count; None: fit the whole grid, as the protocol does).
+    ``refit``: refit on train + val at the chosen λ (warm-started) and return that model. ``metric``: top1 |
+    mean_per_class, the validation score that picks λ. ``tol`` / ``max_iter`` / ``history_size``: L-BFGS
+    stopping test ``max_i |∂L/∂θ_i| / D_i ≤ tol`` (module docstring; scikit-learn's ``max|∇L| ≤ tol`` for
+    λ ≲ 1), iteration cap per strength, and memory. ``precision``: auto | float32 | float64 (module
+    docstring). ``device``: auto (CUDA when available) | cpu | cuda[:N]. Returns a :class:`LinearFit`.
     """
     t_start = time.perf_counter()
     X_train, y_train = _check_xy(X_train, y_train, "training")
@@ -913,7 +922,8 @@ class ProbeResult:
     @property
     def label(self) -> str:
         """Legend text: model · method · features."""
-        return f"{self.store.get('model') or os.path.basename(str(self.store.get('path', '')))} · {self.method} · {self.features}"
+        model = self.store.get("model") or os.path.basename(str(self.store.get("path", "")))
+        return f"{model} · {self.method} · {self.features}"
 
     def summary(self) -> str:
         """A plain-text table (one line per row: test top-1 %, mean per-class %, λ, C, converged, iterations)."""
@@ -1000,7 +1010,8 @@ class ProbeResult:
             for row in r.rows:
                 if row not in rows:
                     v = 100 * (row.top1 if metric == "top1" else row.mean_per_class)
-                    ax.axhline(v, ls="--", lw=1.2, color=colour, label=f"{name} [{row.layer}]")
+                    ax.axhline(v, ls="--", lw=1.2, color=colour,
+                               label=name if row.layer in name else f"{name} [{row.layer}]")
         n_classes = self.protocol.get("n_classes")
         if n_classes:
             ax.axhline(100.0 / n_classes, ls=":", lw=1, color="0.5", label="chance")
@@ -1013,7 +1024,7 @@ class ProbeResult:
         else:
             ax.set_xlabel("relative depth (layer index / (layers − 1))")
         ax.set_ylabel("test top-1 accuracy (%)" if metric == "top1" else "test mean per-class accuracy (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(-1, 101)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         ax.set_title(f"linear transfer ({self.protocol.get('n_classes')} classes, n_test = "

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     def run_path():
         t0 = time.perf_counter()
         fit = fit_logreg(Xt, yt, Xv, yv, DEFAULT_LAMBDAS, standardize=False, tol=args.tol, max_iter=args.max_iter,
-                         device="cpu", progress=True, desc="repsim path")
+                         device="cpu", progress=sys.stderr.isatty(), desc="repsim path")
         return fit, time.perf_counter() - t0
 
     path, path_s = run_path()
