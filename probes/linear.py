@@ -922,7 +922,9 @@ class ProbeResult:
     @property
     def label(self) -> str:
         """Legend text: model · method · features."""
-        model = self.store.get("model") or os.path.basename(str(self.store.get("path", "")))
+        from repsim.cka_plot import model_label
+
+        model = model_label(self.store.get("model")) or os.path.basename(str(self.store.get("path", "")))
         return f"{model} · {self.method} · {self.features}"
 
     def summary(self) -> str:

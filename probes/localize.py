@@ -1,0 +1,770 @@
+"""Spatial-localisation probes: does token / map position p still represent *its own* input patch?
+
+Raghu et al. 2021, "Do Vision Transformers See Like CNNs?", Sec. 7 (Fig. 9-11).
+
+Token ↔ patch CKA (:func:`token_patch_cka`)
+--------------------------------------------
+For a token layer (n, T, D) the *positions* are the patch tokens after the ``num_prefix_tokens`` prefix
+tokens, laid out row-major on the layer's recorded ``grid`` (gh, gw) (never guessed from sqrt(T)). For a map
+layer (n, C, h, w) each spatial position's channel vector (C,) is a token and the grid is (h, w). The *input
+patch* of grid cell (i, j) is the block of the saved preprocessed input (``inputs/pixels``, stored with
+``repsim extract --save-inputs``) rows ``round(i·H/gh) … round((i+1)·H/gh)``, columns likewise: for a ViT
+exactly its patch_size × patch_size patch, for a CNN the position's stride cell (H/h × W/w), not its full
+receptive field. Patch features are the 3·ph·pw pixels, flattened.
+
+``matrix[p, q]`` = linear CKA, *biased* (HSIC with the centring matrix H, as in Raghu et al.), across the n
+images between the representation at position p (n × D) and the pixels of patch q (n × 3·ph·pw). It is
+computed in float64 in the Gram form, ``⟨H K_p H, H L_q H⟩ / (‖H K_p H‖ ‖H L_q H‖)``, identical to
+:func:`repsim.cka_engine.cka` (``kernel="linear", debiased=False``) for every pair, but with one Gram per
+position and one (P × n²)·(n² × Q) product instead of P·Q separate calls. Biased CKA is inflated when n is
+not ≫ the feature dimension (every pair gets a positive floor), which is why the score below is a
+*difference*; the estimator and n are recorded with every result.
+
+Localisation score (per layer)::
+
+    own   = mean_p CKA(p, p)
+    other = mean_p mean_{q ≠ p} CKA(p, q)
+    score = own − other                     (0: no preference for the own patch; a global vector scores
+                                             exactly 0; larger: more localised)
+
+plus ``argmax_fraction``: the fraction of positions p whose own patch is ``argmax_q CKA(p, q)``.
+
+Position probe (:func:`position_probe`)
+---------------------------------------
+A linear classifier predicts each token's grid position index (0 … P−1, row-major) from its representation.
+Images (not tokens) are split with a seeded permutation: the first ``1 − test_fraction`` (80 %) of the
+images give the training tokens (of those, ``val_fraction`` of the images are the validation set that picks
+the strength, then the probe is refit on train + val), the rest give the test tokens. Accuracy on the test
+tokens; chance = 1 / P. Method ``ridge`` (:func:`probes.linear.ridge_classify`, default, cheap) or ``logreg``
+(:func:`probes.linear.fit_logreg`).
+
+:func:`localize` runs both on every token / map layer of a store and plots the score and the probe accuracy
+against depth.
+
+Per-token class probe (:func:`token_class_probe`)
+-------------------------------------------------
+Class accuracy of a linear probe (ridge by default) reading a *single* token — the centre patch token
+(grid cell (gh // 2, gw // 2)) — against the CLS token (token layers with a prefix token only) and the mean of
+the patch tokens, per layer: how much global (class) information each token carries (Raghu et al. Fig. 11).
+Split: the stratified, seeded hold-out of :func:`probes.features.stratified_holdout` (test ``split`` of the
+samples, validation ``val_fraction`` of the rest picks λ, then refit on train + val).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from repsim.cka_engine import NumericalError
+from repsim.devices import resolve_device, tf32_off
+from repsim.errors import UsageError
+from repsim.json_output import write_json_atomic
+
+__all__ = [
+    "DEFAULT_IMAGES",
+    "LocalizeResult",
+    "LocalizeRow",
+    "PositionProbe",
+    "TokenPatchCKA",
+    "grid_positions",
+    "layer_tokens",
+    "localisation_scores",
+    "localize",
+    "patch_pixels",
+    "patch_token_cka_matrix",
+    "position_probe",
+    "token_patch_cka",
+    "TokenClassProbe",
+    "token_class_probe",
+]
+
+DEFAULT_IMAGES = 512  # images used by default: memory ~ 8·(P + Q)·n² bytes worst case is avoided (see below)
+ESTIMATOR = "linear CKA, biased HSIC (centring matrix H), float64 Gram form"
+SCORE_DEFINITION = ("score = mean_p CKA(p, own patch p) - mean_p mean_{q != p} CKA(p, q); "
+                    "argmax_fraction = fraction of p with argmax_q CKA(p, q) == p")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry and reading
+# ----------------------------------------------------------------------------------------------------
+
+
+def _kind(info: dict[str, Any], layer: str) -> str:
+    kind = info.get("kind")
+    if kind is None:
+        kind = {1: "vector", 2: "tokens", 3: "map"}.get(len(tuple(info.get("shape", ()))))
+    if kind not in ("tokens", "map", "vector"):
+        raise UsageError(f"layer {layer!r} has unknown kind {info.get('kind')!r} (expected tokens, map or vector)")
+    return kind
+
+
+def grid_positions(info: dict[str, Any], layer: str) -> tuple[str, tuple[int, int], int]:
+    """``(kind, (gh, gw), num_prefix_tokens)`` of a token or map layer; UsageError for anything else."""
+    kind = _kind(info, layer)
+    shape = tuple(int(s) for s in info["shape"])
+    if kind == "vector":
+        raise UsageError(f"layer {layer!r} is a vector layer {shape}: it has no spatial positions to localise")
+    if kind == "map":
+        return kind, (shape[1], shape[2]), 0
+    grid, npt = info.get("grid"), info.get("num_prefix_tokens")
+    if grid is None or npt is None:
+        raise UsageError(f"layer {layer!r} does not record its patch grid / number of prefix tokens, so token "
+                         "positions are unknown; re-extract it with a model whose grid is known")
+    gh, gw = (int(g) for g in grid)
+    npt = int(npt)
+    if shape[0] - npt != gh * gw:
+        raise UsageError(f"layer {layer!r} has {shape[0]} tokens = {npt} prefix + {shape[0] - npt} patch tokens, "
+                         f"which does not match its grid {gh}x{gw}")
+    return kind, (gh, gw), npt
+
+
+def _select_images(store: Any, images: int | Sequence[int] | np.ndarray | None) -> np.ndarray:
+    n = int(store.n)
+    if images is None:
+        return np.arange(min(n, DEFAULT_IMAGES), dtype=np.int64)
+    if isinstance(images, (int, np.integer)):
+        k = int(images)
+        if k < 2:
+            raise UsageError(f"images must be >= 2 (CKA needs at least 2 samples), got {k}")
+        return np.arange(min(k, n), dtype=np.int64)  # store order is a seeded random permutation
+    idx = np.unique(np.asarray(images, dtype=np.int64))
+    if idx.size < 2 or idx[0] < 0 or idx[-1] >= n:
+        raise UsageError(f"images must be >= 2 distinct row indices in [0, {n}), got {idx.size} "
+                         f"in [{idx.min() if idx.size else ''}, {idx.max() if idx.size else ''}]")
+    return idx
+
+
+def _gather(read: Any, rows: np.ndarray, chunk: int) -> np.ndarray:
+    """Rows ``rows`` (sorted) through ``read(lo, hi)``, one block per run of at most ``chunk`` rows."""
+    parts, i = [], 0
+    while i < rows.size:
+        lo = int(rows[i])
+        j = int(np.searchsorted(rows, lo + chunk, side="left"))
+        block = read(lo, int(rows[j - 1]) + 1)
+        parts.append(block[rows[i:j] - lo])
+        i = j
+    return np.concatenate(parts, axis=0)
+
+
+def layer_tokens(store: Any, layer: str, rows: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """Per-position representations of ``rows``: float32 (n, P, D) with P = gh·gw row-major, and the grid."""
+    info = store.layer_info(layer)
+    kind, grid, npt = grid_positions(info, layer)
+    chunk = max(int(getattr(store, "chunk_size", 0) or 256), 1)
+    x = np.asarray(_gather(lambda a, b: store.read(layer, a, b), rows, chunk), dtype=np.float32)
+    if kind == "tokens":
+        x = x[:, npt:, :]
+    else:  # (n, C, h, w) -> (n, h·w, C)
+        x = x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)
+    if not np.isfinite(x).all():
+        raise UsageError(f"layer {layer!r} of {store.path} holds non-finite activations")
+    return np.ascontiguousarray(x), grid
+
+
+def _bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    edges = [int(round(k * size / parts)) for k in range(parts + 1)]
+    return [(edges[k], edges[k + 1]) for k in range(parts)]
+
+
+def patch_pixels(inputs: np.ndarray, grid: tuple[int, int]) -> list[np.ndarray]:
+    """Input patches of every grid cell (row-major): a list of P float32 arrays (n, 3·ph·pw).
+
+    Cell (i, j) covers rows ``round(i·H/gh) … round((i+1)·H/gh)`` and the columns likewise (exactly the
+    patch of a ViT, the stride cell of a CNN map position).
+    """
+    x = np.asarray(inputs, dtype=np.float32)
+    n, _, H, W = x.shape
+    gh, gw = grid
+    if gh > H or gw > W:
+        raise UsageError(f"grid {gh}x{gw} is finer than the saved input {H}x{W}")
+    return [x[:, :, r0:r1, c0:c1].reshape(n, -1) for r0, r1 in _bounds(H, gh) for c0, c1 in _bounds(W, gw)]
+
+
+def _read_inputs(store: Any, rows: np.ndarray) -> np.ndarray:
+    if not getattr(store, "has_inputs", False):
+        raise UsageError(f"{store.path} has no saved input pixels, which token-vs-patch localisation needs: "
+                         "re-extract with `repsim extract --save-inputs`")
+    chunk = max(int(getattr(store, "chunk_size", 0) or 256), 1)
+    return np.asarray(_gather(store.read_inputs, rows, chunk), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Array level
+# ----------------------------------------------------------------------------------------------------
+
+
+def _normalised_centred_grams(feats: Sequence[np.ndarray] | np.ndarray, dev: torch.device, what: str,
+                              block: int = 16) -> torch.Tensor:
+    """(K, n²) float64: for each feature set (n, d), vec(H X Xᵀ H) / ‖H X Xᵀ H‖_F (features centred first)."""
+    out = []
+    for lo in range(0, len(feats), block):
+        grp = [torch.as_tensor(np.asarray(f), dtype=torch.float64, device=dev) for f in feats[lo:lo + block]]
+        for k, f in enumerate(grp):
+            f = f - f.mean(dim=0, keepdim=True)  # H X; then (HX)(HX)ᵀ = H K H
+            g = f @ f.T
+            nrm = torch.linalg.norm(g)
+            if not torch.isfinite(nrm) or float(nrm) == 0.0:
+                raise NumericalError(f"{what} {lo + k}: self-HSIC is {float(nrm) ** 2} (constant across images?): "
+                                     "CKA is undefined")
+            out.append((g / nrm).reshape(-1))
+    return torch.stack(out)
+
+
+def patch_token_cka_matrix(tokens: np.ndarray, patches: Sequence[np.ndarray], *, positions: np.ndarray | None = None,
+                           device: str | torch.device = "cpu") -> np.ndarray:
+    """Biased linear CKA (float64) between tokens[:, p] (n, D) for p in ``positions`` (default all) and every
+    patch q (n, d_q): (len(positions), Q). Equal to ``repsim.cka_engine.cka(tokens[:, p], patches[q])``."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 3:
+        raise UsageError(f"tokens must be (n, P, D), got shape {tokens.shape}")
+    n = tokens.shape[0]
+    if n < 2 or any(p.shape[0] != n for p in patches):
+        raise UsageError(f"CKA needs the same n >= 2 images on both sides, got {n} and "
+                         f"{sorted({p.shape[0] for p in patches})}")
+    positions = np.arange(tokens.shape[1]) if positions is None else np.asarray(positions, dtype=np.int64)
+    dev = resolve_device(device)
+    with tf32_off(), torch.no_grad():
+        L = _normalised_centred_grams(list(patches), dev, "input patch")
+        K = _normalised_centred_grams([tokens[:, int(p)] for p in positions], dev, "token position")
+        m = (K @ L.T).cpu().numpy()
+    return m
+
+
+def localisation_scores(matrix: np.ndarray, positions: np.ndarray | None = None) -> dict[str, float]:
+    """``own``, ``other``, ``score = own − other`` and ``argmax_fraction`` of a (P', Q) token × patch matrix
+    whose row k is position ``positions[k]`` (default k)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    P, Q = m.shape
+    if Q < 2:
+        raise UsageError("a localisation score needs at least 2 grid positions")
+    pos = np.arange(P) if positions is None else np.asarray(positions, dtype=np.int64)
+    own = m[np.arange(P), pos]
+    other = (m.sum(axis=1) - own) / (Q - 1)
+    return {"own": float(own.mean()), "other": float(other.mean()), "score": float((own - other).mean()),
+            "argmax_fraction": float(np.mean(np.argmax(m, axis=1) == pos))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def _store_info(store: Any) -> dict[str, Any]:
+    attrs = getattr(store, "attrs", {}) or {}
+    return {"path": str(store.path), "fingerprint": (attrs.get("dataset") or {}).get("fingerprint"),
+            "model": (attrs.get("model") or {}).get("name"), "n": int(store.n)}
+
+
+def _default_plot_positions(grid: tuple[int, int], positions: np.ndarray) -> list[int]:
+    gh, gw = grid
+    want = [0, gw - 1, (gh // 2) * gw + gw // 2, (gh - 1) * gw, gh * gw - 1]  # corners and centre
+    have = set(int(p) for p in positions)
+    out = [p for p in dict.fromkeys(want) if p in have]
+    return out or [int(positions[0])]
+
+
+@dataclass
+class TokenPatchCKA:
+    """CKA between each position's representation and each input patch, for one layer.
+
+    ``matrix`` (len(positions), gh·gw): row k is position ``positions[k]`` (row-major index on ``grid``),
+    column q the input patch q. ``own``/``other``/``score``/``argmax_fraction``: see the module docstring.
+    """
+
+    layer: str
+    kind: str
+    grid: list[int]
+    patch_px: list[int]
+    positions: list[int]
+    matrix: np.ndarray
+    own: float
+    other: float
+    score: float
+    argmax_fraction: float
+    n_images: int
+    estimator: str = ESTIMATOR
+    definition: str = SCORE_DEFINITION
+    store: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
+        """JSON-ready dict (kind ``repsim.token_patch_cka``); written atomically to ``path`` when given."""
+        d = _jsonable(dict(asdict(self), kind_result="repsim.token_patch_cka"))
+        d["kind"], d["layer_kind"] = "repsim.token_patch_cka", self.kind
+        d.pop("kind_result")
+        if path is not None:
+            write_json_atomic(path, d)
+        return d
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> "TokenPatchCKA":
+        if not isinstance(source, dict):
+            with open(source) as f:
+                source = json.load(f)
+        if source.get("kind") != "repsim.token_patch_cka":
+            raise UsageError(f"not a token-patch CKA result (kind {source.get('kind')!r})")
+        d = {k: v for k, v in source.items() if k in {f.name for f in fields(cls)} and k != "kind"}
+        d["kind"] = source["layer_kind"]
+        d["matrix"] = np.asarray(d["matrix"], dtype=np.float64)
+        return cls(**d)
+
+    def map_for(self, p: int) -> np.ndarray:
+        """CKA(p, ·) reshaped to the grid (gh, gw)."""
+        if p not in self.positions:
+            raise UsageError(f"position {p} was not computed (positions: {self.positions[:8]}...)")
+        return np.asarray(self.matrix)[self.positions.index(p)].reshape(self.grid)
+
+    def plot(self, path: str | os.PathLike | None = None, positions: Sequence[int] | None = None) -> Any:
+        """Heat maps of CKA(p, ·) on the grid for a few token positions p (default: corners and centre), the
+        position p outlined; one shared colour bar. Saved to ``path`` when given; returns the Figure."""
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
+
+        gh, gw = self.grid
+        ps = list(positions) if positions is not None else _default_plot_positions(
+            (gh, gw), np.asarray(self.positions))
+        fig = Figure(figsize=(2.4 * len(ps) + 1.2, 3.0), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(ps), squeeze=False)[0])
+        vmin, vmax = float(np.min(self.matrix)), float(np.max(self.matrix))
+        im = None
+        for ax, p in zip(axes, ps):
+            im = ax.imshow(self.map_for(int(p)), vmin=vmin, vmax=vmax, cmap="viridis", interpolation="nearest")
+            i, j = divmod(int(p), gw)
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+            ax.set_title(f"token ({i}, {j})", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(im, ax=list(axes), shrink=0.85, label="CKA(token, input patch)")
+        fig.suptitle(f"{self.layer}: score {self.score:.3f}, own-argmax {100 * self.argmax_fraction:.0f}% "
+                     f"(n = {self.n_images})", fontsize=10)
+        if path is not None:
+            fig.savefig(os.fspath(path), dpi=150)
+        return fig
+
+
+def token_patch_cka(store: Any, layer: str, *, images: int | Sequence[int] | None = None,
+                    max_positions: int | None = None, device: str = "cpu", _inputs: np.ndarray | None = None,
+                    _rows: np.ndarray | None = None,
+                    _tokens: tuple[np.ndarray, tuple[int, int]] | None = None) -> TokenPatchCKA:
+    """Token ↔ input-patch CKA of one token or map layer (module docstring); needs ``--save-inputs``.
+
+    ``images``: how many of the first rows (store order is a seeded random permutation), or explicit row
+    indices; default the first :data:`DEFAULT_IMAGES`. ``max_positions``: compute the rows of at most that
+    many positions p (evenly spaced in row-major order, all Q patches as columns). Cost: one n × n Gram per
+    position and patch, (P' + Q)·n²·8 bytes.
+    """
+    t0 = time.perf_counter()
+    info = store.layer_info(layer)
+    kind, grid, _ = grid_positions(info, layer)
+    if not getattr(store, "has_inputs", False):
+        _read_inputs(store, np.zeros(0, dtype=np.int64))  # raises the UsageError naming --save-inputs
+    rows = _select_images(store, images) if _rows is None else _rows
+    inputs = _read_inputs(store, rows) if _inputs is None else _inputs
+    tokens, grid = layer_tokens(store, layer, rows) if _tokens is None else _tokens
+    P = grid[0] * grid[1]
+    if max_positions is not None and max_positions < P:
+        if max_positions < 1:
+            raise UsageError(f"max_positions must be >= 1, got {max_positions}")
+        positions = np.unique(np.linspace(0, P - 1, int(max_positions)).round().astype(np.int64))
+    else:
+        positions = np.arange(P, dtype=np.int64)
+    patches = patch_pixels(inputs, grid)
+    m = patch_token_cka_matrix(tokens, patches, positions=positions, device=device)
+    s = localisation_scores(m, positions)
+    H, W = inputs.shape[2:]
+    return TokenPatchCKA(layer=layer, kind=kind, grid=list(grid), patch_px=[H / grid[0], W / grid[1]],
+                         positions=[int(p) for p in positions], matrix=m, n_images=int(rows.size),
+                         store=_store_info(store), seconds=time.perf_counter() - t0, **s)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Position probe
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PositionProbe:
+    """Linear read-out of the grid position index from single tokens of one layer."""
+
+    layer: str
+    accuracy: float
+    train_accuracy: float
+    chance: float
+    n_positions: int
+    n_train_images: int
+    n_val_images: int
+    n_test_images: int
+    method: str
+    lam: float
+    seed: int
+    seconds: float = 0.0
+
+    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
+        d = _jsonable(dict(asdict(self), kind="repsim.position_probe"))
+        if path is not None:
+            write_json_atomic(path, d)
+        return d
+
+
+def _image_split(n: int, test_fraction: float, val_fraction: float, seed: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not 0.0 < test_fraction < 1.0 or not 0.0 < val_fraction < 1.0:
+        raise UsageError("test_fraction and val_fraction must be in (0, 1)")
+    perm = np.random.default_rng([int(seed), 2]).permutation(n)
+    n_test = int(round(test_fraction * n))
+    n_fit = n - n_test
+    n_val = int(round(val_fraction * n_fit))
+    if n_test < 1 or n_val < 1 or n_fit - n_val < 1:
+        raise UsageError(f"{n} images are too few for a train / validation / test split of the images")
+    return np.sort(perm[: n_fit - n_val]), np.sort(perm[n_fit - n_val: n_fit]), np.sort(perm[n_fit:])
+
+
+def position_probe(store: Any, layer: str, *, images: int | Sequence[int] | None = None, method: str = "ridge",
+                   test_fraction: float = 0.2, val_fraction: float = 0.2, seed: int = 0,
+                   lambdas: Sequence[float] | None = None, device: str = "auto",
+                   _tokens: tuple[np.ndarray, tuple[int, int]] | None = None) -> PositionProbe:
+    """Test accuracy of a linear classifier predicting each token's grid position (0 … P−1) from its
+    representation (module docstring). Images, not tokens, are split (seeded): a test image's tokens are
+    never seen in training. Does not need saved inputs."""
+    from probes.linear import DEFAULT_LAMBDAS, accuracy_scores, fit_logreg, ridge_classify
+
+    if method not in ("ridge", "logreg"):
+        raise UsageError(f"method must be ridge or logreg, got {method!r}")
+    t0 = time.perf_counter()
+    if _tokens is None:
+        _tokens = layer_tokens(store, layer, _select_images(store, images))
+    tokens, grid = _tokens
+    n, P, D = tokens.shape
+    if P < 2:
+        raise UsageError(f"layer {layer!r} has a single grid position: nothing to predict")
+    tr, va, te = _image_split(n, test_fraction, val_fraction, seed)
+
+    def flat(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return tokens[idx].reshape(-1, D), np.tile(np.arange(P, dtype=np.int64), idx.size)
+
+    (Xtr, ytr), (Xv, yv), (Xte, yte) = flat(tr), flat(va), flat(te)
+    lam = np.asarray(DEFAULT_LAMBDAS if lambdas is None else lambdas, dtype=np.float64)
+    dev = resolve_device(device)
+    if method == "ridge":
+        fit = ridge_classify(Xtr, ytr, Xv, yv, lam, refit=True, device=dev)
+    else:
+        fit = fit_logreg(Xtr, ytr, Xv, yv, lam, refit=True, device=dev)
+    acc = accuracy_scores(yte, fit.predict(Xte))[0]
+    train_acc = accuracy_scores(np.concatenate([ytr, yv]), fit.predict(np.concatenate([Xtr, Xv])))[0]
+    return PositionProbe(layer=layer, accuracy=float(acc), train_accuracy=float(train_acc), chance=1.0 / P,
+                         n_positions=P, n_train_images=int(tr.size), n_val_images=int(va.size),
+                         n_test_images=int(te.size), method=method, lam=float(fit.lam), seed=int(seed),
+                         seconds=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multi-layer driver
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalizeRow:
+    layer: str
+    kind: str
+    grid: list[int]
+    score: float | None
+    own: float | None
+    other: float | None
+    argmax_fraction: float | None
+    position_accuracy: float | None
+    position_chance: float | None
+
+
+@dataclass
+class LocalizeResult:
+    """Localisation score (and position-probe accuracy) per layer, in network order; ``maps`` keeps each
+    layer's :class:`TokenPatchCKA` (not written by :meth:`to_json` unless ``with_maps``)."""
+
+    rows: list[LocalizeRow]
+    protocol: dict[str, Any]
+    store: dict[str, Any]
+    seconds: float
+    maps: dict[str, TokenPatchCKA] = field(default_factory=dict)
+    probes: dict[str, PositionProbe] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return [r.layer for r in self.rows]
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.array([np.nan if r.score is None else r.score for r in self.rows])
+
+    def summary(self) -> str:
+        lines = [f"{'layer':<28} {'grid':>7} {'score':>7} {'own':>6} {'other':>6} {'argmax%':>8} {'pos%':>6}"]
+        for r in self.rows:
+            f = lambda v, s=1.0, w=6, p=3: (" " * w if v is None else f"{s * v:>{w}.{p}f}")  # noqa: E731
+            lines.append(f"{r.layer[-28:]:<28} {'x'.join(map(str, r.grid)):>7} {f(r.score, w=7)} {f(r.own)} "
+                         f"{f(r.other)} {f(r.argmax_fraction, 100, 8, 1)} {f(r.position_accuracy, 100, 6, 1)}")
+        return "\n".join(lines)
+
+    def to_json(self, path: str | os.PathLike | None = None, *, with_maps: bool = False) -> dict[str, Any]:
+        """JSON-ready dict (kind ``repsim.localize``); written atomically to ``path`` when given."""
+        d = {"kind": "repsim.localize", "rows": [asdict(r) for r in self.rows], "protocol": self.protocol,
+             "store": self.store, "seconds": self.seconds,
+             "probes": {k: v.to_json() for k, v in self.probes.items()}}
+        if with_maps:
+            d["maps"] = {k: v.to_json() for k, v in self.maps.items()}
+        d = _jsonable(d)
+        if path is not None:
+            write_json_atomic(path, d)
+        return d
+
+    def plot(self, path: str | os.PathLike | None = None) -> Any:
+        """Localisation score (left) and position-probe accuracy with chance (right) against depth; saved to
+        ``path`` when given; returns the Figure."""
+        from matplotlib.figure import Figure
+
+        from repsim.cka_plot import short_layer_names
+
+        x = np.arange(len(self.rows))
+        fig = Figure(figsize=(min(5 + 0.5 * len(x), 16), 3.8))
+        ax1, ax2 = fig.subplots(1, 2)
+        sc = [np.nan if r.score is None else r.score for r in self.rows]
+        am = [np.nan if r.argmax_fraction is None else r.argmax_fraction for r in self.rows]
+        ax1.plot(x, sc, marker="o", label="own − other CKA")
+        ax1.set_ylabel("localisation score")
+        ax1b = ax1.twinx()
+        ax1b.plot(x, am, marker="s", ls="--", color="C1", label="own patch is argmax")
+        ax1b.set_ylabel("fraction of positions")
+        ax1b.set_ylim(-0.02, 1.02)
+        ax1.axhline(0, color="0.5", lw=0.8, ls=":")
+        ax1.set_title(f"token ↔ input-patch CKA (n = {self.protocol.get('n_images')})", fontsize=10)
+        h1, l1 = ax1.get_legend_handles_labels()
+        h2, l2 = ax1b.get_legend_handles_labels()
+        ax1.legend(h1 + h2, l1 + l2, fontsize=8, loc="best")
+        pa = [np.nan if r.position_accuracy is None else 100 * r.position_accuracy for r in self.rows]
+        ch = [np.nan if r.position_chance is None else 100 * r.position_chance for r in self.rows]
+        ax2.plot(x, pa, marker="o", color="C2", label="position probe (test)")
+        ax2.plot(x, ch, ls=":", color="0.5", label="chance (1/P)")
+        ax2.set_ylim(-1, 101)
+        ax2.set_ylabel("accuracy (%)")
+        ax2.set_title("linear position probe", fontsize=10)
+        ax2.legend(fontsize=8, loc="best")
+        names = short_layer_names(self.layers)
+        for ax in (ax1, ax2):
+            ax.set_xticks(x)
+            ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+            ax.set_xlabel("layer (network order)")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(os.fspath(path), dpi=150)
+        return fig
+
+
+def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | Sequence[int] | None = None,
+             max_positions: int | None = None, cka: bool = True, position: bool = True, method: str = "ridge",
+             seed: int = 0, device: str = "auto", keep_maps: bool = True, progress: bool = False
+             ) -> LocalizeResult:
+    """Localisation score (token ↔ patch CKA) and position-probe accuracy for every selected layer.
+
+    ``layers``: default every token / map layer with known positions (vector layers skipped); an explicitly
+    named layer without positions is an error. ``cka=False`` skips the CKA part (then saved inputs are not
+    needed); ``position=False`` skips the probe. Other arguments as in :func:`token_patch_cka` and
+    :func:`position_probe`.
+    """
+    t0 = time.perf_counter()
+    if layers is None:
+        chosen = []
+        for lay in store.layers:
+            try:
+                grid_positions(store.layer_info(lay), lay)
+            except UsageError:
+                continue
+            chosen.append(lay)
+        if not chosen:
+            raise UsageError(f"{store.path} has no token or map layer with known positions to localise")
+    else:
+        chosen = [layers] if isinstance(layers, str) else list(layers)
+        missing = [lay for lay in chosen if lay not in store.layers]
+        if missing:
+            raise UsageError(f"{store.path} has no layer {', '.join(map(repr, missing))}")
+        order = {lay: i for i, lay in enumerate(store.layers)}
+        chosen = sorted(dict.fromkeys(chosen), key=order.__getitem__)
+        for lay in chosen:
+            grid_positions(store.layer_info(lay), lay)
+    if not (cka or position):
+        raise UsageError("nothing to do: both cka and position are off")
+    if cka and not getattr(store, "has_inputs", False):
+        _read_inputs(store, np.zeros(0, dtype=np.int64))
+    rows_idx = _select_images(store, images)
+    inputs = _read_inputs(store, rows_idx) if cka else None
+    from tqdm.auto import tqdm
+
+    rows, maps, probes_ = [], {}, {}
+    for lay in tqdm(chosen, desc="localize", unit="layer", disable=not progress):
+        toks = layer_tokens(store, lay, rows_idx)
+        kind, grid, _ = grid_positions(store.layer_info(lay), lay)
+        tp = pp = None
+        if cka:
+            tp = token_patch_cka(store, lay, max_positions=max_positions, device=device, _inputs=inputs,
+                                 _rows=rows_idx, _tokens=toks)
+            if keep_maps:
+                maps[lay] = tp
+        if position:
+            pp = position_probe(store, lay, method=method, seed=seed, device=device, _tokens=toks)
+            probes_[lay] = pp
+        rows.append(LocalizeRow(layer=lay, kind=kind, grid=list(grid), score=tp and tp.score, own=tp and tp.own,
+                                other=tp and tp.other, argmax_fraction=tp and tp.argmax_fraction,
+                                position_accuracy=pp and pp.accuracy, position_chance=pp and pp.chance))
+    protocol = {"n_images": int(rows_idx.size), "images": "first rows (store order is a seeded permutation)"
+                if images is None or isinstance(images, (int, np.integer)) else "explicit rows",
+                "max_positions": max_positions, "estimator": ESTIMATOR if cka else None,
+                "definition": SCORE_DEFINITION if cka else None,
+                "position_probe": {"method": method, "seed": seed, "test_fraction": 0.2, "val_fraction": 0.2,
+                                   "split": "images, seeded numpy default_rng([seed, 2]) permutation"}
+                if position else None}
+    return LocalizeResult(rows=rows, protocol=protocol, store=_store_info(store), seconds=time.perf_counter() - t0,
+                          maps=maps, probes=probes_)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-token class probe
+# ----------------------------------------------------------------------------------------------------
+
+TOKEN_MODES = ("centre", "cls", "mean")
+
+
+@dataclass
+class TokenClassProbe:
+    """Test class accuracy per layer and token read-out (``centre`` | ``cls`` | ``mean``); None where a
+    read-out does not apply (``cls`` of a map or of a token layer without prefix tokens)."""
+
+    layers: list[str]
+    accuracy: dict[str, list[float | None]]
+    chance: float
+    protocol: dict[str, Any]
+    store: dict[str, Any]
+    seconds: float = 0.0
+
+    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
+        d = _jsonable(dict(asdict(self), kind="repsim.token_class_probe"))
+        if path is not None:
+            write_json_atomic(path, d)
+        return d
+
+    def plot(self, path: str | os.PathLike | None = None) -> Any:
+        """Accuracy (%) against depth, one curve per token read-out, chance dotted; returns the Figure."""
+        from matplotlib.figure import Figure
+
+        from repsim.cka_plot import short_layer_names
+
+        x = np.arange(len(self.layers))
+        fig = Figure(figsize=(min(4 + 0.4 * len(x), 14), 4.0), layout="constrained")
+        ax = fig.subplots()
+        for k, (mode, acc) in enumerate(self.accuracy.items()):
+            y = [np.nan if a is None else 100 * a for a in acc]
+            if not np.all(np.isnan(y)):
+                ax.plot(x, y, marker="o", color=f"C{k}", label=f"{mode} token" if mode != "mean" else "token mean")
+        ax.axhline(100 * self.chance, ls=":", color="0.5", label="chance")
+        ax.set_xticks(x)
+        ax.set_xticklabels(short_layer_names(self.layers), rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("test class accuracy (%)")
+        ax.set_ylim(-1, 101)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"class probe from one token ({self.protocol.get('method')}, n_test = "
+                     f"{self.protocol.get('n_test')})", fontsize=10)
+        if path is not None:
+            fig.savefig(os.fspath(path), dpi=150)
+        return fig
+
+
+def _token_readouts(store: Any, layer: str) -> dict[str, np.ndarray | None]:
+    """float32 (n, D) per read-out, read chunk by chunk (never n × T × D at once)."""
+    info = store.layer_info(layer)
+    kind, (gh, gw), npt = grid_positions(info, layer)
+    centre = (gh // 2) * gw + gw // 2
+    n, cs = int(store.n), max(int(getattr(store, "chunk_size", 0) or 256), 1)
+    out: dict[str, list[np.ndarray]] = {m: [] for m in TOKEN_MODES}
+    for lo in range(0, n, cs):
+        x = np.asarray(store.read(layer, lo, min(lo + cs, n)), dtype=np.float32)
+        if kind == "map":
+            x = x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)
+        patch = x[:, npt:]
+        out["centre"].append(patch[:, centre])
+        out["mean"].append(patch.mean(axis=1))
+        if kind == "tokens" and npt > 0:
+            out["cls"].append(x[:, 0])
+    return {m: (np.concatenate(v) if v else None) for m, v in out.items()}
+
+
+def token_class_probe(store: Any, layers: Sequence[str] | None = None, *, method: str = "ridge",
+                      split: float = 0.2, val_fraction: float = 0.2, seed: int = 0,
+                      lambdas: Sequence[float] | None = None, device: str = "auto") -> TokenClassProbe:
+    """Class accuracy from the centre token vs the CLS token vs the patch-token mean, per layer (module
+    docstring). Needs labels."""
+    from probes.features import check_labels, stratified_holdout
+    from probes.linear import DEFAULT_LAMBDAS, accuracy_scores, fit_logreg, ridge_classify
+
+    if method not in ("ridge", "logreg"):
+        raise UsageError(f"method must be ridge or logreg, got {method!r}")
+    t0 = time.perf_counter()
+    y = check_labels(store)
+    if layers is None:
+        chosen = []
+        for lay in store.layers:
+            try:
+                grid_positions(store.layer_info(lay), lay)
+            except UsageError:
+                continue
+            chosen.append(lay)
+    else:
+        chosen = [layers] if isinstance(layers, str) else list(layers)
+        for lay in chosen:
+            grid_positions(store.layer_info(lay), lay)
+    if not chosen:
+        raise UsageError(f"{store.path} has no token or map layer with known positions")
+    keep, test = stratified_holdout(y, split, seed, 0)
+    tr_rel, va_rel = stratified_holdout(y[keep], val_fraction, seed, 1)
+    tr, va = keep[tr_rel], keep[va_rel]
+    lam = np.asarray(DEFAULT_LAMBDAS if lambdas is None else lambdas, dtype=np.float64)
+    dev = resolve_device(device)
+    acc: dict[str, list[float | None]] = {m: [] for m in TOKEN_MODES}
+    for lay in chosen:
+        feats = _token_readouts(store, lay)
+        for mode in TOKEN_MODES:
+            X = feats[mode]
+            if X is None:
+                acc[mode].append(None)
+                continue
+            fitter = ridge_classify if method == "ridge" else fit_logreg
+            fit = fitter(X[tr], y[tr], X[va], y[va], lam, refit=True, device=dev)
+            acc[mode].append(float(accuracy_scores(y[test], fit.predict(X[test]))[0]))
+    protocol = {"method": method, "split": split, "val_fraction": val_fraction, "seed": seed,
+                "n_train": int(tr.size), "n_val": int(va.size), "n_test": int(test.size),
+                "centre": "grid cell (gh // 2, gw // 2)", "mean": "mean of the patch tokens (prefix excluded)",
+                "split_rule": "per-class stratified, seeded (probes.features.stratified_holdout streams 0, 1)"}
+    return TokenClassProbe(layers=chosen, accuracy=acc, chance=1.0 / np.unique(y).size, protocol=protocol,
+                           store=_store_info(store), seconds=time.perf_counter() - t0)
