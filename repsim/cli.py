@@ -55,6 +55,9 @@ def cli(debug: bool) -> None:
       repsim info vit_b16.zarr                        # provenance, layers, size, complete or not
       repsim verify vit_b16.zarr                      # every chunk decodes, no NaN/Inf
       repsim cka vit_b16.zarr resnet50.zarr --plot vit_vs_r50.png   # layer x layer CKA map
+      repsim compare vit_b16.zarr resnet50.zarr --measure procrustes,rsa # other similarity measures
+      repsim attention vit_b16.zarr --plot attn.png   # needs extract --attention; --erf for CNNs
+      repsim probe vit_b16.zarr --plot probe.png      # linear transfer accuracy per layer
 
     Every analysis reads the stores that `repsim extract` writes; nothing re-runs the model.
     """
