@@ -8,7 +8,7 @@ Linear transfer (:mod:`probes.linear`, :mod:`probes.knn`, :mod:`probes.features`
     res = probes.linear_probe(store, features="cls", method="logreg", split=0.2, seed=0)
     print(res.summary()); res.to_json("probe.json"); res.plot("probe.png", others=[probes.knn_probe(store)])
 
-Spatial localisation (:mod:`probes.localize`, Raghu et al. 2021 Sec. 7): ``probes.localize(store)`` gives
+Spatial localisation (:mod:`probes.localization`, Raghu et al. 2021 Sec. 7): ``probes.localize(store)`` gives
 per layer the token ↔ input-patch CKA localisation score (needs ``--save-inputs``) and a linear position-probe
 accuracy; :func:`token_patch_cka` / :func:`position_probe` do one layer.
 
@@ -33,14 +33,14 @@ _LAZY = {
     "FEATURE_MODES": "probes.features",
     "read_layer_features": "probes.features",
     "stratified_holdout": "probes.features",
-    "localize": "probes.localize",
-    "token_patch_cka": "probes.localize",
-    "position_probe": "probes.localize",
-    "LocalizeResult": "probes.localize",
-    "TokenPatchCKA": "probes.localize",
-    "PositionProbe": "probes.localize",
-    "token_class_probe": "probes.localize",
-    "TokenClassProbe": "probes.localize",
+    "localize": "probes.localization",
+    "token_patch_cka": "probes.localization",
+    "position_probe": "probes.localization",
+    "LocalizeResult": "probes.localization",
+    "TokenPatchCKA": "probes.localization",
+    "PositionProbe": "probes.localization",
+    "token_class_probe": "probes.localization",
+    "TokenClassProbe": "probes.localization",
 }
 
 __all__ = list(_LAZY)

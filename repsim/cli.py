@@ -58,6 +58,7 @@ def cli(debug: bool) -> None:
       repsim compare vit_b16.zarr resnet50.zarr --measure procrustes,rsa # other similarity measures
       repsim attention vit_b16.zarr --plot attn.png   # needs extract --attention; --erf for CNNs
       repsim probe vit_b16.zarr --plot probe.png      # linear transfer accuracy per layer
+      repsim localize vit_b16.zarr --plot loc.png     # token-vs-patch CKA, position probe
 
     Every analysis reads the stores that `repsim extract` writes; nothing re-runs the model.
     """
@@ -668,6 +669,49 @@ def probe(stores, method, features, split, test_store, layer_list, k, temperatur
             click.echo(f"wrote {target}")
     if plot_path is not None:
         results[0].plot(plot_path, others=results[1:])
+        click.echo(f"wrote {plot_path}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--layers", "layer_list", multiple=True, help="Token / map layers (comma-separated ok; default all).")
+@click.option("--images", type=int, default=512, show_default=True,
+              help="Images for the token-vs-patch CKA (memory grows with images squared).")
+@click.option("--no-cka", is_flag=True, help="Only the position probe (no saved inputs needed).")
+@click.option("--method", type=click.Choice(["ridge", "logreg"]), default="ridge", show_default=True,
+              help="Position-probe classifier.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON: per layer score, own/other CKA, "
+              "argmax fraction, position-probe accuracy and chance.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Localisation score and position-probe accuracy against depth.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_path, quiet) -> None:
+    """Spatial localisation per layer (Raghu et al. 2021, Sec. 7): token-vs-input-patch CKA and a position probe.
+
+    \b
+    Examples:
+      repsim extract --model vit_b16 --data ~/imagenet/val --n 2000 --save-inputs --out vit.zarr
+      repsim localize vit.zarr --out vit_loc.json --plot vit_loc.png
+
+    \b
+    score = mean over token positions p of CKA(token p, its own input patch) minus the mean CKA with the
+    other patches (0: no localisation); argmax = share of positions whose own patch is the most similar;
+    position probe = accuracy of a linear classifier predicting each token's grid position (chance 1/P).
+    """
+    import probes
+    from repsim.store import open_store
+
+    s = open_store(store)
+    result = probes.localize(s, _split_layers(layer_list), images=images, cka=not no_cka, method=method,
+                             seed=seed, device=device, progress=not quiet)
+    click.echo(result.summary())
+    if out is not None:
+        result.to_json(out)
+        click.echo(f"wrote {out}")
+    if plot_path is not None:
+        result.plot(plot_path)
         click.echo(f"wrote {plot_path}")
 
 

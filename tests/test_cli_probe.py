@@ -39,3 +39,23 @@ def test_probe_errors(stores):
     assert_one_line_error(run_cli("probe", stores[0], "--features", "cls", "--layers", "layer4.1", "--quiet"),
                           "cls")
     assert_one_line_error(run_cli("probe", stores[0], "--test-store", stores[1], "--quiet"), "same samples")
+
+
+def test_localize_cli(tmp_path):
+    out = str(tmp_path / "v.zarr")
+    assert run_cli("extract", "--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "64",
+                   "--data", "shapes", "--n", "48", "--batch-size", "16", "--layers", "blocks.0,blocks.11",
+                   "--save-inputs", "--out", out, "--quiet").exit_code == 0
+    res = run_cli("localize", out, "--out", str(tmp_path / "l.json"), "--plot", str(tmp_path / "l.png"), "--quiet")
+    assert res.exit_code == 0, res.output
+    d = json.loads((tmp_path / "l.json").read_text())
+    rows = {r["layer"]: r for r in d["rows"]}
+    assert set(rows) == {"blocks.0", "blocks.11"}
+    assert all(0.0 <= r["argmax_fraction"] <= 1.0 and r["position_chance"] == 1 / 16 for r in rows.values())
+    assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
+    plain = str(tmp_path / "p.zarr")
+    assert run_cli("extract", "--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "64",
+                   "--data", "shapes", "--n", "16", "--batch-size", "16", "--layers", "blocks.0",
+                   "--out", plain, "--quiet").exit_code == 0
+    assert_one_line_error(run_cli("localize", plain, "--quiet"), "--save-inputs")
+    assert run_cli("localize", plain, "--no-cka", "--quiet").exit_code == 0

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from probes.localize import (
+from probes.localization import (
     TokenPatchCKA,
     localisation_scores,
     localize,
@@ -204,7 +204,7 @@ def test_end_to_end_tiny_vit(tmp_path):
 
 def test_token_class_probe(tmp_path):
     """The class is written into the CLS token only / into every patch token: the read-outs differ."""
-    from probes.localize import token_class_probe
+    from probes.localization import token_class_probe
 
     rng = np.random.default_rng(3)
     n, c = 150, 3
