@@ -583,6 +583,18 @@ class LocalizeResult:
         return fig
 
 
+def _positioned_layers(store: Any) -> list[str]:
+    """The store's token / map layers whose token positions are known (vector layers and unknown grids skipped)."""
+    chosen = []
+    for lay in store.layers:
+        try:
+            grid_positions(store.layer_info(lay), lay)
+        except UsageError:
+            continue
+        chosen.append(lay)
+    return chosen
+
+
 def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | Sequence[int] | None = None,
              max_positions: int | None = None, cka: bool = True, position: bool = True, method: str = "ridge",
              seed: int = 0, device: str = "auto", keep_maps: bool = True, progress: bool = False
@@ -596,13 +608,7 @@ def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | S
     """
     t0 = time.perf_counter()
     if layers is None:
-        chosen = []
-        for lay in store.layers:
-            try:
-                grid_positions(store.layer_info(lay), lay)
-            except UsageError:
-                continue
-            chosen.append(lay)
+        chosen = _positioned_layers(store)
         if not chosen:
             raise UsageError(f"{store.path} has no token or map layer with known positions to localise")
     else:
@@ -733,13 +739,7 @@ def token_class_probe(store: Any, layers: Sequence[str] | None = None, *, method
     t0 = time.perf_counter()
     y = check_labels(store)
     if layers is None:
-        chosen = []
-        for lay in store.layers:
-            try:
-                grid_positions(store.layer_info(lay), lay)
-            except UsageError:
-                continue
-            chosen.append(lay)
+        chosen = _positioned_layers(store)
     else:
         chosen = [layers] if isinstance(layers, str) else list(layers)
         for lay in chosen:
