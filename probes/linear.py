@@ -54,7 +54,6 @@ Selection: the largest validation top-1 (or mean per-class accuracy, ``metric=``
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -77,7 +76,7 @@ from probes.features import (
     tf32_off,
 )
 from repsim.errors import UsageError
-from repsim.json_output import write_json_atomic
+from repsim.json_output import read_json_result, write_json_atomic
 
 DEFAULT_LAMBDAS: np.ndarray = np.logspace(-6, 5, 45)
 METHODS = ("logreg", "ridge")
@@ -960,11 +959,7 @@ class ProbeResult:
     @classmethod
     def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> "ProbeResult":
         """Inverse of :meth:`to_json` (a dict or a path to the JSON file)."""
-        if not isinstance(source, dict):
-            with open(source) as f:
-                source = json.load(f)
-        if source.get("kind") != "repsim.probe":
-            raise UsageError(f"not a probe result (kind {source.get('kind')!r})")
+        source = read_json_result(source, "repsim.probe")
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in source.items() if k in known}
         row_fields = {f.name for f in fields(ProbeRow)}

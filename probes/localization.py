@@ -52,7 +52,6 @@ samples, validation ``val_fraction`` of the rest picks λ, then refit on train +
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -66,7 +65,7 @@ import torch
 from repsim.cka_engine import NumericalError
 from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
-from repsim.json_output import write_json_atomic
+from repsim.json_output import read_json_result, write_json_atomic
 
 __all__ = [
     "DEFAULT_IMAGES",
@@ -323,11 +322,7 @@ class TokenPatchCKA:
 
     @classmethod
     def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> "TokenPatchCKA":
-        if not isinstance(source, dict):
-            with open(source) as f:
-                source = json.load(f)
-        if source.get("kind") != "repsim.token_patch_cka":
-            raise UsageError(f"not a token-patch CKA result (kind {source.get('kind')!r})")
+        source = read_json_result(source, "repsim.token_patch_cka")
         d = {k: v for k, v in source.items() if k in {f.name for f in fields(cls)} and k != "kind"}
         d["kind"] = source["layer_kind"]
         d["matrix"] = np.asarray(d["matrix"], dtype=np.float64)

@@ -45,7 +45,6 @@ the current chunk group are held, never the features of all layers.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -58,7 +57,7 @@ import torch
 from repsim.devices import resolve_device as _resolve_device
 from repsim.devices import tf32_off as _tf32_off
 from repsim.errors import RepsimError, UsageError
-from repsim.json_output import write_json_atomic
+from repsim.json_output import read_json_result, write_json_atomic
 
 ESTIMATORS = ("minibatch", "exact", "debiased")
 KERNELS = ("linear", "rbf")
@@ -788,9 +787,7 @@ class CKAResult:
     @classmethod
     def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> "CKAResult":
         """Inverse of :meth:`to_json` (a dict or a path to the JSON file)."""
-        if not isinstance(source, dict):
-            with open(source) as f:
-                source = json.load(f)
+        source = read_json_result(source, "repsim.cka")
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in source.items() if k in known}  # ignore keys added by later versions
         d["values"] = np.asarray(d["values"], dtype=np.float64)

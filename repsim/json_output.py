@@ -26,3 +26,16 @@ def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def read_json_result(source: str | os.PathLike | dict[str, Any], kind: str) -> dict[str, Any]:
+    """A result written by a ``to_json``: ``source`` is the dict itself or a path to the file; its ``kind``
+    field must be ``kind`` (e.g. ``"repsim.cka"``), else a UsageError names what it is instead."""
+    if not isinstance(source, dict):
+        with open(source) as f:
+            source = json.load(f)
+    if source.get("kind") != kind:
+        from repsim.errors import UsageError
+
+        raise UsageError(f"not a {kind} result (kind {source.get('kind')!r})")
+    return source
