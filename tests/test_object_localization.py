@@ -1,0 +1,240 @@
+"""Object-localisation probe (probes.object_localization) and pointing game (hooks.attribution)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probes.object_localization import (
+    foreground_fractions,
+    input_masks,
+    object_localization,
+    parse_shapes_id,
+    shapes_masks,
+    token_iou,
+)
+from repsim.errors import UsageError
+from repsim.shapes import MIN_CONTRAST, ShapesDataset, render_shape_sample
+from repsim.store import ActivationStore, LayerSpec, StoreWriter, fingerprint_ids
+
+IMG, PATCH = 32, 4
+GRID = IMG // PATCH
+P = GRID * GRID
+
+
+def make_store(path, acts, *, dataset="shapes", n=None, seed=0, crop_pct=1.0):
+    n = n or next(iter(acts.values())).shape[0]
+    if dataset == "shapes":
+        ids = ShapesDataset(n, seed=seed, image_size=IMG).ids
+    else:
+        ids = [f"img{i:05d}.png" for i in range(n)]
+    attrs = {
+        "format_version": 1,
+        "model": {"name": "synthetic", "source": "test", "patch_size": PATCH, "num_prefix_tokens": 1,
+                  "grid": [GRID, GRID]},
+        "dataset": {"name": dataset, "root": None, "n": n, "seed": seed, "fingerprint": fingerprint_ids(ids)},
+        "preprocessing": {"img_size": [IMG, IMG], "crop_pct": crop_pct},
+        "extraction": {"chunk_size": 64, "dtype": "float32", "save_inputs": False},
+    }
+    specs = []
+    for name, a in acts.items():
+        info = ({"kind": "tokens", "num_prefix_tokens": 1, "grid": [GRID, GRID]} if a.ndim == 3 else
+                {"kind": "map", "grid": list(a.shape[2:])} if a.ndim == 4 else {"kind": "vector"})
+        specs.append(LayerSpec(name, tuple(a.shape[1:]), info))
+    w = StoreWriter.create(str(path), attrs, specs, ids, np.zeros(n, dtype=np.int64), dtype="float32")
+    for c in range(-(-n // 64)):
+        rows = w.chunk_rows(c)
+        w.write_chunk(c, {k: v[rows] for k, v in acts.items()})
+    w.update_attrs(complete=True)
+    return ActivationStore(str(path))
+
+
+def _true_fractions(n, seed=0):
+    """Independent ground truth: render, then block-average the mask over PATCH x PATCH cells."""
+    m = np.stack([render_shape_sample(seed, i, IMG)[1] for i in range(n)]).astype(np.float32)
+    return m.reshape(n, GRID, PATCH, GRID, PATCH).mean(axis=(2, 4)).reshape(n, P)
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+def test_masks_line_up_with_the_object():
+    ds = ShapesDataset(6, seed=3, image_size=48)
+    masks = shapes_masks(ds.ids)
+    assert masks.shape == (6, 48, 48) and masks.dtype == bool
+    for i in range(6):
+        assert np.array_equal(masks[i], ds.load_mask(i))
+        img = np.asarray(ds.load(i), dtype=np.float64)
+        m = masks[i]
+        # interior / exterior away from the anti-aliased edge (erode both by one pixel)
+        inner = m.copy()
+        outer = ~m
+        for ax in (0, 1):
+            for s in (1, -1):
+                inner &= np.roll(m, s, axis=ax)
+                outer &= ~np.roll(m, s, axis=ax)
+        obj = img[inner]
+        assert obj.std(axis=0).max() < 1.0  # the object is one flat colour
+        colour = obj.mean(axis=0)
+        dist = np.linalg.norm(img[outer] - colour, axis=1)
+        assert dist.min() >= MIN_CONTRAST - 2  # every background pixel contrasts with it
+        assert 0.08 < m.mean() < 0.4  # area within AREA_RANGE (anti-aliasing aside)
+
+
+def test_parse_id_and_refuse_other_ids():
+    assert parse_shapes_id("shapes/v1/seed=2/size=32/17") == (1, 2, 32, 17)
+    with pytest.raises(UsageError):
+        parse_shapes_id("img0001.png")
+    with pytest.raises(UsageError, match="generator"):
+        shapes_masks(["shapes/v999/seed=0/size=32/0"])
+
+
+def test_fractions_and_crop_geometry():
+    masks = shapes_masks(ShapesDataset(4, image_size=IMG).ids)
+    same = input_masks(masks, (IMG, IMG), 1.0)
+    assert np.array_equal(same, masks.astype(np.float32))  # identity geometry
+    np.testing.assert_allclose(foreground_fractions(same, (GRID, GRID)), _true_fractions(4), atol=1e-6)
+    # crop_pct < 1 agrees with the real preprocessing transform applied to the mask image
+    from hooks.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from PIL import Image
+
+    prep = Preprocessing((IMG, IMG), (0, 0, 0), (1, 1, 1), "bilinear", 0.875, "center")
+    tf = prep.transform()
+    mine = input_masks(masks, (IMG, IMG), 0.875)
+    for k, m in enumerate(masks):
+        ref = tf(Image.fromarray(np.repeat(m[..., None].astype(np.uint8) * 255, 3, axis=2)))[0].numpy()
+        assert np.mean((ref > 0.5) == (mine[k] > 0.5)) > 0.97
+    del IMAGENET_MEAN, IMAGENET_STD
+
+
+def test_token_iou():
+    pred = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=bool)
+    true = np.array([[1, 0, 1, 0], [0, 0, 0, 0]], dtype=bool)
+    per, pooled = token_iou(pred, true)
+    np.testing.assert_allclose(per, [1 / 3, 1.0])
+    assert pooled == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------------------------------------ probe
+
+
+def test_probe_reads_encoded_fractions_and_not_random(tmp_path):
+    n, D = 120, 8
+    rng = np.random.default_rng(0)
+    frac = _true_fractions(n)
+    good = rng.normal(size=(n, 1 + P, D)).astype(np.float32) * 0.05
+    good[:, 1:, 0] = frac  # feature 0 = the patch's foreground fraction, plus small noise elsewhere
+    rand = rng.normal(size=(n, 1 + P, D)).astype(np.float32)
+    cmap = np.repeat(frac.reshape(n, 1, GRID, GRID), 4, axis=1) + rng.normal(size=(n, 4, GRID, GRID)) * 0.01
+    vec = rng.normal(size=(n, 5)).astype(np.float32)
+    store = make_store(tmp_path / "s.zarr", {"good": good, "rand": rand, "cmap": cmap.astype(np.float32),
+                                             "vec": vec})
+    res = object_localization(store, device="cpu")
+    assert res.layers == ["good", "rand", "cmap"]  # vector layer skipped
+    g, r, c = res.row("good"), res.row("rand"), res.row("cmap")
+    assert g.n_test_images == 24 and g.n_train_images + g.n_val_images == 96
+    assert g.iou_mean > 0.9 and g.iou_pooled > 0.9 and g.accuracy > 0.97
+    assert c.iou_mean > 0.9
+    assert 0.05 < g.foreground_share < 0.5
+    assert g.baseline_accuracy == pytest.approx(1 - g.foreground_share)
+    assert g.baseline_iou == 0.0
+    assert r.iou_pooled < 0.3 and r.accuracy < r.baseline_accuracy + 0.03
+    d = res.to_json(tmp_path / "ol.json")
+    assert json.loads((tmp_path / "ol.json").read_text())["kind"] == "repsim.object_localization"
+    assert d["rows"][0]["layer"] == "good"
+    res.plot(tmp_path / "ol.png")
+    assert (tmp_path / "ol.png").stat().st_size > 0
+    with pytest.raises(UsageError):
+        object_localization(store, layers=["vec"], device="cpu")
+    lr = object_localization(store, layers=["good"], method="logreg", device="cpu", lambdas=[1e-3, 1e-2])
+    assert lr.row("good").iou_mean > 0.9
+
+
+def test_non_shapes_store_refused(tmp_path):
+    acts = {"t": np.zeros((10, 1 + P, 4), dtype=np.float32)}
+    store = make_store(tmp_path / "f.zarr", acts, dataset="fake")
+    with pytest.raises(UsageError, match="shapes"):
+        object_localization(store)
+
+
+# ------------------------------------------------------------------------------------------------ pointing game
+
+
+class _ObjectSum(nn.Module):
+    """Logit 0 = sum of positive-weight conv responses: only non-zero (object) pixels contribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        nn.init.uniform_(self.conv.weight, 0.1, 1.0)
+
+    def forward(self, x):
+        s = torch.relu(self.conv(x)).sum(dim=(1, 2, 3))
+        return torch.stack([s, -s], dim=1)
+
+
+def _object_images(n=6, size=32):
+    masks = shapes_masks(ShapesDataset(n, seed=1, image_size=size).ids)
+    x = torch.from_numpy(masks.astype(np.float32))[:, None].repeat(1, 3, 1, 1)  # object 1, background 0
+    return x, masks
+
+
+def test_pointing_game_ig_finds_the_object():
+    from hooks.attribution import pointing_game
+
+    torch.manual_seed(0)
+    x, masks = _object_images()
+    res = pointing_game(_ObjectSum(), x, masks, method="ig", n_steps=8)
+    assert res["accuracy"] == 1.0 and all(res["hits"]) and res["n"] == 6
+    assert res["targets"] == [0] * 6 and res["degenerate"] == 0
+    res = pointing_game(_ObjectSum(), x, masks, method="ig", baseline="mean", target=0, n_steps=8)
+    assert res["n"] == 6 and 0.0 <= res["accuracy"] <= 1.0
+    # Grad-CAM on the hand-built model's conv also points at the object
+    res = pointing_game(_ObjectSum(), x, masks, method="gradcam", layer="conv", tolerance=1)
+    assert res["accuracy"] == 1.0
+
+
+def test_pointing_game_tolerance_and_degenerate():
+    from hooks.attribution import pointing_hits
+
+    maps = torch.zeros(2, 8, 8)
+    maps[0, 0, 0] = 1.0
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[:, 2:4, 2:4] = True
+    hits, pts, deg = pointing_hits(maps, masks, tolerance=0)
+    assert not hits.any() and deg.tolist() == [False, True] and pts[0].tolist() == [0, 0]
+    hits, _, _ = pointing_hits(maps, masks, tolerance=2)
+    assert hits.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("arch,layer", [("resnet18", "layer4"), ("vit_tiny_patch16_224", "blocks.1")])
+def test_gradcam_runs_on_tiny_timm_models(arch, layer):
+    import timm
+
+    from hooks.attribution import pointing_game
+
+    torch.manual_seed(0)
+    kw = {"depth": 2, "img_size": 32, "patch_size": 8, "embed_dim": 48, "num_heads": 2} if "vit" in arch else {}
+    model = timm.create_model(arch, pretrained=False, num_classes=8, **kw).eval()
+    x, masks = _object_images(n=3, size=32)
+    x = x + 0.1 * torch.randn_like(x)
+    extra = {"num_prefix_tokens": 1, "grid": (4, 4)} if "vit" in arch else {}
+    res = pointing_game(model, x, masks, method="gradcam", layer=layer, **extra)
+    assert 0.0 <= res["accuracy"] <= 1.0
+    assert len(res["hits"]) == 3 and np.asarray(res["points"]).shape == (3, 2)
+    assert res["layer"] == layer
+    assert all(0 <= p < 32 for pt in res["points"] for p in pt)
+
+
+def test_gradcam_maps_have_input_shape():
+    from hooks.attribution import attribution_maps
+
+    x, _ = _object_images(n=2)
+    maps = attribution_maps(_ObjectSum(), x, torch.zeros(2, dtype=torch.long), method="gradcam", layer="conv")
+    assert maps.shape == (2, 32, 32) and (maps >= 0).all()
+    with pytest.raises(UsageError):
+        attribution_maps(_ObjectSum(), x, torch.zeros(2, dtype=torch.long), method="saliency")
