@@ -24,13 +24,16 @@ not tokens, are split with a seeded permutation (the split of :mod:`probes.local
 ``1 − test_fraction`` (80 %) of the images give the training tokens, of those ``val_fraction`` of the images
 pick the regularisation strength, then the probe is refit on train + val. On the test images:
 
-* ``iou_mean``: mean over test images of ``|pred ∩ true| / |pred ∪ true|`` (predicted vs true foreground
-  token sets of the image; 1 when both are empty);
-* ``iou_pooled``: the same ratio with intersections and unions summed over all test images;
+* ``iou_mean``: mean over the test images of ``|pred ∩ true| / |pred ∪ true|`` (predicted vs true foreground
+  token sets of the image). Images without any true foreground token (possible on coarse grids, where no
+  cell is more than half covered) have no defined IoU and are left out of this mean; ``n_scored_images``
+  says how many were kept (NaN when none). Their false positives still count in the pooled IoU and in
+  the accuracy;
+* ``iou_pooled``: intersections and unions summed over *all* test images, then divided;
 * ``accuracy``: token accuracy; ``baseline_accuracy``: accuracy of predicting *background everywhere*
-  (its IoU is 0 unless an image has no foreground token: ``baseline_iou``);
-* ``all_foreground_iou``: mean IoU of predicting *foreground everywhere* (= the foreground token share),
-  a second trivial reference.
+  (whose IoU, ``baseline_iou``, is 0 by construction);
+* ``all_foreground_iou``: mean IoU (same images as ``iou_mean``) of predicting *foreground everywhere*,
+  i.e. the mean foreground token share, a second trivial reference.
 
 :func:`object_localization` runs the probe on every token / map layer (vector layers skipped) and
 :meth:`ObjectLocalizationResult.plot` draws IoU against depth.
@@ -69,7 +72,7 @@ __all__ = [
 FOREGROUND_THRESHOLD = 0.5
 _ID = re.compile(r"^shapes/v(\d+)/seed=(\d+)/size=(\d+)/(\d+)$")
 DEFINITION = ("token foreground := fraction of the cell's input pixels on the object mask > 0.5; "
-              "iou_mean = mean over test images of |pred & true| / |pred | true| (1 if both empty); "
+              "iou_mean = mean over test images with >= 1 true foreground token of |pred & true| / |pred | true|; "
               "iou_pooled = sum |pred & true| / sum |pred | true| over test images; "
               "baseline = predict background everywhere")
 
@@ -151,12 +154,13 @@ def foreground_fractions(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray
 
 
 def token_iou(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per-image IoU (n,) of boolean token sets (n, P) (1 where both are empty) and the pooled IoU."""
+    """Per-image IoU (n,) of boolean token sets (n, P) (NaN where the true set is empty) and the pooled IoU
+    (NaN when every union is empty)."""
     pred, true = np.asarray(pred, dtype=bool), np.asarray(true, dtype=bool)
     inter = (pred & true).sum(axis=1).astype(np.float64)
     union = (pred | true).sum(axis=1).astype(np.float64)
-    per = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-    pooled = float(inter.sum() / union.sum()) if union.sum() > 0 else 1.0
+    per = np.where(true.any(axis=1), inter / np.maximum(union, 1), np.nan)
+    pooled = float(inter.sum() / union.sum()) if union.sum() > 0 else float("nan")
     return per, pooled
 
 
@@ -178,6 +182,7 @@ class ObjectLocalizationRow:
     baseline_iou: float
     all_foreground_iou: float
     foreground_share: float  # share of foreground tokens among the test tokens
+    n_scored_images: int  # test images with >= 1 true foreground token (those averaged in iou_mean)
     lam: float
     n_train_images: int
     n_val_images: int
@@ -275,10 +280,12 @@ def _probe_layer(tokens: np.ndarray, labels: np.ndarray, split: tuple[np.ndarray
     base_per, _ = token_iou(np.zeros_like(true), true)
     allfg_per, _ = token_iou(np.ones_like(true), true)
     train_pred = np.asarray(fit.predict(tokens[fit_rows].reshape(-1, D))).astype(bool)
-    return {"iou_mean": float(per.mean()), "iou_pooled": pooled, "accuracy": float((pred == true).mean()),
+    scored = np.isfinite(per)
+    mean = (lambda v: float(np.mean(v[scored])) if scored.any() else float("nan"))  # noqa: E731
+    return {"iou_mean": mean(per), "iou_pooled": pooled, "n_scored_images": int(scored.sum()), "accuracy": float((pred == true).mean()),
             "train_accuracy": float((train_pred == labels[fit_rows].reshape(-1).astype(bool)).mean()),
-            "baseline_accuracy": float(1.0 - true.mean()), "baseline_iou": float(base_per.mean()),
-            "all_foreground_iou": float(allfg_per.mean()), "foreground_share": float(true.mean()),
+            "baseline_accuracy": float(1.0 - true.mean()), "baseline_iou": mean(base_per),
+            "all_foreground_iou": mean(allfg_per), "foreground_share": float(true.mean()),
             "lam": float(fit.lam), "n_train_images": int(tr.size), "n_val_images": int(va.size),
             "n_test_images": int(te.size)}
 

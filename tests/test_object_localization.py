@@ -99,8 +99,9 @@ def test_fractions_and_crop_geometry():
     assert np.array_equal(same, masks.astype(np.float32))  # identity geometry
     np.testing.assert_allclose(foreground_fractions(same, (GRID, GRID)), _true_fractions(4), atol=1e-6)
     # crop_pct < 1 agrees with the real preprocessing transform applied to the mask image
-    from hooks.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
     from PIL import Image
+
+    from hooks.preprocess import Preprocessing
 
     prep = Preprocessing((IMG, IMG), (0, 0, 0), (1, 1, 1), "bilinear", 0.875, "center")
     tf = prep.transform()
@@ -108,15 +109,16 @@ def test_fractions_and_crop_geometry():
     for k, m in enumerate(masks):
         ref = tf(Image.fromarray(np.repeat(m[..., None].astype(np.uint8) * 255, 3, axis=2)))[0].numpy()
         assert np.mean((ref > 0.5) == (mine[k] > 0.5)) > 0.97
-    del IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_token_iou():
     pred = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=bool)
     true = np.array([[1, 0, 1, 0], [0, 0, 0, 0]], dtype=bool)
     per, pooled = token_iou(pred, true)
-    np.testing.assert_allclose(per, [1 / 3, 1.0])
+    assert per[0] == pytest.approx(1 / 3) and np.isnan(per[1])  # no true foreground: no IoU
     assert pooled == pytest.approx(1 / 3)
+    per, pooled = token_iou(np.array([[1, 0]], dtype=bool), np.array([[0, 0]], dtype=bool))
+    assert np.isnan(per[0]) and pooled == 0.0  # a false positive still costs pooled IoU
 
 
 # ------------------------------------------------------------------------------------------------ probe
@@ -141,7 +143,8 @@ def test_probe_reads_encoded_fractions_and_not_random(tmp_path):
     assert c.iou_mean > 0.9
     assert 0.05 < g.foreground_share < 0.5
     assert g.baseline_accuracy == pytest.approx(1 - g.foreground_share)
-    assert g.baseline_iou == 0.0
+    assert g.baseline_iou == 0.0 and g.n_scored_images == 24
+    assert g.all_foreground_iou == pytest.approx(g.foreground_share, rel=0.1)
     assert r.iou_pooled < 0.3 and r.accuracy < r.baseline_accuracy + 0.03
     d = res.to_json(tmp_path / "ol.json")
     assert json.loads((tmp_path / "ol.json").read_text())["kind"] == "repsim.object_localization"
@@ -238,3 +241,60 @@ def test_gradcam_maps_have_input_shape():
     assert maps.shape == (2, 32, 32) and (maps >= 0).all()
     with pytest.raises(UsageError):
         attribution_maps(_ObjectSum(), x, torch.zeros(2, dtype=torch.long), method="saliency")
+
+
+def test_store_pointing_game_end_to_end(tmp_path):
+    """A random-init resnet18 store of shapes images: masks follow the preprocessing, both methods run."""
+    from hooks.attribution import store_masks, store_pointing_game
+    from hooks.extract import extract
+    from hooks.registry import load_model
+
+    model = load_model("timm:resnet18", random_init=True, img_size=32)
+    store = extract(model, ShapesDataset(12, seed=0, image_size=32), str(tmp_path / "r.zarr"),
+                    layers=["layer1.0", "layer4.1"], device="cpu", batch_size=12, dtype="float32")
+    masks = store_masks(store, 4, model.preprocessing)
+    mine = input_masks(shapes_masks(store.ids[:4]), (32, 32), model.preprocessing.crop_pct) > 0.5
+    assert masks.shape == (4, 32, 32) and np.mean(masks == mine) > 0.97
+    for method in ("ig", "gradcam"):
+        res = store_pointing_game(store, method, n=4, n_steps=4)
+        assert res["n"] == 4 and 0.0 <= res["accuracy"] <= 1.0
+    assert res["store_layer"] == "layer4.1" and res["layer"] == "layer4.1"
+    fake = make_store(tmp_path / "f.zarr", {"t": np.zeros((4, 1 + P, 4), dtype=np.float32)}, dataset="fake")
+    with pytest.raises(UsageError, match="shapes"):
+        store_masks(fake, 2, model.preprocessing)
+
+
+class _TokenModel(nn.Module):
+    """ViT-like: a CLS token + 8x8 patch tokens (row-major); logit = sum of positive patch-token features."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 6, PATCH, stride=PATCH, bias=False)
+        nn.init.uniform_(self.patch.weight, 0.1, 1.0)
+        self.cls = nn.Parameter(torch.full((1, 1, 6), 5.0))
+        self.block = nn.Identity()
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)  # (B, P, D), row-major cells
+        t = self.block(torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1))
+        s = torch.relu(t[:, 1:]).sum(dim=(1, 2))
+        return torch.stack([s, -s], dim=1)
+
+
+def test_gradcam_on_tokens_points_at_the_object():
+    """Prefix tokens dropped and the patch tokens laid out row-major: a transposed grid would miss."""
+    from hooks.attribution import attribution_maps, pointing_game
+
+    torch.manual_seed(0)
+    x, masks = _object_images(n=8)
+    res = pointing_game(_TokenModel(), x, masks, method="gradcam", layer="block", num_prefix_tokens=1,
+                        grid=(GRID, GRID))
+    assert res["accuracy"] == 1.0 and res["degenerate"] == 0
+    maps = attribution_maps(_TokenModel(), x, torch.zeros(8, dtype=torch.long), method="gradcam", layer="block",
+                            num_prefix_tokens=1, grid=(GRID, GRID))
+    cells = maps.reshape(8, GRID, PATCH, GRID, PATCH).mean(dim=(2, 4)).reshape(8, P).numpy()
+    frac = foreground_fractions(masks, (GRID, GRID))
+    for k in range(8):  # the cell map follows the object's coverage
+        assert np.corrcoef(cells[k], frac[k])[0, 1] > 0.8
+    with pytest.raises(UsageError, match="grid"):
+        pointing_game(_TokenModel(), x, masks, method="gradcam", layer="block", num_prefix_tokens=1, grid=(4, 4))
