@@ -686,8 +686,16 @@ def probe(stores, method, features, split, test_store, layer_list, k, temperatur
               "argmax fraction, position-probe accuracy and chance.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Localisation score and position-probe accuracy against depth.")
+@click.option("--objects", is_flag=True,
+              help="Also the object-foreground probe (stores of the shapes data set): per layer the IoU of the "
+                   "predicted foreground tokens with the ground-truth mask. Writes <stem>_objects.json/.png.")
+@click.option("--pointing", "pointing", multiple=True, type=click.Choice(["ig", "gradcam"]),
+              help="Also the pointing game of captum attributions on the model itself (shapes stores; the model "
+                   "is rebuilt from the store): Integrated Gradients and/or Grad-CAM. Writes <stem>_pointing.json.")
+@click.option("--pointing-images", type=int, default=32, show_default=True, help="Images for --pointing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_path, quiet) -> None:
+def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_path, objects, pointing,
+             pointing_images, quiet) -> None:
     """Spatial localisation per layer (Raghu et al. 2021, Sec. 7): token-vs-input-patch CKA and a position probe.
 
     \b
@@ -713,6 +721,33 @@ def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_
     if plot_path is not None:
         result.plot(plot_path)
         click.echo(f"wrote {plot_path}")
+
+    def sibling(path: str | None, suffix: str) -> str | None:
+        return None if path is None else "{0}_{2}{1}".format(*os.path.splitext(path), suffix)
+
+    if objects:
+        obj = probes.object_localization(s, _split_layers(layer_list), method=method, seed=seed, device=device,
+                                         progress=not quiet)
+        click.echo(obj.summary())
+        for path, write in ((sibling(out, "objects"), obj.to_json), (sibling(plot_path, "objects"), obj.plot)):
+            if path is not None:
+                write(path)
+                click.echo(f"wrote {path}")
+    if pointing:
+        from hooks.attribution import store_pointing_game
+        from repsim.json_output import write_json_atomic
+
+        games = {m: store_pointing_game(s, m, n=pointing_images, device="cpu" if device == "auto" else device)
+                 for m in pointing}
+        for m, g in games.items():
+            click.echo(f"pointing game {m}: {g['accuracy'] * 100:.1f}% of {g['n']} images "
+                       f"(argmax of the attribution on the object; tolerance {g['tolerance']} px)")
+        path = sibling(out, "pointing")
+        if path is not None:
+            write_json_atomic(path, {"kind": "repsim.pointing_game", "store": s.path, "model": s.model_name,
+                                     "games": {m: {k: v for k, v in g.items() if k != "points"}
+                                               for m, g in games.items()}})
+            click.echo(f"wrote {path}")
 
 
 def _erf(s, out, plot_path, images: int, device: str) -> None:
