@@ -693,9 +693,12 @@ def probe(stores, method, features, split, test_store, layer_list, k, temperatur
               help="Also the pointing game of captum attributions on the model itself (shapes stores; the model "
                    "is rebuilt from the store): Integrated Gradients and/or Grad-CAM. Writes <stem>_pointing.json.")
 @click.option("--pointing-images", type=int, default=32, show_default=True, help="Images for --pointing.")
+@click.option("--class-tokens", is_flag=True,
+              help="Also class accuracy from the centre token vs the CLS token vs the token mean, per layer "
+                   "(Raghu et al. Fig. 11). Writes <stem>_class_tokens.json/.png.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_path, objects, pointing,
-             pointing_images, quiet) -> None:
+             pointing_images, class_tokens, quiet) -> None:
     """Spatial localisation per layer (Raghu et al. 2021, Sec. 7): token-vs-input-patch CKA and a position probe.
 
     \b
@@ -730,6 +733,17 @@ def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_
                                          progress=not quiet)
         click.echo(obj.summary())
         for path, write in ((sibling(out, "objects"), obj.to_json), (sibling(plot_path, "objects"), obj.plot)):
+            if path is not None:
+                write(path)
+                click.echo(f"wrote {path}")
+    if class_tokens:
+        ctp = probes.token_class_probe(s, _split_layers(layer_list), method=method, seed=seed, device=device)
+        click.echo(f"{'layer':<28} " + " ".join(f"{m + ' %':>9}" for m in ctp.accuracy) + f"   (chance {ctp.chance:.1%})")
+        for i, layer in enumerate(ctp.layers):
+            cells = ["        -" if v[i] is None else f"{100 * v[i]:9.1f}" for v in ctp.accuracy.values()]
+            click.echo(f"{layer:<28} " + " ".join(cells))
+        for path, write in ((sibling(out, "class_tokens"), ctp.to_json),
+                            (sibling(plot_path, "class_tokens"), ctp.plot)):
             if path is not None:
                 write(path)
                 click.echo(f"wrote {path}")

@@ -54,12 +54,14 @@ def test_localize_cli(tmp_path):
     assert all(0.0 <= r["argmax_fraction"] <= 1.0 and r["position_chance"] == 1 / 16 for r in rows.values())
     assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
     res = run_cli("localize", out, "--no-cka", "--objects", "--pointing", "ig", "--pointing-images", "4",
-                  "--out", str(tmp_path / "o.json"), "--quiet")
+                  "--class-tokens", "--out", str(tmp_path / "o.json"), "--quiet")
     assert res.exit_code == 0, res.output
     objects = json.loads((tmp_path / "o_objects.json").read_text())
     assert objects["kind"] == "repsim.object_localization" and len(objects["rows"]) == 2
     game = json.loads((tmp_path / "o_pointing.json").read_text())["games"]["ig"]
     assert game["n"] == 4 and 0.0 <= game["accuracy"] <= 1.0
+    tokens = json.loads((tmp_path / "o_class_tokens.json").read_text())
+    assert tokens["layers"] == ["blocks.0", "blocks.11"] and set(tokens["accuracy"]) >= {"centre", "cls", "mean"}
     plain = str(tmp_path / "p.zarr")
     assert run_cli("extract", "--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "64",
                    "--data", "shapes", "--n", "16", "--batch-size", "16", "--layers", "blocks.0",
