@@ -41,12 +41,12 @@ _LAZY = {
     "PositionProbe": "probes.localization",
     "token_class_probe": "probes.localization",
     "TokenClassProbe": "probes.localization",
-    "object_localization": "probes.object_localization",
-    "ObjectLocalizationResult": "probes.object_localization",
-    "ObjectLocalizationRow": "probes.object_localization",
-    "shapes_masks": "probes.object_localization",
-    "foreground_fractions": "probes.object_localization",
-    "token_iou": "probes.object_localization",
+    "object_localization": "probes.foreground_probe",
+    "ObjectLocalizationResult": "probes.foreground_probe",
+    "ObjectLocalizationRow": "probes.foreground_probe",
+    "shapes_masks": "probes.foreground_probe",
+    "foreground_fractions": "probes.foreground_probe",
+    "token_iou": "probes.foreground_probe",
 }
 
 __all__ = list(_LAZY)

@@ -23,7 +23,7 @@ _LAZY = {
     "aligned_attention": "repsim.attention",
     "classify_heads": "repsim.attention",
     "attention_rollout": "repsim.attention",
-    "attention_report": "repsim.attention_report",
+    "attention_report": "repsim.attention_summary",
     "similarity": "repsim.similarity_measures",
     "MEASURES": "repsim.similarity_measures",
     "compare_matrix": "repsim.compare",

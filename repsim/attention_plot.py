@@ -1,4 +1,4 @@
-"""Figures of an :class:`repsim.attention_report.AttentionReport`.
+"""Figures of an :class:`repsim.attention_summary.AttentionReport`.
 
 - :func:`plot_distance_vs_depth`: one dot per head, mean attention distance (px) against layer depth (the ViT
   paper's Fig. 7 / Raghu et al. 2021 Fig. 3), coloured by head kind; several reports can share the axes.
@@ -20,7 +20,7 @@ from repsim.cka_plot import model_label, short_layer_names
 from repsim.errors import UsageError
 
 if TYPE_CHECKING:
-    from repsim.attention_report import AttentionReport
+    from repsim.attention_summary import AttentionReport
     from repsim.store import ActivationStore
 
 KIND_COLOURS = {
@@ -167,7 +167,7 @@ def plot_attention_report(report: "AttentionReport", path: str | os.PathLike | N
     ``{"distance": Axes, "aligned": Figure, "rollout": Figure | None, "paths": [...]}``.
     """
     plt = _pyplot()
-    from repsim.attention_report import store_rollout
+    from repsim.attention_summary import store_rollout
 
     out: dict[str, Any] = {"paths": []}
     targets = figure_paths(path) if path is not None else {}

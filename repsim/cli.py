@@ -502,7 +502,7 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
     import numpy as np
 
     from repsim.attention_plot import figure_paths, plot_attention_report
-    from repsim.attention_report import attention_report
+    from repsim.attention_summary import attention_report
     from repsim.cka_plot import short_layer_names
     from repsim.store import open_store
 
@@ -767,7 +767,7 @@ def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_
 def _erf(s, out, plot_path, images: int, device: str) -> None:
     from hooks.erf import store_erf
     from repsim.attention_plot import plot_erf
-    from repsim.attention_report import erf_json
+    from repsim.attention_summary import erf_json
 
     results = store_erf(s, images=images, device=device)
     if out is not None:

@@ -11,7 +11,7 @@ import torch
 from hooks.extract import extract, plan_extraction, run_extraction
 from hooks.registry import load_model
 from repsim.attention import aligned_attention, attention_distance, attention_entropy, prefix_mass
-from repsim.attention_report import attention_report, store_rollout
+from repsim.attention_summary import attention_report, store_rollout
 from conftest import run_cli as _cli
 from repsim.data import open_dataset
 from repsim.errors import UsageError

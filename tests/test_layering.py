@@ -39,3 +39,16 @@ def test_library_has_no_click():
         for path in (ROOT / package).rglob("*.py"):
             if path not in CLI_LAYER:
                 assert "click" not in _imports(path), path
+
+
+def test_lazy_names_do_not_collide_with_submodules():
+    """A public function named like a submodule would be replaced by the module once the submodule is
+    imported (``import pkg.name`` sets ``pkg.name``): the API would then depend on import order."""
+    import pkgutil
+
+    import probes
+    import repsim
+
+    for pkg in (repsim, probes):
+        submodules = {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+        assert not submodules & set(pkg._LAZY), (pkg.__name__, submodules & set(pkg._LAZY))

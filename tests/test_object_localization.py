@@ -1,4 +1,4 @@
-"""Object-localisation probe (probes.object_localization) and pointing game (hooks.attribution)."""
+"""Object-localisation probe (probes.foreground_probe) and pointing game (hooks.attribution)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from probes.object_localization import (
+from probes.foreground_probe import (
     foreground_fractions,
     input_masks,
     object_localization,
