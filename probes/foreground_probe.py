@@ -53,9 +53,9 @@ import numpy as np
 from PIL import Image
 
 from repsim.errors import UsageError
-from repsim.json_output import write_json_atomic
+from repsim.json_output import jsonable, write_json_atomic
 
-from probes.localization import _bounds, _image_split, _jsonable, _select_images, grid_positions, layer_tokens
+from probes.localization import _bounds, _image_split, _select_images, grid_positions, layer_tokens
 
 __all__ = [
     "FOREGROUND_THRESHOLD",
@@ -223,7 +223,7 @@ class ObjectLocalizationResult:
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """JSON-ready dict (kind ``repsim.object_localization``); written atomically to ``path`` when given."""
-        d = _jsonable({"kind": "repsim.object_localization", "rows": [asdict(r) for r in self.rows],
+        d = jsonable({"kind": "repsim.object_localization", "rows": [asdict(r) for r in self.rows],
                        "protocol": self.protocol, "store": self.store, "seconds": self.seconds,
                        "definition": self.definition})
         if path is not None:

@@ -54,7 +54,6 @@ Selection: the largest validation top-1 (or mean per-class accuracy, ``metric=``
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import warnings
@@ -76,7 +75,7 @@ from probes.features import (
     tf32_off,
 )
 from repsim.errors import UsageError
-from repsim.json_output import read_json_result, write_json_atomic
+from repsim.json_output import jsonable, read_json_result, write_json_atomic
 
 DEFAULT_LAMBDAS: np.ndarray = np.logspace(-6, 5, 45)
 METHODS = ("logreg", "ridge")
@@ -951,7 +950,7 @@ class ProbeResult:
         d = asdict(self)
         d["kind"] = "repsim.probe"
         d["best_layer"] = self.best_layer
-        d = _jsonable(d)
+        d = jsonable(d)
         if path is not None:
             write_json_atomic(path, d)
         return d
@@ -1033,21 +1032,6 @@ class ProbeResult:
         return ax
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 def _repsim_version() -> str | None:

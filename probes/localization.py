@@ -52,7 +52,6 @@ samples, validation ``val_fraction`` of the rest picks λ, then refit on train +
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -65,7 +64,7 @@ import torch
 from repsim.cka_engine import NumericalError
 from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
-from repsim.json_output import read_json_result, write_json_atomic
+from repsim.json_output import jsonable, read_json_result, write_json_atomic
 
 __all__ = [
     "DEFAULT_IMAGES",
@@ -256,21 +255,6 @@ def localisation_scores(matrix: np.ndarray, positions: np.ndarray | None = None)
 # ----------------------------------------------------------------------------------------------------
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 def _store_info(store: Any) -> dict[str, Any]:
@@ -313,7 +297,7 @@ class TokenPatchCKA:
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """JSON-ready dict (kind ``repsim.token_patch_cka``); written atomically to ``path`` when given."""
-        d = _jsonable(dict(asdict(self), kind_result="repsim.token_patch_cka"))
+        d = jsonable(dict(asdict(self), kind_result="repsim.token_patch_cka"))
         d["kind"], d["layer_kind"] = "repsim.token_patch_cka", self.kind
         d.pop("kind_result")
         if path is not None:
@@ -420,7 +404,7 @@ class PositionProbe:
     seconds: float = 0.0
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        d = _jsonable(dict(asdict(self), kind="repsim.position_probe"))
+        d = jsonable(dict(asdict(self), kind="repsim.position_probe"))
         if path is not None:
             write_json_atomic(path, d)
         return d
@@ -530,7 +514,7 @@ class LocalizeResult:
              "probes": {k: v.to_json() for k, v in self.probes.items()}}
         if with_maps:
             d["maps"] = {k: v.to_json() for k, v in self.maps.items()}
-        d = _jsonable(d)
+        d = jsonable(d)
         if path is not None:
             write_json_atomic(path, d)
         return d
@@ -670,7 +654,7 @@ class TokenClassProbe:
     seconds: float = 0.0
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        d = _jsonable(dict(asdict(self), kind="repsim.token_class_probe"))
+        d = jsonable(dict(asdict(self), kind="repsim.token_class_probe"))
         if path is not None:
             write_json_atomic(path, d)
         return d

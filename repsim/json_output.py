@@ -39,3 +39,26 @@ def read_json_result(source: str | os.PathLike | dict[str, Any], kind: str) -> d
 
         raise UsageError(f"not a {kind} result (kind {source.get('kind')!r})")
     return source
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with numpy arrays / scalars turned into lists and Python numbers, dict keys into strings, and
+    non-finite floats into None (JSON has no NaN; a missing value stays visible as null)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
