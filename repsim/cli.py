@@ -247,7 +247,7 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
             load=dict(weights=os.path.abspath(weights) if weights else None, random_init=random_init,
                       img_size=img_size, mean=_floats3(mean, "mean"), std=_floats3(std, "std"),
                       interpolation=interpolation, crop_pct=crop_pct),
-            plan=dict(layers=[p.strip() for s_ in layer_patterns for p in s_.split(",") if p.strip()] or None,
+            plan=dict(layers=_split_layers(layer_patterns),
                       pool=pool, spatial_pool=spatial_pool, dtype=dtype, batch_size=batch_size,
                       chunk_size=chunk_size, save_inputs=save_inputs, attention=attention, attn_keep=attn_keep,
                       strict=strict),
@@ -260,7 +260,7 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
         return
     loaded = _load_model(model_name, weights, random_init, img_size, mean, std, interpolation, crop_pct)
     source = open_dataset(data, n=n, seed=seed, image_size=loaded.preprocessing.img_size[0])
-    patterns = [p.strip() for spec in layer_patterns for p in spec.split(",") if p.strip()] or None
+    patterns = _split_layers(layer_patterns)
     plan = plan_extraction(
         loaded, source, out, layers=patterns, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
         batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, attention=attention,
