@@ -25,7 +25,9 @@ import os
 import platform
 import queue
 import shutil
+import socket
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +62,7 @@ from hooks.attention_reduce import AttentionReducer
 from hooks.capture import ActivationCapture, TapInfo, finite_or_raise
 from hooks.layers import default_layers, layer_layout, select_layers
 from hooks.registry import LoadedModel
+from hooks.remote_output import remote_state, staging_path, upload_store
 
 DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_ROWS = 64
@@ -153,6 +156,7 @@ class ExtractionPlan:
     attn_keep: int = 0
     extra_bytes: int = 0  # arrays not proportional to n (kept attention maps)
     shard: tuple[int, int] | None = None  # (k, N): this process writes the k-th of N chunk ranges
+    remote: str | None = None  # an fsspec URL: ``out`` is then its local staging store, uploaded when complete
 
     def shard_chunks(self) -> range:
         """The sample chunks this run writes: all, or the k-th of N contiguous, disjoint chunk ranges."""
@@ -250,9 +254,13 @@ def plan_extraction(
         chunk_size = batch_size * max(1, round(DEFAULT_CHUNK_ROWS / batch_size))
     if chunk_size < 1 or chunk_size % batch_size:
         raise UsageError(f"--chunk-size ({chunk_size}) must be a positive multiple of --batch-size ({batch_size})")
-    if is_url(out):
-        raise UsageError(f"--out {out}: extraction writes to a local or shared file-system path (resume and "
-                         "writer locks need one); copy the finished store to object storage afterwards")
+    remote = None
+    if is_url(out):  # staged locally, uploaded when complete (hooks.remote_output)
+        if shard is not None:
+            raise UsageError(f"--out {out}: sharded extraction needs a shared file-system path (shards coordinate "
+                             "through lock files next to the store); extract there, then copy the store")
+        remote, out = out, staging_path(out)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
     if shard is not None:
         k, total = shard
         if total < 1 or not 0 <= k < total:
@@ -350,8 +358,13 @@ def plan_extraction(
         if overwrite and os.path.exists(out):
             remove_store(out)
         resume, already_complete = _existing_store_state(out, attrs)
+    if remote is not None:
+        # what counts is the URL: a staged store that is complete but not yet uploaded still has work to do
+        already_complete = remote_state(remote, attrs, overwrite)
+        if already_complete:
+            out = remote
     return ExtractionPlan(
-        out=out, model=model, source=source, paths=paths, taps=taps, attrs=attrs, dtype=dtype,
+        out=out, remote=remote, model=model, source=source, paths=paths, taps=taps, attrs=attrs, dtype=dtype,
         batch_size=batch_size, chunk_size=chunk_size, pool=pool, spatial_pool=spatial_pool,
         save_inputs=save_inputs, resume=resume, already_complete=already_complete,
         bytes_per_image=bytes_per_image, skipped=skipped, attention_layers=attn_layers, attn_keep=attn_keep,
@@ -510,6 +523,7 @@ def run_extraction(
     source = plan.source
     writer = create_or_open_store(plan)
     lock = _acquire_writer_lock(plan.out, plan.shard)
+    t_start = time.perf_counter()
     try:
         mine = set(plan.shard_chunks())
         todo = [int(i) for i in np.flatnonzero(~writer.chunks_done()) if int(i) in mine]
@@ -570,11 +584,25 @@ def run_extraction(
                         break
         background.close()
         bar.close()
-        if bool(writer.chunks_done().all()):
+        done = writer.chunks_done()
+        if plan.shard is not None and bool(done[plan.shard_chunks()].all()):
+            span = plan.shard_chunks()
+            with _creation_lock(plan.out):  # the first shard to finish creates the record array
+                writer.record_shard(*plan.shard, {
+                    "chunks": [span.start, span.stop],
+                    "rows": [writer.chunk_rows(span.start).start if len(span) else 0,
+                             writer.chunk_rows(span.stop - 1).stop if len(span) else 0],
+                    "host": socket.gethostname(), "pid": os.getpid(),
+                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "seconds": round(time.perf_counter() - t_start, 1)})
+        if bool(done.all()):
             writer.update_attrs(complete=True, completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     finally:
         lock.release()
-    return ActivationStore(plan.out)
+    store = ActivationStore(plan.out)
+    if plan.remote is not None and store.complete:
+        return upload_store(plan.out, plan.remote)
+    return store
 
 
 def extract(

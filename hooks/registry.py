@@ -35,6 +35,7 @@ from torch import nn
 
 from hooks.layers import infer_family
 from hooks.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, crop_pct_for, default_preprocessing
+from hooks.reference_models import REFERENCE_MODELS, build_reference, get_reference, reference_card
 from hooks.weights import apply_state_dict, load_state_dict_file, sha256_file
 from repsim.errors import UsageError
 
@@ -97,12 +98,14 @@ class ModelInfo:
     """Provenance of a loaded model, JSON-able, recorded in the store.
 
     name : what the user typed ("vit_b16", "timm:resnet18", ...)
-    source : "timm" | "hf" | "torchvision" | "py"
+    source : "timm" | "hf" | "torchvision" | "py" | "reference"
     source_id : timm id with pretrained tag / hub id or local directory / torchvision name / "file.py:factory"
     family : layer-preset family (see :data:`hooks.layers.FAMILIES`)
     weights : {"kind": "random", "seed"} | {"kind": "hub", "tag", "cache_file", ...}
         | {"kind": "file", "file", "sha256"}
         | {"kind": "factory", ...} (a ``py:`` factory that made its own weights)
+        | {"kind": "bundled", "file", "sha256", "top1_accuracy"} (a reference model, see
+        :mod:`hooks.reference_models`)
     num_prefix_tokens : class + register + distillation tokens, read from the model; 0 for CNNs
     patch_size : (ph, pw) in pixels, or None
     grid : patch grid (gh, gw) at the model's input size, or None
@@ -215,8 +218,10 @@ def resolve_name(spec: str) -> tuple[str, str]:
     key = _normalise_short(spec)
     if key in REGISTRY:
         return "timm", REGISTRY[key].timm_id
+    if key in REFERENCE_MODELS:
+        return "reference", key
     hints = []
-    close = difflib.get_close_matches(key, list(REGISTRY), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(key, [*REGISTRY, *REFERENCE_MODELS], n=3, cutoff=0.6)
     if close:
         hints.append(f"did you mean {', '.join(close)}?")
     try:
@@ -840,9 +845,48 @@ def _load_py(name: str, ident: str, weights: str | None, random_init: bool,
 
 
 # ==========================================================================================================
+# the bundled reference models (hooks.reference_models)
+# ==========================================================================================================
+def _load_reference(name: str, ident: str, weights: str | None, random_init: bool,
+                    img_size: int | None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
+    ref = get_reference(ident)
+    module = build_reference(ident)
+    if weights:
+        sd, digest = load_state_dict_file(weights)
+        record: dict[str, Any] = apply_state_dict(module, sd, weights, digest)
+    elif random_init:
+        record = {"kind": "random"}
+    else:
+        card = reference_card(ident)
+        digest = sha256_file(ref.weights_file)
+        if digest != card["weights"]["sha256"]:
+            raise UsageError(f"{ref.weights_file} does not match its model card (sha256 differs): reinstall repsim "
+                             "or rebuild it with scripts/train_reference_models.py")
+        sd, _ = load_state_dict_file(ref.weights_file)
+        apply_state_dict(module, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+                         ref.weights_file, digest)
+        record = {"kind": "bundled", "file": os.path.basename(ref.weights_file), "sha256": digest,
+                  "top1_accuracy": card["evaluation"]["top1_accuracy"]}
+    module.eval()
+    if img_size is not None and img_size != ref.img_size and hasattr(module, "set_input_size"):
+        # timm ViT: resample the position embeddings to the new grid (a CNN takes any size as it is)
+        _check_patch_multiple((img_size, img_size), _read_geometry(module)[1], ident)
+        module.set_input_size(img_size=img_size)
+    prep = Preprocessing((ref.img_size, ref.img_size), ref.mean, ref.std, "bicubic", 1.0, "center")
+    if img_size is not None:
+        prep = prep.with_overrides(img_size=img_size)
+    prefix, patch, grid = _read_geometry(module)
+    info = ModelInfo(name=name, source="reference", source_id=f"{ident} ({ref.timm_arch} at reduced size)",
+                     family=infer_family(module), weights=record, num_prefix_tokens=prefix, patch_size=patch,
+                     grid=grid, num_classes=int(getattr(module, "num_classes", 0) or 0))
+    return module, info, prep
+
+
+# ==========================================================================================================
 # public entry points
 # ==========================================================================================================
-_LOADERS = {"timm": _load_timm, "hf": _load_hf, "torchvision": _load_torchvision, "py": _load_py}
+_LOADERS = {"timm": _load_timm, "hf": _load_hf, "torchvision": _load_torchvision, "py": _load_py,
+            "reference": _load_reference}
 
 
 def load_model(
@@ -900,6 +944,10 @@ def list_models() -> list[dict[str, Any]]:
             cached = None
         rows.append({"name": name, "source": "timm", "id": entry.timm_id, "family": entry.family,
                      "weights_offline": cached is not None, "description": entry.description})
+    for name, ref in REFERENCE_MODELS.items():
+        rows.append({"name": name, "source": "reference", "id": f"{ref.timm_arch} (reduced, see its model card)",
+                     "family": ref.family, "weights_offline": os.path.isfile(ref.weights_file),
+                     "description": ref.description})
     return rows
 
 
@@ -932,8 +980,11 @@ def reload_model(attrs: dict[str, Any]) -> LoadedModel:
         if sha256_file(path) != w.get("sha256"):
             raise UsageError(f"{path} changed since the extraction (sha256 differs): the model cannot be rebuilt")
         loaded = load_model(model["name"], weights=path, **kwargs)
-    else:  # hub weights (from the local cache) or a py: factory that makes its own
+    else:  # hub weights (from the local cache), bundled weights, or a py: factory that makes its own
         loaded = load_model(model["name"], **kwargs)
+        if kind == "bundled" and loaded.info.weights.get("sha256") != w.get("sha256"):
+            raise UsageError(f"the bundled {model['name']} weights changed since the extraction (another repsim "
+                             "version?): the model cannot be rebuilt")
         if kind == "factory" and loaded.info.weights.get("sha256") != w.get("sha256"):
             raise UsageError(f"{model['name']} now builds other weights than at extraction (sha256 differs)")
     return loaded

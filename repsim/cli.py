@@ -49,6 +49,10 @@ def cli(debug: bool) -> None:
     """repsim: how vision networks represent images, and how CNNs, ViTs and MLP-Mixers differ.
 
     \b
+    Start here (offline, a few minutes on a CPU; bundled models trained on the shapes data set):
+      repsim demo --out demo/                         # every analysis, figures + report.md
+
+    \b
     Typical session:
       repsim models                                   # what can be extracted
       repsim extract --model vit_b16 --data ~/imagenet/val --n 5000 --out vit_b16.zarr
@@ -142,7 +146,8 @@ def models(as_json: bool) -> None:
     click.echo(f"{'name':<{width}}  {'family':<12} {'timm / source id':<{idw}}  weights offline")
     for r in rows:
         click.echo(f"{r['name']:<{width}}  {r['family']:<12} {r['id']:<{idw}}  {'yes' if r['weights_offline'] else 'no'}")
-    click.echo("\nAlso: timm:<id>  hf:<hub id or dir>  torchvision:<name>  py:<file.py>:<factory>")
+    click.echo("\nref_* are small networks trained on the shapes data set, bundled with repsim (always offline).")
+    click.echo("Also: timm:<id>  hf:<hub id or dir>  torchvision:<name>  py:<file.py>:<factory>")
 
 
 @cli.command()
@@ -177,7 +182,9 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
 @cli.command()
 @click.option("--model", "model_name", required=True, help="Short name (see `repsim models`) or timm:/hf:/torchvision:/py: spec.")
 @click.option("--data", required=True, help="Image folder, ImageFolder tree, .npz, 'shapes' or 'digits'.")
-@click.option("--out", required=True, type=click.Path(), help="Store to write (a .zarr directory).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Store to write: a .zarr directory, or an fsspec URL (s3://..., gs://...), written to a local "
+                   "staging store first and uploaded when complete.")
 @click.option("--n", type=int, default=None, help="Number of samples (seeded random subset; default all, 1000 for shapes).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample subset and order.")
 @click.option("--layers", "layer_patterns", multiple=True,
@@ -299,6 +306,7 @@ def info(store: str, as_json: bool) -> None:
     done = s.chunks_done()
     if as_json:
         click.echo(json.dumps({"attrs": s.attrs, "layers": table, "chunks_done": int(done.sum()),
+                               "shards": {str(k): v for k, v in s.shard_records().items()},
                                "n_chunks": len(done), "bytes_on_disk": s.nbytes_on_disk()}, indent=2, default=list))
         return
     a = s.attrs
@@ -307,7 +315,8 @@ def info(store: str, as_json: bool) -> None:
     wdesc = {"file": f"file {w.get('file')} (sha256 {str(w.get('sha256'))[:12]}...)",
              "random": f"random init (seed {w.get('seed')})",
              "factory": f"made by {w.get('factory')} (sha256 {str(w.get('sha256'))[:12]}...)",
-             "hub": f"hub {w.get('tag', '')}"}.get(w.get("kind"), str(w))
+             "hub": f"hub {w.get('tag', '')}",
+             "bundled": f"bundled {w.get('file')} (sha256 {str(w.get('sha256'))[:12]}...)"}.get(w.get("kind"), str(w))
     state = "complete" if s.complete else f"INCOMPLETE: {int(done.sum())}/{len(done)} chunks (rerun extract to resume)"
     click.echo(f"store      {s.path}  (format {a['format_version']}, repsim {a['repsim_version']})")
     click.echo(f"state      {state}")
@@ -322,6 +331,10 @@ def info(store: str, as_json: bool) -> None:
                + (f", attention statistics ({len(s.attention_layers)} layers, maps of {e.get('attn_keep', 0)} images)"
                   if e.get("attention") else ""))
     click.echo(f"disk       {human_bytes(s.nbytes_on_disk())}")
+    for total, records in s.shard_records().items():
+        done_k = [f"{k} ({r['host']}, rows {r['rows'][0]}..{r['rows'][1] - 1}, {r['seconds']} s)"
+                  for k, r in enumerate(records) if r]
+        click.echo(f"shards     {len(done_k)} of {total} recorded finished" + (": " + "; ".join(done_k) if done_k else ""))
     click.echo(f"layers     {len(s.layers)}")
     for row in table:
         extra = ""
@@ -781,6 +794,38 @@ def _erf(s, out, plot_path, images: int, device: str) -> None:
     for path in (out, plot_path):
         if path is not None:
             click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for the report, figures, JSON results and activation stores (created; reused stores "
+                   "are resumed, not recomputed).")
+@click.option("--n", type=int, default=512, show_default=True, help="Held-out shapes images per model.")
+@click.option("--localize-images", type=int, default=256, show_default=True,
+              help="Images for the token-vs-patch CKA (memory grows with its square).")
+@click.option("--models", "model_list", default=",".join(("ref_vit", "ref_vit_gap", "ref_resnet")), show_default=True,
+              help="Comma-separated subset of the bundled reference models.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--quiet", is_flag=True, help="No progress bars (step lines are still printed).")
+def demo(out, n, localize_images, model_list, device, quiet) -> None:
+    """Run every analysis on the bundled reference models and write OUT/report.md.
+
+    \b
+    The bundled models (see `repsim models`): ref_vit (ViT, class token), ref_vit_gap (the same ViT
+    classifying from the mean of its tokens) and ref_resnet (a small ResNet), all trained on repsim's own
+    shapes data set. The demo extracts them on held-out shapes images and writes, under OUT:
+      report.md       every figure with two sentences on what it shows, written from the measured numbers
+      figures/        CKA maps (within and across models), attention distances, localisation, probes
+      json/           every result with its provenance;  summary.json: the numbers the report quotes
+      stores/         the activation stores: try `repsim info OUT/stores/ref_vit.zarr`, `repsim cka ...`
+    No network and no GPU needed; one to two minutes on 2 CPU cores.
+    """
+    from repsim.demo import run_demo
+
+    models = [m.strip() for m in model_list.split(",") if m.strip()]
+    result = run_demo(out, n=n, localize_images=localize_images, device=device, progress=not quiet,
+                      log=click.echo, models=models)
+    click.echo(f"report: {result.report}  ({len(result.figures)} figures, {result.seconds:.0f} s)")
 
 
 def main() -> None:

@@ -16,6 +16,9 @@ Layout::
                                 layer (see "Attention" below)
       progress/chunk_done       (n_chunks,) uint8, one Zarr chunk per flag: 1 once every array's rows of
                                 that sample chunk are on disk
+      progress/shards_of_<N>    optional, (N,) str, one Zarr chunk per shard: written by a ``--shard k/N``
+                                run once all its chunks are flagged: JSON {shard, of, chunks [start, stop),
+                                rows [start, stop), host, pid, finished (UTC ISO 8601), seconds}; "" until then
 
 Root attribute ``repsim`` (JSON)::
 
@@ -194,6 +197,15 @@ class ActivationStore:
     def chunks_done(self) -> np.ndarray:
         """bool (n_chunks,): which sample chunks are completely written."""
         return np.asarray(self._group["progress/chunk_done"][:], dtype=bool)
+
+    def shard_records(self) -> dict[int, list[dict[str, Any] | None]]:
+        """Completion records of sharded extraction runs: {N: [record of shard k, or None while unfinished]}."""
+        out: dict[int, list[dict[str, Any] | None]] = {}
+        progress = self._group["progress"]
+        for name in sorted(progress.array_keys()):
+            if name.startswith("shards_of_"):
+                out[int(name.rsplit("_", 1)[1])] = [json.loads(v) if v else None for v in progress[name][:]]
+        return out
 
     def nbytes_on_disk(self) -> int:
         """Bytes the store occupies (its files, or its objects under a URL)."""
@@ -538,6 +550,19 @@ class StoreWriter:
                 stop = min(rows.stop, arr.shape[0])
                 arr[rows.start:stop] = value[: stop - rows.start]
         self._done[chunk_index] = 1
+
+    def record_shard(self, k: int, total: int, record: dict[str, Any]) -> None:
+        """Record that shard ``k`` of ``total`` finished (``progress/shards_of_<total>``, see the format above).
+
+        Creating the array is not safe against a concurrent creation: callers serialise it (the extraction's
+        creation lock); writing one shard's element is, since every element is its own Zarr chunk.
+        """
+        name = f"progress/shards_of_{total}"
+        if name in self._group:
+            arr = self._group[name]
+        else:
+            arr = self._group.create_array(name, shape=(total,), chunks=(1,), dtype=str, fill_value="")
+        arr[k] = json.dumps(dict(record, shard=k, of=total), sort_keys=True)
 
     def update_attrs(self, **changes: Any) -> None:
         self.attrs.update(changes)

@@ -55,6 +55,16 @@ def verify_store(store: ActivationStore, *, progress: bool = False) -> VerifyRep
         )
     elif not store.complete:
         report.problems.append("all chunks are written but the store is not marked complete")
+    for total, records in store.shard_records().items():
+        for k, rec in enumerate(records):
+            if rec is None:
+                continue
+            lo, hi = rec.get("chunks", [0, 0])
+            if (lo, hi) != (k * store.n_chunks() // total, (k + 1) * store.n_chunks() // total):
+                report.problems.append(f"shard {k}/{total} recorded chunks {lo}..{hi - 1}, not its own range")
+            elif not done[lo:hi].all():
+                report.problems.append(f"shard {k}/{total} is recorded finished but chunk "
+                                       f"{lo + int(np.flatnonzero(~done[lo:hi])[0])} is not flagged written")
 
     arrays = list(store.layers) + (["inputs/pixels"] if store.has_inputs else [])
     bar = tqdm(total=len(arrays) * store.n_chunks(), desc="verify", unit="chunk", disable=not progress)

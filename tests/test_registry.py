@@ -124,7 +124,9 @@ def test_prefixed_specs_parse():
 
 def test_list_models_rows():
     rows = list_models()
-    assert [r["name"] for r in rows] == list(REGISTRY)
+    from hooks.reference_models import REFERENCE_MODELS
+
+    assert [r["name"] for r in rows] == [*REGISTRY, *REFERENCE_MODELS]
     for r in rows:
         assert set(r) >= {"name", "source", "id", "family", "weights_offline"}
         assert isinstance(r["weights_offline"], bool)
@@ -226,7 +228,8 @@ def test_offline_without_cache_is_one_quick_usage_error(empty_caches):
     assert time.monotonic() - t0 < 10
     msg = str(err.value)
     assert "--weights" in msg and "--random-init" in msg and "some-org/not-cached-model" in msg
-    assert all(r["weights_offline"] is False for r in list_models())
+    # hub models need a cache; the bundled reference models never do
+    assert all(r["weights_offline"] is (r["source"] == "reference") for r in list_models())
 
 
 def test_pretrained_from_hf_cache_equals_source(empty_caches, tmp_path):

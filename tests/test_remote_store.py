@@ -48,6 +48,64 @@ def test_remote_store_cli_and_dask_threads(stores, tmp_path):
     np.testing.assert_allclose(got, cka_matrix(open_store(local), batch_size=8, progress=False).values, atol=1e-10)
 
 
-def test_remote_errors(tmp_path):
+def test_remote_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPSIM_STAGING_DIR", str(tmp_path / "staging"))
     assert_one_line_error(run_cli("info", "memory://nowhere/x.zarr"), "no repsim store")
-    assert_one_line_error(run_cli("extract", *ARGS, "--out", "memory://x/y.zarr"), "file-system path")
+    assert_one_line_error(run_cli("extract", *ARGS, "--out", "memory://x/y.zarr", "--shard", "0/2"),
+                          "shared file-system path")
+    fsspec.filesystem("memory").pipe("/junk/j.zarr/object", b"not a store")
+    assert_one_line_error(run_cli("extract", *ARGS, "--out", "memory://junk/j.zarr"), "not a repsim store")
+
+
+def test_extract_to_url_stages_resumes_and_uploads(stores, tmp_path, monkeypatch):
+    """--out URL: staged locally (a kill resumes there), uploaded data-first once complete, bit-identical."""
+    from hooks.extract import plan_extraction, run_extraction
+    from hooks.registry import load_model
+    from hooks.remote_output import staging_path
+    from repsim.data import open_dataset
+
+    local, _ = stores
+    monkeypatch.setenv("REPSIM_STAGING_DIR", str(tmp_path / "staging"))
+    url = "memory://repsim-out/staged.zarr"
+    model = load_model("timm:vit_tiny_patch16_224", random_init=True, img_size=32)
+    source = open_dataset("shapes", n=24, seed=0, image_size=32)
+    plan = plan_extraction(model, source, url, batch_size=8, chunk_size=8)
+    assert plan.remote == url and plan.out == staging_path(url)
+    run_extraction(plan, progress=False, _stop_after_chunks=1)  # killed after one chunk
+    assert not fsspec.filesystem("memory").exists("/repsim-out/staged.zarr")  # nothing uploaded yet
+    res = run_cli("extract", *ARGS, "--chunk-size", "8", "--out", url)  # the same command resumes and uploads
+    assert res.exit_code == 0 and f"wrote {url}" in res.output
+    a, r = open_store(local), open_store(url)
+    assert r.complete and verify_store(r).ok and r.ids == a.ids
+    for layer in a.layers:
+        np.testing.assert_array_equal(r.read(layer), a.read(layer))
+    assert not (tmp_path / "staging" / staging_path(url).rsplit("/", 1)[-1]).exists()  # staging removed
+    assert "already complete" in run_cli("extract", *ARGS, "--chunk-size", "8", "--out", url).output
+
+
+def test_interrupted_upload_is_not_a_store_and_reuploads(stores, tmp_path, monkeypatch):
+    from hooks import remote_output
+
+    monkeypatch.setenv("REPSIM_STAGING_DIR", str(tmp_path / "staging"))
+    url = "memory://repsim-out/interrupted.zarr"
+    real_put = fsspec.implementations.memory.MemoryFileSystem.put
+    calls = []
+
+    def put_data_only(self, lpaths, rpaths, *args, **kwargs):
+        calls.append(len(lpaths))
+        if any(p.endswith("zarr.json") for p in rpaths):
+            raise OSError("connection reset")  # the metadata upload dies
+        return real_put(self, lpaths, rpaths, *args, **kwargs)
+
+    monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "put", put_data_only)
+    res = run_cli("extract", *ARGS, "--out", url)
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 1 and len(errors) == 1 and "connection reset" in errors[0], res.output
+    assert "rerun the same command" in errors[0] and "Traceback" not in res.output
+    assert calls and fsspec.filesystem("memory").ls("/repsim-out/interrupted.zarr")  # data objects are there
+    with pytest.raises(Exception):
+        open_store(url)  # but without its metadata it is no store
+    monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "put", real_put)
+    res = run_cli("extract", *ARGS, "--out", url)  # staged store still there: uploads again, no re-extraction
+    assert res.exit_code == 0, res.output
+    assert open_store(url).complete and remote_output.is_store(url)

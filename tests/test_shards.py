@@ -45,9 +45,28 @@ def test_shard_subset_then_rest(tmp_path):
     assert res.exit_code == 0 and "chunks 2..4 written; 3/5 chunks done" in res.output
     s = open_store(out)
     assert not s.complete and list(s.chunks_done()) == [False, False, True, True, True]
+    assert open_store(out).shard_records() == {2: [None, s.shard_records()[2][1]]}
+    rec = s.shard_records()[2][1]
+    assert (rec["shard"], rec["of"], rec["chunks"], rec["rows"]) == (1, 2, [2, 5], [16, 40])
+    assert "shards     1 of 2 recorded finished: 1 (" in run_cli("info", out).output
     res = run_cli("extract", *ARGS, "--out", out, "--shard", "0/2")
     assert res.exit_code == 0 and "store complete" in res.output
-    assert open_store(out).complete
+    done = open_store(out)
+    assert done.complete and [r["rows"] for r in done.shard_records()[2]] == [[0, 16], [16, 40]]
+    assert verify_store(done).ok
+
+
+def test_shard_record_checked_by_verify(tmp_path):
+    """A shard recorded finished whose chunk flag is missing (lost rows) is a verify problem."""
+    import zarr
+
+    out = str(tmp_path / "v.zarr")
+    for k in range(2):
+        assert run_cli("extract", *ARGS, "--out", out, "--shard", f"{k}/2").exit_code == 0
+    assert verify_store(open_store(out)).ok
+    zarr.open_group(out, mode="r+")["progress/chunk_done"][3] = 0
+    problems = verify_store(open_store(out)).problems
+    assert any("shard 1/2 is recorded finished but chunk 3 is not flagged written" in p for p in problems), problems
 
 
 def test_bad_shards_and_overlapping_writers_refused(tmp_path):
