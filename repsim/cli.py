@@ -49,7 +49,7 @@ def cli(debug: bool) -> None:
     """repsim: how vision networks represent images, and how CNNs, ViTs and MLP-Mixers differ.
 
     \b
-    Start here (offline, a few minutes on a CPU; bundled models trained on the shapes data set):
+    Start here (offline, a minute or two on a CPU; bundled models trained on the shapes data set):
       repsim demo --out demo/                         # every analysis, figures + report.md
 
     \b
