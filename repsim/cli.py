@@ -817,7 +817,7 @@ def demo(out, n, localize_images, model_list, device, quiet) -> None:
       report.md       every figure with two sentences on what it shows, written from the measured numbers
       figures/        CKA maps (within and across models), attention distances, localisation, probes
       json/           every result with its provenance;  summary.json: the numbers the report quotes
-      stores/         the activation stores: try `repsim info OUT/stores/ref_vit.zarr`, `repsim cka ...`
+      stores/         the activation stores: e.g. `repsim info OUT/stores/ref_vit-n512.zarr`
     No network and no GPU needed; one to two minutes on 2 CPU cores.
     """
     from repsim.demo import run_demo

@@ -166,7 +166,8 @@ def run_demo(
         loaded = load_model(name)
         source = open_dataset("shapes", n=n, seed=DEMO_SEED, image_size=loaded.preprocessing.img_size[0])
         is_vit = loaded.info.family == "vit"
-        plan = plan_extraction(loaded, source, os.path.join(out, "stores", f"{name}.zarr"), batch_size=64,
+        # n in the name: a rerun with another --n in the same folder extracts anew instead of being refused
+        plan = plan_extraction(loaded, source, os.path.join(out, "stores", f"{name}-n{n}.zarr"), batch_size=64,
                                save_inputs=True, attention=is_vit, attn_keep=4 if is_vit else 0,
                                progress=progress)
         stores[name] = run_extraction(plan, device=device, progress=progress)

@@ -52,16 +52,20 @@ def test_demo_keeps_json_with_provenance(demo_dir):
     assert "cka_ref_vit.json" in files and "cka_ref_vit_vs_ref_resnet.json" in files
     cka = json.loads((demo_dir / "json" / "cka_ref_vit.json").read_text())
     assert cka["kind"] == "repsim.cka" and cka["n"] == 128
-    res = run_cli("verify", str(demo_dir / "stores" / "ref_vit.zarr"))
+    res = run_cli("verify", str(demo_dir / "stores" / "ref_vit-n128.zarr"))
     assert res.exit_code == 0, res.output
 
 
 def test_demo_rerun_reuses_the_stores(demo_dir):
-    before = os.path.getmtime(demo_dir / "stores" / "ref_resnet.zarr" / "zarr.json")
+    before = os.path.getmtime(demo_dir / "stores" / "ref_resnet-n128.zarr" / "zarr.json")
     res = run_cli("demo", "--out", str(demo_dir), "--n", "128", "--localize-images", "64", "--quiet",
                   "--models", "ref_resnet")
     assert res.exit_code == 0, res.output
-    assert os.path.getmtime(demo_dir / "stores" / "ref_resnet.zarr" / "zarr.json") == before
+    assert os.path.getmtime(demo_dir / "stores" / "ref_resnet-n128.zarr" / "zarr.json") == before
+    res = run_cli("demo", "--out", str(demo_dir), "--n", "64", "--localize-images", "32", "--quiet",
+                  "--models", "ref_resnet")  # other settings, same folder: a new store, not a refusal
+    assert res.exit_code == 0, res.output
+    assert (demo_dir / "stores" / "ref_resnet-n64.zarr").is_dir()
 
 
 @pytest.mark.parametrize("args, pattern", [
