@@ -585,13 +585,12 @@ def run_extraction(
         background.close()
         bar.close()
         done = writer.chunks_done()
-        if plan.shard is not None and bool(done[plan.shard_chunks()].all()):
-            span = plan.shard_chunks()
+        span = plan.shard_chunks()  # never empty: plan_extraction refuses more shards than chunks
+        if plan.shard is not None and bool(done[span.start:span.stop].all()):
             with _creation_lock(plan.out):  # the first shard to finish creates the record array
                 writer.record_shard(*plan.shard, {
                     "chunks": [span.start, span.stop],
-                    "rows": [writer.chunk_rows(span.start).start if len(span) else 0,
-                             writer.chunk_rows(span.stop - 1).stop if len(span) else 0],
+                    "rows": [writer.chunk_rows(span.start).start, writer.chunk_rows(span.stop - 1).stop],
                     "host": socket.gethostname(), "pid": os.getpid(),
                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "seconds": round(time.perf_counter() - t_start, 1)})

@@ -858,13 +858,11 @@ def _load_reference(name: str, ident: str, weights: str | None, random_init: boo
         record = {"kind": "random"}
     else:
         card = reference_card(ident)
-        digest = sha256_file(ref.weights_file)
+        sd, digest = load_state_dict_file(ref.weights_file)  # hashes the file as it reads it
         if digest != card["weights"]["sha256"]:
             raise UsageError(f"{ref.weights_file} does not match its model card (sha256 differs): reinstall repsim "
                              "or rebuild it with scripts/train_reference_models.py")
-        sd, _ = load_state_dict_file(ref.weights_file)
-        apply_state_dict(module, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
-                         ref.weights_file, digest)
+        apply_state_dict(module, sd, ref.weights_file, digest)  # load_state_dict casts float16 into float32
         record = {"kind": "bundled", "file": os.path.basename(ref.weights_file), "sha256": digest,
                   "top1_accuracy": card["evaluation"]["top1_accuracy"]}
     module.eval()

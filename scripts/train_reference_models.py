@@ -137,10 +137,9 @@ def train_one(name: str, out: str, steps: int, lr: float, seed: int, n_eval: int
     t_train = time.time() - t0
 
     # Ship float16; evaluate what ships (rounded back to float32 for the forward).
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
-             if v.is_floating_point()}
-    ints = [k for k, v in model.state_dict().items() if not v.is_floating_point()]
-    state.update({k: model.state_dict()[k].contiguous() for k in ints})  # BatchNorm's num_batches_tracked
+    # float16 for the floats; integer buffers (BatchNorm's num_batches_tracked) stay as they are
+    state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v).contiguous()
+             for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     if ref.img_size not in eval_data:
         eval_data[ref.img_size] = render(EVAL_SEED, n_eval, ref.img_size)

@@ -24,8 +24,8 @@ NAMES = list(rm.REFERENCE_MODELS)
 
 
 def _held_out(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    imgs, labels = zip(*[(render_shape_sample(0, i, size)[0], render_shape_sample(0, i, size)[2]) for i in range(n)])
-    return np.stack(imgs), np.array(labels)
+    samples = [render_shape_sample(0, i, size) for i in range(n)]
+    return np.stack([img for img, _, _ in samples]), np.array([label for _, _, label in samples])
 
 
 def _accuracy(loaded, images: np.ndarray, labels: np.ndarray) -> float:
