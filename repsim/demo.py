@@ -310,8 +310,9 @@ def run_demo(
 
     # 5. linear probes ------------------------------------------------------------------------------------
     step("linear probes of every layer")
-    # 11 strengths in [1e-3, 1e2] instead of the default 45 in [1e-6, 1e5]: the same choices on these stores
-    # (measured) in a tenth of the time; tiny strengths barely converge on a few hundred separable images.
+    # 11 strengths in [1e-3, 1e2] instead of the default 45 in [1e-6, 1e5]: a tenth of the time (measured: 19 s
+    # vs 230 s on these stores), best-layer accuracies within 3 points of the default grid's; tiny strengths
+    # barely converge on a few hundred separable images.
     pr = [probes.linear_probe(s, method="logreg", device=device, progress=False, lambdas=PROBE_LAMBDAS)
           for s in stores.values()]
     for m, r in zip(stores, pr):
