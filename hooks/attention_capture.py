@@ -45,10 +45,14 @@ How the probabilities are reached, per family (all of them leave the model's out
     MHA models in other threads during a capture); note that ``nn.TransformerEncoder``'s fast path zeroes
     the outputs at padded positions of a ``src_key_padding_mask`` while the regular path computes them.
     In training mode with dropout > 0 the weights are those after dropout (torch returns no other).
-    The token layout of an MHA layer cannot be known in general: pass ``geometry``; torchvision
-    ``VisionTransformer`` models are recognised (one class token, the ``conv_proj`` grid).
+    The token layout of an MHA layer cannot be known in general: declare it on the model
+    (``model.repsim_geometry = {"grid": (gh, gw), "num_prefix_tokens": 1, "patch_size": 16}``, see
+    :mod:`hooks.geometry`; ``repsim extract --grid/--prefix-tokens/--patch-size`` set it) or pass
+    ``geometry``; torchvision ``VisionTransformer`` models are recognised (one class token, the ``conv_proj``
+    grid).
 
-Geometry is read from the model, never guessed from sqrt(N − 1): timm's ``num_prefix_tokens`` and
+Geometry is read from the model, never guessed from sqrt(N − 1): a ``repsim_geometry`` attribute declared on
+the nearest module above the layer (:mod:`hooks.geometry`; it comes first), timm's ``num_prefix_tokens`` and
 ``patch_embed`` (``grid_size``, ``patch_size``), the HF embeddings' ``cls_token`` / ``class_embedding`` /
 ``distillation_token`` / ``register_tokens`` and patch convolution, Swin blocks' ``input_resolution`` and the
 model's ``feature_info`` reductions. At run time the grid of global-attention records comes from the output
@@ -73,6 +77,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hooks.geometry import GEOMETRY_ATTR, declared_geometry
 from repsim.errors import UsageError
 
 Pair = tuple[int, int]
@@ -249,12 +254,22 @@ def _tv_geometry(owner: nn.Module) -> _Geometry:
     return _Geometry(1, (g, g), (p, p), owner.conv_proj)
 
 
+def _declared_geometry(owner: nn.Module) -> _Geometry:
+    """A user model's declared layout (``repsim_geometry``, :mod:`hooks.geometry`): static, no patch conv."""
+    g = declared_geometry(owner)
+    assert g is not None
+    return _Geometry(g.num_prefix_tokens, g.grid, g.patch_size)
+
+
 def _geometry_owner(modules: Mapping[str, nn.Module], path: str) -> tuple[str, nn.Module, str] | None:
-    """The nearest ancestor of ``path`` that defines the token layout: (its path, it, "timm" | "hf" | "tv")."""
+    """The nearest ancestor of ``path`` that defines the token layout: (its path, it, "declared" | "timm" | "hf" |
+    "tv"); at each level a declared ``repsim_geometry`` attribute comes first."""
     parts = path.split(".") if path else []
     for i in range(len(parts) - 1, -1, -1):
         p = ".".join(parts[:i])
         mod = modules[p]
+        if getattr(mod, GEOMETRY_ATTR, None) is not None:
+            return p, mod, "declared"
         if isinstance(getattr(mod, "patch_embed", None), nn.Module):
             return p, mod, "timm"
         if _hf_embeddings(mod) is not None:
@@ -352,7 +367,8 @@ def _discover(module: nn.Module, geometry: Any = None) -> tuple[list[_Found], li
             return None
         _p, mod, src = owner
         if id(mod) not in geoms:
-            geoms[id(mod)] = {"timm": _timm_geometry, "hf": _hf_geometry, "tv": _tv_geometry}[src](mod)
+            geoms[id(mod)] = {"declared": _declared_geometry, "timm": _timm_geometry, "hf": _hf_geometry,
+                              "tv": _tv_geometry}[src](mod)
         return geoms[id(mod)]
 
     # Hugging Face: the modules each PreTrainedModel's own output recorder names as "attentions"
@@ -405,7 +421,7 @@ def _discover(module: nn.Module, geometry: Any = None) -> tuple[list[_Found], li
             found.append(_swin_found(modules, path, m, kind, heads, typename))
             continue
         g = geom_for(path)
-        if kind == "torch_mha" and g is not None and _geometry_owner(modules, path)[2] != "tv":  # type: ignore[index]
+        if kind == "torch_mha" and g is not None and _geometry_owner(modules, path)[2] not in ("tv", "declared"):  # type: ignore[index]
             g = None  # an MHA inside a timm / HF model: its tokens are not necessarily the patch tokens
         found.append(_Found(AttentionLayer(path, kind, heads, g.num_prefix_tokens if g else None,
                                            g.grid if g else None, g.patch_size if g else None,

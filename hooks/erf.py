@@ -1,16 +1,23 @@
 """Effective receptive fields of convolutional layers: the CNN counterpart of attention distance.
 
-Luo et al. 2016 ("Understanding the Effective Receptive Field in Deep CNNs"): the gradient of a layer's
-centre unit with respect to the input image shows which pixels that unit actually depends on. Per layer we
-take the output map (B, C, h, w), sum its centre position over channels (the channel average up to a
-constant), back-propagate to the input, and average |gradient| over colour channels and images: an
-(H, W) map. Its *radius* is the |gradient|-weighted mean distance in pixels from the centre unit's position
-in the input,
+Luo et al. 2016 ("Understanding the Effective Receptive Field in Deep CNNs", Sec. 2): the gradient of a
+layer's centre unit with respect to the input image shows which pixels that unit actually depends on. Per
+layer we take the output map (B, C, h, w), sum its centre position (row ``(h-1)//2``, column ``(w-1)//2``:
+top-left of centre on even grids) over channels (the channel average up to a constant), back-propagate to
+the input, and average |gradient| over colour channels and images: an (H, W) map ``g``. With weights
+``ĝ(p) = |g(p)| / Σ_q |g(q)|`` over input pixels ``p = (y, x)``:
 
-    radius = Σ_p |g(p)| · ‖p − c‖ / Σ_p |g(p)|,
+    centroid μ = Σ_p ĝ(p) · p                              (pixels, (y, x))
+    radius     = Σ_p ĝ(p) · ‖p − μ‖                        (pixels: the spread about the centroid)
+    offset     = μ − c                                     (pixels, (dy, dx); c = the unit's centre in the input)
 
-the same statistic as the mean attention distance (attention weights ↔ normalised gradient magnitudes), so
-CNN and ViT layers share one axis.
+The radius is the same statistic as the mean attention distance (attention weights ↔ normalised gradient
+magnitudes), so CNN and ViT layers share one axis. It is measured about the gradient's own centroid, not
+about ``c``: the mean distance from ``c`` (``radius_from_centre_px``, what was reported before) mixes the
+field's spread with its offset — an even grid's centre unit sits half a stride off the image centre, and
+padding and strided convolutions shift the field off the unit's centre (timm ResNets: a stride-2 3 × 3
+convolution with padding 1 puts unit ``i`` on input pixel ``2i``, not on ``2i + 0.5``) — and the two are
+reported separately. By the triangle inequality ``|radius_from_centre − radius| ≤ ‖offset‖``.
 """
 
 from __future__ import annotations
@@ -33,13 +40,30 @@ if TYPE_CHECKING:
 
 @dataclass
 class ERFResult:
-    """Effective receptive field of one layer: ``radius_px``, the radius (pixels) of the image-averaged
-    |gradient| map, and that map (H, W) normalised to sum 1."""
+    """Effective receptive field of one layer (see the module docstring for the formulas).
+
+    radius_px : mean distance (pixels) of the image-averaged |gradient| map from its own centroid: the
+        field's spread
+    map : that |gradient| map (H, W), normalised to sum 1
+    centre_px : (y, x) of the centre unit's centre in input pixels, ``(i + 0.5)·H/h − 0.5``
+    centroid_px : (y, x) |gradient|-weighted centroid in input pixels
+    offset_px : (dy, dx) = centroid − centre, pixels: how far the field sits off the unit
+    radius_from_centre_px : mean distance from ``centre_px`` instead of the centroid (mixes spread and
+        offset; the statistic reported before the two were separated)
+    """
 
     layer: str
     radius_px: float
     map: np.ndarray
-    centre_px: tuple[float, float]  # (y, x) of the centre unit in input pixels
+    centre_px: tuple[float, float]
+    centroid_px: tuple[float, float] = (float("nan"), float("nan"))
+    offset_px: tuple[float, float] = (float("nan"), float("nan"))
+    radius_from_centre_px: float = float("nan")
+
+    @property
+    def offset_norm_px(self) -> float:
+        """‖offset_px‖ in pixels."""
+        return float(np.hypot(*self.offset_px))
 
 
 def _centre(size: int, out_size: int) -> tuple[int, float]:
@@ -48,15 +72,47 @@ def _centre(size: int, out_size: int) -> tuple[int, float]:
     return i, (i + 0.5) * size / out_size - 0.5
 
 
-def erf_radius(grad_map: np.ndarray, centre: tuple[float, float]) -> float:
-    """|gradient|-weighted mean distance (pixels) of ``grad_map`` (H, W) from ``centre`` (y, x)."""
+def _weights(grad_map: np.ndarray) -> np.ndarray | None:
+    g = np.abs(np.asarray(grad_map, dtype=np.float64))
+    if g.ndim != 2:
+        raise UsageError(f"an ERF map must be 2-d (H, W), got shape {g.shape}")
+    total = g.sum()
+    return g / total if total > 0 else None
+
+
+def erf_centroid(grad_map: np.ndarray) -> tuple[float, float]:
+    """|gradient|-weighted centroid (y, x) in pixels of ``grad_map`` (H, W); (nan, nan) when it is all 0."""
+    w = _weights(grad_map)
+    if w is None:
+        return float("nan"), float("nan")
+    ys, xs = np.mgrid[0 : w.shape[0], 0 : w.shape[1]]
+    return float((w * ys).sum()), float((w * xs).sum())
+
+
+def erf_radius(grad_map: np.ndarray, centre: tuple[float, float] | None = None) -> float:
+    """|gradient|-weighted mean distance (pixels) of ``grad_map`` (H, W) from ``centre`` (y, x).
+
+    ``centre=None`` (the ERF radius): about the map's own centroid (:func:`erf_centroid`), the spread alone.
+    nan for an all-zero map.
+    """
+    w = _weights(grad_map)
+    if w is None:
+        return float("nan")
+    if centre is None:
+        centre = erf_centroid(w)
+    ys, xs = np.mgrid[0 : w.shape[0], 0 : w.shape[1]]
+    return float((w * np.hypot(ys - centre[0], xs - centre[1])).sum())
+
+
+def erf_result(layer: str, grad_map: np.ndarray, centre: tuple[float, float]) -> ERFResult:
+    """All ERF statistics of one |gradient| map (H, W) whose unit sits at ``centre`` (y, x) pixels."""
     g = np.abs(np.asarray(grad_map, dtype=np.float64))
     total = g.sum()
-    if not total > 0:
-        return float("nan")
-    ys, xs = np.mgrid[0 : g.shape[0], 0 : g.shape[1]]
-    dist = np.hypot(ys - centre[0], xs - centre[1])
-    return float((g * dist).sum() / total)
+    mu = erf_centroid(g)
+    return ERFResult(layer=layer, radius_px=erf_radius(g), map=(g / total if total > 0 else g).astype(np.float32),
+                     centre_px=(float(centre[0]), float(centre[1])), centroid_px=mu,
+                     offset_px=(mu[0] - float(centre[0]), mu[1] - float(centre[1])),
+                     radius_from_centre_px=erf_radius(g, centre))
 
 
 def effective_receptive_fields(
@@ -100,10 +156,7 @@ def effective_receptive_fields(
                 ix, cx = _centre(x.shape[-1], w)
                 (grad,) = torch.autograd.grad(out[:, :, iy, ix].sum(), x, retain_graph=True)
                 g = grad.abs().mean(dim=(0, 1)).double().cpu().numpy()  # mean over images and colour channels
-                total = g.sum()
-                results.append(ERFResult(layer=path, radius_px=erf_radius(g, (cy, cx)),
-                                         map=(g / total if total > 0 else g).astype(np.float32),
-                                         centre_px=(float(cy), float(cx))))
+                results.append(erf_result(path, g, (cy, cx)))
     finally:
         for h in handles:
             h.remove()

@@ -70,7 +70,9 @@ from repsim.errors import UsageError
 
 __all__ = [
     "AXIAL_EXCESS_MIN",
+    "CENTROID_BOX",
     "HEAD_KINDS",
+    "LOCAL_BOX",
     "LOCAL_DISTANCE_RATIO_MAX",
     "LOCAL_MASS_MIN",
     "OFFSET_MIN",
@@ -94,37 +96,55 @@ __all__ = [
 
 HEAD_KINDS: tuple[str, ...] = ("strict_local", "soft_local", "offset_local", "axial", "global")
 
-LOCAL_MASS_MIN = 0.5
-"""A head is *local* when more than half its aligned mass lies in the 3 × 3 neighbourhood of the map's peak
-cell (``peak_local_mass``). Uniform attention puts 4 % (14 × 14) to 12 % (6 × 10) there, axial heads
-17–44 % (the top: a column-only head on 6 × 10), a 3 × 3 blur or a one-token head 100 % (90 % with 10 %
-uniform noise mixed in): 0.5 sits in the gap."""
+LOCAL_MASS_MIN = 0.6
+"""A head is *local* when ``local_excess ≥ 0.6`` (see :func:`head_features`): the larger of the share of
+their attention that the queries able to reach the peak offset put on it (border queries handled) and the
+mass within one step of the peak, each in excess of uniform attention's and normalised so that uniform
+scores 0. A mixture ``α·(local head) + (1-α)·(uniform)`` scores ``α`` on any grid, so 0.6 means "clearly
+more than half the attention is local": a one-offset head (whatever its border queries do) or a 3 × 3 blur
+scores 1 (0.9 with 10 % uniform noise mixed in), *half neighbour, half uniform* 0.5 (not local: it is as
+much global as local), uniform 0, row / column / axial heads 0.14–0.37 (the top: a column-only head on
+6 × 10). The same threshold guards the broad-blur rule below (``concentration``)."""
 
 LOCAL_DISTANCE_RATIO_MAX = 0.35
 """…or when the median length of its attention offsets is at most 0.35 of uniform attention's on the same
-grid (``distance_ratio``): catches blurs broader than 3 × 3 (a 5 × 5 blur has only 9/25 peak mass but a
-ratio of 0.28 on 14 × 14, a Gaussian of σ = 2 steps 0.32) while axial heads (≥ 0.49 on 14 × 14 and
-6 × 10: their mass runs along whole rows/columns) stay non-local. The median, not the mean, so that a
-little spread-out mass (10 % uniform noise moves the mean ratio of a 5 × 5 blur from 0.25 to 0.32) does
-not flip a local head."""
+grid (``distance_ratio``) *and* at least :data:`LOCAL_MASS_MIN` of its attention departs from uniform
+(``concentration``, the total-variation distance to uniform attention's aligned map): catches blurs broader
+than 3 × 3 (a 5 × 5 blur has ``local_excess`` 0.37 but a ratio of 0.28 on 14 × 14, a Gaussian of σ = 2
+steps 0.32) while axial heads (≥ 0.49 on 14 × 14 and 6 × 10: their mass runs along whole rows/columns)
+stay non-local. The median, not the mean, so that a little spread-out mass (10 % uniform noise moves the
+mean ratio of a 5 × 5 blur from 0.25 to 0.32) does not flip a local head; the concentration guard because
+a median is blind to how the other half is spread (*half neighbour, half uniform* has ratio 0.14)."""
 
 OFFSET_MIN = 0.5
-"""A local head is *offset_local* when its centroid lies at least half a grid step from the query
-(``‖centroid‖ ≥ 0.5``): its centre of mass is then nearer a neighbouring token than the query itself.
-A left-neighbour head has ‖centroid‖ ≈ 0.93 on 14 × 14 (0.84 with 10 % noise); symmetric heads (self,
-blur) have 0 by symmetry."""
+"""A local head is *offset_local* when its *local centroid* (``local_centroid``: centroid of the
+border-corrected attention in excess of uniform over the 5 × 5 offsets around the peak) lies at least half
+a grid step from the query: its local mass is then nearer a neighbouring token than the query itself. A
+left-neighbour head has ‖local centroid‖ = 1 whatever its border queries (which have no left neighbour) do:
+attend to themselves, wrap to the other end of the row, follow raster order (0.93–1.0; the whole-map
+centroid of the wrap-around head is 0); symmetric heads (self, blur) have 0 by symmetry. The window is 5 × 5
+so that a blob centred one step off the query is seen whole even when the heaviest single offset is the
+query itself."""
 
 STRICT_CENTRE_MIN = 0.5
 """A centred local head is *strict_local* when the majority of its mass is on the query itself (centre
-cell); otherwise *soft_local*. A self head has 1.0 (0.9 noisy), a 3 × 3 blur ≈ 1/9 … 1/4 (border queries
-see fewer neighbours), mean ≈ 0.12 on 14 × 14."""
+cell; every query can reach it, so no border correction is needed); otherwise *soft_local*. A self head
+has 1.0 (0.9 noisy), a 3 × 3 blur ≈ 1/9 … 1/4 (border queries see fewer neighbours), mean ≈ 0.13 on
+14 × 14."""
 
-AXIAL_EXCESS_MIN = 0.5
-"""A non-local head is *axial* when at least half the mass that uniform attention puts off the centre
+AXIAL_EXCESS_MIN = 0.6
+"""A non-local head is *axial* when at least 0.6 of the mass that uniform attention puts off the centre
 row ∪ centre column (offsets dy = 0 or dx = 0) has moved onto it: ``cross_excess = (c - c_u) / (1 - c_u)``
 with ``c`` the head's cross mass and ``c_u = 1/gh + 1/gw - 1/(gh·gw)`` uniform attention's. Row-, column-
 or row-and-column attention gives 1 (0.9 with 10 % noise), uniform 0; the normalisation makes the
-threshold independent of the grid size."""
+threshold independent of the grid size. Like ``local_excess`` it is linear in a mixture with uniform
+attention, so *half neighbour (on the cross), half uniform* scores 0.5 and stays global: 0.6, not 0.5."""
+
+LOCAL_BOX = 1
+"""Half-width (grid steps) of the box around the peak for ``local_excess``: 3 × 3 offsets."""
+
+CENTROID_BOX = 2
+"""Half-width (grid steps) of the window around the peak for ``local_centroid``: 5 × 5 offsets."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -467,12 +487,33 @@ def _median_length(weights: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
 def head_features(aligned: Any) -> dict[str, torch.Tensor]:
     """Features of aligned maps (..., 2gh-1, 2gw-1) used by :func:`classify_heads` (float64, shape (...)).
 
-    Computed on the map normalised to sum 1:
+    Computed on the map ``w`` normalised to sum 1, on a ``gh × gw`` grid with ``Nq = gh·gw`` queries.
+    *Border correction*: only ``R(o) = (gh-|dy|)(gw-|dx|)`` queries have a key at offset ``o = (dy, dx)``, so
+    ``share(o) = w(o)·Nq / R(o)`` is the mean attention at offset ``o`` over the queries that *can* attend
+    there (``w = R/Nq²`` for uniform attention: the baseline pyramid, ``share = 1/Nq``; a head whose every
+    query attends to offset ``o`` when it can has ``share(o) = 1`` whatever its border queries do instead).
+    This assumes every patch query contributed one unit of mass (true for :func:`aligned_attention`'s sums
+    unless a query's whole attention sits on prefix tokens).
 
-    - ``centre_mass``     mass on the query itself (offset (0, 0))
-    - ``peak_offset``     (..., 2) offset (dy, dx) of the heaviest cell (first one on ties)
-    - ``peak_local_mass`` mass in the 3 × 3 neighbourhood of that cell
-    - ``centroid``        (..., 2) :func:`centroid_offset`
+    - ``centre_mass``     mass on the query itself (offset (0, 0); ``share`` = mass there)
+    - ``peak_offset``     (..., 2) offset (dy, dx) of the heaviest cell of ``w`` (first one on ties)
+    - ``peak_share``      ``share`` at the peak: the fraction of their attention that the queries which
+                          can reach the peak offset put on it
+    - ``peak_local_mass`` mass of ``w`` in the 3 × 3 neighbourhood of the peak (raw, not border-corrected)
+    - ``local_excess``    how local the head is, in excess of uniform attention: the larger of
+                          ``(peak_share - 1/Nq) / (1 - 1/Nq)`` (one fixed offset, border queries handled)
+                          and ``(B - B_u) / (1 - B_u)`` with ``B = peak_local_mass`` and ``B_u`` uniform
+                          attention's mass on the same offsets (a blur: every query's attention lies within
+                          one step of the peak, border queries included). Uniform attention scores 0, a
+                          one-offset head or a 3 × 3 blur 1, and a mixture ``α·head + (1-α)·uniform``
+                          scores ``α`` times the head's score on any grid. 0 when the box covers the grid.
+    - ``local_centroid``  (..., 2) centroid (dy, dx) of ``max(share - 1/Nq, 0)`` (attention in excess of
+                          uniform) over the 5 × 5 offsets around the peak; the peak offset when nothing
+                          there exceeds uniform
+    - ``centroid``        (..., 2) :func:`centroid_offset` of the whole map (not used by the rules: border
+                          queries that wrap around or follow raster order drag it to 0)
+    - ``concentration``   ``½ Σ |w - w_u|``: total-variation distance to uniform attention's aligned map
+                          ``w_u`` (0 uniform, → 1 for a one-token head; ``α·TV(local)`` for a mixture)
     - ``cross_excess``    ``(c - c_u) / (1 - c_u)``: mass ``c`` on the centre row ∪ centre column above
                           uniform attention's ``c_u``, as a fraction of what uniform puts off the cross
                           (0 when the grid is one row or column: everything is on the cross)
@@ -483,17 +524,36 @@ def head_features(aligned: Any) -> dict[str, torch.Tensor]:
     w = _normalised(m)
     lead = tuple(w.shape[:-2])
     ch, cw = 2 * gh - 1, 2 * gw - 1
+    nq = float(gh * gw)
     dy, dx = _offset_grids(gh, gw, w.device)
     uni = _uniform_aligned(gh, gw, w.device)
     flat = w.reshape(-1, ch * cw)
+    share = flat / (uni.reshape(1, -1) * nq)  # (M, C): w·Nq/R, R = Nq²·uni
     peak = flat.argmax(-1)
-    box = F.avg_pool2d(w.reshape(-1, 1, ch, cw), 3, stride=1, padding=1, count_include_pad=True) * 9.0
-    peak_local = box.reshape(-1, ch * cw).gather(-1, peak[:, None])[:, 0]
-    peak_offset = torch.stack([peak // cw - (gh - 1), peak % cw - (gw - 1)], dim=-1).to(torch.float64)
+    py, px = dy.reshape(-1)[peak][:, None], dx.reshape(-1)[peak][:, None]  # (M, 1)
+    fdy, fdx = dy.reshape(1, -1), dx.reshape(1, -1)
+    box = ((fdy - py).abs() <= LOCAL_BOX) & ((fdx - px).abs() <= LOCAL_BOX)  # (M, C)
+    peak_share = share.gather(-1, peak[:, None])[:, 0]
+    b = (flat * box).sum(-1)  # raw mass within one step of the peak
+    b_u = (uni.reshape(1, -1) * box).sum(-1)  # ... for uniform attention
+    room = 1.0 - b_u
+    box_excess = torch.where(room > 1e-12, (b - b_u) / room.clamp_min(1e-12), torch.zeros_like(b))
+    local_excess = torch.maximum((peak_share - 1.0 / nq) / (1.0 - 1.0 / nq) if nq > 1 else torch.zeros_like(b),
+                                 box_excess)
+    win = ((fdy - py).abs() <= CENTROID_BOX) & ((fdx - px).abs() <= CENTROID_BOX)
+    excess = (share - 1.0 / nq).clamp_min(0.0) * win
+    ex_total = excess.sum(-1)
+    has = ex_total > 1e-12
+    safe = torch.where(has, ex_total, torch.ones_like(ex_total))
+    local_centroid = torch.stack([
+        torch.where(has, (excess * fdy).sum(-1) / safe, py[:, 0]),
+        torch.where(has, (excess * fdx).sum(-1) / safe, px[:, 0]),
+    ], dim=-1)
+    peak_offset = torch.stack([py[:, 0], px[:, 0]], dim=-1)
     on_cross = (dy == 0) | (dx == 0)
     cross = (w * on_cross).sum((-2, -1))
     cross_u = float((uni * on_cross).sum())
-    excess = (cross - cross_u) / (1.0 - cross_u) if 1.0 - cross_u > 1e-12 else torch.zeros_like(cross)
+    cross_excess = (cross - cross_u) / (1.0 - cross_u) if 1.0 - cross_u > 1e-12 else torch.zeros_like(cross)
     length = (dy.square() + dx.square()).sqrt().reshape(-1)
     ref = float(_median_length(uni.reshape(1, -1), length)[0])
     med = _median_length(flat, length)
@@ -501,9 +561,13 @@ def head_features(aligned: Any) -> dict[str, torch.Tensor]:
     return {
         "centre_mass": w[..., gh - 1, gw - 1],
         "peak_offset": peak_offset.reshape(*lead, 2),
-        "peak_local_mass": peak_local.reshape(lead),
+        "peak_share": peak_share.reshape(lead),
+        "peak_local_mass": b.reshape(lead),
+        "local_excess": local_excess.reshape(lead),
+        "local_centroid": local_centroid.reshape(*lead, 2),
         "centroid": centroid_offset(w),
-        "cross_excess": excess,
+        "concentration": 0.5 * (w - uni).abs().sum((-2, -1)),
+        "cross_excess": cross_excess,
         "distance_ratio": ratio,
     }
 
@@ -515,21 +579,28 @@ def classify_heads(aligned: Any, *, local_mass_min: float = LOCAL_MASS_MIN,
     """Kind of each head from its aligned map: numpy str array of shape ``aligned.shape[:-2]``.
 
     ``aligned`` (..., 2gh-1, 2gw-1), typically summed over images (:func:`head_statistics`'s
-    ``aligned_sum``). Rules on :func:`head_features`, first match wins (thresholds: module constants):
+    ``aligned_sum``). Heads are classified from *where the mass is* (Walmer et al. 2023's local / offset-local
+    / axial / global attention patterns), with border queries handled by :func:`head_features`' per-offset
+    correction; rules on its features, first match wins (thresholds: module constants):
 
-    1. local (``peak_local_mass ≥ LOCAL_MASS_MIN`` or ``distance_ratio ≤ LOCAL_DISTANCE_RATIO_MAX``):
-       ``offset_local`` if ``‖centroid‖ ≥ OFFSET_MIN`` grid steps, else ``strict_local`` if
+    1. local when ``local_excess ≥ LOCAL_MASS_MIN`` (more than 0.6 of the attention on the 3 × 3 offsets
+       around the peak, beyond uniform), or when ``distance_ratio ≤ LOCAL_DISTANCE_RATIO_MAX`` and
+       ``concentration ≥ LOCAL_MASS_MIN`` (a broad blur); then
+       ``offset_local`` if ``‖local_centroid‖ ≥ OFFSET_MIN`` grid steps, else ``strict_local`` if
        ``centre_mass ≥ STRICT_CENTRE_MIN``, else ``soft_local``;
     2. ``axial`` if ``cross_excess ≥ AXIAL_EXCESS_MIN``;
     3. ``global``.
 
-    Grids below ~5 × 5 leave little room between the kinds; classify with care there. For windowed
-    attention (Swin) the reference is uniform attention over the whole grid, so a head uniform inside its
-    window reads as local.
+    So a head that sends every query that has a left neighbour to it is ``offset_local`` whether its border
+    queries attend to themselves, wrap to the far end of the row or follow raster order; *half neighbour,
+    half uniform* is ``global`` (half of its attention is spread over the image). Grids below ~5 × 5 leave
+    little room between the kinds; classify with care there. For windowed attention (Swin) the reference is
+    uniform attention over the whole grid, so a head uniform inside its window reads as local.
     """
     f = head_features(aligned)
-    local = (f["peak_local_mass"] >= local_mass_min) | (f["distance_ratio"] <= local_distance_ratio_max)
-    offset = f["centroid"].norm(dim=-1) >= offset_min
+    local = (f["local_excess"] >= local_mass_min) | (
+        (f["distance_ratio"] <= local_distance_ratio_max) & (f["concentration"] >= local_mass_min))
+    offset = f["local_centroid"].norm(dim=-1) >= offset_min
     strict = f["centre_mass"] >= strict_centre_min
     axial = f["cross_excess"] >= axial_excess_min
     kinds = np.full(tuple(local.shape), "global", dtype="<U12")

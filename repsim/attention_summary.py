@@ -165,18 +165,24 @@ def store_rollout(store: ActivationStore, images: int = 4) -> np.ndarray:
 
 def erf_json(store: ActivationStore, results: list[Any], images: int, path: str | os.PathLike | None = None
              ) -> dict[str, Any]:
-    """JSON of effective-receptive-field results (``hooks.erf.ERFResult``: layer, radius_px, centre_px)."""
+    """JSON of effective-receptive-field results (:class:`hooks.erf.ERFResult`): per layer the radius (spread
+    about the gradient's centroid), the unit's centre, the centroid and the offset, all in input pixels."""
     d = {
         "kind": "repsim.erf",
         "path": store.path,
         "model": store.model_name,
         "fingerprint": store.fingerprint,
         "images": min(images, store.n),
-        "layers": [{"layer": r.layer, "radius_px": float(r.radius_px), "centre_px": list(r.centre_px)}
+        "layers": [{"layer": r.layer, "radius_px": float(r.radius_px), "centre_px": list(r.centre_px),
+                    "centroid_px": [float(v) for v in r.centroid_px], "offset_px": [float(v) for v in r.offset_px],
+                    "radius_from_centre_px": float(r.radius_from_centre_px)}
                    for r in results],
-        "definition": "radius = sum_p |g(p)| * ||p - c|| / sum_p |g(p)| in pixels, g the gradient of the layer's "
-                      "centre unit (summed over channels) w.r.t. the input, |g| averaged over colour channels and "
-                      "images (Luo et al. 2016); c the centre unit's position in the input",
+        "definition": "g = |gradient| of the layer's centre unit (row (h-1)//2, column (w-1)//2, summed over "
+                      "channels) w.r.t. the input, averaged over colour channels and images, normalised to sum 1 "
+                      "(Luo et al. 2016); centroid mu = sum_p g(p) p; radius = sum_p g(p) ||p - mu|| (the spread "
+                      "about the centroid); offset = mu - c, c the centre unit's centre in the input, "
+                      "(i + 0.5) H/h - 0.5; radius_from_centre = sum_p g(p) ||p - c|| mixes spread and offset; "
+                      "pixels, (y, x)",
         "repsim_version": store.attrs.get("repsim_version"),
     }
     if path is not None:

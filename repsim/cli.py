@@ -202,6 +202,12 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
                    "head statistics: mean distance (px), prefix mass, entropy, aligned-map sums. See `repsim attention`.")
 @click.option("--attn-keep", type=int, default=0, show_default=True,
               help="With --attention: keep the full attention maps of the first N images (ViT-B/16: ~11 MB each).")
+@click.option("--grid", "geom_grid", default=None, metavar="GHxGW",
+              help="Token geometry of a py: ViT repsim cannot read (nn.MultiheadAttention): patch grid, e.g. 14x14. "
+                   "With --prefix-tokens and --patch-size, or filling in the model's `repsim_geometry` attribute.")
+@click.option("--prefix-tokens", "geom_prefix", type=int, default=None,
+              help="Token geometry: CLS / register tokens before the patch tokens (see --grid).")
+@click.option("--patch-size", "geom_patch", type=int, default=None, help="Token geometry: token stride in pixels (see --grid).")
 @_model_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store with another configuration.")
@@ -221,7 +227,8 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, dtype, batch_size, chunk_size,
             save_inputs, attention, attn_keep, weights, random_init, img_size, mean, std, interpolation, crop_pct,
-            device, overwrite, force, strict, shard, workers, scheduler, gpus_per_task, quiet) -> None:
+            device, overwrite, force, strict, shard, workers, scheduler, gpus_per_task, quiet,
+            geom_grid=None, geom_prefix=None, geom_patch=None) -> None:
     """Run MODEL over images and store per-layer activations in a Zarr store.
 
     \b
@@ -247,6 +254,9 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
             raise UsageError("--workers / --scheduler choose the shards themselves: drop --shard / --overwrite")
         from hooks.distributed_extract import ExtractionSpec, extract_distributed
 
+        if (geom_grid, geom_prefix, geom_patch) != (None, None, None):
+            raise UsageError("--grid/--prefix-tokens/--patch-size do not reach --workers / --scheduler: declare "
+                             "`repsim_geometry` on the model instead (see hooks/geometry.py)")
         if weights and random_init:
             raise UsageError("--weights and --random-init exclude each other")
         spec = ExtractionSpec(
@@ -266,6 +276,9 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
                    f"{human_bytes(store.nbytes_on_disk())} on disk")
         return
     loaded = _load_model(model_name, weights, random_init, img_size, mean, std, interpolation, crop_pct)
+    from hooks.geometry import apply_geometry, parse_grid  # a py: ViT's declared / flagged token geometry
+
+    apply_geometry(loaded, parse_grid(geom_grid), geom_prefix, geom_patch)
     source = open_dataset(data, n=n, seed=seed, image_size=loaded.preprocessing.img_size[0])
     patterns = _split_layers(layer_patterns)
     plan = plan_extraction(
@@ -788,9 +801,10 @@ def _erf(s, out, plot_path, images: int, device: str) -> None:
     if plot_path is not None:
         plot_erf([r.layer for r in results], [r.radius_px for r in results], [r.map for r in results],
                  s.model_name, plot_path, n_images=min(images, s.n))
-    click.echo(f"{s.model_name}: effective receptive field radius (px) over {min(images, s.n)} images")
+    click.echo(f"{s.model_name}: effective receptive field over {min(images, s.n)} images: radius (px, spread "
+               "about the gradient's centroid), offset (dy, dx) of the centroid from the unit's centre (px)")
     for r in results:
-        click.echo(f"  {r.layer:<36} {r.radius_px:8.2f}")
+        click.echo(f"  {r.layer:<36} {r.radius_px:8.2f}   offset ({r.offset_px[0]:+6.2f}, {r.offset_px[1]:+6.2f})")
     for path in (out, plot_path):
         if path is not None:
             click.echo(f"wrote {path}")

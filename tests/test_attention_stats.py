@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from repsim.attention import (
+    AXIAL_EXCESS_MIN,
+    LOCAL_MASS_MIN,
     aligned_attention,
     attention_distance,
     attention_entropy,
@@ -50,10 +52,20 @@ def synthetic_head(kind: str, gh: int, gw: int, noise: float = 0.0) -> np.ndarra
     r, c = cells[:, None, 0], cells[:, None, 1]  # query (column vector)
     rk, ck = cells[None, :, 0], cells[None, :, 1]  # key (row vector)
     same = (rk == r) & (ck == c)
+    raster = np.arange(gh * gw)
     rules = {
         "self": same,
         # key col = query col - 1; at the left border the query attends to itself
         "left": np.where(c > 0, (rk == r) & (ck == c - 1), same),
+        # ... at the left border it wraps to the other end of its row (offset (0, gw - 1))
+        "left_wrap": (rk == r) & (ck == (c - 1) % gw),
+        # ... it follows raster order: token i attends to token i - 1 (the left border to the end of the row
+        # above, offset (-1, gw - 1)); token 0 to itself
+        "left_raster": raster[None, :] == np.maximum(raster[:, None] - 1, 0),
+        # key row = query row - 1, wrapping to the bottom row at the top border (offset (gh - 1, 0))
+        "up_wrap": (ck == c) & (rk == (r - 1) % gh),
+        # a 3 × 3 blur centred one step to the left (clipped at the border; the left column sees dx = 0 only)
+        "shifted_blur": (abs(rk - r) <= 1) & (ck >= c - 2) & (ck <= c),
         "blur": (abs(rk - r) <= 1) & (abs(ck - c) <= 1),
         "blur5": (abs(rk - r) <= 2) & (abs(ck - c) <= 2),
         "uniform": np.ones_like(same),
@@ -313,7 +325,10 @@ def test_property_invariants(gh, gw, p, seed):
 # ----------------------------------------------------------------------------------------------------
 
 EXPECTED = {"self": "strict_local", "left": "offset_local", "blur": "soft_local", "uniform": "global",
-            "axial": "axial", "row": "axial"}
+            "axial": "axial", "row": "axial", "column": "axial",
+            # one fixed offset for every query that has it; border queries wrap / follow raster order
+            "left_wrap": "offset_local", "left_raster": "offset_local", "up_wrap": "offset_local",
+            "shifted_blur": "offset_local"}
 
 
 def _aligned_of(kind: str, gh: int, gw: int, noise: float = 0.0) -> torch.Tensor:
@@ -350,6 +365,74 @@ def test_offset_head_centroid(grid):
     assert f["peak_offset"].tolist() == [0.0, -1.0]
     for sym in ("self", "blur", "uniform", "axial"):
         close(centroid_offset(_aligned_of(sym, gh, gw)), torch.zeros(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (6, 10)])
+@pytest.mark.parametrize("kind, offset", [("left_wrap", (0, -1)), ("left_raster", (0, -1)), ("up_wrap", (-1, 0)),
+                                          ("left", (0, -1))])
+def test_border_queries_do_not_hide_an_offset_head(grid, kind, offset):
+    """Every query that has a key at ``offset`` attends only there; border queries go elsewhere. The old rule
+    (whole-map centroid ≥ 0.5) called the wrap-around and raster heads soft_local: their centroid is ~0."""
+    gh, gw = grid
+    m = _aligned_of(kind, gh, gw)
+    f = head_features(m)
+    assert f["peak_offset"].tolist() == [float(o) for o in offset]
+    close(f["peak_share"], 1.0)  # border-corrected: all of the attention of the queries that can reach it
+    assert f["local_excess"].item() >= 1.0 - 1e-12
+    if kind != "left":  # the self fallback puts 1/gw of the mass on (0, 0), inside the 5 × 5 window
+        close(f["local_centroid"], torch.tensor(offset, dtype=torch.float64))
+    assert f["local_centroid"].norm().item() > 0.9
+    if kind in ("left_wrap", "up_wrap"):  # what fooled the old rule: the wrapped mass balances the centroid
+        close(centroid_offset(m), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert classify_heads(m).item() == "offset_local"
+    # with uniform noise and on a map normalised to sum 1 (as attention_summary passes it)
+    assert classify_heads(_aligned_of(kind, gh, gw, 0.2)).item() == "offset_local"
+    assert classify_heads(m / m.sum()).item() == "offset_local"
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (6, 10)])
+@pytest.mark.parametrize("kind, local_kind", [("self", "strict_local"), ("left", "offset_local"),
+                                              ("left_wrap", "offset_local"), ("up_wrap", "offset_local")])
+def test_mixture_with_uniform_is_local_only_when_mostly_local(grid, kind, local_kind):
+    """α·head + (1-α)·uniform: local only for α clearly above one half (LOCAL_MASS_MIN = 0.6). Half neighbour,
+    half uniform used to be soft_local / strict_local (its median offset length is that of the local half)."""
+    gh, gw = grid
+    for alpha, want in ((0.3, "global"), (0.5, "global"), (0.55, "global"), (0.65, local_kind), (0.9, local_kind)):
+        m = _aligned_of(kind, gh, gw, noise=1 - alpha)
+        f = head_features(m)
+        if kind in ("self", "left_wrap", "up_wrap"):  # exact: linear in α, the uniform part scores 0
+            close(f["local_excess"], alpha, rtol=1e-9)
+            close(f["cross_excess"], alpha, rtol=1e-9)
+        assert classify_heads(m).item() == want, (alpha, {k: v.tolist() for k, v in f.items()})
+    assert LOCAL_MASS_MIN == 0.6 and AXIAL_EXCESS_MIN == 0.6
+
+
+def test_head_features_border_correction_by_hand():
+    """share(o) = w(o)·Nq/R(o) on a 2 × 3 grid, by hand: a head whose queries all attend to the key right of them
+    (the right column attends to itself)."""
+    gh, gw = 2, 3
+    a = np.zeros((6, 6))
+    for q, (r, c) in enumerate(_cells(gh, gw)):
+        a[q, q + 1 if c < gw - 1 else q] = 1.0
+    m = aligned_attention(torch.from_numpy(a), (gh, gw))
+    f = head_features(m)
+    # mass: 4 queries at (0, +1), 2 at (0, 0) → w = 4/6, 2/6; R(0, +1) = 2·2 = 4, R(0, 0) = 6
+    assert f["peak_offset"].tolist() == [0.0, 1.0]
+    close(f["peak_share"], (4 / 6) * 6 / 4)
+    close(f["centre_mass"], 2 / 6)
+    # all mass within one step of the peak; uniform's there: Σ (2-|dy|)(3-|dx|)/36 over dy ∈ {-1, 0, 1},
+    # dx ∈ {0, 1, 2} = 4·6/36; both parts of local_excess are 1
+    close(f["peak_local_mass"], 1.0)
+    close(f["local_excess"], 1.0)
+    half = head_features(aligned_attention(torch.from_numpy(0.5 * a + 0.5 / 6), (gh, gw)))
+    close(half["peak_share"], 0.5 + 0.5 / 6)
+    close(half["peak_local_mass"], 0.5 + 0.5 * 24 / 36)
+    close(half["local_excess"], 0.5)
+    # local centroid: excess over 1/6 at (0, 1): 1 - 1/6, at (0, 0): 2/6 - 1/6
+    close(f["local_centroid"], torch.tensor([0.0, (5 / 6) / (5 / 6 + 1 / 6)], dtype=torch.float64))
+    uni = np.array([[(gh - abs(dy)) * (gw - abs(dx)) / 36 for dx in range(-2, 3)] for dy in range(-1, 2)])
+    w = m.numpy() / 6
+    close(f["concentration"], 0.5 * np.abs(w - uni).sum())
 
 
 def test_classify_rejects_empty_map():
