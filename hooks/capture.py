@@ -90,8 +90,16 @@ class ActivationCapture:
         excluded) or the H × W positions of a map into a vector; "cls" keeps token 0 of token outputs that
         carry prefix tokens and mean-pools every other layer (recorded per layer)
     spatial_pool : K → average-pool maps (and token outputs with a known grid, prefix kept) to K × K
+    dtype : dtype of the recorded tensors (float32 by default), or one per path. Extraction passes the stored
+        dtype of each layer, so each
+        output is pooled in float32 and then cast once, on the model's device, into a new tensor (the copy
+        that protects against later in-place operations is the cast itself: no second pass, half the bytes
+        to move off a GPU). Non-finite values (and float16 overflow, which casts to ±inf) are left for the
+        caller to refuse (:func:`finite_or_raise`).
 
-    After a forward pass, :meth:`pop` returns ``{tap name: float32 tensor (B, ...)}`` on the CPU.
+    After a forward pass, :meth:`pop` returns ``{tap name: tensor (B, ...)}`` of ``dtype`` on the CPU.
+    :attr:`quant_error` holds, for taps measured with :meth:`measure_next`, the float16 error statistics of
+    :func:`fp16_error_stats`.
     """
 
     def __init__(
@@ -104,6 +112,7 @@ class ActivationCapture:
         grid: tuple[int, int] | None = None,
         pool: str = "none",
         spatial_pool: int | None = None,
+        dtype: torch.dtype | Mapping[str, torch.dtype] = torch.float32,
     ):
         if pool not in POOL_MODES:
             raise UsageError(f"--pool must be one of {', '.join(POOL_MODES)}, got {pool!r}")
@@ -120,6 +129,9 @@ class ActivationCapture:
         self.grid = tuple(grid) if grid else None
         self.pool = "mean" if pool == "gap" else pool
         self.spatial_pool = spatial_pool
+        self.dtypes = {p: (dtype.get(p, torch.float32) if isinstance(dtype, Mapping) else dtype) for p in self.paths}
+        self._measure_rows = 0  # > 0: the next forward also measures float16 error on its first rows
+        self.quant_error: dict[str, list[tuple[float, float]]] = {p: [] for p in self.paths}
         self._targets = {p: modules[p] for p in self.paths}
         self._handles: list[Any] = []
         # per path, one (pooled tensor, tap, raw rank, raw token count) per call of the module
@@ -143,8 +155,11 @@ class ActivationCapture:
         def hook(_mod: nn.Module, _inp: Any, output: Any) -> None:
             tensor, tap = select_tensor(output)
             raw_tokens = tensor.shape[1] if tensor.ndim == 3 else None
-            # Reduce right away into a new tensor (pooled, or a copy), so later in-place ops cannot touch it.
-            self._records[path].append((self._reduce(path, tensor.detach()), tap, tensor.ndim, raw_tokens))
+            # Reduce right away into a new tensor (pooled, or a cast copy), so later in-place ops cannot touch it.
+            reduced = self._reduce(path, tensor.detach())
+            if self._measure_rows:
+                self.quant_error[path].append(fp16_error_stats(reduced[: self._measure_rows]))
+            self._records[path].append((self._finish(reduced, self.dtypes[path]), tap, tensor.ndim, raw_tokens))
 
         return hook
 
@@ -161,30 +176,44 @@ class ActivationCapture:
             return 0, None
         return None, None
 
+    def measure_next(self, rows: int) -> None:
+        """Measure the float16 error of the next forward pass on its first ``rows`` samples (0: stop)."""
+        self._measure_rows = int(rows)
+
+    @staticmethod
+    def _finish(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A new contiguous CPU tensor of ``dtype`` holding ``x`` (cast on x's device first)."""
+        if x.dtype != dtype:
+            return x.to(dtype=dtype, memory_format=torch.contiguous_format).cpu()  # the cast is the copy
+        if x.is_cpu:
+            return x.clone(memory_format=torch.contiguous_format)
+        return x.contiguous().cpu()
+
     def _reduce(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """Pool / reshape one output in float32 on its device; the result may share memory with ``x``."""
         x = x.float()
         if x.ndim == 4 and self.layouts.get(path) == "nhwc":
             x = x.permute(0, 3, 1, 2)
         if x.ndim == 4:  # map (B, C, H, W)
             if self.pool in ("mean", "cls"):
-                return x.mean(dim=(2, 3)).cpu()
+                return x.mean(dim=(2, 3))
             if self.spatial_pool:
                 x = F.adaptive_avg_pool2d(x, self.spatial_pool)
-            return x.contiguous().cpu().clone()
+            return x
         if x.ndim == 3:  # tokens (B, T, D)
             prefix, grid = self._token_layout(x.shape[1])
             if self.pool == "cls" and prefix:
-                return x[:, 0].cpu().clone()
+                return x[:, 0]
             if self.pool in ("mean", "cls"):
-                return x[:, prefix or 0 :].mean(dim=1).cpu()
+                return x[:, prefix or 0 :].mean(dim=1)
             if self.spatial_pool and grid is not None:
                 p = prefix or 0
                 patches = x[:, p:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
                 pooled = F.adaptive_avg_pool2d(patches, self.spatial_pool).flatten(2).transpose(1, 2)
                 x = torch.cat([x[:, :p], pooled], dim=1)
-            return x.contiguous().cpu().clone()
+            return x
         if x.ndim == 2:
-            return x.cpu().clone()
+            return x
         raise UsageError(
             f"layer {path!r} outputs a {x.ndim}-d tensor of shape {tuple(x.shape)}; repsim stores "
             "vectors (B, D), tokens (B, T, D) and maps (B, C, H, W)"
@@ -236,19 +265,47 @@ class ActivationCapture:
             raise UsageError("the model called its modules a different number of times than in the first batch")
         for rec in self._records.values():
             rec.clear()
+        self._measure_rows = 0
         return out
 
+FP16_MAX = 65504.0
+
+
 def finite_or_raise(name: str, x: torch.Tensor, dtype: str) -> None:
-    """Refuse NaN / Inf activations, and values that would overflow ``dtype`` (float16 max 65504)."""
-    if not torch.isfinite(x).all():
-        raise UsageError(f"layer {name!r} produced NaN or Inf activations")
+    """Refuse NaN / Inf in a captured tensor ``x`` (already cast to the stored ``dtype``).
+
+    One read-only pass: the sum (accumulated in float64) of finite values is finite, and any NaN or Inf
+    makes it non-finite. A float16 capture holds ±inf exactly where the model's value overflowed float16
+    (|v| > 65504) or was itself infinite; the slow path after a failure tells the two cases apart only as
+    far as the float16 tensor can (NaN vs inf).
+    """
+    if x.numel() == 0 or bool(torch.isfinite(x.sum(dtype=torch.float64))):
+        return
+    if bool(torch.isnan(x).any()):
+        raise UsageError(f"layer {name!r} produced NaN activations")
     if dtype == "float16":
-        peak = float(x.abs().max()) if x.numel() else 0.0
-        if peak > 65504.0:
-            raise UsageError(
-                f"layer {name!r} has activations up to {peak:.4g}, beyond float16's range (65504): "
-                "extract with --dtype float32"
-            )
+        raise UsageError(
+            f"layer {name!r} has activations beyond float16's range (|v| > {FP16_MAX:g}) or infinite: "
+            "extract with --dtype float32"
+        )
+    raise UsageError(f"layer {name!r} produced Inf activations")
+
+
+def fp16_error_stats(x: torch.Tensor) -> tuple[float, float]:
+    """Float16 storage error of float32 activations ``x`` (rows, ...): ``(Σ (fp16(x) − x)², Σ (x − x̄)²)``.
+
+    ``x̄`` is the per-feature mean over the rows; sums in float64. Their ratio η is the share of the
+    layer's variation (about its mean, what CKA and probes see) that float16 rounding replaces by noise:
+    about 2e-8 for well-scaled features (relative rounding 2^-11 / √12), near 1 where a large per-feature
+    offset (massive activations) or values below float16's subnormal range (6e-8, underflow to 0) swamp
+    the variation. Values that overflow float16 give inf.
+    """
+    x = x.reshape(x.shape[0], -1).float()
+    if x.shape[0] < 2:
+        return 0.0, 0.0
+    err = float((x.half().float() - x).double().pow(2).sum())
+    spread = float((x - x.mean(dim=0)).double().pow(2).sum())
+    return err, spread
 
 
 

@@ -16,6 +16,14 @@ Design points:
   weights, preprocessing, samples, layers, pooling, dtype, batching, library versions) is refused unless
   ``overwrite``.
 - Images are decoded and transformed by a thread pool one batch ahead of the forward pass.
+- Each hooked output is pooled and cast to its stored dtype once, inside the hook (the cast is also the copy
+  that protects it from in-place ops); non-finite values are refused with one read-only pass per layer.
+- Float16 safety (``repsim.store`` "Precision"): the planning forward pass measures each layer's float16
+  error η on the first images; a layer above ``FP16_MAX_ERROR`` is stored as float32. Every chunk measures η
+  again on its first rows (``quality/fp16_error``); a float16 layer above the limit is reported at the end.
+- ``grams=True`` (``--grams``) also stores, per layer and sample chunk, the packed U-centred Gram of the
+  chunk's rows (:mod:`repsim.gram`): minibatch CKA with the chunks as batches, without the activations
+  (``acts=False``: Grams only, ~100x+ smaller for token layers). Chunks default to 256 rows then.
 """
 
 from __future__ import annotations
@@ -41,10 +49,14 @@ import torch
 import repsim
 from repsim.data import CorruptImageError, ImageSource
 from repsim.devices import resolve_device as _resolve_device
+from repsim.devices import tf32_off
 from repsim.errors import UsageError
+from repsim.gram import MIN_UNBIASED, pack_triu, packed_size, unbiased_gram
 from repsim.store import (
     FORMAT_VERSION,
+    FP16_MAX_ERROR,
     ActivationStore,
+    ArraySpec,
     LayerSpec,
     StoreWriter,
     WriterLock,
@@ -66,6 +78,10 @@ from hooks.remote_output import remote_state, staging_path, upload_store
 
 DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_ROWS = 64
+DEFAULT_GRAM_ROWS = 256  # chunk (= Gram batch) rows with --grams: repsim cka's default minibatch size
+PROBE_ROWS = 8  # images of the planning forward pass (fixes the taps, measures float16 error)
+FP16_CHECK_ROWS = 8  # rows of each chunk on which the float16 error is measured again
+QUALITY_ARRAY = "quality/fp16_error"
 
 
 class SubsetSource:
@@ -157,6 +173,33 @@ class ExtractionPlan:
     extra_bytes: int = 0  # arrays not proportional to n (kept attention maps)
     shard: tuple[int, int] | None = None  # (k, N): this process writes the k-th of N chunk ranges
     remote: str | None = None  # an fsspec URL: ``out`` is then its local staging store, uploaded when complete
+    grams: bool = False  # also store each chunk's packed U-centred Gram per layer
+    acts: bool = True  # store the activations (False: Grams only)
+    layer_dtypes: dict[str, str] = field(default_factory=dict)  # stored dtype per tap
+    fp16_probe: dict[str, float] = field(default_factory=dict)  # float16 error η per tap at planning
+
+    @property
+    def measure_fp16(self) -> bool:
+        """Whether chunks measure float16 error (some layer is stored as float16)."""
+        return self.acts and "float16" in self.layer_dtypes.values()
+
+    def path_dtypes(self) -> dict[str, torch.dtype]:
+        """Capture dtype per hooked module path: the stored dtype, float32 without activations."""
+        out: dict[str, torch.dtype] = {}
+        for t in self.taps:
+            dt = torch.float16 if self.acts and self.layer_dtypes[t.name] == "float16" else torch.float32
+            out[t.module] = torch.float32 if out.get(t.module) == torch.float32 else dt
+        return out
+
+    def extra_specs(self) -> list[ArraySpec]:
+        """Gram and float16-quality arrays written with every chunk (besides attention statistics)."""
+        specs = []
+        if self.grams:
+            specs += [ArraySpec(f"grams/{t.name}", (packed_size(self.chunk_size),), "float32", rows="chunks")
+                      for t in self.taps]
+        if self.measure_fp16:
+            specs.append(ArraySpec(QUALITY_ARRAY, (len(self.taps),), "float32", rows="chunks"))
+        return specs
 
     def shard_chunks(self) -> range:
         """The sample chunks this run writes: all, or the k-th of N contiguous, disjoint chunk ranges."""
@@ -235,11 +278,16 @@ def plan_extraction(
     strict: bool = False,
     progress: bool = False,
     shard: tuple[int, int] | None = None,
+    grams: bool = False,
+    acts: bool = True,
 ) -> ExtractionPlan:
     """Resolve layers, probe output shapes with one small forward pass, and compare with any existing store.
 
     ``layers`` are module paths or glob patterns (None → the family's default preset). ``chunk_size`` (rows
-    per chunk) defaults to the multiple of ``batch_size`` nearest 64 and must be a multiple of it.
+    per chunk) defaults to the multiple of ``batch_size`` nearest 64 (256 with ``grams``) and must be a multiple
+    of it. ``grams``: also store each chunk's U-centred Gram per layer (the chunk is the Gram batch);
+    ``acts=False``: store only the Grams. A float16 layer whose storage error η exceeds ``FP16_MAX_ERROR``
+    on the planning images is stored as float32 (see :mod:`repsim.store`, "Precision").
     ``attention``: also capture every attention layer's probabilities (fused kernels switched off for the
     capture) and store per image × head statistics (see :mod:`hooks.attention_reduce`); ``attn_keep``: keep
     the full maps of the first ``attn_keep`` images. ``shard=(k, N)``: this run writes only the k-th of N
@@ -250,8 +298,14 @@ def plan_extraction(
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if not acts and not grams:
+        raise UsageError("--no-acts keeps nothing without --grams: add --grams (Gram matrices only)")
     if chunk_size is None:
-        chunk_size = batch_size * max(1, round(DEFAULT_CHUNK_ROWS / batch_size))
+        target = DEFAULT_GRAM_ROWS if grams else DEFAULT_CHUNK_ROWS
+        chunk_size = batch_size * max(1, round(target / batch_size))
+    if grams and chunk_size < MIN_UNBIASED:
+        raise UsageError(f"--grams: the chunk (the Gram batch) must hold at least {MIN_UNBIASED} rows, "
+                         f"got --chunk-size {chunk_size}")
     if chunk_size < 1 or chunk_size % batch_size:
         raise UsageError(f"--chunk-size ({chunk_size}) must be a positive multiple of --batch-size ({batch_size})")
     remote = None
@@ -275,13 +329,15 @@ def plan_extraction(
     if len(source) == 0:
         raise UsageError("the data set is empty")
 
-    # Probe: one forward pass on two real images fixes the taps (names, kinds, shapes, call counts).
+    # Probe: one forward pass on a few real images fixes the taps (names, kinds, shapes, call counts) and
+    # measures each layer's float16 storage error.
     transform = model.preprocessing.transform()
-    probe = _load_batch(source, transform, range(min(2, len(source))))
+    probe = _load_batch(source, transform, range(min(PROBE_ROWS, len(source))))
     capture = ActivationCapture(
         module, paths, layouts=layouts, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid,
         pool=pool, spatial_pool=spatial_pool,
     )
+    capture.measure_next(len(probe))
     attn_layers: list[Any] = []
     reducer = None
     if attention:
@@ -304,8 +360,12 @@ def plan_extraction(
         if reducer is not None:
             reducer.pop_chunk()  # the probe proves the capture and the geometry; its numbers are dropped
     taps = capture.taps or []
-    itemsize = np.dtype(dtype).itemsize
-    bytes_per_image = sum(int(np.prod(t.shape)) * itemsize for t in taps)
+    fp16_probe = _fp16_errors(capture, taps)
+    layer_dtypes = {t.name: ("float32" if dtype == "float32" or fp16_probe[t.name] > FP16_MAX_ERROR else "float16")
+                    for t in taps}
+    bytes_per_image = sum(int(np.prod(t.shape)) * np.dtype(layer_dtypes[t.name]).itemsize for t in taps) if acts else 0
+    if grams:
+        bytes_per_image += len(taps) * packed_size(chunk_size) * 4 // chunk_size
     if save_inputs:
         bytes_per_image += int(np.prod(probe.shape[1:])) * 2
     extra_bytes = 0
@@ -326,6 +386,9 @@ def plan_extraction(
         "save_inputs": save_inputs,
         "attention": bool(attention),
         "attn_keep": int(attn_keep),
+        "grams": bool(grams),
+        "acts": bool(acts),
+        "float32_layers": [t.name for t in taps if acts and dtype == "float16" and layer_dtypes[t.name] == "float32"],
     }
     config = {
         "model": info.to_dict(),
@@ -349,6 +412,11 @@ def plan_extraction(
     }
     if reducer is not None:
         attrs["attention"] = reducer.attrs()
+    if grams:
+        last = len(source) % chunk_size
+        attrs["grams"] = {"batch_rows": chunk_size, "dtype": "float32", "tokens": "flatten",
+                          "source_dtype": dtype if acts else "float32",
+                          "rows_used": len(source) - (last if 0 < last < MIN_UNBIASED else 0)}
 
     if shard is not None and shard[1] > -(-len(source) // chunk_size):
         raise UsageError(f"--shard {shard[0]}/{shard[1]}: more shards than the {-(-len(source) // chunk_size)} "
@@ -368,8 +436,21 @@ def plan_extraction(
         batch_size=batch_size, chunk_size=chunk_size, pool=pool, spatial_pool=spatial_pool,
         save_inputs=save_inputs, resume=resume, already_complete=already_complete,
         bytes_per_image=bytes_per_image, skipped=skipped, attention_layers=attn_layers, attn_keep=attn_keep,
-        extra_bytes=extra_bytes, shard=shard,
+        extra_bytes=extra_bytes, shard=shard, grams=grams, acts=acts, layer_dtypes=layer_dtypes,
+        fp16_probe=fp16_probe,
     )
+
+
+def _fp16_errors(capture: ActivationCapture, taps: Sequence[TapInfo]) -> dict[str, float]:
+    """Float16 error η per tap from the capture's last measured forward pass (0 where nothing varies)."""
+    out = {}
+    for t in taps:
+        stats = capture.quant_error.get(t.module) or []
+        err, spread = stats[t.call_index or 0] if len(stats) > (t.call_index or 0) else (0.0, 0.0)
+        out[t.name] = float(err / spread) if spread > 0 else (0.0 if err == 0 else float("inf"))
+    for stats in capture.quant_error.values():
+        stats.clear()
+    return out
 
 
 @contextlib.contextmanager
@@ -421,12 +502,18 @@ def create_or_open_store(plan: ExtractionPlan) -> StoreWriter:
             remove_store(plan.out)  # an interrupted creation (remove_store refuses non-stores)
         model, source = plan.model, plan.source
         input_shape = (3, *model.preprocessing.img_size) if plan.save_inputs else None
-        specs = [LayerSpec(t.name, t.shape, t.attrs()) for t in plan.taps]
+        specs = [LayerSpec(t.name, t.shape, t.attrs() | {"fp16_error": _json_float(plan.fp16_probe.get(t.name, 0.0))},
+                           dtype=plan.layer_dtypes.get(t.name)) for t in plan.taps]
         extra_specs = AttentionReducer(plan.attention_layers, plan.attn_keep).specs() if plan.attention_layers else []
         return StoreWriter.create(
             plan.out, plan.attrs, specs, source.ids, source.labels, dtype=plan.dtype, input_shape=input_shape,
-            extra=extra_specs,
+            extra=[*extra_specs, *plan.extra_specs()], acts=plan.acts,
         )
+
+
+def _json_float(v: float) -> float | str:
+    """A float for JSON attributes (inf becomes the string "inf": JSON has no infinity)."""
+    return v if np.isfinite(v) else "inf"
 
 
 def _acquire_writer_lock(out: str, shard: tuple[int, int] | None) -> WriterLock:
@@ -465,9 +552,8 @@ def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 class _BackgroundWriter:
     """One thread that converts, writes and flags whole chunks, so the forward pass never waits on disk."""
 
-    def __init__(self, writer: StoreWriter, dtype: str, depth: int = 2):
+    def __init__(self, writer: StoreWriter, depth: int = 2):
         self._writer = writer
-        self._dtype = np.dtype(dtype)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="repsim-writer", daemon=True)
@@ -481,8 +567,7 @@ class _BackgroundWriter:
             if self._error is not None:
                 continue  # drain after a failure
             index, acts, inputs, extra = item
-            try:
-                acts = {k: v.astype(self._dtype, copy=False) for k, v in acts.items()}
+            try:  # acts arrive in their stored dtypes (cast in the hooks)
                 self._writer.write_chunk(index, acts, None if inputs is None else inputs.astype(np.float16), extra)
             except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
                 self._error = err
@@ -500,6 +585,36 @@ class _BackgroundWriter:
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _chunk_grams(buffers: dict[str, np.ndarray], chunk: int, chunk_size: int, dev: torch.device,
+                 out: str) -> dict[str, np.ndarray]:
+    """Packed U-centred Gram (float32, :func:`repsim.gram.pack_triu`) of every layer's rows of one chunk, computed
+    on ``dev`` from exactly the values the store holds; all zeros for a last chunk of fewer than 4 rows."""
+    grams = {}
+    with tf32_off():
+        for name, rows in buffers.items():
+            m = rows.shape[0]
+            packed = np.zeros(packed_size(chunk_size), dtype=np.float32)
+            if m >= MIN_UNBIASED:
+                g = unbiased_gram(torch.from_numpy(rows).to(dev), what=f"layer {name!r} of {out}, chunk {chunk}")
+                packed[: packed_size(m)] = pack_triu(g, m).to(torch.float32).cpu().numpy()
+            grams[f"grams/{name}"] = packed
+    return grams
+
+
+def _warn_fp16_damage(plan: ExtractionPlan) -> None:
+    """Warn (once the store is complete) about float16 layers whose measured error exceeded the limit."""
+    if not plan.measure_fp16:
+        return
+    errors = ActivationStore(plan.out).fp16_errors()
+    bad = {k: v for k, v in errors.items() if plan.layer_dtypes.get(k) == "float16" and not v <= FP16_MAX_ERROR}
+    if bad:
+        worst = max(bad, key=lambda k: bad[k])
+        warnings.warn(
+            f"float16 storage lost more than {FP16_MAX_ERROR:g} of the variation of {len(bad)} layer(s) on some "
+            f"chunks (worst {worst!r}: {bad[worst]:.3g}) although the planning images were fine: `repsim verify` "
+            "reports them; re-extract with --dtype float32 for exact numbers", stacklevel=2)
 
 
 def run_extraction(
@@ -536,9 +651,12 @@ def run_extraction(
         capture = ActivationCapture(
             module, plan.paths, layouts={p: layer_layout(info.family, p, module) for p in plan.paths},
             num_prefix_tokens=info.num_prefix_tokens, grid=info.grid, pool=plan.pool, spatial_pool=plan.spatial_pool,
+            dtype=plan.path_dtypes(),
         )
         reducer = AttentionReducer(plan.attention_layers, plan.attn_keep) if plan.attention_layers else None
-        background = _BackgroundWriter(writer, plan.dtype)
+        background = _BackgroundWriter(writer)
+        buffer_dtypes = {t.name: str(plan.path_dtypes()[t.module]).replace("torch.", "") for t in plan.taps}
+        expected = [t.name for t in plan.taps]
         bar = tqdm(total=sum(len(r) for _, r in batches), desc=f"extract {info.name}", unit="img",
                    disable=not progress, dynamic_ncols=True)
         chunks_written = 0
@@ -554,29 +672,40 @@ def run_extraction(
                     futures.append(loader.submit(_load_batch, source, transform, batches[k + 2][1]))
                 if reducer is not None:
                     reducer.begin_batch(rows)
+                crow = writer.chunk_rows(chunk)
+                first_of_chunk = rows.start == crow.start
+                if plan.measure_fp16 and first_of_chunk:
+                    capture.measure_next(FP16_CHECK_ROWS)
                 module(x.to(dev, non_blocking=True))
                 acts = capture.pop()
-                expected = [t.name for t in plan.taps]
                 if list(acts) != expected:
                     raise UsageError("the model's layers changed since the store was planned")
-                crow = writer.chunk_rows(chunk)
+                if plan.measure_fp16 and first_of_chunk:
+                    eta = _fp16_errors(capture, plan.taps)
+                    quality = np.array([eta[t.name] if plan.layer_dtypes[t.name] == "float16" else 0.0
+                                        for t in plan.taps], dtype=np.float32)
                 if buffers is None:
-                    buffers = {t.name: np.empty((crow.stop - crow.start, *t.shape), dtype=plan.dtype)
+                    buffers = {t.name: np.empty((crow.stop - crow.start, *t.shape), dtype=buffer_dtypes[t.name])
                                for t in plan.taps}
                 offset = rows.start - crow.start
                 for name, t in acts.items():
-                    finite_or_raise(name, t, plan.dtype)
+                    finite_or_raise(name, t, buffer_dtypes[name])
                     buffers[name][offset:offset + len(rows)] = t.numpy()
                 if plan.save_inputs:
                     inputs.append(x.numpy())
                 futures[k] = None  # release the batch
                 bar.update(len(rows))
                 if rows.stop == crow.stop:
+                    extra = {} if reducer is None else reducer.pop_chunk()
+                    if plan.grams:
+                        extra.update(_chunk_grams(buffers, chunk, plan.chunk_size, dev, plan.out))
+                    if plan.measure_fp16:
+                        extra[QUALITY_ARRAY] = quality
                     background.put(
                         chunk,
-                        buffers,
+                        buffers if plan.acts else {},
                         np.concatenate(inputs) if plan.save_inputs else None,
-                        None if reducer is None else reducer.pop_chunk(),
+                        extra,
                     )
                     buffers, inputs = None, []
                     chunks_written += 1
@@ -595,6 +724,7 @@ def run_extraction(
                     "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "seconds": round(time.perf_counter() - t_start, 1)})
         if bool(done.all()):
+            _warn_fp16_damage(plan)
             writer.update_attrs(complete=True, completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     finally:
         lock.release()
@@ -624,12 +754,15 @@ def extract(
     device: str = "auto",
     progress: bool = False,
     shard: tuple[int, int] | None = None,
+    grams: bool = False,
+    acts: bool = True,
 ) -> ActivationStore:
     """Plan, check the disk and run an extraction in one call (the Python mirror of ``repsim extract``)."""
     plan = plan_extraction(
         model, source, out, layers=layers, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
         batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, attention=attention,
         attn_keep=attn_keep, overwrite=overwrite, strict=strict, progress=progress, shard=shard,
+        grams=grams, acts=acts,
     )
     plan.check_disk(force=force)
     return run_extraction(plan, device=device, progress=progress)

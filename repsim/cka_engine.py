@@ -56,15 +56,19 @@ import torch
 
 from repsim.devices import resolve_device as _resolve_device
 from repsim.devices import tf32_off as _tf32_off
-from repsim.errors import RepsimError, UsageError
+from repsim.errors import NumericalError, RepsimError, UsageError
+from repsim.gram import GRAM_DTYPES, MIN_UNBIASED, u_centre, unbiased_gram
+from repsim.gram import check_finite as _check_finite
+from repsim.gram import from_numpy as _from_numpy
+from repsim.gram import resolve_gram_dtype as _gram_dtype
 from repsim.json_output import read_json_result, write_json_atomic
 
 ESTIMATORS = ("minibatch", "exact", "debiased")
 KERNELS = ("linear", "rbf")
 TOKEN_MODES = ("flatten", "mean", "cls")
 ALIGN_MODES = ("fingerprint", "ids")
-GRAM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-MIN_UNBIASED = 4  # the U-statistic divides by (m - 3): fewer than 4 samples is undefined
+PLANS = ("auto", "contiguous", "shuffled")
+SOURCES = ("auto", "grams", "activations")
 
 __all__ = [
     "CKAResult",
@@ -84,10 +88,6 @@ __all__ = [
     "u_centre_np",
     "unbiased_gram",
 ]
-
-
-class NumericalError(RepsimError):
-    """A NaN, an Inf, a negative or zero self-HSIC: the CKA value would be meaningless, so none is returned."""
 
 
 class StoreLike(Protocol):
@@ -262,71 +262,6 @@ def cka(x: Any, y: Any, *, kernel: str = "linear", debiased: bool = False, thres
 # ----------------------------------------------------------------------------------------------------
 
 
-def _gram_dtype(gram_dtype: str) -> torch.dtype:
-    if gram_dtype not in GRAM_DTYPES:
-        raise UsageError(f"gram_dtype must be float32 or float64, got {gram_dtype!r}")
-    return GRAM_DTYPES[gram_dtype]
-
-
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
-        raise NumericalError(f"non-finite value (NaN or Inf) in {what} at index {tuple(bad)}")
-
-
-def u_centre(gram: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """U-centre a symmetric (m, m) Gram in float64 (Székely–Rizzo 2014); torch twin of :func:`u_centre_np`.
-
-    ``out``: optional float64 (m, m) buffer (may be a view into a preallocated stack) that receives the result.
-    """
-    m = gram.shape[0]
-    if m < MIN_UNBIASED:
-        raise UsageError(f"unbiased HSIC needs at least {MIN_UNBIASED} samples per batch, got {m}")
-    if out is None:
-        out = torch.empty((m, m), dtype=torch.float64, device=gram.device)
-    k = out
-    k.copy_(gram)
-    k.fill_diagonal_(0.0)
-    means = k.sum(dim=0) / (m - 2)
-    means -= means.sum() / (2 * (m - 1))
-    k -= means[:, None]
-    k -= means[None, :]
-    k.fill_diagonal_(0.0)
-    return k
-
-
-def unbiased_gram(
-    features: torch.Tensor | np.ndarray,
-    *,
-    gram_dtype: str = "float32",
-    what: str = "features",
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """U-centred linear Gram of one batch, flattened: (m, f) features → (m·m,) float64 on the features' device.
-
-    The features are up-cast (float16 → float32), centred per column, and only then multiplied (in
-    ``gram_dtype``; call under TF32-off, as :func:`cka_matrix` does). ``what`` names the layer and batch in
-    errors. ``out``: optional contiguous float64 (m·m,) buffer for the result (a row of a Gram stack).
-    """
-    dt = _gram_dtype(gram_dtype)
-    x = _from_numpy(features) if isinstance(features, np.ndarray) else torch.as_tensor(features)
-    x = x.reshape(x.shape[0], -1).to(dt)  # up-cast before any arithmetic
-    m = x.shape[0]
-    # The mean in the Gram dtype is enough: U-centring removes any constant shift exactly, so centring
-    # only has to shrink a large common offset (X = 100 + 0.1·Z) before the products, to avoid cancellation.
-    x = x - x.mean(dim=0)
-    g = x @ x.T
-    # A NaN / Inf anywhere in x or in a product shows on the diagonal (|x_i·x_j| <= sqrt(g_ii g_jj)):
-    # scanning m values instead of m·f keeps the check off the hot path; the full scan only names the culprit.
-    if not bool(torch.isfinite(torch.diagonal(g)).all()):
-        _check_finite(x, what)
-        _check_finite(g, f"the Gram of {what}")
-        raise NumericalError(f"non-finite Gram diagonal of {what}")
-    g = (g + g.T) * 0.5  # float32 products are not bitwise symmetric
-    view = None if out is None else out.view(m, m)
-    return u_centre(g, out=view).reshape(-1)
-
-
 class MinibatchCKA:
     """Accumulates minibatch CKA for all layer pairs (Nguyen et al. 2021, sum form; see the module docstring).
 
@@ -346,8 +281,13 @@ class MinibatchCKA:
         self.n_batches = 0
         self.n_samples = 0
 
-    def update(self, grams_a: torch.Tensor, grams_b: torch.Tensor | None = None, *, what: str = "batch") -> None:
-        """Add one batch: ``grams_a`` (La, m²) [and ``grams_b`` (Lb, m²)] float64 U-centred Grams."""
+    def update(self, grams_a: torch.Tensor, grams_b: torch.Tensor | None = None, *, what: str = "batch",
+               batches: int = 1, samples: int | None = None) -> None:
+        """Add one batch: ``grams_a`` (La, m²) [and ``grams_b`` (Lb, m²)] float64 U-centred Grams.
+
+        Stored Gram tiers pass several batches at once as concatenated packed triangles (La, k·m(m-1)/2):
+        ``batches`` and ``samples`` then say how many batches and rows they hold (the factor 2 of packing
+        cancels in the CKA ratio)."""
         if self.within != (grams_b is None):
             raise ValueError("pass grams_b exactly when the accumulator compares two models")
         grams_a = grams_a.to(self.device, torch.float64)
@@ -367,8 +307,8 @@ class MinibatchCKA:
         self.cross += prod
         self.self_a += sa
         self.self_b += sb
-        self.n_batches += 1
-        self.n_samples += math.isqrt(m2)
+        self.n_batches += batches
+        self.n_samples += math.isqrt(m2) if samples is None else int(samples)
 
     def update_features(
         self,
@@ -423,12 +363,6 @@ class MinibatchCKA:
         if self.within:
             out = (out + out.T) / 2  # exact symmetry (the product is symmetric only up to rounding)
         return out
-
-
-def _from_numpy(x: np.ndarray) -> torch.Tensor:
-    """Zero-copy where possible; read-only arrays (e.g. memory-mapped) are copied, torch needs writable memory."""
-    x = np.ascontiguousarray(x)
-    return torch.from_numpy(x if x.flags.writeable else x.copy())
 
 
 def _to_device(x: Any, device: torch.device) -> torch.Tensor:
@@ -495,6 +429,26 @@ def batch_plan(chunk_rows: Sequence[np.ndarray], batch_size: int, rng: np.random
         plan.append(PlanGroup(chunks=np.sort(np.asarray(g, dtype=np.int64)),
                               batches=list(np.array_split(idx, n_batches))))
     return plan
+
+
+def contiguous_plan(n_rows: int, batch_size: int) -> list[PlanGroup]:
+    """Batches of consecutive rows ``[j·B, (j+1)·B)`` of the compared row space (store order), one per group.
+
+    A store's sample order is a seeded random permutation of its data set, so each block is a uniform random
+    sample; reading whole consecutive rows needs no gather. A last block of fewer than 4 rows (too few for
+    the unbiased HSIC) is merged into the previous batch. This is the plan of a Gram tier (``--grams``: the
+    store's chunks are its batches), so both paths compute the same sums. ``chunks`` is left empty.
+    """
+    if batch_size < MIN_UNBIASED:
+        raise UsageError(f"batch size must be at least {MIN_UNBIASED} (unbiased HSIC), got {batch_size}")
+    if n_rows < MIN_UNBIASED:
+        raise UsageError(f"minibatch CKA needs at least {MIN_UNBIASED} samples, got {n_rows}")
+    bounds = list(range(0, n_rows, batch_size)) + [n_rows]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_UNBIASED:
+        del bounds[-2]
+    empty = np.zeros(0, dtype=np.int64)
+    return [PlanGroup(chunks=empty, batches=[np.arange(lo, hi, dtype=np.int64)])
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def _repeat_rng(seed: int, repeat: int) -> np.random.Generator:
@@ -629,7 +583,11 @@ def _gather(store: StoreLike, layer: str, positions: np.ndarray, max_read_rows: 
             raise RepsimError(f"{store.path}: reading rows {lo}..{hi} of layer {layer!r} returned "
                               f"{block.shape[0]} rows")
         i0, i1 = np.searchsorted(sp, [lo, hi])
-        yield order[i0:i1], block[sp[i0:i1] - lo]
+        idx = sp[i0:i1] - lo
+        if len(idx) and idx[-1] - idx[0] == len(idx) - 1:  # consecutive rows: a view, no gather
+            yield order[i0:i1], block[idx[0]:idx[-1] + 1]
+        else:
+            yield order[i0:i1], block[idx]
 
 
 def _read_features(store: StoreLike, layer: str, positions: np.ndarray, info: dict[str, Any], tokens: str,
@@ -637,7 +595,10 @@ def _read_features(store: StoreLike, layer: str, positions: np.ndarray, info: di
     """Features (len(positions), f) of ``layer`` at store rows ``positions``, in that order."""
     out = torch.empty((len(positions), feat_dim), dtype=dtype, device=device)
     for idx, rows in _gather(store, layer, positions, max_read_rows):
-        out[torch.from_numpy(idx).to(device)] = _rows_to_features(rows, info, tokens, device, dtype)
+        if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and (len(idx) == 1 or bool((np.diff(idx) == 1).all())):
+            out[int(idx[0]):int(idx[-1]) + 1] = _rows_to_features(rows, info, tokens, device, dtype)
+        else:
+            out[torch.from_numpy(idx).to(device)] = _rows_to_features(rows, info, tokens, device, dtype)
     return out
 
 
@@ -772,6 +733,9 @@ class CKAResult:
     device: str = "cpu"
     repsim_version: str | None = None
     exact_form: str | None = None  # exact estimator: "feature" (‖XᵀY‖²) or "gram" (n × n Grams)
+    source: str = "activations"  # minibatch: "grams" (stored Gram tier) or "activations"
+    plan: str | None = None  # minibatch: "contiguous" (consecutive store rows) or "shuffled" (seeded chunk plan)
+    rows_used: int | None = None  # samples in the sums (a Gram tier leaves out a last chunk of < 4 rows)
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """The result as a JSON-ready dict (``values``/``std`` as lists of rows); written atomically to
@@ -820,6 +784,8 @@ def cka_matrix(
     gram_dtype: str = "float32",
     memory_budget: int | None = None,
     client: Any = None,
+    plan: str = "auto",
+    source: str = "auto",
 ) -> CKAResult:
     """CKA between every layer of ``store_a`` and every layer of ``store_b`` (or of ``store_a`` itself).
 
@@ -838,6 +804,16 @@ def cka_matrix(
     layer, independent of n. ``client``: a ``dask.distributed.Client``; the minibatch plan's groups then
     run as Dask tasks that read the stores by path (the stores must be reachable from the workers) and
     return partial sums, added here in float64 (equal to the local result up to summation order, ~1e-12).
+
+    ``plan`` (minibatch): ``contiguous`` batches of consecutive store rows (the store order is a seeded random
+    permutation, so each is a uniform random sample), ``shuffled`` (seeded groups of whole chunks, see
+    :func:`batch_plan`; a fresh plan per repeat) or ``auto`` (contiguous for one repeat, shuffled for more).
+    ``source``: ``grams`` reads the U-centred Grams stored by ``repsim extract --grams`` instead of the
+    activations (no features read, no Gram formed: the contiguous plan with the store's chunks as batches,
+    equal to the activation path with the same plan up to the float32 rounding of the stored Grams, ~1e-7);
+    ``activations`` never does; ``auto`` uses the Grams whenever both stores hold them for the same samples
+    and ``batch_size`` equals their batch rows, with ``tokens='flatten'``, one repeat and the linear kernel.
+    ``result.source`` says which path was taken.
     """
     if estimator not in ESTIMATORS:
         raise UsageError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
@@ -860,6 +836,12 @@ def cka_matrix(
         raise UsageError(f"distributed CKA (workers / scheduler) runs the minibatch estimator, not {estimator}")
     if estimator == "minibatch" and batch_size < MIN_UNBIASED:
         raise UsageError(f"batch size must be at least {MIN_UNBIASED} (unbiased HSIC), got {batch_size}")
+    if plan not in PLANS:
+        raise UsageError(f"plan must be one of {', '.join(PLANS)}, got {plan!r}")
+    if source not in SOURCES:
+        raise UsageError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if plan == "contiguous" and repeats > 1:
+        raise UsageError("repeats > 1 re-draw the batch plan: use plan='shuffled' (or 'auto')")
     gdt = _gram_dtype(gram_dtype)
 
     la = _select_layers(store_a, layers_a)
@@ -879,6 +861,17 @@ def cka_matrix(
     if m < 2:
         raise UsageError(f"CKA needs at least 2 samples, got {m}")
 
+    why_not = _gram_tier_obstacle(store_a, None if within else sb, estimator, kernel, tokens, repeats, plan,
+                                  batch_size, align_info)
+    if source == "grams" and why_not:
+        raise UsageError(f"cannot use the stored Grams: {why_not}")
+    use_grams = source != "activations" and not why_not
+    if not use_grams:
+        for s in (store_a,) if within else (store_a, sb):
+            if not getattr(s, "has_acts", True):
+                raise UsageError(f"{s.path} holds only Grams (--no-acts) and they cannot serve this request: "
+                                 f"{why_not or 'source=activations was asked for'}")
+
     infos_a = {layer: store_a.layer_info(layer) for layer in la}
     infos_b = infos_a if within else {layer: sb.layer_info(layer) for layer in lb}
     dims_a = {layer: _check_tokens_mode(infos_a[layer], layer, tokens) for layer in la}
@@ -890,12 +883,19 @@ def cka_matrix(
     plan_info: dict[str, Any] = {}
     std = None
     exact_form = None
+    plan_kind = None
+    if estimator == "minibatch":
+        plan_kind = "contiguous" if use_grams or plan == "contiguous" or (plan == "auto" and repeats == 1) \
+            else "shuffled"
     with _tf32_off():
-        if estimator == "minibatch":
+        if use_grams:
+            values, plan_info = _gram_tier_pass(side_a, side_b, dev, progress)
+        elif estimator == "minibatch":
             passes = []
             for r in range(repeats):
                 vals, plan_info = _minibatch_pass(side_a, side_b, tokens, batch_size, _repeat_rng(seed, r),
-                                                  r, repeats, dev, gdt, progress, client=client)
+                                                  r, repeats, dev, gdt, progress, client=client,
+                                                  plan_kind=plan_kind)
                 passes.append(vals)
             values = np.mean(passes, axis=0)
             std = np.std(passes, axis=0, ddof=1) if repeats > 1 else None
@@ -918,7 +918,70 @@ def cka_matrix(
         threshold=threshold if kernel == "rbf" else None, align=align_info,
         n_batches=plan_info.get("n_batches"), batch_rows=plan_info.get("batch_rows"),
         gram_dtype=gram_dtype, device=str(dev), repsim_version=_repsim_version(), exact_form=exact_form,
+        source="grams" if use_grams else "activations", plan=plan_kind,
+        rows_used=plan_info.get("rows_used", m),
     )
+
+
+def _gram_tier_obstacle(store_a: StoreLike, store_b: StoreLike | None, estimator: str, kernel: str, tokens: str,
+                        repeats: int, plan: str, batch_size: int, align_info: dict[str, Any]) -> str | None:
+    """Why the stored Grams cannot give this CKA map (None when they can)."""
+    stores = [store_a] if store_b is None else [store_a, store_b]
+    infos = [getattr(s, "gram_info", None) for s in stores]
+    missing = [s.path for s, g in zip(stores, infos) if not g]
+    if missing:
+        return f"{missing[0]} holds no Grams (extract with --grams)"
+    if estimator != "minibatch" or kernel != "linear":
+        return f"Grams serve the minibatch estimator with the linear kernel, not {estimator}/{kernel}"
+    if tokens != infos[0]["tokens"]:
+        return f"the Grams are of {infos[0]['tokens']!r} features, not tokens={tokens!r}"
+    if repeats > 1 or plan == "shuffled":
+        return "the Grams fix one batch plan (the store's chunks): repeats / a shuffled plan need activations"
+    rows = {int(g["batch_rows"]) for g in infos}
+    if len(rows) > 1:
+        return f"the stores' Gram batches differ ({sorted(rows)} rows)"
+    if batch_size != rows.pop():
+        return (f"--batch-size {batch_size} differs from the Grams' batch of {infos[0]['batch_rows']} rows "
+                f"(use --batch-size {infos[0]['batch_rows']})")
+    if align_info.get("align") != "fingerprint" or align_info.get("dropped_a") or align_info.get("dropped_b"):
+        return "the stores hold different samples (Grams need the same samples in the same order)"
+    return None
+
+
+def _gram_tier_pass(a: _Side, b: _Side | None, dev: torch.device, progress: bool,
+                    block_chunks: int = 16) -> tuple[np.ndarray, dict[str, Any]]:
+    """Minibatch CKA from stored Grams: Σ over chunks of packed dot products, ``block_chunks`` chunks of every
+    layer at a time (La·block·m(m-1)/2 float64 values in memory)."""
+    from tqdm.auto import tqdm
+
+    store_a = a.store
+    rows = store_a.gram_batch_rows()
+    used = [c for c, m in enumerate(rows) if m > 0]
+    acc = MinibatchCKA(len(a.layers), None if b is None else len(b.layers), device=dev)
+    with tqdm(total=len(used), desc="CKA (Grams)", unit="batch", disable=not progress, leave=False) as bar:
+        for c0 in range(0, store_a.n_chunks(), block_chunks):
+            c1 = min(c0 + block_chunks, store_a.n_chunks())
+            k = sum(1 for c in range(c0, c1) if rows[c] > 0)
+            if k == 0:
+                continue
+            stacks = []
+            for side in (a,) if b is None else (a, b):
+                parts = []
+                for layer in side.layers:
+                    g = torch.from_numpy(np.asarray(side.store.read_grams(layer, c0, c1), dtype=np.float64))
+                    if not bool(torch.isfinite(g).all()):
+                        raise NumericalError(f"the stored Grams of layer {layer!r} in {side.store.path} hold NaN/Inf "
+                                             f"(chunks {c0}..{c1 - 1}): the store is damaged, run `repsim verify`")
+                    parts.append(g.reshape(-1))
+                stack = torch.stack(parts).to(dev)
+                stacks.append(stack)
+            acc.update(stacks[0], None if b is None else stacks[1], what=f"Gram chunks {c0}..{c1 - 1}",
+                       batches=k, samples=sum(rows[c0:c1]))
+            bar.update(k)
+    values = acc.result(a.layers, None if b is None else b.layers)
+    sizes = [rows[c] for c in used]
+    return values, {"n_batches": len(used), "batch_rows": [int(min(sizes)), int(max(sizes))],
+                    "rows_used": int(sum(sizes))}
 
 
 def _select_layers(store: StoreLike, layers: Sequence[str] | None) -> list[str]:
@@ -952,20 +1015,24 @@ class _Side:
 
 def _minibatch_pass(a: _Side, b: _Side | None, tokens: str, batch_size: int, rng: np.random.Generator,
                     repeat: int, repeats: int, dev: torch.device, gdt: torch.dtype, progress: bool,
-                    client: Any = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """One pass over the data with a fresh batch plan; returns (CKA matrix, plan facts).
+                    client: Any = None, plan_kind: str = "shuffled") -> tuple[np.ndarray, dict[str, Any]]:
+    """One pass over the data with a batch plan (``contiguous`` or a fresh ``shuffled`` one); returns (CKA
+    matrix, plan facts).
 
     With a Dask ``client`` each plan group (whole chunks of store A, one or more batches) is a task that
     reads its rows from the stores by path and returns partial sums; the client adds them in float64.
     """
     from tqdm.auto import tqdm
 
-    cs = int(a.store.chunk_size)
-    chunk_of = a.pos // cs  # plan over store A's chunks: each is read once per pass
-    order = np.argsort(chunk_of, kind="stable")
-    bounds = np.searchsorted(chunk_of[order], np.arange(int(chunk_of.max()) + 2))
-    chunk_rows = [order[bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
-    plan = batch_plan(chunk_rows, batch_size, rng)
+    if plan_kind == "contiguous":
+        plan = contiguous_plan(len(a.pos), batch_size)
+    else:
+        cs = int(a.store.chunk_size)
+        chunk_of = a.pos // cs  # plan over store A's chunks: each is read once per pass
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.searchsorted(chunk_of[order], np.arange(int(chunk_of.max()) + 2))
+        chunk_rows = [order[bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
+        plan = batch_plan(chunk_rows, batch_size, rng)
     sizes = [len(bt) for g in plan for bt in g.batches]
     acc = MinibatchCKA(len(a.layers), None if b is None else len(b.layers), device=dev)
     desc = "CKA" + (f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else "")
@@ -987,7 +1054,7 @@ def _minibatch_pass(a: _Side, b: _Side | None, tokens: str, batch_size: int, rng
                 acc.merge(part)
                 bar.update(part.n_batches)
     values = acc.result(a.layers, None if b is None else b.layers)
-    return values, {"n_batches": len(sizes), "batch_rows": [int(min(sizes)), int(max(sizes))]}
+    return values, {"n_batches": len(sizes), "batch_rows": [int(min(sizes)), int(max(sizes))], "rows_used": len(a.pos)}
 
 
 def _group_sums(a: _Side, b: _Side | None, batches: Sequence[np.ndarray], first_batch: int, repeat: int,

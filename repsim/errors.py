@@ -11,3 +11,7 @@ class RepsimError(Exception):
 
 class UsageError(RepsimError):
     """Bad user input: the CLI prints the message on one line and exits with code 2."""
+
+
+class NumericalError(RepsimError):
+    """A NaN, an Inf, a negative or zero self-HSIC: the value would be meaningless, so none is returned."""

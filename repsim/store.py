@@ -14,6 +14,17 @@ Layout::
                                               (n, T, D) tokens | (n, C, H, W) maps | (n, D) vectors
       attn/<layer>/...          optional (``--attention``): per-image attention statistics of one attention
                                 layer (see "Attention" below)
+      grams/<layer>             optional (``--grams``): (n_chunks, m(m-1)/2) float32, row c = the strict upper
+                                triangle (row-major, ``torch.triu_indices(m, m, 1)``) of the U-centred linear
+                                Gram (Székely–Rizzo 2014) of the flattened, per-batch column-centred features
+                                of sample chunk c (m = its row count; m = chunk_size but for the last chunk,
+                                whose unused tail is 0). These are exactly the per-batch terms of minibatch
+                                CKA (Nguyen et al. 2021) with the store's chunks as batches: the diagonal of a
+                                U-centred Gram is 0, so ⟨K̃,L̃⟩ = 2·⟨triu K̃, triu L̃⟩ and the factor 2 cancels.
+                                A last chunk of fewer than 4 rows has no unbiased Gram: its row is all 0 and
+                                its samples are left out (root attribute ``grams.rows_used``).
+      quality/fp16_error        (n_chunks, n_layers) float32: per chunk and layer, the float16 storage error η
+                                (see "Precision") measured on the chunk's first rows; 0 for float32 layers
       progress/chunk_done       (n_chunks,) uint8, one Zarr chunk per flag: 1 once every array's rows of
                                 that sample chunk are on disk
       progress/shards_of_<N>    optional, (N,) str, one Zarr chunk per shard: written by a ``--shard k/N``
@@ -27,11 +38,25 @@ Root attribute ``repsim`` (JSON)::
                     patch_size, grid, num_classes}
     dataset        {name, root, n, seed, fingerprint (sha256 of "\\n".join(ids)), classes, params, skipped[]}
     preprocessing  {img_size, mean, std, interpolation, crop_pct, crop_mode}
-    extraction     {pool, spatial_pool, dtype, batch_size, chunk_size, layers_requested, save_inputs}
+    extraction     {pool, spatial_pool, dtype, batch_size, chunk_size, layers_requested, save_inputs, grams,
+                    acts (false with ``--no-acts``: no ``acts/`` arrays, Grams only)}
+    grams          optional: {batch_rows (= chunk_size), dtype, tokens ("flatten"), source_dtype (the values
+                    the Grams were computed from: the stored dtype, or float32 without activations),
+                    rows_used}
     layers         [layer names in network order]
     config_hash    sha256 of the canonical JSON of everything above that determines the arrays' contents
     libraries      {python, torch, timm, zarr, numpy, ...}
     complete       bool; completed (UTC ISO 8601) once complete
+
+Precision: activations are stored as float16 unless ``--dtype float32``. Float16 keeps 11 significant
+bits: a value v is stored with an error of at most |v|·2^-11 (and 2^-25 absolute below 6.1e-5; values under
+about 3e-8 become 0, values over 65504 overflow and are refused). What matters to CKA and probes is the
+error relative to a layer's variation about its per-feature mean, η = Σ(fp16(x) − x)² / Σ(x − x̄)²: about
+2e-8 for well-scaled features, but near 1 when a large per-feature offset (massive activations) or tiny
+values (underflow) swamp the variation. At planning, η is measured per layer on the first images; a layer
+with η > ``FP16_MAX_ERROR`` (1e-4) is stored as float32 instead (per-layer attributes ``dtype`` and
+``fp16_error``). During extraction η is measured again on every chunk (``quality/fp16_error``); ``repsim
+info`` shows each layer's worst chunk and ``repsim verify`` fails on a float16 layer above the limit.
 
 Per-layer attributes (``acts/<layer>`` zarr.json): ``kind`` (tokens | map | vector), ``module`` (module path),
 ``call_index`` (which call of a module used several times per forward, else null), ``tap`` (what was taken
@@ -56,7 +81,9 @@ the first axis relates to samples: ``samples`` (one row per sample), ``chunks`` 
 or ``first`` (one row per sample for the first rows only).
 
 Chunking: every array is chunked along samples only (``chunk_size`` rows, whole feature dims per chunk),
-compressed with Blosc/lz4 + bitshuffle. All arrays share ``chunk_size`` so a sample chunk is the unit of writing,
+compressed with Blosc/lz4 at level 1 without shuffling (activations compress only 1.15-1.4x whatever the
+codec; this one writes and reads fastest, see issue #14's note). Float arrays have fill value NaN, so a chunk
+that is missing on disk reads as NaN and every analysis refuses it instead of reading zeros. All arrays share ``chunk_size`` so a sample chunk is the unit of writing,
 resuming and (later) sharding. Exactly one writer touches a chunk (Zarr loses data when several writers
 share one chunk or shard). Sample order is a seeded random permutation of the data set (see
 :mod:`repsim.data`), so any contiguous block of rows is a uniform random sample.
@@ -85,10 +112,19 @@ ATTR_KEY = "repsim"
 LOCK_NAME = ".repsim-writer.lock"
 
 
+FP16_MAX_ERROR = 1e-4  # largest float16 error η (share of a layer's variation) stored without promotion
+
+
 def _compressor() -> BloscCodec:
-    # float16 activations compress ~1.15x with either zstd-3 or lz4 (bitshuffle); lz4 writes ~35% faster,
-    # which matters on small machines where the writer thread competes with the forward pass.
-    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+    # Activations compress 1.15-1.4x with any codec (lz4 or zstd, with or without (bit)shuffle). lz4 at level 1
+    # without shuffle wrote 1.3x and read 4x faster than lz4-5 + bitshuffle on real ResNet maps: on small
+    # machines the writer thread competes with the forward pass, and re-analysis is read-bound.
+    return BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
+
+
+def _fill(dtype: Any) -> Any:
+    """NaN for float arrays (a missing chunk can never pass for data), 0 otherwise."""
+    return np.nan if np.dtype(dtype).kind == "f" else 0
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -183,14 +219,6 @@ class ActivationStore:
     def has_inputs(self) -> bool:
         return "inputs" in self._group and "pixels" in self._group["inputs"]
 
-    def layer_info(self, layer: str) -> dict[str, Any]:
-        """Per-layer attributes: kind, shape (per sample), num_prefix_tokens, grid, module, pool, dtype."""
-        arr = self._array(layer)
-        info = dict(arr.attrs)
-        info["shape"] = tuple(arr.shape[1:])
-        info["dtype"] = str(arr.dtype)
-        return info
-
     def n_chunks(self) -> int:
         return -(-self.n // self.chunk_size)
 
@@ -220,14 +248,69 @@ class ActivationStore:
         return total
 
     # -- data -----------------------------------------------------------------------------------------
-    def _array(self, layer: str) -> zarr.Array:
+    def _check_layer(self, layer: str) -> None:
         if layer not in self.layers:
             from difflib import get_close_matches
 
             close = get_close_matches(layer, self.layers, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; it has {len(self.layers)} layers (see `repsim info`)"
             raise UsageError(f"layer {layer!r} is not in {self.path}{hint}")
+
+    def _array(self, layer: str) -> zarr.Array:
+        self._check_layer(layer)
+        if not self.has_acts:
+            raise UsageError(f"{self.path} holds Gram matrices only (extracted with --no-acts), not the activations "
+                             f"of {layer!r}: this analysis needs a store extracted without --no-acts")
         return self._group[f"acts/{layer}"]
+
+    @property
+    def has_acts(self) -> bool:
+        """False for a Gram-only store (``--no-acts``): it has ``grams/`` but no ``acts/`` arrays."""
+        return bool(self.attrs["extraction"].get("acts", True))
+
+    # -- Gram tier (``--grams``) ------------------------------------------------------------------------
+    @property
+    def gram_info(self) -> dict[str, Any] | None:
+        """``{batch_rows, dtype, tokens, source_dtype, rows_used}`` of the stored Grams, or None without them."""
+        g = self.attrs.get("grams")
+        return dict(g) if g else None
+
+    def gram_batch_rows(self) -> list[int]:
+        """Rows m of each chunk's Gram (the batch sizes of the Gram plan); 0 for a chunk left out (< 4 rows)."""
+        cs, n = self.chunk_size, self.n
+        rows = [min(cs, n - c * cs) for c in range(self.n_chunks())]
+        return [m if m >= 4 else 0 for m in rows]
+
+    def read_grams(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Packed U-centred Grams of chunks ``[start, stop)`` of ``layer``: (chunks, cs(cs-1)/2), see the format."""
+        self._check_layer(layer)
+        if self.gram_info is None:
+            raise UsageError(f"{self.path} holds no Gram matrices: extract with --grams")
+        return self._group[f"grams/{layer}"][slice(start, stop)]
+
+    def layer_info(self, layer: str) -> dict[str, Any]:
+        """Per-layer attributes: kind, shape (per sample), num_prefix_tokens, grid, module, pool, dtype."""
+        self._check_layer(layer)
+        if self.has_acts:
+            arr = self._group[f"acts/{layer}"]
+            info = dict(arr.attrs)
+            info["shape"] = tuple(arr.shape[1:])
+            info["dtype"] = str(arr.dtype)
+            return info
+        info = dict(self.attrs["layer_attrs"][layer])  # Gram-only stores keep the layer table in the root
+        info["shape"] = tuple(info["shape"])
+        return info
+
+    def fp16_errors(self) -> dict[str, float]:
+        """Worst float16 storage error η per layer over the chunks written (see "Precision"); {} if unmeasured."""
+        if "quality/fp16_error" not in self._group:
+            return {}
+        e = np.asarray(self._group["quality/fp16_error"][:], dtype=np.float64)
+        done = self.chunks_done()
+        e = e[done] if done.any() else e[:0]
+        if e.size == 0:
+            return {layer: 0.0 for layer in self.layers}
+        return {layer: float(np.nanmax(e[:, i])) for i, layer in enumerate(self.layers)}
 
     def read(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of ``layer`` in store order, in the stored dtype (float16 by default)."""
@@ -320,6 +403,7 @@ class LayerSpec:
     name: str
     shape: tuple[int, ...]  # per sample
     attrs: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None  # None: the store's dtype; "float32" for a layer float16 would damage
 
 
 ROW_MODES = ("samples", "chunks", "first")
@@ -438,7 +522,8 @@ class StoreWriter:
         self.chunk_size = int(self.attrs["extraction"]["chunk_size"])
         self.n = int(self.attrs["dataset"]["n"])
         self.layers = list(self.attrs["layers"])
-        self._arrays = {layer: group[f"acts/{layer}"] for layer in self.layers}
+        has_acts = bool(self.attrs["extraction"].get("acts", True))
+        self._arrays = {layer: group[f"acts/{layer}"] for layer in self.layers} if has_acts else {}
         self._inputs = group["inputs/pixels"] if self.attrs["extraction"].get("save_inputs") else None
         self._extra = {e["name"]: (group[e["name"]], e["rows"]) for e in self.attrs.get("extra_arrays", [])}
         self._done = group["progress/chunk_done"]
@@ -455,8 +540,12 @@ class StoreWriter:
         dtype: str,
         input_shape: tuple[int, int, int] | None = None,
         extra: Sequence[ArraySpec] = (),
+        acts: bool = True,
     ) -> "StoreWriter":
-        """Preallocate every array for ``len(ids)`` rows and write the sample table and root attributes."""
+        """Preallocate every array for ``len(ids)`` rows and write the sample table and root attributes.
+
+        ``acts=False`` (a Gram-only store) creates no ``acts/`` arrays; the layers' attributes then live in the
+        root attribute ``layer_attrs`` and ``extra`` must hold what is kept instead (the Grams)."""
         n = len(ids)
         chunk = int(attrs["extraction"]["chunk_size"])
         n_chunks = -(-n // chunk)
@@ -467,14 +556,15 @@ class StoreWriter:
         id_arr[:] = np.asarray(list(ids), dtype=object)
         lab = group.create_array("samples/labels", shape=(n,), chunks=(max(n, 1),), dtype="int64", fill_value=-1)
         lab[:] = np.asarray(labels, dtype=np.int64)
-        for spec in layers:
+        for spec in layers if acts else ():
+            layer_dtype = spec.dtype or dtype
             arr = group.create_array(
                 f"acts/{spec.name}",
                 shape=(n, *spec.shape),
                 chunks=(chunk, *spec.shape),
-                dtype=dtype,
+                dtype=layer_dtype,
                 compressors=_compressor(),
-                fill_value=0,
+                fill_value=_fill(layer_dtype),
             )
             arr.attrs.update(spec.attrs)
         if input_shape is not None:
@@ -484,7 +574,7 @@ class StoreWriter:
                 chunks=(chunk, *input_shape),
                 dtype="float16",
                 compressors=_compressor(),
-                fill_value=0,
+                fill_value=_fill("float16"),
             )
         for spec in extra:
             if spec.rows not in ROW_MODES:
@@ -496,12 +586,14 @@ class StoreWriter:
                 chunks=(1 if spec.rows == "chunks" else max(1, min(chunk, rows)), *spec.shape),
                 dtype=spec.dtype,
                 compressors=_compressor(),
-                fill_value=0,
+                fill_value=_fill(spec.dtype),
             )
             arr.attrs.update(spec.attrs)
         group.create_array("progress/chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
         attrs = dict(attrs, complete=False, layers=[s.name for s in layers],
                      extra_arrays=[{"name": e.name, "rows": e.rows} for e in extra])
+        if not acts:
+            attrs["layer_attrs"] = {s.name: dict(s.attrs, shape=list(s.shape), dtype=s.dtype or dtype) for s in layers}
         attrs.pop("initialising", None)
         group.attrs[ATTR_KEY] = attrs
         return cls(path, group)

@@ -177,15 +177,81 @@ def test_stale_lock_of_dead_process_is_taken_over(tmp_path, vit, shapes):
     assert store.complete
 
 
-def test_float16_overflow_names_the_layer(tmp_path, shapes):
+def test_float16_overflow_is_stored_as_float32(tmp_path, shapes):
+    """A layer beyond float16's range on the planning images is stored as float32, exactly; one that only
+    overflows after planning is refused with one line naming it."""
     torch.manual_seed(0)
     model = load_model(VIT, random_init=True, img_size=32)
     with torch.no_grad():
         model.module.blocks[2].mlp.fc2.bias.fill_(1e5)
-    with pytest.raises(UsageError, match=r"blocks\.2.*float16"):
-        extract(model, shapes, str(tmp_path / "o.zarr"), batch_size=8)
-    store = extract(model, shapes, str(tmp_path / "o32.zarr"), batch_size=8, dtype="float32", overwrite=True)
-    assert store.complete
+    store = extract(model, shapes, str(tmp_path / "o.zarr"), batch_size=8, layers=["blocks.1", "blocks.2"])
+    assert store.layer_info("blocks.2")["dtype"] == "float32" and store.layer_info("blocks.1")["dtype"] == "float16"
+    assert store.attrs["extraction"]["float32_layers"] == ["blocks.2"]
+    x = store.read("blocks.2").astype(np.float64)
+    assert np.isfinite(x).all() and np.abs(x).max() > 9e4
+
+    class LateOverflow(torch.nn.Module):  # finite on the planning images (ids 0-7), overflows later
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+            self.lin = torch.nn.Linear(3, 4)
+            self.out = torch.nn.Identity()
+
+        def forward(self, x):
+            self.calls += 1
+            return self.out(self.lin(x.mean(dim=(2, 3))) * (1.0 if self.calls == 1 else 1e6))
+
+    late = load_model(VIT, random_init=True, img_size=32)
+    late.module = LateOverflow()
+    late.info.family = "other"
+    with pytest.raises(UsageError, match=r"'out'.*float16's range"):
+        extract(late, shapes, str(tmp_path / "late.zarr"), batch_size=8, layers=["out"])
+
+
+def _offset_model(offset: float, scale: float = 1.0):
+    """A 'model' whose features are offset + scale·(varying signal): float16 keeps ~11 bits of offset + signal."""
+
+    class Offset(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat = torch.nn.Identity()
+
+        def forward(self, x):
+            z = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)  # (B, 48) varies with the image
+            return self.feat(offset + scale * z)
+
+    m = load_model(VIT, random_init=True, img_size=32)
+    m.module = Offset()
+    m.info.family = "other"
+    return m
+
+
+@pytest.mark.parametrize("offset,scale", [(1e4, 1.0), (0.0, 1e-9)])
+def test_float16_loss_of_variation_is_stored_losslessly(tmp_path, shapes, offset, scale):
+    """Issue #12.4: a large offset (massive activations) or tiny values (underflow) would destroy the layer in
+    float16 (CKA of the layer with itself + offset was NaN or 0): it is stored as float32, and CKA with the
+    offset-free layer is 1."""
+    from repsim import cka_matrix
+
+    ref = extract(_offset_model(0.0), shapes, str(tmp_path / "ref.zarr"), batch_size=8, layers=["feat"],
+                  dtype="float32")
+    store = extract(_offset_model(offset, scale), shapes, str(tmp_path / "o.zarr"), batch_size=8,
+                    layers=["feat"])
+    assert store.layer_info("feat")["dtype"] == "float32"
+    assert store.layer_info("feat")["fp16_error"] == "inf" or store.layer_info("feat")["fp16_error"] > 1e-2
+    r = cka_matrix(store, ref, progress=False, device="cpu", batch_size=8)
+    assert abs(float(r.values[0, 0]) - 1.0) < 1e-6
+
+
+def test_float16_error_is_measured_per_chunk(tmp_path, shapes):
+    """Well-scaled layers stay float16 with η near the rounding level; each chunk's η is recorded."""
+    store = extract(_offset_model(0.0), shapes, str(tmp_path / "q.zarr"), batch_size=8, chunk_size=8,
+                    layers=["feat"])
+    assert store.layer_info("feat")["dtype"] == "float16"
+    errs = store.fp16_errors()
+    assert 0 < errs["feat"] < 1e-6
+    q = np.asarray(zarr.open_group(store.path, mode="r")["quality/fp16_error"][:])
+    assert q.shape == (5, 1) and (q > 0).all()
 
 
 def test_verify_finds_corruption(tmp_path, vit, shapes):
