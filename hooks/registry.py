@@ -3,11 +3,18 @@
 :func:`load_model` returns a :class:`LoadedModel`: the module (``forward(x: (B, 3, H, W) float32) -> logits``),
 its provenance (:class:`ModelInfo`, recorded in every activation store) and its evaluation preprocessing.
 
-Weights never come from the network. Pretrained weights are looked up in the local caches *before* the
-model is built (the Hugging Face hub cache for timm and transformers models, the torch hub checkpoint
-directory for torchvision and URL-hosted timm weights), so nothing waits on a download; a miss is one
-:class:`~repsim.errors.UsageError` naming the three ways out (``--weights FILE``, ``--random-init``, or
-populating the cache). ``weights=FILE`` loads a local state dict strictly (see :mod:`hooks.weights`).
+Pretrained weights live in the ecosystem's standard caches: the Hugging Face hub cache (timm and transformers
+models; ``HF_HOME`` / ``HF_HUB_CACHE``) and the torch hub checkpoint directory (torchvision and URL-hosted timm
+weights; ``TORCH_HOME``). The cache is looked at first, so a cached model never touches the network. A miss is
+downloaded into that cache with the hub's own progress bar (``hf_hub_download`` / torch hub), unless downloads
+are off (``offline=True``, the CLI's ``--offline``, or ``HF_HUB_OFFLINE=1``): then it is one
+:class:`~repsim.errors.UsageError` naming the ways out (``--weights FILE``, ``--random-init``, or a populated
+cache). A hub model's provenance records the repo, the commit (revision) and the sha256 of the file, checked
+against the hub's (see :func:`_hub_record`); :func:`reload_model` rebuilds exactly that.
+``weights=FILE`` loads a local state dict strictly (see :mod:`hooks.weights`).
+
+``random_init`` builds the framework's initialisation with every residual branch and the classifier switched
+on (see :func:`switch_branches_on`; timm's ``zero_init_last`` alone makes every ResNet block the identity).
 
 Geometry is read from the built model, never guessed: ``num_prefix_tokens`` (class token, registers,
 distillation token) from timm's attribute / the HF embedding parameters, the patch grid from the patch
@@ -21,6 +28,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import math
 import os
 import re
 import sys
@@ -101,7 +109,9 @@ class ModelInfo:
     source : "timm" | "hf" | "torchvision" | "py" | "reference"
     source_id : timm id with pretrained tag / hub id or local directory / torchvision name / "file.py:factory"
     family : layer-preset family (see :data:`hooks.layers.FAMILIES`)
-    weights : {"kind": "random", "seed"} | {"kind": "hub", "tag", "cache_file", ...}
+    weights : {"kind": "random", "seed", "init" (see :data:`INIT_SCHEMES`), "init_changes"}
+        | {"kind": "hub", "tag", "hub_id", "filename", "revision" (commit), "sha256", "cache_file"} (hub files)
+        | {"kind": "hub", "tag", "url", "sha256", "cache_file"} (torch-hub files: torchvision, URL-hosted timm)
         | {"kind": "file", "file", "sha256"}
         | {"kind": "factory", ...} (a ``py:`` factory that made its own weights)
         | {"kind": "bundled", "file", "sha256", "top1_accuracy"} (a reference model, see
@@ -240,7 +250,7 @@ def resolve_name(spec: str) -> tuple[str, str]:
 
 
 # ==========================================================================================================
-# caches (looked up before building anything: nothing may wait on the network)
+# caches and downloads: the local cache is always looked at first, so a cached model never touches the network
 # ==========================================================================================================
 def hf_cache_dir() -> str:
     """The Hugging Face hub cache directory (HF_HUB_CACHE / HF_HOME / ~/.cache/huggingface/hub)."""
@@ -254,14 +264,37 @@ def torch_hub_checkpoints_dir() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
-def _hf_cached(repo: str, filenames: Sequence[str]) -> str | None:
-    """Path of the first of ``filenames`` present in the local hub cache for ``repo`` (no network)."""
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def offline_requested(offline: bool | None = None) -> bool:
+    """Whether downloads are off: ``offline=True`` (``--offline``), or ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``.
+
+    The environment is read at each call (huggingface_hub reads it once, at import), so a variable set after
+    import still counts; huggingface_hub's own import-time flag counts too. Offline applies to every source:
+    the torch hub (torchvision, URL-hosted timm weights) is not contacted either.
+    """
+    if offline:
+        return True
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.HF_HUB_OFFLINE) or env.strip().upper() in _TRUE
+
+
+def _hf_cached(repo: str, filenames: Sequence[str], revision: str | None = None) -> str | None:
+    """Path of the first of ``filenames`` present in the local hub cache for ``repo`` (no network).
+
+    ``repo`` may carry a pinned revision (``org/name@rev``, timm's syntax); ``revision`` overrides it. A branch
+    or tag is resolved through the cache's ``refs/``, a commit hash directly.
+    """
     from huggingface_hub import try_to_load_from_cache
 
-    repo_id, _, revision = repo.partition("@")
+    repo_id, _, pinned = repo.partition("@")
+    rev = revision or pinned or None
     for fname in filenames:
         try:
-            hit = try_to_load_from_cache(repo_id, fname, revision=revision or None)
+            hit = try_to_load_from_cache(repo_id, fname, revision=rev, cache_dir=hf_cache_dir())
         except Exception:  # noqa: BLE001 - malformed ids are simply not cached
             return None
         if isinstance(hit, str) and os.path.isfile(hit):
@@ -278,14 +311,99 @@ def _url_cached(url: str | None) -> str | None:
 
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
                     "open_clip_pytorch_model.bin")
+#: the safetensors twin that timm prefers over a pickled file of the same repo (timm.models._hub)
+_SAFE_TWIN = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
 
 
-def _timm_weights_location(cfg: Any) -> tuple[str | None, str | None]:
-    """(cached file or None, where the cache would be) for a timm pretrained config."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _download_error(what: str, source: str, err: BaseException) -> UsageError:
+    return UsageError(
+        f"cannot download the weights of {what} from {source} ({type(err).__name__}: {_first_line(err)}); check the "
+        "network (proxy, HF_ENDPOINT), or pass --weights FILE (a local state dict) or --random-init, or copy a "
+        "populated cache here and pass --offline"
+    )
+
+
+def _hub_fetch(repo: str, filenames: Sequence[str], *, revision: str | None, offline: bool, what: str) -> str | None:
+    """Local path of the first of ``filenames`` that the hub repo has, downloading it when it is not cached.
+
+    The cache is consulted first for all names (no network when any is there). Offline, a miss is None.
+    Online, the names are tried in order with one HEAD request each (no retries: a machine without network
+    learns it in milliseconds instead of after the client's five backoffs); the first the repo has is fetched
+    by ``hf_hub_download`` into the standard cache, with the hub's progress bar. None when the repo has none
+    of them. Repository / revision / gating / network failures are one UsageError.
+    """
+    hit = _hf_cached(repo, filenames, revision)
+    if hit is not None or offline:
+        return hit
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo_id, _, pinned = repo.partition("@")
+    rev = revision or pinned or None
+    source = f"{constants.ENDPOINT} ({repo_id}{'@' + rev if rev else ''})"
+    for fname in filenames:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, fname, revision=rev), retry_on_errors=False)
+            return hf_hub_download(repo_id, fname, revision=rev, cache_dir=hf_cache_dir())
+        except RemoteEntryNotFoundError:
+            continue
+        except GatedRepoError:
+            raise UsageError(f"{repo_id} is a gated hub repository: accept its terms on the hub and log in "
+                             "(`hf auth login`), or pass --weights FILE") from None
+        except RepositoryNotFoundError:
+            raise UsageError(f"no hub repository {repo_id} at {constants.ENDPOINT} (a private one needs "
+                             "`hf auth login`)") from None
+        except RevisionNotFoundError:
+            raise UsageError(f"hub repository {repo_id} has no revision {rev!r}") from None
+        except Exception as err:  # noqa: BLE001 - network, proxy, server and disk errors all end here
+            raise _download_error(what, source, err) from err
+    return None
+
+
+def _url_fetch(url: str, *, offline: bool, what: str) -> str | None:
+    """Local path of a URL-hosted checkpoint in the torch hub cache, downloading it (progress bar) when online.
+
+    File names carrying a hash prefix (``resnet18-f37072fd.pth``) are checked against it, as torch hub does.
+    """
+    hit = _url_cached(url)
+    if hit is not None or offline:
+        return hit
+    from torch.hub import HASH_REGEX, download_url_to_file
+
+    fname = os.path.basename(urlparse(url).path)
+    dst = os.path.join(torch_hub_checkpoints_dir(), fname)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    found = HASH_REGEX.search(fname)
+    try:
+        download_url_to_file(url, dst, found.group(1) if found else None, progress=True)
+    except Exception as err:  # noqa: BLE001 - URLError, HTTPError, hash mismatch (RuntimeError), disk full
+        raise _download_error(what, url, err) from err
+    return dst
+
+
+def _timm_hub_filenames(cfg: Any) -> list[str]:
+    """The files timm would load from the hub for this config, in its order of preference."""
+    name = getattr(cfg, "hf_hub_filename", None)
+    if name:
+        return [_SAFE_TWIN[name], name] if name in _SAFE_TWIN else [name]
+    return list(_HF_WEIGHT_FILES[:2])
+
+
+def _timm_weights_location(cfg: Any, revision: str | None = None) -> tuple[str | None, str | None]:
+    """(cached file or None, where the cache would be) for a timm pretrained config; never downloads."""
     hub_id = getattr(cfg, "hf_hub_id", None)
     if hub_id:
-        names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else list(_HF_WEIGHT_FILES[:2])
-        hit = _hf_cached(hub_id, names)
+        hit = _hf_cached(hub_id, _timm_hub_filenames(cfg), revision)
         if hit:
             return hit, None
     hit = _url_cached(getattr(cfg, "url", None))
@@ -299,22 +417,79 @@ def _timm_weights_location(cfg: Any) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _timm_fetch(cfg: Any, tag: str, what: str, *, offline: bool, revision: str | None) -> tuple[str, dict[str, Any]]:
+    """(local weights file, provenance record) for a timm pretrained config: cache first, then hub, then URL."""
+    cached, where = _timm_weights_location(cfg, revision)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    repo = hub_id.partition("@")[0] if hub_id else None
+    path = cached
+    if path is None and not offline:
+        if hub_id:
+            path = _hub_fetch(hub_id, _timm_hub_filenames(cfg), revision=revision, offline=False, what=what)
+        if path is None and getattr(cfg, "url", None):
+            path = _url_fetch(cfg.url, offline=False, what=what)
+    if path is None:
+        if offline:
+            raise _offline_error(what, where or "the timm cache")
+        raise UsageError(f"{what}: the hub repo {repo} has none of {', '.join(_timm_hub_filenames(cfg))} and timm "
+                         "names no other source; pass --weights FILE")
+    if repo and "snapshots" in os.path.abspath(path).split(os.sep):
+        return path, _hub_record(path, hub_id=repo, tag=tag)
+    return path, {"kind": "hub", "tag": tag, "url": cfg.url, "cache_file": os.path.abspath(path),
+                  "sha256": sha256_file(path)}
+
+
 def _offline_error(what: str, where: str) -> UsageError:
     return UsageError(
-        f"no pretrained weights for {what} in the local caches and repsim never downloads: pass --weights FILE "
-        f"(a local state dict), or --random-init, or populate {where} on a machine with network and copy it here"
+        f"no pretrained weights for {what} in the local caches and downloads are off (--offline / HF_HUB_OFFLINE): "
+        f"run once without --offline on a machine with network, or pass --weights FILE (a local state dict) or "
+        f"--random-init; the cache looked in is {where}"
     )
 
 
-def _hub_record(tag: str, cache_file: str) -> dict[str, Any]:
-    rec: dict[str, Any] = {"kind": "hub", "tag": tag, "cache_file": os.path.abspath(cache_file)}
-    # HF cache layout: .../models--org--name/snapshots/<commit>/<file> → blobs/<sha256 for LFS files>
-    parts = os.path.abspath(cache_file).split(os.sep)
+def _verified_sha256(path: str) -> str:
+    """sha256 of a hub cache file, checked against its blob name where the hub named it by its sha256.
+
+    LFS files (all weights) are stored as ``blobs/<sha256 the hub announced>``: a truncated or altered file is
+    caught here, before anything reads it. Small git files are named by their git sha1, which says nothing
+    about the sha256; they are only hashed.
+    """
+    try:
+        digest = sha256_file(path)
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
+    blob = os.path.realpath(path)
+    name = os.path.basename(blob)
+    if re.fullmatch(r"[0-9a-f]{64}", name) and name != digest:
+        raise UsageError(f"{path} is damaged (sha256 {digest[:12]}..., the hub's is {name[:12]}...): delete {blob} "
+                         "and run again to download it afresh")
+    return digest
+
+
+def _hub_record(cache_file: str, *, hub_id: str, tag: str | None = None,
+                shards: Sequence[str] = ()) -> dict[str, Any]:
+    """Provenance of a hub file: ``{"kind": "hub", "hub_id", "tag", "filename", "revision", "sha256", ...}``.
+
+    tag : the timm id with its pretrained tag (timm models); hub_id : the repo (org/name); revision : the
+    commit hash, read from the cache layout ``.../models--org--name/snapshots/<commit>/<file>``; sha256 : of
+    the file's bytes (checked against the hub's, see :func:`_verified_sha256`); shards : for a sharded
+    checkpoint, ``{"shards": {file: sha256}}`` of every shard besides the index file.
+    """
+    path = os.path.abspath(cache_file)
+    rec: dict[str, Any] = {"kind": "hub", "hub_id": hub_id}
+    if tag:
+        rec["tag"] = tag
+    parts = path.split(os.sep)
     if "snapshots" in parts:
-        rec["revision"] = parts[parts.index("snapshots") + 1]
-        blob = os.path.basename(os.path.realpath(cache_file))
-        if re.fullmatch(r"[0-9a-f]{64}", blob):
-            rec["sha256"] = blob
+        i = parts.index("snapshots")
+        rec["revision"] = parts[i + 1]
+        rec["filename"] = "/".join(parts[i + 2:])
+    else:
+        rec["filename"] = os.path.basename(path)
+    rec["sha256"] = _verified_sha256(path)
+    if shards:
+        rec["shards"] = {os.path.basename(s): _verified_sha256(s) for s in shards}
+    rec["cache_file"] = path
     return rec
 
 
@@ -371,8 +546,8 @@ def _timm_create(ident: str, img_size: int | None, **kwargs: Any) -> nn.Module:
     return timm.create_model(ident, **kwargs)
 
 
-def _load_timm(name: str, ident: str, weights: str | None, random_init: bool,
-               img_size: int | None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
+def _load_timm(name: str, ident: str, weights: str | None, random_init: bool, img_size: int | None, *,
+               offline: bool = False, revision: str | None = None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     arch, _ = split_model_name_tag(ident)
@@ -398,17 +573,14 @@ def _load_timm(name: str, ident: str, weights: str | None, random_init: bool,
     else:
         if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
             raise UsageError(f"timm has no pretrained weights for {ident}: use --random-init or --weights FILE")
-        cached, where = _timm_weights_location(cfg)
-        if cached is None:
-            raise _offline_error(f"{name} ({full_id})", where or "the timm cache")
         if getattr(cfg, "custom_load", False) == "hf":
-            raise UsageError(f"{full_id} uses a custom hub loader that repsim cannot run offline; use --weights FILE")
-        # Point timm at the cached file: it then never consults the hub. custom_load (the original .npz
+            raise UsageError(f"{full_id} uses a custom hub loader that repsim does not run; use --weights FILE")
+        cached, record = _timm_fetch(cfg, full_id, f"{name} ({full_id})", offline=offline, revision=revision)
+        # Point timm at the local file: it then never consults the hub itself. custom_load (the original .npz
         # loader of the AugReg ViTs) applies only to the URL file, not to the hub's safetensors.
         is_url_file = bool(cfg.url) and os.path.basename(urlparse(cfg.url).path) == os.path.basename(cached)
         kwargs["pretrained"] = True
         kwargs["pretrained_cfg_overlay"] = {"file": cached, "custom_load": bool(cfg.custom_load) and is_url_file}
-        record = _hub_record(full_id, cached)
     try:
         module = _timm_create(ident, img_size, **kwargs)
     except UsageError:
@@ -499,23 +671,23 @@ def _quiet_transformers() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def _hf_file(ident: str, filename: str) -> str | None:
+def _hf_file(ident: str, filename: str, revision: str | None = None) -> str | None:
     if os.path.isdir(ident):
         path = os.path.join(ident, filename)
         return path if os.path.isfile(path) else None
-    return _hf_cached(ident, [filename])
+    return _hf_cached(ident, [filename], revision)
 
 
 _PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
-def _hf_preprocessing(ident: str, config: Any) -> Preprocessing:
+def _hf_preprocessing(ident: str, config: Any, revision: str | None = None) -> Preprocessing:
     """Preprocessing from the local ``preprocessor_config.json`` (ImageNet defaults when there is none)."""
     import json
 
     image_size = getattr(config, "image_size", None) or 224
     base = default_preprocessing(image_size if isinstance(image_size, int) else tuple(image_size))
-    path = _hf_file(ident, "preprocessor_config.json")
+    path = _hf_file(ident, "preprocessor_config.json", revision)
     if path is None:
         warnings.warn(f"{ident} has no preprocessor_config.json: using ImageNet mean/std, bicubic, crop_pct 0.875",
                       stacklevel=3)
@@ -586,11 +758,15 @@ def _hf_geometry(model: nn.Module, config: Any, img: tuple[int, int]) -> tuple[i
     return prefix, patch, (img[0] // patch[0], img[1] // patch[1])
 
 
-def _hf_from_pretrained(cls: Any, ident: str, cache_dir: str | None) -> tuple[nn.Module, list[str], list[str]]:
-    """Load a checkpoint with ``cls``; return the model, its missing keys (the pooler aside) and mis-sized keys."""
+def _hf_from_pretrained(cls: Any, ident: str, cache_dir: str | None,
+                        revision: str | None = None) -> tuple[nn.Module, list[str], list[str]]:
+    """Load a checkpoint with ``cls``; return the model, its missing keys (the pooler aside) and mis-sized keys.
+
+    Always from local files (the caller has fetched them), at ``revision`` (the commit the config came from).
+    """
     try:
         model, report = cls.from_pretrained(ident, local_files_only=True, attn_implementation="eager",
-                                            output_loading_info=True, cache_dir=cache_dir)
+                                            output_loading_info=True, cache_dir=cache_dir, revision=revision)
     except (OSError, ValueError) as err:
         msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load hf:{ident}: {msg}") from None
@@ -600,8 +776,31 @@ def _hf_from_pretrained(cls: Any, ident: str, cache_dir: str | None) -> tuple[nn
     return model, missing, [str(m) for m in report.get("mismatched_keys", ())]
 
 
-def _load_hf(name: str, ident: str, weights: str | None, random_init: bool,
-             img_size: int | None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
+_HF_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                   "pytorch_model.bin.index.json")
+
+
+def _hf_fetch_weights(ident: str, commit: str | None, *, offline: bool, what: str) -> tuple[str | None, list[str]]:
+    """(weights file or index, shard files) of a hub transformers model at ``commit``, fetched when online."""
+    import json
+
+    path = _hub_fetch(ident, _HF_MODEL_FILES, revision=commit, offline=offline, what=what)
+    shards: list[str] = []
+    if path is not None and path.endswith(".index.json"):
+        with open(path) as f:
+            names = sorted(set(json.load(f).get("weight_map", {}).values()))
+        for shard in names:
+            got = _hub_fetch(ident, [shard], revision=commit, offline=offline, what=what)
+            if got is None:
+                if offline:
+                    raise _offline_error(what, f"the Hugging Face cache {hf_cache_dir()} (hub repo {ident}, {shard})")
+                raise UsageError(f"{what}: the index names {shard}, which the hub repo does not have")
+            shards.append(got)
+    return path, shards
+
+
+def _load_hf(name: str, ident: str, weights: str | None, random_init: bool, img_size: int | None, *,
+             offline: bool = False, revision: str | None = None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
     from transformers import AutoConfig
 
     local = os.path.isdir(ident)
@@ -609,8 +808,20 @@ def _load_hf(name: str, ident: str, weights: str | None, random_init: bool,
         raise UsageError(f"hf:{ident}: no such model directory (a hub id looks like org/name)")
     where = f"the Hugging Face cache {hf_cache_dir()} (hub repo {ident})"
     cache_dir = None if local else hf_cache_dir()  # the cache checked here is the one transformers reads
+    commit = None
+    if not local:
+        # Fetch the small files first (no progress bar worth showing), then pin every later file to the
+        # commit the config came from, so that config, preprocessing and weights are one revision.
+        cfg_file = _hub_fetch(ident, ["config.json"], revision=revision, offline=offline, what=f"hf:{ident}")
+        if cfg_file is None:
+            if offline:
+                raise _offline_error(f"hf:{ident}", where)
+            raise UsageError(f"hub repo {ident} has no config.json: not a transformers model")
+        parts = os.path.abspath(cfg_file).split(os.sep)
+        commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts else revision
+        _hub_fetch(ident, ["preprocessor_config.json"], revision=commit, offline=offline, what=f"hf:{ident}")
     try:
-        config = AutoConfig.from_pretrained(ident, local_files_only=True, cache_dir=cache_dir)
+        config = AutoConfig.from_pretrained(ident, local_files_only=True, cache_dir=cache_dir, revision=commit)
     except (OSError, ValueError, KeyError) as err:
         if local:
             msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
@@ -620,6 +831,20 @@ def _load_hf(name: str, ident: str, weights: str | None, random_init: bool,
     trained = _pair_or_none(trained_size) if trained_size is not None else None
     cls = _hf_class(config)
     interpolate = False
+    shards: list[str] = []
+    if not (weights or random_init):
+        # Outside _quiet_transformers: a download shows the hub's progress bar.
+        if local:
+            path = next((p for p in (_hf_file(ident, f) for f in _HF_MODEL_FILES) if p), None)
+            if path is None:
+                raise UsageError(f"{ident} holds no model.safetensors / pytorch_model.bin; pass --weights FILE "
+                                 "or --random-init")
+        else:
+            path, shards = _hf_fetch_weights(ident, commit, offline=offline, what=f"hf:{ident}")
+            if path is None:
+                if offline:
+                    raise _offline_error(f"hf:{ident}", where)
+                raise UsageError(f"hub repo {ident} holds no model.safetensors / pytorch_model.bin")
     with _quiet_transformers():
         if weights or random_init:
             if img_size is not None and trained is not None:
@@ -633,32 +858,23 @@ def _load_hf(name: str, ident: str, weights: str | None, random_init: bool,
                 sd, digest = load_state_dict_file(weights)
                 record = apply_state_dict(model, sd, weights, digest)
         else:
-            weight_file = next((f for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                                            "pytorch_model.bin.index.json") if _hf_file(ident, f)), None)
-            if weight_file is None:
-                if local:
-                    raise UsageError(f"{ident} holds no model.safetensors / pytorch_model.bin; pass --weights FILE "
-                                     "or --random-init")
-                raise _offline_error(f"hf:{ident}", where)
-            model, missing, mismatched = _hf_from_pretrained(cls, ident, cache_dir)
+            model, missing, mismatched = _hf_from_pretrained(cls, ident, cache_dir, commit)
             if missing and not mismatched and cls.__name__ == "AutoModelForImageClassification" and all(
                     "classifier" in k for k in missing):
                 # The config names no architecture and the checkpoint has no head: load the backbone.
                 from transformers import AutoModel
 
-                model, missing, mismatched = _hf_from_pretrained(AutoModel, ident, cache_dir)
+                model, missing, mismatched = _hf_from_pretrained(AutoModel, ident, cache_dir, commit)
             if missing or mismatched:
                 bad = [*missing, *(str(m) for m in mismatched)]
                 raise UsageError(f"hf:{ident}: the checkpoint lacks or mis-sizes {len(bad)} weights of "
                                  f"{type(model).__name__} (e.g. {', '.join(bad[:4])}); they would be random")
-            path = _hf_file(ident, weight_file)
             if local:
-                assert path is not None
                 record = {"kind": "file", "file": os.path.abspath(path), "sha256": sha256_file(path)}
             else:
-                record = _hub_record(ident, path)  # type: ignore[arg-type]
+                record = _hub_record(path, hub_id=ident, tag=ident, shards=shards)
     model.eval()
-    prep = _hf_preprocessing(ident, config)
+    prep = _hf_preprocessing(ident, config, commit)
     if img_size is not None:
         prep = prep.with_overrides(img_size=img_size)
     if trained is not None and prep.img_size != trained:
@@ -699,8 +915,8 @@ def default_layers_ok(module: nn.Module, family: str) -> bool:
 # ==========================================================================================================
 # torchvision
 # ==========================================================================================================
-def _load_torchvision(name: str, ident: str, weights: str | None, random_init: bool,
-                      img_size: int | None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
+def _load_torchvision(name: str, ident: str, weights: str | None, random_init: bool, img_size: int | None, *,
+                      offline: bool = False, revision: str | None = None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
     from torchvision.models import get_model, get_model_weights
 
     try:
@@ -715,7 +931,8 @@ def _load_torchvision(name: str, ident: str, weights: str | None, random_init: b
     else:
         if default is None:
             raise UsageError(f"torchvision has no pretrained weights for {ident}: use --random-init or --weights FILE")
-        if _url_cached(default.url) is None:
+        # torchvision's file names carry a hash prefix, checked on download; get_model then reads the cache.
+        if _url_fetch(default.url, offline=offline, what=f"torchvision:{ident} ({default})") is None:
             raise _offline_error(f"torchvision:{ident} ({default})",
                                  f"the torch hub cache {torch_hub_checkpoints_dir()} (file "
                                  f"{os.path.basename(urlparse(default.url).path)})")
@@ -732,7 +949,10 @@ def _load_torchvision(name: str, ident: str, weights: str | None, random_init: b
         record = {"kind": "random"}
     else:
         assert default is not None
-        record = {"kind": "hub", "tag": str(default), "cache_file": _url_cached(default.url)}
+        cache_file = _url_cached(default.url)
+        assert cache_file is not None
+        record = {"kind": "hub", "tag": str(default), "url": default.url, "cache_file": cache_file,
+                  "sha256": sha256_file(cache_file)}
     module.eval()
     if default is not None:
         t = default.transforms()
@@ -767,8 +987,8 @@ def _tv_num_classes(module: nn.Module) -> int:
 # ==========================================================================================================
 # py:<file.py>:<factory>
 # ==========================================================================================================
-def _load_py(name: str, ident: str, weights: str | None, random_init: bool,
-             img_size: int | None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
+def _load_py(name: str, ident: str, weights: str | None, random_init: bool, img_size: int | None,
+             **_hub: Any) -> tuple[nn.Module, ModelInfo, Preprocessing]:
     file, _, factory_name = ident.rpartition(":")
     path = os.path.abspath(os.path.expanduser(file))
     if not os.path.isfile(path):
@@ -847,8 +1067,8 @@ def _load_py(name: str, ident: str, weights: str | None, random_init: bool,
 # ==========================================================================================================
 # the bundled reference models (hooks.reference_models)
 # ==========================================================================================================
-def _load_reference(name: str, ident: str, weights: str | None, random_init: bool,
-                    img_size: int | None) -> tuple[nn.Module, ModelInfo, Preprocessing]:
+def _load_reference(name: str, ident: str, weights: str | None, random_init: bool, img_size: int | None,
+                    **_hub: Any) -> tuple[nn.Module, ModelInfo, Preprocessing]:
     ref = get_reference(ident)
     module = build_reference(ident)
     if weights:
@@ -881,6 +1101,74 @@ def _load_reference(name: str, ident: str, weights: str | None, random_init: boo
 
 
 # ==========================================================================================================
+# random initialisation without switched-off branches
+# ==========================================================================================================
+#: Random initialisations :func:`load_model` can build (recorded as ``weights["init"]``).
+#: ``"branches-on"`` (the default): the framework's own initialisation (timm, torchvision, transformers, or the
+#: ``py:`` factory), then every residual branch and the classifier switched on (:func:`switch_branches_on`).
+#: ``"framework"``: the framework's initialisation untouched (the start of a training run: with timm's
+#: ``zero_init_last`` every ResNet block is the identity). Stores written before repsim recorded ``init``
+#: were built this way, and :func:`reload_model` rebuilds them so.
+INIT_SCHEMES = ("branches-on", "framework")
+
+#: parameter names of layer-scale factors and skip-init gains: they multiply a residual branch
+_GATE_NAMES = re.compile(r"gamma(_\d)?|layer_scale(_parameter)?|lambda_?\d|skipinit_gain")
+#: modules whose gamma is not a branch gate (ConvNeXt-V2's GRN starts at gamma = 0 as the identity by design)
+_NOT_GATES = re.compile(r"GlobalResponseNorm|GRN", re.IGNORECASE)
+#: a gate this small (or a norm scale of exactly 0) leaves its branch off: 1e-6 (ConvNeXt), 1e-5 (DINOv2,
+#: CaiT), 0 (NFNet skip-init). BEiT's 0.1 is a real, if damped, branch and stays.
+_GATE_OFF = 1e-3
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) or (
+        "norm" in type(module).__name__.lower() and not _NOT_GATES.search(type(module).__name__))
+
+
+@torch.no_grad()
+def switch_branches_on(module: nn.Module) -> dict[str, list[str]]:
+    """Undo the initialisations that switch residual branches or the classifier off (in place).
+
+    Frameworks initialise networks for *training*: timm zeroes the last norm scale of every ResNet / LeViT
+    residual branch (``zero_init_last``), ConvNeXt and DINOv2 scale each branch by a layer-scale of 1e-6 /
+    1e-5, NFNet multiplies it by a skip-init gain of 0, MLP-Mixer and torchvision's ViT zero the classifier.
+    Untrained, such a network is degenerate: every block is (nearly) the identity, consecutive blocks have CKA
+    1 and the logits are constant, which is useless as the random baseline of a representation analysis.
+    This sets, with no other change:
+
+    - a norm layer's scale (``weight``) that is exactly 0 to 1, PyTorch's default for norm layers;
+    - a constant layer-scale / skip-init gain (``gamma``, ``gamma_1``, ``layer_scale``, ``lambda1``,
+      ``skipinit_gain``, ...) with ``|value| <= 1e-3`` to 1, i.e. the architecture without layer scale;
+    - an ``nn.Linear`` / ``nn.Conv*`` weight that is exactly 0 to PyTorch's default init of that layer
+      (Kaiming-uniform with a = sqrt(5)); its bias is left as it is. This draws from the torch RNG, so
+      call it under the seed of the build.
+
+    Returns the changed parameter names per rule (empty lists dropped), for the provenance record.
+    """
+    changes: dict[str, list[str]] = {"norm_scale_0_to_1": [], "gate_to_1": [], "zero_weight_to_default_init": []}
+    gated: set[int] = set()
+    for mname, mod in module.named_modules():
+        prefix = mname + "." if mname else ""
+        if not _NOT_GATES.search(type(mod).__name__):
+            for pname, p in mod.named_parameters(recurse=False):
+                if (_GATE_NAMES.fullmatch(pname) and p.numel() and bool((p == p.reshape(-1)[0]).all())
+                        and abs(float(p.reshape(-1)[0])) <= _GATE_OFF):
+                    p.fill_(1.0)
+                    gated.add(id(p))
+                    changes["gate_to_1"].append(prefix + pname)
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, nn.Parameter) or w.numel() == 0 or id(w) in gated or bool(w.any()):
+            continue
+        if _is_norm(mod):
+            w.fill_(1.0)
+            changes["norm_scale_0_to_1"].append(prefix + "weight")
+        elif isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            changes["zero_weight_to_default_init"].append(prefix + "weight")
+    return {k: v for k, v in changes.items() if v}
+
+
+# ==========================================================================================================
 # public entry points
 # ==========================================================================================================
 _LOADERS = {"timm": _load_timm, "hf": _load_hf, "torchvision": _load_torchvision, "py": _load_py,
@@ -898,13 +1186,16 @@ def load_model(
     interpolation: str | None = None,
     crop_pct: float | None = None,
     init_seed: int = 0,
+    init_scheme: str = "branches-on",
+    offline: bool | None = None,
+    revision: str | None = None,
 ) -> LoadedModel:
     """Build a model in eval mode with its provenance and preprocessing.
 
     spec : a short name (``repsim models``), ``timm:<id>``, ``hf:<hub id or dir>``, ``torchvision:<name>`` or
         ``py:<file.py>:<factory>``
     weights : a local state-dict file (.pt/.pth/.bin/.safetensors), loaded strictly
-    random_init : build without any weights (excludes ``weights``)
+    random_init : build without any weights (excludes ``weights``), initialised by ``init_scheme``
     img_size : input side in pixels; architectures that size themselves by it (ViT family, Swin, Mixer, HF
         ViTs, torchvision ViTs) are built at it (timm resamples position embeddings), others only change
         their preprocessing
@@ -912,7 +1203,16 @@ def load_model(
     init_seed : seed of the random initialisation, so that a random-init model is the same in every
         process (a resumed extraction, a baseline rerun); recorded as ``weights["seed"]``. The global
         torch RNG state is left as it was.
+    init_scheme : ``"branches-on"`` (default) or ``"framework"``, see :data:`INIT_SCHEMES`; recorded with
+        what it changed as ``weights["init"]`` / ``weights["init_changes"]``
+    offline : True never downloads (only the local caches; an empty cache is one UsageError); None (default)
+        downloads missing pretrained weights unless ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` is set
+        (see :func:`offline_requested`). Cached weights never touch the network either way.
+    revision : hub branch, tag or commit of ``timm:`` / ``hf:`` weights (default: the cached or current
+        ``main``); the commit actually used is recorded as ``weights["revision"]``
     """
+    if init_scheme not in INIT_SCHEMES:
+        raise UsageError(f"unknown init scheme {init_scheme!r}; one of {', '.join(INIT_SCHEMES)}")
     if weights and random_init:
         raise UsageError("--weights and --random-init exclude each other")
     if img_size is not None:
@@ -923,9 +1223,12 @@ def load_model(
     source, ident = resolve_name(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        module, info, prep = _LOADERS[source](spec.strip(), ident, weights, random_init, img_size)
-    if info.weights.get("kind") == "random":
-        info.weights = {"kind": "random", "seed": int(init_seed)}
+        module, info, prep = _LOADERS[source](spec.strip(), ident, weights, random_init, img_size,
+                                              offline=offline_requested(offline), revision=revision)
+        if info.weights.get("kind") == "random":
+            # still under the seed: re-initialised zero weights draw from it
+            changes = switch_branches_on(module) if init_scheme == "branches-on" else {}
+            info.weights = {"kind": "random", "seed": int(init_seed), "init": init_scheme, "init_changes": changes}
     prep = prep.with_overrides(mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct)
     return LoadedModel(module=module.eval(), info=info, preprocessing=prep)
 
@@ -950,17 +1253,20 @@ def list_models() -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "REGISTRY", "RegistryEntry", "ModelInfo", "LoadedModel", "HFImageModel", "load_model", "list_models",
-    "resolve_name",
+    "REGISTRY", "RegistryEntry", "ModelInfo", "LoadedModel", "HFImageModel", "load_model", "reload_model",
+    "list_models", "resolve_name", "INIT_SCHEMES", "switch_branches_on", "offline_requested",
 ]
 
 
-def reload_model(attrs: dict[str, Any]) -> LoadedModel:
+def reload_model(attrs: dict[str, Any], *, offline: bool | None = None) -> LoadedModel:
     """Rebuild the model a store was extracted from, from its root attributes (``store.attrs``).
 
-    The same spec, input size and weights: a weights file must still hash to the recorded sha256, a random
-    initialisation uses the recorded seed, hub weights must be in the local cache. Preprocessing overrides
-    recorded in the store are re-applied.
+    The same spec, input size and weights: a weights file must still hash to the recorded sha256; a random
+    initialisation uses the recorded seed and scheme (stores without ``init`` predate the scheme and were built
+    with the framework's own initialisation); hub weights are taken at the recorded revision (commit) from the
+    cache, or downloaded at it unless ``offline`` (see :func:`load_model`), and must hash to the recorded
+    sha256 (torchvision's too). Preprocessing overrides recorded in the store are re-applied. Any mismatch is a
+    UsageError: an analysis never runs on other weights than the store's.
     """
     model, prep = attrs["model"], attrs["preprocessing"]
     w = model.get("weights", {})
@@ -968,9 +1274,11 @@ def reload_model(attrs: dict[str, Any]) -> LoadedModel:
     size = prep.get("img_size")
     img_size = int(size[0]) if isinstance(size, (list, tuple)) else (int(size) if size else None)
     kwargs: dict[str, Any] = dict(img_size=img_size, mean=prep.get("mean"), std=prep.get("std"),
-                                  interpolation=prep.get("interpolation"), crop_pct=prep.get("crop_pct"))
+                                  interpolation=prep.get("interpolation"), crop_pct=prep.get("crop_pct"),
+                                  offline=offline)
     if kind == "random":
-        loaded = load_model(model["name"], random_init=True, init_seed=int(w.get("seed", 0)), **kwargs)
+        loaded = load_model(model["name"], random_init=True, init_seed=int(w.get("seed", 0)),
+                            init_scheme=w.get("init", "framework"), **kwargs)
     elif kind == "file":
         path = w.get("file")
         if not path or not os.path.isfile(path):
@@ -978,7 +1286,16 @@ def reload_model(attrs: dict[str, Any]) -> LoadedModel:
         if sha256_file(path) != w.get("sha256"):
             raise UsageError(f"{path} changed since the extraction (sha256 differs): the model cannot be rebuilt")
         loaded = load_model(model["name"], weights=path, **kwargs)
-    else:  # hub weights (from the local cache), bundled weights, or a py: factory that makes its own
+    elif kind == "hub":
+        loaded = load_model(model["name"], revision=w.get("revision"), **kwargs)
+        now = loaded.info.weights
+        if w.get("sha256") and now.get("sha256") != w["sha256"]:
+            raise UsageError(f"the hub weights of {model['name']} ({now.get('cache_file')}) are not the ones the store "
+                             f"was extracted with (sha256 {str(now.get('sha256'))[:12]}..., recorded "
+                             f"{w['sha256'][:12]}...): the model cannot be rebuilt")
+        if w.get("shards") and now.get("shards") != w["shards"]:
+            raise UsageError(f"the hub weight shards of {model['name']} differ from the extraction's")
+    else:  # bundled weights, or a py: factory that makes its own
         loaded = load_model(model["name"], **kwargs)
         if kind == "bundled" and loaded.info.weights.get("sha256") != w.get("sha256"):
             raise UsageError(f"the bundled {model['name']} weights changed since the extraction (another repsim "

@@ -99,7 +99,12 @@ def _model_options(f):
     options = [
         click.option("--weights", type=click.Path(dir_okay=False), default=None,
                      help="Local state dict (.pt/.pth/.bin/.safetensors) instead of hub weights."),
-        click.option("--random-init", is_flag=True, help="Build the architecture without any weights."),
+        click.option("--random-init", is_flag=True,
+                     help="Build the architecture without any weights (seeded; every residual branch and the "
+                          "classifier switched on, see the README's Models section)."),
+        click.option("--offline", is_flag=True,
+                     help="Never download: use only the local Hugging Face / torch hub caches (as HF_HUB_OFFLINE=1). "
+                          "Without it, missing pretrained weights are downloaded into those caches."),
         click.option("--img-size", type=int, default=None, help="Input size in pixels (square)."),
         click.option("--mean", default=None, help="Normalisation mean, 'R,G,B' (default: the model's config)."),
         click.option("--std", default=None, help="Normalisation std, 'R,G,B' (default: the model's config)."),
@@ -113,7 +118,9 @@ def _model_options(f):
     return f
 
 
-def _load_model(model: str, weights, random_init, img_size, mean, std, interpolation, crop_pct):
+def _load_model(model: str, weights, random_init, img_size, mean, std, interpolation, crop_pct, offline=False):
+    """The model of --model / MODEL with the shared options; ``--offline`` forces offline, else the environment
+    (HF_HUB_OFFLINE) decides."""
     from hooks.registry import load_model
 
     if weights and random_init:
@@ -123,6 +130,7 @@ def _load_model(model: str, weights, random_init, img_size, mean, std, interpola
     return load_model(
         model, weights=weights, random_init=random_init, img_size=img_size,
         mean=_floats3(mean, "mean"), std=_floats3(std, "std"), interpolation=interpolation, crop_pct=crop_pct,
+        offline=True if offline else None,
     )
 
 
@@ -155,22 +163,28 @@ def models(as_json: bool) -> None:
 @_model_options
 @click.option("--all", "show_all", is_flag=True, help="List every module, not only those up to --depth.")
 @click.option("--depth", type=int, default=3, show_default=True, help="Deepest module path level shown.")
-def layers(model: str, weights, random_init, img_size, mean, std, interpolation, crop_pct, show_all, depth) -> None:
+def layers(model: str, weights, random_init, img_size, mean, std, interpolation, crop_pct, offline, show_all,
+           depth) -> None:
     """List MODEL's modules with their output shapes; '*' marks the default preset.
 
-    Use the paths (or glob patterns such as 'blocks.*') with `repsim extract --layers`.
+    Use the paths (or glob patterns such as 'blocks.*') with `repsim extract --layers`. Listing needs no
+    weights: the architecture is built with a seeded random initialisation (no download; a hf: model only
+    needs its config.json), unless --weights FILE is given, which is then checked against it.
     """
     import torch
 
     from hooks.capture import probe_output_shapes
     from hooks.layers import default_layers
 
-    loaded = _load_model(model, weights, random_init, img_size, mean, std, interpolation, crop_pct)
+    # Module paths and shapes do not depend on the weights: random init avoids a download of up to a GB.
+    loaded = _load_model(model, weights, random_init or not weights, img_size, mean, std, interpolation, crop_pct,
+                         offline)
     preset = set(default_layers(loaded.module, loaded.info.family))
     x = torch.zeros(1, 3, *loaded.preprocessing.img_size)
     rows = probe_output_shapes(loaded.module, x)
     click.echo(f"{loaded.info.name} ({loaded.info.source_id}), input {tuple(x.shape[1:])}, "
                f"prefix tokens {loaded.info.num_prefix_tokens}, grid {loaded.info.grid}")
+    click.echo(f"weights: {'from ' + weights if weights else 'none (random init: the architecture only)'}")
     for path, type_name, shape, calls in rows:
         if not show_all and path.count(".") >= depth and path not in preset:
             continue
@@ -227,7 +241,7 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, dtype, batch_size, chunk_size,
             save_inputs, attention, attn_keep, weights, random_init, img_size, mean, std, interpolation, crop_pct,
-            device, overwrite, force, strict, shard, workers, scheduler, gpus_per_task, quiet,
+            device, overwrite, force, strict, shard, workers, scheduler, gpus_per_task, quiet, offline,
             geom_grid=None, geom_prefix=None, geom_patch=None) -> None:
     """Run MODEL over images and store per-layer activations in a Zarr store.
 
@@ -262,6 +276,7 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
         spec = ExtractionSpec(
             model=model_name, data=data, out=out, n=n, seed=seed,
             load=dict(weights=os.path.abspath(weights) if weights else None, random_init=random_init,
+                      offline=True if offline else None,
                       img_size=img_size, mean=_floats3(mean, "mean"), std=_floats3(std, "std"),
                       interpolation=interpolation, crop_pct=crop_pct),
             plan=dict(layers=_split_layers(layer_patterns),
@@ -275,7 +290,7 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
         click.echo(f"wrote {store.path}: {store.n} samples x {len(store.layers)} layers, "
                    f"{human_bytes(store.nbytes_on_disk())} on disk")
         return
-    loaded = _load_model(model_name, weights, random_init, img_size, mean, std, interpolation, crop_pct)
+    loaded = _load_model(model_name, weights, random_init, img_size, mean, std, interpolation, crop_pct, offline)
     from hooks.geometry import apply_geometry, parse_grid  # a py: ViT's declared / flagged token geometry
 
     apply_geometry(loaded, parse_grid(geom_grid), geom_prefix, geom_patch)

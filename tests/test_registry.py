@@ -44,6 +44,11 @@ def empty_caches(tmp_path, monkeypatch):
     return hf, tmp_path / "torch_home"
 
 
+def _random(seed: int, changes: dict | None = None) -> dict:
+    """The provenance record of a random-init model (default scheme)."""
+    return {"kind": "random", "seed": seed, "init": "branches-on", "init_changes": changes or {}}
+
+
 def _fake_hub_repo(cache: os.PathLike, repo_id: str, files: dict[str, str], commit: str = "a" * 40) -> str:
     """Lay files out like huggingface_hub does: models--org--name/{refs/main, snapshots/<commit>/<file>}."""
     root = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
@@ -145,7 +150,7 @@ def _tokens_of_first_block(module: nn.Module, x: torch.Tensor) -> int:
 
 def test_vit_random_init_geometry():
     m = load_model("timm:vit_tiny_patch16_224", random_init=True, img_size=32)
-    assert m.info.weights == {"kind": "random", "seed": 0}
+    assert m.info.weights == _random(0)  # a timm ViT has no switched-off branch: nothing changed
     assert m.info.num_prefix_tokens == 1 and m.info.grid == (2, 2) and m.info.patch_size == (16, 16)
     assert m.preprocessing.img_size == (32, 32)
     assert m.info.family == "vit" and m.info.num_classes == 1000
@@ -169,7 +174,7 @@ def test_random_init_is_seeded_and_leaves_the_global_rng_alone():
     with torch.no_grad():
         assert torch.equal(a.module(X32), b.module(X32))
         assert not torch.allclose(a.module(X32), c.module(X32))
-    assert c.info.weights == {"kind": "random", "seed": 1}
+    assert c.info.weights == _random(1)
 
 
 def test_distilled_and_register_prefix_tokens():
@@ -208,23 +213,121 @@ def test_overrides_apply():
         load_model("resnet18", random_init=True, weights=__file__)
 
 
+# -- random initialisation: no switched-off branches -------------------------------------------------------
+def _linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Biased linear CKA (Kornblith et al. 2019) of (n, ...) activations, float64, features centred first."""
+    x = a.reshape(len(a), -1).double()
+    y = b.reshape(len(b), -1).double()
+    x, y = x - x.mean(0), y - y.mean(0)
+    k, l = x @ x.T, y @ y.T
+    return float((k * l).sum() / (k.norm() * l.norm()))
+
+
+def _outputs(module: nn.Module, names: list[str], x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    mods = dict(module.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: out.setdefault(n, o.detach())) for n in names]
+    with torch.no_grad():
+        logits = module(x)
+    for h in hooks:
+        h.remove()
+    return out, logits
+
+
+RESNET_TAPS = ["maxpool", *(f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1))]
+
+
+def test_random_init_resnet_blocks_are_not_identities():
+    """timm zero-initialises each block's last BN scale: untouched, layer1.0 == maxpool bit for bit, CKA 1."""
+    from repsim.data import open_dataset
+
+    m = load_model("resnet18", random_init=True, img_size=64)
+    src = open_dataset("shapes", n=32, seed=0, image_size=64)
+    transform = m.preprocessing.transform()
+    x = torch.stack([transform(src.load(i)) for i in range(len(src))])
+    out, logits = _outputs(m.module, RESNET_TAPS, x)
+    pairs = [(a, b) for a, b in zip(RESNET_TAPS, RESNET_TAPS[1:]) if out[a].shape == out[b].shape]
+    assert len(pairs) == 5  # maxpool→layer1.0 and within each stage
+    for a, b in pairs:
+        change = float((out[b] - out[a]).norm() / out[a].norm())
+        assert change > 0.1, (a, b, change)  # a block's residual branch moves the stream
+        assert _linear_cka(out[a], out[b]) < 0.999, (a, b)
+    assert float(logits.std(0).mean()) > 1e-3  # the logits depend on the image
+    w = m.info.weights
+    assert w["init"] == "branches-on" and w["seed"] == 0
+    assert w["init_changes"] == {"norm_scale_0_to_1": [f"{t}.bn2.weight" for t in RESNET_TAPS[1:]]}
+    # the framework's own initialisation stays available (a training run's start) and is the degenerate one
+    fw = load_model("resnet18", random_init=True, img_size=64, init_scheme="framework")
+    fw_out, _ = _outputs(fw.module, RESNET_TAPS, x)
+    assert torch.equal(fw_out["maxpool"], fw_out["layer1.0"]) and torch.equal(fw_out["layer4.0"], fw_out["layer4.1"])
+    assert fw.info.weights == {"kind": "random", "seed": 0, "init": "framework", "init_changes": {}}
+    with pytest.raises(UsageError, match="init scheme"):
+        load_model("resnet18", random_init=True, init_scheme="zeros")
+
+
+@pytest.mark.parametrize("spec,size,rule,count", [
+    ("timm:vit_small_patch14_dinov2", 28, "gate_to_1", 24),        # layer scale 1e-5 on both branches of 12 blocks
+    ("timm:test_convnext.r160_in1k", 64, "gate_to_1", 9),          # ConvNeXt layer scale 1e-6, 9 blocks
+    ("timm:mixer_s16_224", 32, "zero_weight_to_default_init", 1),  # zero classifier: constant logits
+])
+def test_random_init_switches_layer_scales_and_zero_heads_on(spec, size, rule, count):
+    m = load_model(spec, random_init=True, img_size=size)
+    names = default_layers(m.module, m.info.family)
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    out, logits = _outputs(m.module, names, x)
+    assert len(m.info.weights["init_changes"][rule]) == count
+    assert float(logits.std(0).mean()) > 1e-3
+    for a, b in zip(names[:-1], names[1:-1]):  # consecutive blocks of one stage (the logits aside)
+        if out[a].shape == out[b].shape:
+            assert float((out[b] - out[a]).norm() / out[a].norm()) > 5e-3, (a, b)
+
+
+def test_random_init_leaves_timm_vit_and_weight_files_alone(tmp_path):
+    # timm's ViT initialisation switches nothing off (its head is trunc-normal, not zero)
+    m = load_model("timm:vit_tiny_patch16_224", random_init=True, img_size=32)
+    assert m.info.weights["init_changes"] == {}
+    with torch.no_grad():
+        assert float(m.module(X32).std(0).mean()) > 1e-3
+    # weights from a file are loaded as they are, zero norm scales included: only random init is changed
+    sd = load_model("resnet18", random_init=True, img_size=32, init_scheme="framework").module.state_dict()
+    assert not sd["layer1.0.bn2.weight"].any()
+    path = str(tmp_path / "zero_bn.safetensors")
+    _save(sd, path, "safetensors")
+    assert not load_model("resnet18", weights=path).module.state_dict()["layer1.0.bn2.weight"].any()
+
+
+def test_reload_model_rebuilds_the_recorded_random_init():
+    from hooks.registry import reload_model
+
+    m = load_model("resnet18", random_init=True, img_size=32, init_seed=5)
+    attrs = {"model": json.loads(json.dumps(m.info.to_dict())), "preprocessing": m.preprocessing.to_dict()}
+    again = reload_model(attrs)
+    assert again.info.weights == m.info.weights
+    for k, v in m.module.state_dict().items():
+        assert torch.equal(again.module.state_dict()[k], v), k
+    # a store written before the scheme was recorded was built with the framework's init: rebuilt so
+    del attrs["model"]["weights"]["init"], attrs["model"]["weights"]["init_changes"]
+    legacy = reload_model(attrs)
+    assert legacy.info.weights["init"] == "framework" and not legacy.module.state_dict()["layer1.0.bn2.weight"].any()
+
+
 # -- offline behaviour ---------------------------------------------------------------------------------------
 def test_offline_without_cache_is_one_quick_usage_error(empty_caches):
     hf_cache, torch_home = empty_caches
     t0 = time.monotonic()
     with pytest.raises(UsageError) as err:
-        load_model("vit_b16")
+        load_model("vit_b16", offline=True)
     msg = str(err.value)
     assert time.monotonic() - t0 < 10
     assert "--weights" in msg and "--random-init" in msg and str(hf_cache) in msg
     assert "timm/vit_base_patch16_224.augreg_in21k_ft_in1k" in msg and "\n" not in msg
     with pytest.raises(UsageError) as err:
-        load_model("torchvision:resnet18")
+        load_model("torchvision:resnet18", offline=True)
     assert "--weights" in str(err.value) and "--random-init" in str(err.value)
     assert os.path.join(str(torch_home), "hub", "checkpoints") in str(err.value)
     t0 = time.monotonic()
     with pytest.raises(UsageError) as err:
-        load_model("hf:some-org/not-cached-model")
+        load_model("hf:some-org/not-cached-model", offline=True)
     assert time.monotonic() - t0 < 10
     msg = str(err.value)
     assert "--weights" in msg and "--random-init" in msg and "some-org/not-cached-model" in msg
@@ -248,7 +351,8 @@ def test_pretrained_from_hf_cache_equals_source(empty_caches, tmp_path):
         m = load_model(name)
         w = m.info.weights
         assert w["kind"] == "hub" and w["tag"] == ident and w["cache_file"] == os.path.join(snap, "model.safetensors")
-        assert w["revision"] == "a" * 40
+        assert w["revision"] == "a" * 40 and w["hub_id"] == "timm/" + ident and w["filename"] == "model.safetensors"
+        assert w["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():
             torch.testing.assert_close(m.module(x), src(x), rtol=0, atol=0)
@@ -266,6 +370,7 @@ def test_pretrained_from_torch_hub_cache_equals_source(empty_caches):
     torch.save(src.state_dict(), os.path.join(ckpt, os.path.basename(url)))
     m = load_model("torchvision:resnet18")
     assert m.info.weights["kind"] == "hub" and m.info.weights["cache_file"].startswith(ckpt)
+    assert m.info.weights["sha256"] == hashlib.sha256(open(m.info.weights["cache_file"], "rb").read()).hexdigest()
     with torch.no_grad():
         torch.testing.assert_close(m.module(X32), src(X32), rtol=0, atol=0)
     assert m.preprocessing.img_size == (224, 224) and m.preprocessing.resize_size() == (256, 256)
@@ -448,7 +553,7 @@ def test_hf_other_size_and_random_init(hf_vit_dir):
     with torch.no_grad():
         torch.testing.assert_close(fromfile.module(X32), ref(pixel_values=X32).logits, rtol=1e-5, atol=1e-6)
     rnd = load_model(f"hf:{d}", random_init=True)
-    assert rnd.info.weights == {"kind": "random", "seed": 0}
+    assert rnd.info.weights == _random(0)
     with torch.no_grad():
         assert not torch.allclose(rnd.module(X32), ref(pixel_values=X32).logits)
 
@@ -559,7 +664,7 @@ def test_py_factory(tmp_path):
     assert m.preprocessing.img_size == (32, 32) and m.preprocessing.mean == (0.5,) * 3
     assert m.preprocessing.std == (0.25,) * 3
     assert m.info.num_prefix_tokens == 1 and m.info.grid == (4, 4) and m.info.patch_size == (8, 8)
-    assert m.info.weights == {"kind": "random", "seed": 0} and m.info.num_classes == 5 and m.info.source == "py"
+    assert m.info.weights == _random(0) and m.info.num_classes == 5 and m.info.source == "py"
     assert m.module(X32).shape == (2, 5)
     order, _ = _fire_order(m.module, default_layers(m.module, m.info.family), X32)
     assert order == default_layers(m.module, m.info.family)
@@ -603,7 +708,7 @@ def test_torchvision_resnet18_matches_timm_preset():
     assert tv_paths == [("avgpool" if p == "global_pool" else p) for p in tm_paths]
     order, y = _fire_order(tv.module, tv_paths, X32)
     assert order == tv_paths and y.shape == (2, 1000)
-    assert tv.info.weights == {"kind": "random", "seed": 0} and tv.info.grid is None
+    assert tv.info.weights == _random(0) and tv.info.grid is None  # torchvision: BN scales start at 1
 
 
 def test_torchvision_preprocessing_from_weights_meta():
