@@ -348,7 +348,8 @@ def plan_extraction(
         unknown = [ly.path for ly in attn_layers if ly.grid is None or ly.num_heads is None or ly.patch_size is None]
         if unknown:
             raise UsageError(f"the token geometry of attention layer {unknown[0]} cannot be read from the model "
-                             "(an nn.MultiheadAttention?): use the Python API with AttentionCapture(geometry=...)")
+                             "(an nn.MultiheadAttention?): declare it with --grid GHxGW --prefix-tokens K --patch-size P "
+                             "or a `repsim_geometry` attribute on the model (see hooks/geometry.py)")
         reducer = AttentionReducer(attn_layers, attn_keep)
     elif attn_keep:
         raise UsageError("--attn-keep needs --attention")

@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from hooks.geometry import declared_geometry
 from hooks.layers import infer_family
 from hooks.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, crop_pct_for, default_preprocessing
 from hooks.reference_models import REFERENCE_MODELS, build_reference, get_reference, reference_card
@@ -506,7 +507,11 @@ def _pair_or_none(v: Any) -> tuple[int, int] | None:
 
 
 def _read_geometry(module: nn.Module) -> tuple[int, tuple[int, int] | None, tuple[int, int] | None]:
-    """(num_prefix_tokens, patch_size, grid) from timm-style attributes; (0, None, None) when absent."""
+    """(num_prefix_tokens, patch_size, grid): a declared ``repsim_geometry`` (:mod:`hooks.geometry`) first, else
+    timm-style attributes; (0, None, None) when absent."""
+    declared = declared_geometry(module)
+    if declared is not None:
+        return declared.num_prefix_tokens, declared.patch_size, declared.grid
     prefix = int(getattr(module, "num_prefix_tokens", 0) or 0)
     pe = None
     for name in ("patch_embed", "stem"):

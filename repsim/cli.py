@@ -211,6 +211,11 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--chunk-size", type=int, default=None, help="Rows per store chunk, a multiple of --batch-size (default ~64).")
 @click.option("--save-inputs", is_flag=True, help="Also store the preprocessed inputs (for localisation analyses).")
+@click.option("--grams", is_flag=True,
+              help="Also store each layer's U-centred Gram per chunk of 256 rows (--chunk-size): `repsim cka` "
+                   "between two such stores reads only the Grams (~100x less data than token activations).")
+@click.option("--no-acts", "no_acts", is_flag=True,
+              help="With --grams: keep only the Grams, not the activations (enough for minibatch CKA, nothing else).")
 @click.option("--attention", is_flag=True,
               help="Also capture every attention layer (fused kernels off for the capture) and store per image x "
                    "head statistics: mean distance (px), prefix mass, entropy, aligned-map sums. See `repsim attention`.")
@@ -240,7 +245,7 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
                    "(start workers with --resources GPU=1).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, dtype, batch_size, chunk_size,
-            save_inputs, attention, attn_keep, weights, random_init, img_size, mean, std, interpolation, crop_pct,
+            save_inputs, grams, no_acts, attention, attn_keep, weights, random_init, img_size, mean, std, interpolation, crop_pct,
             device, overwrite, force, strict, shard, workers, scheduler, gpus_per_task, quiet, offline,
             geom_grid=None, geom_prefix=None, geom_patch=None) -> None:
     """Run MODEL over images and store per-layer activations in a Zarr store.
@@ -250,6 +255,10 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
       repsim extract --model vit_b16 --data ~/imagenet/val --n 5000 --out vit_b16.zarr
       repsim extract --model resnet50 --data ~/imagenet/val --n 5000 --pool gap --out r50.zarr
       repsim extract --model timm:vit_tiny_patch16_224 --random-init --img-size 64 --data shapes --n 256 --out t.zarr
+      repsim extract --model resnet50 --data ~/imagenet/val --n 5000 --grams --no-acts --out r50_grams.zarr
+
+    Layers are stored as float16 unless that would lose more than 1e-4 of a layer's variation (measured on
+    the first images, then on every chunk): such layers are stored as float32 (see `repsim info`).
 
     Rerunning the same command on a killed extraction resumes it (bit-identical result); another
     configuration on an existing store is refused unless --overwrite.
@@ -282,7 +291,7 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
             plan=dict(layers=_split_layers(layer_patterns),
                       pool=pool, spatial_pool=spatial_pool, dtype=dtype, batch_size=batch_size,
                       chunk_size=chunk_size, save_inputs=save_inputs, attention=attention, attn_keep=attn_keep,
-                      strict=strict),
+                      strict=strict, grams=grams, acts=not no_acts),
         )
         with _dask_client(workers, scheduler) as client:
             store = extract_distributed(client, spec, gpus_per_task=gpus_per_task, device=device,
@@ -300,16 +309,20 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
         loaded, source, out, layers=patterns, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
         batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, attention=attention,
         attn_keep=attn_keep, overwrite=overwrite, shard=_parse_shard(shard),
-        strict=strict, progress=not quiet,
+        strict=strict, progress=not quiet, grams=grams, acts=not no_acts,
     )
     if plan.already_complete:
         click.echo(f"{out} is already complete ({plan.n} samples, {len(plan.taps)} layers); nothing to do")
         return
+    promoted = plan.attrs["extraction"]["float32_layers"]
+    kept = ("Grams only" if not plan.acts else dtype + (" + Grams" if plan.grams else ""))
     click.echo(
         f"{loaded.info.name}: {len(plan.taps)} layers, {plan.n} images, {human_bytes(plan.bytes_per_image)}/image "
-        f"({dtype}), up to {human_bytes(plan.total_bytes)} in all; {human_bytes(plan.free_bytes())} free"
+        f"({kept}), up to {human_bytes(plan.total_bytes)} in all; {human_bytes(plan.free_bytes())} free"
         + ("; resuming" if plan.resume else "")
     )
+    if promoted:
+        click.echo(f"stored as float32 (float16 would lose more than 1e-4 of their variation): {', '.join(promoted)}")
     plan.check_disk(force=force)
     store = run_extraction(plan, device=device, progress=not quiet)
     if plan.shard is not None:
@@ -341,9 +354,10 @@ def info(store: str, as_json: bool) -> None:
     m, d, p = a["model"], a["dataset"], a["preprocessing"]
     w = m.get("weights", {})
     wdesc = {"file": f"file {w.get('file')} (sha256 {str(w.get('sha256'))[:12]}...)",
-             "random": f"random init (seed {w.get('seed')})",
+             "random": f"random init (seed {w.get('seed')}, {w.get('init', 'framework')})",
              "factory": f"made by {w.get('factory')} (sha256 {str(w.get('sha256'))[:12]}...)",
-             "hub": f"hub {w.get('tag', '')}",
+             "hub": f"hub {w.get('hub_id') or w.get('tag', '')}@{str(w.get('revision'))[:12]} "
+                    f"(sha256 {str(w.get('sha256'))[:12]}...)",
              "bundled": f"bundled {w.get('file')} (sha256 {str(w.get('sha256'))[:12]}...)"}.get(w.get("kind"), str(w))
     state = "complete" if s.complete else f"INCOMPLETE: {int(done.sum())}/{len(done)} chunks (rerun extract to resume)"
     click.echo(f"store      {s.path}  (format {a['format_version']}, repsim {a['repsim_version']})")
@@ -358,18 +372,30 @@ def info(store: str, as_json: bool) -> None:
                f"chunk {e['chunk_size']} rows" + (", inputs saved" if e.get("save_inputs") else "")
                + (f", attention statistics ({len(s.attention_layers)} layers, maps of {e.get('attn_keep', 0)} images)"
                   if e.get("attention") else ""))
+    g = s.gram_info
+    if g:
+        click.echo(f"grams      U-centred Grams per chunk of {g['batch_rows']} rows ({g['dtype']}, from {g['source_dtype']} "
+                   f"{g['tokens']} features, {g['rows_used']} samples)"
+                   + ("; activations not kept (--no-acts)" if not s.has_acts else ""))
+    if e.get("float32_layers"):
+        click.echo(f"precision  stored as float32 (float16 would lose > 1e-4 of their variation): "
+                   f"{', '.join(e['float32_layers'])}")
     click.echo(f"disk       {human_bytes(s.nbytes_on_disk())}")
     for total, records in s.shard_records().items():
         done_k = [f"{k} ({r['host']}, rows {r['rows'][0]}..{r['rows'][1] - 1}, {r['seconds']} s)"
                   for k, r in enumerate(records) if r]
         click.echo(f"shards     {len(done_k)} of {total} recorded finished" + (": " + "; ".join(done_k) if done_k else ""))
-    click.echo(f"layers     {len(s.layers)}")
+    fp16 = s.fp16_errors()
+    click.echo(f"layers     {len(s.layers)}" + ("  (fp16 err: worst float16 storage error over the chunks, as a share "
+                                                 "of the layer's variation)" if fp16 else ""))
     for row in table:
         extra = ""
         if row["kind"] == "tokens":
             extra = f"prefix {row.get('num_prefix_tokens')}, grid {row.get('grid')}"
         elif row["kind"] == "map":
             extra = f"grid {row.get('grid')}"
+        if row["layer"] in fp16 and row["dtype"] == "float16":
+            extra += f"{', ' if extra else ''}fp16 err {fp16[row['layer']]:.1e}"
         click.echo(f"  {row['layer']:<36} {row['kind']:<7} {str(tuple(row['shape'])):<18} {row['dtype']:<8} {extra}")
 
 
@@ -449,6 +475,12 @@ def _split_layers(specs: tuple[str, ...]) -> list[str] | None:
 @click.option("--align", type=click.Choice(["fingerprint", "ids"]), default="fingerprint", show_default=True,
               help="fingerprint: the stores must hold the same samples in the same order; ids: compare the "
                    "sample ids both hold (dropped counts are reported).")
+@click.option("--source", type=click.Choice(["auto", "grams", "activations"]), default="auto", show_default=True,
+              help="Minibatch: read stored Grams (`extract --grams`) or the activations; auto takes Grams when both "
+                   "stores have them for this batch size.")
+@click.option("--plan", type=click.Choice(["auto", "contiguous", "shuffled"]), default="auto", show_default=True,
+              help="Minibatch batches: consecutive store rows, or seeded groups of whole chunks (a new plan per "
+                   "repeat); auto = contiguous for one repeat.")
 @click.option("--gram-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision of the Gram products (float32 runs with TF32 off; sums are always float64).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
@@ -459,7 +491,7 @@ def _split_layers(specs: tuple[str, ...]) -> list[str] | None:
                    "must reach the stores by the same paths.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def cka(store_a, store_b, out, plot_path, estimator, kernel, threshold, tokens, batch_size, repeats, seed,
-        layers_a, layers_b, align, gram_dtype, device, workers, scheduler, quiet) -> None:
+        layers_a, layers_b, align, gram_dtype, source, plan, device, workers, scheduler, quiet) -> None:
     """Linear CKA between every layer of STORE_A and every layer of STORE_B (or of STORE_A itself).
 
     \b
@@ -468,9 +500,14 @@ def cka(store_a, store_b, out, plot_path, estimator, kernel, threshold, tokens, 
       repsim cka vit_b16.zarr --plot vit_self.png          # within one model
       repsim cka a.zarr b.zarr --estimator debiased --tokens mean
       repsim cka a.zarr b.zarr --batch-size 1024 --repeats 5
+      repsim cka a_grams.zarr b_grams.zarr                  # stores from `extract --grams`: reads only Grams
 
     Both stores must hold the same images in the same order (same sample fingerprint: extract them with
     the same --data, --n and --seed), unless --align ids. Prints the matrix; --out keeps it with its provenance.
+
+    Minibatch batches are consecutive store rows (a uniform random sample: the store order is a seeded
+    permutation) unless --repeats > 1 or --plan shuffled. When both stores were extracted with --grams (same
+    samples, --batch-size equal to their Gram batch), the map is computed from the stored Grams alone.
     """
     from repsim.cka_engine import cka_matrix
     from repsim.cka_plot import short_layer_names
@@ -487,6 +524,7 @@ def cka(store_a, store_b, out, plot_path, estimator, kernel, threshold, tokens, 
             a, b, estimator=estimator, kernel=kernel, tokens=tokens, layers_a=_split_layers(layers_a),
             layers_b=_split_layers(layers_b), batch_size=batch_size, repeats=repeats, seed=seed, device=device,
             threshold=threshold, progress=not quiet, align=align, gram_dtype=gram_dtype, client=client,
+            source=source, plan=plan,
         )
     if out is not None:
         result.to_json(out)
@@ -496,8 +534,13 @@ def cka(store_a, store_b, out, plot_path, estimator, kernel, threshold, tokens, 
     names_b = short_layer_names(result.layers_b)
     width = max(len(x) for x in names_a)
     dropped = result.align.get("dropped_a", 0) + result.align.get("dropped_b", 0) if result.align else 0
+    rows = result.batch_rows or [batch_size, batch_size]
+    sizes = f"{rows[0]}" if rows[0] == rows[1] else f"{rows[0]}-{rows[1]}"
     click.echo(f"{estimator} {kernel} CKA, tokens={tokens}, n={result.n}"
-               + (f", batch {batch_size}, {result.n_batches} batches" if estimator == "minibatch" else "")
+               + (f", {result.n_batches} {result.plan} batches of {sizes} rows from the stored "
+                  f"{'Grams' if result.source == 'grams' else 'activations'}"
+                  + (f" ({result.rows_used} samples used)" if result.rows_used != result.n else "")
+                  if estimator == "minibatch" else "")
                + (f", {repeats} repeats" if repeats > 1 else "")
                + (f"; aligned by id ({dropped} samples dropped)" if align == "ids" else ""))
     click.echo(" " * width + "  " + " ".join(f"{j:>5d}" for j in range(len(names_b))))
@@ -507,6 +550,24 @@ def cka(store_a, store_b, out, plot_path, estimator, kernel, threshold, tokens, 
     for path in (out, plot_path):
         if path is not None:
             click.echo(f"wrote {path}")
+    if estimator == "minibatch" and not quiet:
+        if result.batch_rows and max(result.batch_rows) > batch_size:
+            click.echo(f"note: batches hold {sizes} rows, not --batch-size {batch_size}: shuffled plans group whole "
+                       f"store chunks of {a.chunk_size} rows", err=True)
+        if result.source == "activations":
+            click.echo(_gram_tip(a, b, batch_size), err=True)
+
+
+def _gram_tip(a, b, batch_size: int) -> str:
+    """How much less a Gram tier would read for the same map (activation bytes / Gram bytes per batch)."""
+    import numpy as np
+
+    stores = [a] if b is None else [a, b]
+    act = sum(int(np.prod(s.layer_info(layer)["shape"])) * np.dtype(s.layer_info(layer)["dtype"]).itemsize
+              for s in stores for layer in s.layers) * batch_size
+    gram = sum(len(s.layers) for s in stores) * batch_size * (batch_size - 1) // 2 * 4
+    return (f"tip: extract with --grams (and --no-acts when CKA is all you need) and the next map reads the "
+            f"stored Grams: about {act / gram:.0f}x less data than these activations, no Gram products")
 
 
 @cli.command()

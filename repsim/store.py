@@ -82,7 +82,8 @@ or ``first`` (one row per sample for the first rows only).
 
 Chunking: every array is chunked along samples only (``chunk_size`` rows, whole feature dims per chunk),
 compressed with Blosc/lz4 at level 1 without shuffling (activations compress only 1.15-1.4x whatever the
-codec; this one writes and reads fastest, see issue #14's note). Float arrays have fill value NaN, so a chunk
+codec; this one writes and reads fastest, see issue #14's note), then checksummed (CRC32C codec: a damaged
+chunk raises on decoding). Float arrays have fill value NaN, so a chunk
 that is missing on disk reads as NaN and every analysis refuses it instead of reading zeros. All arrays share ``chunk_size`` so a sample chunk is the unit of writing,
 resuming and (later) sharding. Exactly one writer touches a chunk (Zarr loses data when several writers
 share one chunk or shard). Sample order is a seeded random permutation of the data set (see
@@ -103,7 +104,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from repsim.errors import UsageError
 
@@ -115,11 +116,13 @@ LOCK_NAME = ".repsim-writer.lock"
 FP16_MAX_ERROR = 1e-4  # largest float16 error η (share of a layer's variation) stored without promotion
 
 
-def _compressor() -> BloscCodec:
+def _compressor() -> tuple[BloscCodec, Crc32cCodec]:
     # Activations compress 1.15-1.4x with any codec (lz4 or zstd, with or without (bit)shuffle). lz4 at level 1
     # without shuffle wrote 1.3x and read 4x faster than lz4-5 + bitshuffle on real ResNet maps: on small
     # machines the writer thread competes with the forward pass, and re-analysis is read-bound.
-    return BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
+    # The CRC32C of every compressed chunk (hardware-accelerated, google-crc32c) makes a bit flip, a truncated
+    # or a swapped chunk fail to decode instead of reading as plausible numbers.
+    return BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle"), Crc32cCodec()
 
 
 def _fill(dtype: Any) -> Any:
@@ -315,6 +318,10 @@ class ActivationStore:
     def read(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of ``layer`` in store order, in the stored dtype (float16 by default)."""
         return self._array(layer)[slice(start, stop)]
+
+    def row_count(self, name: str) -> int:
+        """Rows (first-axis length) of a layer's activation array, or of ``inputs/pixels``, as stored."""
+        return int(self._group[name if name == "inputs/pixels" else f"acts/{name}"].shape[0])
 
     def read_inputs(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """Preprocessed inputs (rows, 3, H, W), when extracted with ``save_inputs``."""

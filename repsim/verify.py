@@ -1,8 +1,10 @@
 """Integrity check of an activation store (``repsim verify``).
 
-Every chunk of every array is decoded and checked for NaN / Inf; the sample table is checked against the
-recorded fingerprint (ids unique, hash equal); completion flags, shapes and labels are checked against the
-root attributes.
+Every chunk of every array is decoded and checked for NaN / Inf (a chunk missing on disk reads as the fill
+value NaN, so it is found too); every array must have one row per sample; the sample table is checked against
+the recorded fingerprint (ids unique, hash equal); completion flags, shapes and labels are checked against the
+root attributes; a float16 layer whose measured storage error exceeds ``FP16_MAX_ERROR`` on some chunk is
+reported (see :mod:`repsim.store`, "Precision").
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from repsim.store import ActivationStore, fingerprint_ids
+from repsim.store import FP16_MAX_ERROR, ActivationStore, fingerprint_ids
 
 
 @dataclass
@@ -66,7 +68,15 @@ def verify_store(store: ActivationStore, *, progress: bool = False) -> VerifyRep
                 report.problems.append(f"shard {k}/{total} is recorded finished but chunk "
                                        f"{lo + int(np.flatnonzero(~done[lo:hi])[0])} is not flagged written")
 
-    arrays = list(store.layers) + (["inputs/pixels"] if store.has_inputs else [])
+    for layer, err in store.fp16_errors().items():
+        if store.layer_info(layer)["dtype"] == "float16" and not err <= FP16_MAX_ERROR:
+            report.problems.append(f"{layer}: float16 storage lost {err:.3g} of its variation on some chunk (limit "
+                                   f"{FP16_MAX_ERROR:g}): re-extract with --dtype float32")
+    arrays = (list(store.layers) if store.has_acts else []) + (["inputs/pixels"] if store.has_inputs else [])
+    for name in arrays:
+        rows = store.row_count(name)
+        if rows != store.n:
+            report.problems.append(f"{name}: the array has {rows} rows, the store has {store.n} samples")
     bar = tqdm(total=len(arrays) * store.n_chunks(), desc="verify", unit="chunk", disable=not progress)
     for name in arrays:
         read = store.read_inputs if name == "inputs/pixels" else (lambda a, b, _n=name: store.read(_n, a, b))

@@ -61,7 +61,7 @@ def test_errors_are_one_line_exit_2(store, tmp_path):
                         "--out", str(tmp_path / "m.zarr")), "--mean")
     _one_line_error(run("extract", *TINY, "--data", "shapes", "--n", "8", "--batch-size", "8",
                         "--chunk-size", "12", "--out", str(tmp_path / "c.zarr")), "multiple")
-    _one_line_error(run("extract", "--model", "timm:vit_tiny_patch16_224", "--data", "shapes", "--n", "8",
+    _one_line_error(run("extract", "--model", "timm:vit_tiny_patch16_224", "--offline", "--data", "shapes", "--n", "8",
                         "--out", str(tmp_path / "w.zarr")), "--random-init")
 
 

@@ -63,7 +63,7 @@ def test_store_contents_equal_direct_forward(tmp_path, vit, shapes):
     assert store.ids == shapes.ids and store.fingerprint == shapes.fingerprint
     np.testing.assert_array_equal(store.labels, shapes.labels)
     a = store.attrs
-    assert a["model"]["weights"] == {"kind": "random", "seed": 0}
+    assert a["model"]["weights"] == {"kind": "random", "seed": 0, "init": "branches-on", "init_changes": {}}
     assert a["preprocessing"]["img_size"] in ([32, 32], (32, 32))
     assert a["libraries"]["torch"] == torch.__version__
     assert verify_store(store).ok
@@ -294,3 +294,22 @@ def test_disk_check(tmp_path, vit, shapes):
     with pytest.raises(UsageError, match="free"):
         plan.check_disk()
     plan.check_disk(force=True)
+
+
+def test_verify_reports_fp16_damage_and_cut_arrays(tmp_path, shapes):
+    from conftest import run_cli
+
+    out = str(tmp_path / "d.zarr")
+    store = extract(_offset_model(0.0), shapes, out, batch_size=8, chunk_size=8, layers=["feat"])
+    assert verify_store(store).ok
+    info = run_cli("info", out)
+    assert info.exit_code == 0 and "fp16 err" in info.output
+    q = zarr.open_array(os.path.join(out, "quality", "fp16_error"), mode="r+")
+    q[3] = 0.02  # a chunk where float16 lost 2% of the layer's variation
+    report = verify_store(open_store(out))
+    assert any("float16 storage lost 0.02" in p for p in report.problems), report.problems
+    q[3] = 1e-8
+    arr = zarr.open_array(os.path.join(out, "acts", "feat"), mode="r+")
+    arr.resize((20, *arr.shape[1:]))  # cut to half its rows
+    report = verify_store(open_store(out))
+    assert any("has 20 rows" in p for p in report.problems), report.problems

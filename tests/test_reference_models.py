@@ -85,7 +85,7 @@ def test_random_init_needs_no_weights(monkeypatch, tmp_path):
         load_model("ref_vit")
     a = load_model("ref_vit", random_init=True, init_seed=3)
     b = load_model("ref_vit", random_init=True, init_seed=3)
-    assert a.info.weights == {"kind": "random", "seed": 3}
+    assert a.info.weights == {"kind": "random", "seed": 3, "init": "branches-on", "init_changes": {}}
     for (k, va), vb in zip(a.module.state_dict().items(), b.module.state_dict().values()):
         assert torch.equal(va, vb), k
 
