@@ -33,7 +33,17 @@ pick the regularisation strength, then the probe is refit on train + val. On the
 * ``accuracy``: token accuracy; ``baseline_accuracy``: accuracy of predicting *background everywhere*
   (whose IoU, ``baseline_iou``, is 0 by construction);
 * ``all_foreground_iou``: mean IoU (same images as ``iou_mean``) of predicting *foreground everywhere*,
-  i.e. the mean foreground token share, a second trivial reference.
+  i.e. the mean foreground token share, a second trivial reference;
+* uncertainty: ``iou_low`` / ``iou_high``, a 95 % percentile bootstrap of ``iou_mean`` over the scored test
+  images, and ``gain_over_all_foreground`` (``iou_mean − all_foreground_iou``, paired by image) with
+  ``gain_low`` / ``gain_high``; ``predicted_foreground_share``: the share of test tokens the probe calls
+  foreground.
+
+Coarse grids: on a 2 × 2 map (a ResNet's last stage at 64 px) a cell is a quarter of the image and is rarely
+more than half covered by the shape, so only a few percent of the cells are foreground. The least-squares
+probe then predicts *background everywhere* (``predicted_foreground_share`` = 0), its accuracy equals the
+always-background baseline and its IoU is exactly 0: this says the grid is too coarse for the 0.5 rule, not that
+the layer has lost the object. :func:`plot_object_localization` draws such layers as hollow markers and says so.
 
 :func:`object_localization` runs the probe on every token / map layer (vector layers skipped) and
 :meth:`ObjectLocalizationResult.plot` draws IoU against depth.
@@ -65,6 +75,7 @@ __all__ = [
     "input_masks",
     "object_localization",
     "parse_shapes_id",
+    "plot_object_localization",
     "shapes_masks",
     "token_iou",
 ]
@@ -188,6 +199,12 @@ class ObjectLocalizationRow:
     n_val_images: int
     n_test_images: int
     seconds: float = 0.0
+    predicted_foreground_share: float = float("nan")  # share of test tokens the probe calls foreground
+    iou_low: float = float("nan")  # 95 % percentile bootstrap of iou_mean over the scored test images
+    iou_high: float = float("nan")
+    gain_over_all_foreground: float = float("nan")  # iou_mean - all_foreground_iou (paired by image)
+    gain_low: float = float("nan")
+    gain_high: float = float("nan")
 
 
 @dataclass
@@ -231,36 +248,82 @@ class ObjectLocalizationResult:
         return d
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
-        """Test IoU (mean over images and pooled) against depth, with the all-foreground reference; saved to
-        ``path`` when given; returns the Figure."""
-        from matplotlib.figure import Figure
+        """Test IoU against depth with its 95 % bootstrap interval and the all-foreground reference; see
+        :func:`plot_object_localization`. Saved to ``path`` when given; returns the Figure."""
+        label = (self.store.get("model") or "model") if isinstance(self.store, dict) else "model"
+        return plot_object_localization({label: self}, path)
 
-        from repsim.cka_plot import short_layer_names
 
-        x = np.arange(len(self.rows))
-        fig = Figure(figsize=(min(5 + 0.4 * len(x), 14), 3.8))
-        ax = fig.subplots()
-        ax.plot(x, [r.iou_mean for r in self.rows], marker="o", label="IoU (mean over test images)")
-        ax.plot(x, [r.iou_pooled for r in self.rows], marker="s", ls="--", label="IoU (pooled)")
-        ax.plot(x, [r.all_foreground_iou for r in self.rows], ls=":", color="0.5", label="all-foreground IoU")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_ylabel("foreground-token IoU (test)")
-        ax.set_xticks(x)
-        ax.set_xticklabels(short_layer_names(self.layers), rotation=60, ha="right", fontsize=8)
-        ax.set_xlabel("layer (network order)")
-        ax.set_title(f"linear object-localisation probe ({self.protocol.get('method')}, "
-                     f"n = {self.protocol.get('n_images')})", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(os.fspath(path), dpi=150)
-        return fig
+def plot_object_localization(results: dict[str, "ObjectLocalizationResult"],
+                             path: str | os.PathLike | None = None) -> Any:
+    """IoU of the foreground-token probe against depth, one curve per result (label → result).
+
+    Error bars: 95 % bootstrap over the scored test images. Dotted, same colour: the all-foreground IoU of that
+    model's grid (the trivial reference; it depends on the grid, so each model has its own). Hollow markers:
+    layers where the probe predicts no foreground token at all (IoU 0 by construction; a grid too coarse for
+    the > 50 % rule, see the module docstring), annotated with the grid. One model: x is the layer (names);
+    several: relative depth. Returns the Figure; saved to ``path`` when given.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from repsim.cka_plot import short_layer_names
+
+    several = len(results) > 1
+    width = 7.5 if several else min(5 + 0.45 * max(len(r.rows) for r in results.values()), 14)
+    fig = Figure(figsize=(width, 4.4), layout="constrained")
+    ax = fig.subplots()
+    notes = []
+    for k, (name, res) in enumerate(results.items()):
+        c = f"C{k}"
+        m = len(res.rows)
+        x = np.linspace(0, 1, m) if several else np.arange(m)
+        iou = np.array([r.iou_mean for r in res.rows], dtype=float)
+        lo = np.array([r.iou_low for r in res.rows], dtype=float)
+        hi = np.array([r.iou_high for r in res.rows], dtype=float)
+        err = np.vstack([np.clip(iou - lo, 0, None), np.clip(hi - iou, 0, None)])
+        err = np.where(np.isfinite(err), err, 0.0)
+        ax.errorbar(x, iou, yerr=err, color=c, marker="o", ms=5, capsize=2.5, lw=1.5, label=name)
+        ax.plot(x, [r.all_foreground_iou for r in res.rows], ls=":", color=c, lw=1.2)
+        dead = [i for i, r in enumerate(res.rows) if r.predicted_foreground_share == 0]
+        if dead:
+            ax.plot(x[dead], iou[dead], ls="", marker="o", ms=7, mfc="white", mec=c, mew=1.5, zorder=4)
+            r0 = res.rows[dead[0]]
+            grid = "x".join(map(str, r0.grid))
+            notes.append(f"{name} {', '.join(short_layer_names(res.layers)[i] for i in dead)} ({grid} grid): "
+                         f"{100 * r0.foreground_share:.1f}% of cells > half on the object, so the probe "
+                         "predicts background everywhere (IoU 0)")
+        if not several:
+            ax.set_xticks(x)
+            ax.set_xticklabels(short_layer_names(res.layers), rotation=60, ha="right", fontsize=8)
+    first = next(iter(results.values()))
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], ls=":", color="0.3"))
+    labels.append("all cells foreground (reference, per model)")
+    if any(r.predicted_foreground_share == 0 for res in results.values() for r in res.rows):
+        handles.append(Line2D([], [], ls="", marker="o", mfc="white", mec="0.3"))
+        labels.append("probe predicts no foreground")
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_ylim(-0.02, 1.0)
+    ax.set_ylabel("foreground-cell IoU, test images (95% CI)")
+    ax.set_xlabel("relative depth (first tap = 0, last = 1)" if several else "layer (network order)")
+    ax.grid(alpha=0.3)
+    p = first.protocol
+    fig.suptitle(f"Where is the object? Linear foreground probe per token / map position ({p.get('method')}, "
+                 f"n = {p.get('n_images')} images,\n{round(p.get('test_fraction', 0.2) * p.get('n_images', 0))} "
+                 "of them for testing; a cell is foreground when > 50% of its pixels are on the shape)", fontsize=9)
+    if notes:
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, color="0.25", va="bottom", ha="left", wrap=True)
+        fig.get_layout_engine().set(rect=(0, 0.07 * len(notes), 1, 1 - 0.07 * len(notes)))
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=150)
+    return fig
 
 
 def _probe_layer(tokens: np.ndarray, labels: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray],
-                 method: str, lambdas: np.ndarray, device: str) -> dict[str, Any]:
+                 method: str, lambdas: np.ndarray, device: str, seed: int = 0) -> dict[str, Any]:
     from probes.linear import fit_logreg, ridge_classify
+    from repsim.intervals import bootstrap_mean
 
     n, P, D = tokens.shape
     tr, va, te = split
@@ -282,7 +345,12 @@ def _probe_layer(tokens: np.ndarray, labels: np.ndarray, split: tuple[np.ndarray
     train_pred = np.asarray(fit.predict(tokens[fit_rows].reshape(-1, D))).astype(bool)
     scored = np.isfinite(per)
     mean = (lambda v: float(np.mean(v[scored])) if scored.any() else float("nan"))  # noqa: E731
-    return {"iou_mean": mean(per), "iou_pooled": pooled, "n_scored_images": int(scored.sum()), "accuracy": float((pred == true).mean()),
+    ci = bootstrap_mean(per, seed=seed)
+    gain = bootstrap_mean(per, allfg_per, seed=seed)
+    return {"iou_mean": mean(per), "iou_pooled": pooled, "n_scored_images": int(scored.sum()),
+            "predicted_foreground_share": float(pred.mean()), "iou_low": ci["low"], "iou_high": ci["high"],
+            "gain_over_all_foreground": gain["value"], "gain_low": gain["low"], "gain_high": gain["high"],
+            "accuracy": float((pred == true).mean()),
             "train_accuracy": float((train_pred == labels[fit_rows].reshape(-1).astype(bool)).mean()),
             "baseline_accuracy": float(1.0 - true.mean()), "baseline_iou": mean(base_per),
             "all_foreground_iou": mean(allfg_per), "foreground_share": float(true.mean()),
@@ -340,7 +408,7 @@ def object_localization(store: Any, layers: Sequence[str] | None = None, *,
         kind = grid_positions(store.layer_info(lay), lay)[0]
         tokens, grid = layer_tokens(store, lay, rows_idx)
         labels = (foreground_fractions(masks, grid) > FOREGROUND_THRESHOLD).astype(np.int64)
-        r = _probe_layer(tokens, labels, split, method, lam, dev)
+        r = _probe_layer(tokens, labels, split, method, lam, dev, seed)
         out.append(ObjectLocalizationRow(layer=lay, kind=kind, grid=list(grid), seconds=time.perf_counter() - t1,
                                          **r))
     d = store.attrs.get("dataset") or {}

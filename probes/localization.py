@@ -74,6 +74,9 @@ __all__ = [
     "TokenPatchCKA",
     "grid_positions",
     "layer_tokens",
+    "localisation_bootstrap",
+    "localisation_interval",
+    "plot_token_maps",
     "localisation_scores",
     "localize",
     "patch_pixels",
@@ -250,6 +253,82 @@ def localisation_scores(matrix: np.ndarray, positions: np.ndarray | None = None)
             "argmax_fraction": float(np.mean(np.argmax(m, axis=1) == pos))}
 
 
+def _raw_grams(feats: Sequence[np.ndarray], dev: torch.device) -> torch.Tensor:
+    """(K, n, n) float64 Grams of each feature set (n, d), features centred over all n images first."""
+    out = []
+    for f in feats:
+        t = torch.as_tensor(np.asarray(f), dtype=torch.float64, device=dev)
+        t = t - t.mean(dim=0, keepdim=True)
+        out.append(t @ t.T)
+    return torch.stack(out)
+
+
+def _centred_unit(g: torch.Tensor, what: str) -> torch.Tensor:
+    """Double-centre a stack of Grams (K, m, m) (H K H) and scale each to unit Frobenius norm: (K, m²)."""
+    g = g - g.mean(dim=-1, keepdim=True) - g.mean(dim=-2, keepdim=True) + g.mean(dim=(-2, -1), keepdim=True)
+    flat = g.reshape(g.shape[0], -1)
+    nrm = torch.linalg.norm(flat, dim=1, keepdim=True)
+    if not bool(torch.isfinite(nrm).all()) or bool((nrm == 0).any()):
+        raise NumericalError(f"{what}: a resample has zero self-HSIC (constant across its images)")
+    return flat / nrm
+
+
+def localisation_bootstrap(tokens: np.ndarray, patches: Sequence[np.ndarray], *, positions: np.ndarray | None = None,
+                           n_boot: int = 200, seed: int = 0, level: float = 0.95,
+                           device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Percentile bootstrap over images of the localisation ``score`` (and ``own``, ``other``).
+
+    Resample ``b`` draws n image indices with replacement from ``numpy.random.default_rng(seed)`` (the draw
+    of :func:`repsim.similarity_measures.bootstrap_interval`), and recomputes the token ↔ patch CKA matrix on
+    those rows exactly as :func:`patch_token_cka_matrix` would (biased CKA; copies of an image are repeated
+    rows, the usual bootstrap of a plug-in statistic), then :func:`localisation_scores`. Two calls with the
+    same ``seed`` and n draw the same rows, so their ``samples`` are paired by image: the interval of a
+    difference between two layers or two models on the same images is ``percentile(samples_a − samples_b)``.
+    Returns ``score`` (all images), ``low``, ``high``, ``samples`` (n_boot,), ``level``, ``n``, ``n_boot``,
+    ``seed``, ``method``.
+    """
+    tokens = np.asarray(tokens)
+    n = tokens.shape[0]
+    positions = np.arange(tokens.shape[1]) if positions is None else np.asarray(positions, dtype=np.int64)
+    dev = resolve_device(device)
+    rng = np.random.default_rng(seed)
+    samples = np.empty(int(n_boot), dtype=np.float64)
+    with tf32_off(), torch.no_grad():
+        K = _raw_grams([tokens[:, int(p)] for p in positions], dev)
+        L = _raw_grams(list(patches), dev)
+        observed = localisation_scores((_centred_unit(K, "token") @ _centred_unit(L, "patch").T).cpu().numpy(),
+                                       positions)
+        # A resample with repeated rows is the full set with multiplicities w (sum n). Its centred HSIC is
+        # tr(M K M L) with M = W - w w'/n (W = diag w), and M K M = K o ww' - (u w' + w u')/n + c ww' with
+        # u = w o (K w), c = w'K w / n², so <MKM, L> = <K, L o ww'> - 2 u'(L w)/n + c w'L w: one (P x n²)(n² x Q)
+        # product per resample and no n x n gather. float32 (Grams of centred features; the scores need ~1e-4).
+        K32 = K.to(torch.float32).reshape(len(K), -1)
+        L32 = L.to(torch.float32).reshape(len(L), -1)
+        K2, L2 = K32 * K32, L32 * L32
+
+        def parts(g: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            gw = g.reshape(len(g), n, n) @ w  # (K, n) = K w
+            return w[None, :] * gw, gw, (gw @ w) / (n * n)  # u, K w, c
+
+        for b in range(int(n_boot)):
+            idx = rng.integers(0, n, size=n)
+            w = torch.as_tensor(np.bincount(idx, minlength=n), dtype=torch.float32, device=dev)
+            ww = (w[:, None] * w[None, :]).reshape(-1)
+            uk, kw, ck = parts(K32, w)
+            ul, lw, cl = parts(L32, w)
+            cross = K32 @ (L32 * ww[None, :]).T - 2.0 / n * (uk @ lw.T) + ck[:, None] * (lw @ w)[None, :]
+            self_k = K2 @ ww - 2.0 / n * (uk * kw).sum(1) + ck * (kw @ w)
+            self_l = L2 @ ww - 2.0 / n * (ul * lw).sum(1) + cl * (lw @ w)
+            if bool((self_k <= 0).any()) or bool((self_l <= 0).any()):
+                raise NumericalError("a bootstrap resample has zero self-HSIC (constant across its images)")
+            m = cross / torch.sqrt(self_k[:, None] * self_l[None, :])
+            samples[b] = localisation_scores(m.double().cpu().numpy(), positions)["score"]
+    lo, hi = np.quantile(samples, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return {"score": observed["score"], "own": observed["own"], "other": observed["other"], "low": float(lo),
+            "high": float(hi), "samples": samples, "level": float(level), "n": int(n), "n_boot": int(n_boot),
+            "seed": int(seed), "method": "percentile bootstrap over images (rows drawn with replacement)"}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------------
@@ -321,29 +400,53 @@ class TokenPatchCKA:
     def plot(self, path: str | os.PathLike | None = None, positions: Sequence[int] | None = None) -> Any:
         """Heat maps of CKA(p, ·) on the grid for a few token positions p (default: corners and centre), the
         position p outlined; one shared colour bar. Saved to ``path`` when given; returns the Figure."""
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Rectangle
+        return plot_token_maps({str((self.store or {}).get("model") or ""): self}, path, positions=positions)
 
-        gh, gw = self.grid
-        ps = list(positions) if positions is not None else _default_plot_positions(
-            (gh, gw), np.asarray(self.positions))
-        fig = Figure(figsize=(2.4 * len(ps) + 1.2, 3.0), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(1, len(ps), squeeze=False)[0])
-        vmin, vmax = float(np.min(self.matrix)), float(np.max(self.matrix))
-        im = None
-        for ax, p in zip(axes, ps):
-            im = ax.imshow(self.map_for(int(p)), vmin=vmin, vmax=vmax, cmap="viridis", interpolation="nearest")
-            i, j = divmod(int(p), gw)
+
+def plot_token_maps(maps: "dict[str, TokenPatchCKA]", path: str | os.PathLike | None = None,
+                    positions: Sequence[int] | None = None) -> Any:
+    """Token ↔ patch CKA maps of several results (label → :class:`TokenPatchCKA`), one row each, on *one* colour
+    scale (the range of all rows), so that rows compare by colour. Columns: the token positions (default
+    corners and centre), each outlined in red. Returns the Figure; saved to ``path`` when given."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    items = list(maps.items())
+    first = items[0][1]
+    gh, gw = first.grid
+    ps = list(positions) if positions is not None else _default_plot_positions((gh, gw), np.asarray(first.positions))
+    fig = Figure(figsize=(2.3 * len(ps) + 1.6, 2.5 * len(items) + 0.8), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(items), len(ps), squeeze=False))
+    vmin = min(float(np.min(r.matrix)) for _, r in items)
+    vmax = max(float(np.max(r.matrix)) for _, r in items)
+    im = None
+    for row, (label, res) in enumerate(items):
+        for ax, p in zip(axes[row], ps):
+            im = ax.imshow(res.map_for(int(p)), vmin=vmin, vmax=vmax, cmap="viridis", interpolation="nearest")
+            i, j = divmod(int(p), res.grid[1])
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
-            ax.set_title(f"token ({i}, {j})", fontsize=9)
+            ax.set_title(f"token ({i}, {j})", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-        fig.colorbar(im, ax=list(axes), shrink=0.85, label="CKA(token, input patch)")
-        fig.suptitle(f"{self.layer}: score {self.score:.3f}, own-argmax {100 * self.argmax_fraction:.0f}% "
-                     f"(n = {self.n_images})", fontsize=10)
-        if path is not None:
-            fig.savefig(os.fspath(path), dpi=150)
-        return fig
+        axes[row, 0].set_ylabel(f"{label} {res.layer}\nscore {res.score:.3f}\nown patch is max: "
+                                f"{100 * res.argmax_fraction:.0f}%", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.85, label="CKA(token, input patch), one scale for all rows")
+    fig.suptitle(f"CKA between one token and every input patch (red: the token's own patch); biased linear CKA "
+                 f"over n = {first.n_images} images", fontsize=9)
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=150)
+    return fig
+
+
+def localisation_interval(store: Any, layer: str, *, images: int | Sequence[int] | None = None, n_boot: int = 200,
+                          seed: int = 0, level: float = 0.95, device: str = "cpu") -> dict[str, Any]:
+    """:func:`localisation_bootstrap` of one layer of a store (the images of :func:`token_patch_cka`)."""
+    rows = _select_images(store, images)
+    tokens, grid = layer_tokens(store, layer, rows)
+    patches = patch_pixels(_read_inputs(store, rows), grid)
+    out = localisation_bootstrap(tokens, patches, n_boot=n_boot, seed=seed, level=level, device=device)
+    out["layer"] = layer
+    return out
 
 
 def token_patch_cka(store: Any, layer: str, *, images: int | Sequence[int] | None = None,
@@ -402,6 +505,11 @@ class PositionProbe:
     lam: float
     seed: int
     seconds: float = 0.0
+    #: 95 % percentile bootstrap over the test *images* (tokens of one image are not independent)
+    accuracy_low: float | None = None
+    accuracy_high: float | None = None
+    #: accuracy over each test image's P tokens, in test-row order (pairs two layers or models on the same split)
+    image_accuracy: list[float] = field(default_factory=list)
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         d = jsonable(dict(asdict(self), kind="repsim.position_probe"))
@@ -453,12 +561,18 @@ def position_probe(store: Any, layer: str, *, images: int | Sequence[int] | None
         fit = ridge_classify(Xtr, ytr, Xv, yv, lam, refit=True, device=dev)
     else:
         fit = fit_logreg(Xtr, ytr, Xv, yv, lam, refit=True, device=dev)
-    acc = accuracy_scores(yte, fit.predict(Xte))[0]
+    from repsim.intervals import bootstrap_mean
+
+    pred = np.asarray(fit.predict(Xte))
+    acc = accuracy_scores(yte, pred)[0]
+    per_image = (pred.reshape(te.size, P) == yte.reshape(te.size, P)).mean(axis=1)
+    ci = bootstrap_mean(per_image, seed=seed)
     train_acc = accuracy_scores(np.concatenate([ytr, yv]), fit.predict(np.concatenate([Xtr, Xv])))[0]
     return PositionProbe(layer=layer, accuracy=float(acc), train_accuracy=float(train_acc), chance=1.0 / P,
                          n_positions=P, n_train_images=int(tr.size), n_val_images=int(va.size),
                          n_test_images=int(te.size), method=method, lam=float(fit.lam), seed=int(seed),
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0, accuracy_low=ci["low"], accuracy_high=ci["high"],
+                         image_accuracy=[float(v) for v in per_image])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -477,6 +591,8 @@ class LocalizeRow:
     argmax_fraction: float | None
     position_accuracy: float | None
     position_chance: float | None
+    position_accuracy_low: float | None = None  # 95 % bootstrap interval over the test images
+    position_accuracy_high: float | None = None
 
 
 @dataclass
@@ -622,7 +738,9 @@ def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | S
             probes_[lay] = pp
         rows.append(LocalizeRow(layer=lay, kind=kind, grid=list(grid), score=tp and tp.score, own=tp and tp.own,
                                 other=tp and tp.other, argmax_fraction=tp and tp.argmax_fraction,
-                                position_accuracy=pp and pp.accuracy, position_chance=pp and pp.chance))
+                                position_accuracy=pp and pp.accuracy, position_chance=pp and pp.chance,
+                                position_accuracy_low=pp and pp.accuracy_low,
+                                position_accuracy_high=pp and pp.accuracy_high))
     protocol = {"n_images": int(rows_idx.size), "images": "first rows (store order is a seeded permutation)"
                 if images is None or isinstance(images, (int, np.integer)) else "explicit rows",
                 "max_positions": max_positions, "estimator": ESTIMATOR if cka else None,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from repsim.cka_plot import model_label, short_layer_names
+from repsim.cka_plot import layer_labels, model_label
 from repsim.errors import UsageError
 
 if TYPE_CHECKING:
@@ -31,33 +31,68 @@ KIND_COLOURS = {
     "global": "#1f77b4",
 }
 MARKERS = ("o", "s", "^", "D", "v", "P")
+#: the colour scale of the aligned maps spans at least x1/2 .. x2 of uniform attention, so that a map within
+#: ~20 % of uniform reads (nearly) flat instead of being stretched over the whole colour map
+MIN_LOG2_RANGE = 1.0
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize: tuple[float, float], layout: str = "constrained") -> Any:
+    """A bare matplotlib Figure (no pyplot): renders headless with Agg, never piles up in pyplot's figure list,
+    and shows once (not twice) when returned as a notebook cell's value under ``%matplotlib inline``."""
+    from matplotlib.figure import Figure
 
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    return Figure(figsize=figsize, layout=layout)
 
-    return plt
+
+def uniform_aligned_map(grid: tuple[int, int]) -> np.ndarray:
+    """The aligned map of *uniform* attention on a (gh, gw) grid, normalised to sum 1: (2gh-1, 2gw-1).
+
+    Pasting every query's map on a canvas centred on the query, offset (dy, dx) is reached by
+    (gh − |dy|)(gw − |dx|) queries, so uniform attention (1/P on every key) aligns to the pyramid
+    (gh − |dy|)(gw − |dx|) / (gh·gw)²: a centred peak that says nothing about locality.
+    """
+    gh, gw = (int(g) for g in grid)
+    dy = np.abs(np.arange(-(gh - 1), gh))[:, None]
+    dx = np.abs(np.arange(-(gw - 1), gw))[None, :]
+    return ((gh - dy) * (gw - dx) / float(gh * gw) ** 2).astype(np.float64)
+
+
+def relative_to_uniform(aligned: np.ndarray) -> np.ndarray:
+    """Aligned maps (..., 2gh-1, 2gw-1) divided per offset by the uniform-attention pyramid.
+
+    Each map is normalised to sum 1 first; the result is the mean attention a query puts on the key at that
+    offset in units of uniform attention (1/P): 1 everywhere for uniform (global) attention, > 1 at the centre
+    for a local head, > 1 off-centre for an offset head.
+    """
+    m = np.asarray(aligned, dtype=np.float64)
+    gh, gw = (m.shape[-2] + 1) // 2, (m.shape[-1] + 1) // 2
+    total = m.sum(axis=(-2, -1), keepdims=True)
+    m = np.divide(m, total, out=np.zeros_like(m), where=total > 0)
+    return m / uniform_aligned_map((gh, gw))
 
 
 def plot_distance_vs_depth(reports: "AttentionReport | Sequence[AttentionReport]", ax: Any = None) -> Any:
-    """Scatter of every head's mean attention distance (px) against its layer's depth; returns the Axes."""
-    plt = _pyplot()
+    """Scatter of every head's mean attention distance (px) against its layer's depth, with its 95 % interval
+    over images (± 1.96 · std / √n); returns the Axes. The legend lists only the head kinds that occur."""
+    from matplotlib.lines import Line2D
+
     if not isinstance(reports, Sequence):
         reports = [reports]
     if ax is None:
-        _, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+        ax = _figure((8, 4.5)).subplots()
     rng = np.random.default_rng(0)  # horizontal jitter so heads with equal distance stay visible
+    seen: list[str] = []
     for r_i, report in enumerate(reports):
         marker = MARKERS[r_i % len(MARKERS)]
         for layer in report.layers:
             for h in layer.heads:
                 x = layer.depth + (rng.uniform(-0.15, 0.15) if len(reports) == 1 else (r_i - (len(reports) - 1) / 2) * 0.2)
-                ax.scatter(x, h.distance_px, s=22, marker=marker, color=KIND_COLOURS.get(h.kind, "grey"),
-                           edgecolors="black", linewidths=0.3, zorder=3)
+                half = 1.96 * h.distance_std_px / np.sqrt(max(report.n, 1))
+                colour = KIND_COLOURS.get(h.kind, "grey")
+                ax.errorbar(x, h.distance_px, yerr=half, fmt=marker, ms=5, color=colour, mec="black", mew=0.3,
+                            elinewidth=0.8, capsize=1.5, zorder=3)
+                if h.kind not in seen:
+                    seen.append(h.kind)
     first = reports[0]
     top = max((h.distance_px for r in reports for ly in r.layers for h in ly.heads), default=1.0)
     uniform = [(ly.depth, ly.uniform_distance_px) for ly in first.layers if ly.uniform_distance_px is not None]
@@ -66,38 +101,49 @@ def plot_distance_vs_depth(reports: "AttentionReport | Sequence[AttentionReport]
         ax.plot(xs, ys, "--", color="grey", lw=1, zorder=2, label="uniform attention")
         top = max(top, max(ys))
     ax.set_ylim(0, top * 1.08)  # from 0, as in the ViT paper: local heads sit near the bottom
-    names = short_layer_names([ly.layer for ly in first.layers])
+    names = layer_labels([ly.layer for ly in first.layers])
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
-    ax.set_xlabel("layer (network order)")
+    ax.set_xlabel("attention layer (network order)")
     ax.set_ylabel("mean attention distance (pixels)")
     ax.grid(alpha=0.3, zorder=0)
-    handles = [plt.Line2D([], [], marker="o", ls="", color=c, markeredgecolor="black", label=k.replace("_", " "))
-               for k, c in KIND_COLOURS.items()]
+    order = [k for k in KIND_COLOURS if k in seen] + [k for k in seen if k not in KIND_COLOURS]
+    handles = [Line2D([], [], marker="o", ls="", color=KIND_COLOURS.get(k, "grey"), markeredgecolor="black",
+                      label=k.replace("_", " ")) for k in order]
     if uniform:
-        handles.append(plt.Line2D([], [], ls="--", color="grey", label="uniform attention"))
+        handles.append(Line2D([], [], ls="--", color="grey", label="uniform attention"))
     if len(reports) > 1:
-        handles += [plt.Line2D([], [], marker=MARKERS[i % len(MARKERS)], ls="", color="grey", label=r.model)
+        handles += [Line2D([], [], marker=MARKERS[i % len(MARKERS)], ls="", color="grey", label=r.model)
                     for i, r in enumerate(reports)]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head kind",
               title_fontsize=7, frameon=False)
     title = " vs ".join(model_label(r.model) for r in reports)
-    ax.set_title(f"{title}: attention distance per head (n={first.n} images)", fontsize=10)
+    ax.set_title(f"{title}: mean attention distance per head, 95% CI over images (n={first.n} images)",
+                 fontsize=10)
     return ax
 
 
 def plot_aligned_maps(report: "AttentionReport", max_layers: int | None = None) -> Any:
-    """Grid of aligned attention maps, layers as rows and heads as columns; returns the Figure."""
-    plt = _pyplot()
+    """Grid of aligned attention maps relative to uniform attention, layers as rows and heads as columns.
+
+    Each panel is :func:`relative_to_uniform` of the head's aligned map on a log2 scale: white = uniform
+    attention at that offset (a global head is flat white), red = more than uniform (a local head is a red
+    centre, an offset head a red spot off the +), blue = less. One colour scale for all panels, spanning the
+    data's range (at least x1/2 .. x2). Returns the Figure.
+    """
+    from matplotlib.colors import TwoSlopeNorm
+
     layers = report.layers[:max_layers] if max_layers else report.layers
     n_heads = max(ly.num_heads for ly in layers)
-    fig, axes = plt.subplots(len(layers), n_heads, figsize=(1.1 * n_heads + 1.5, 1.1 * len(layers) + 0.8),
-                             squeeze=False, constrained_layout=True)
-    names = short_layer_names([ly.layer for ly in layers])
+    fig = _figure((1.25 * n_heads + 2.0, 1.2 * len(layers) + 1.1))
+    axes = np.atleast_2d(fig.subplots(len(layers), n_heads, squeeze=False))
+    names = layer_labels([ly.layer for ly in layers])
+    rel = {ly.layer: np.log2(np.maximum(relative_to_uniform(report.aligned[ly.layer]), 1e-6)) for ly in layers}
+    lo = min(float(v.min()) for v in rel.values())
+    hi = max(float(v.max()) for v in rel.values())
+    norm = TwoSlopeNorm(vmin=min(lo, -MIN_LOG2_RANGE), vcenter=0.0, vmax=max(hi, MIN_LOG2_RANGE))
     image = None
     for i, layer in enumerate(layers):
-        maps = report.aligned[layer.layer]
-        # log scale: the centre cell of local heads otherwise hides everything else
         for h in range(n_heads):
             ax = axes[i, h]
             ax.set_xticks([])
@@ -105,30 +151,40 @@ def plot_aligned_maps(report: "AttentionReport", max_layers: int | None = None) 
             if h >= layer.num_heads:
                 ax.axis("off")
                 continue
-            m = maps[h]
-            image = ax.imshow(np.log10(np.maximum(m, 1e-6)), cmap="magma", vmin=-4, vmax=0)
+            m = rel[layer.layer][h]
+            image = ax.imshow(m, cmap="RdBu_r", norm=norm, interpolation="nearest")
             gh, gw = (m.shape[0] + 1) // 2, (m.shape[1] + 1) // 2
-            ax.plot(gw - 1, gh - 1, "+", color="cyan", ms=4, mew=0.8)
+            ax.plot(gw - 1, gh - 1, "+", color="black", ms=5, mew=0.8)
             head = layer.heads[h]
-            ax.set_title(f"{head.kind.replace('_', ' ')}", fontsize=5, pad=1,
+            ax.set_title(f"{head.kind.replace('_', ' ')}, {head.distance_px:.0f} px", fontsize=6, pad=1.5,
                          color=KIND_COLOURS.get(head.kind, "black"))
             if h == 0:
-                ax.set_ylabel(names[i], fontsize=6)
+                ax.set_ylabel(names[i], fontsize=7)
             if i == len(layers) - 1:
-                ax.set_xlabel(f"head {h}", fontsize=6)
+                ax.set_xlabel(f"head {h}", fontsize=7)
     if image is not None:
-        cbar = fig.colorbar(image, ax=axes, shrink=min(0.6, 4.0 / len(layers)), pad=0.01)
-        cbar.set_label("log10 attention (aligned, normalised)", fontsize=7)
-    fig.suptitle(f"{model_label(report.model)}: aligned attention maps (query at the + ; n={report.n})", fontsize=9)
+        cbar = fig.colorbar(image, ax=axes, shrink=min(0.8, 5.0 / len(layers)), pad=0.02)
+        ticks = list(range(int(np.ceil(norm.vmin)), int(np.floor(norm.vmax)) + 1))  # inside the scale only
+        cbar.set_ticks(ticks)
+        cbar.set_ticklabels([f"x{2.0 ** t:g}" if t >= 0 else f"x1/{2.0 ** -t:g}" for t in ticks])
+        cbar.set_label("attention at offset / uniform attention (log scale)", fontsize=7)
+        cbar.ax.tick_params(labelsize=7)
+    fig.suptitle(f"{model_label(report.model)}: aligned attention relative to uniform attention (query at +; "
+                 f"n={report.n} images)\nwhite = uniform (global), red centre = local, red off-centre = offset",
+                 fontsize=9)
     return fig
 
 
 def plot_rollout(maps: np.ndarray, images: np.ndarray | None, model: str) -> Any:
-    """Rollout maps (k, gh, gw), over the input images (k, 3, H, W; normalised pixels) when given."""
-    plt = _pyplot()
+    """Rollout maps (k, gh, gw), over the input images (k, 3, H, W; normalised pixels) when given.
+
+    Attention rollout (Abnar & Zuidema 2020) multiplies the layers' attention matrices (each averaged over
+    heads, plus the identity for the residual stream) to estimate how much each input patch flows into the
+    CLS token (or the mean patch token without one); each map is scaled to its own maximum."""
     k = maps.shape[0]
     rows = 2 if images is not None else 1
-    fig, axes = plt.subplots(rows, k, figsize=(2.2 * k, 2.2 * rows + 0.4), squeeze=False, constrained_layout=True)
+    fig = _figure((2.2 * k + 1.0, 2.2 * rows + 0.7))
+    axes = np.atleast_2d(fig.subplots(rows, k, squeeze=False))
     image = None
     for j in range(k):
         m = maps[j] / max(float(maps[j].max()), 1e-12)
@@ -148,7 +204,8 @@ def plot_rollout(maps: np.ndarray, images: np.ndarray | None, model: str) -> Any
             ax.set_yticks([])
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.7).set_label("rollout attention (max = 1)", fontsize=7)
-    fig.suptitle(f"{model_label(model)}: attention rollout (Abnar & Zuidema 2020)", fontsize=9)
+    fig.suptitle(f"{model_label(model)}: attention rollout (Abnar & Zuidema 2020) of the first {k} images\n"
+                 "where the input patches flow into the read-out token, each map scaled to its maximum", fontsize=9)
     return fig
 
 
@@ -166,7 +223,6 @@ def plot_attention_report(report: "AttentionReport", path: str | os.PathLike | N
     The rollout figure needs ``store`` with kept maps (``--attn-keep``); it is skipped otherwise. Returns
     ``{"distance": Axes, "aligned": Figure, "rollout": Figure | None, "paths": [...]}``.
     """
-    plt = _pyplot()
     from repsim.attention_summary import store_rollout
 
     out: dict[str, Any] = {"paths": []}
@@ -188,8 +244,6 @@ def plot_attention_report(report: "AttentionReport", path: str | os.PathLike | N
         if key in targets:
             fig.savefig(targets[key], dpi=150)
             out["paths"].append(targets[key])
-        if path is not None:
-            plt.close(fig)
     return out
 
 
@@ -197,19 +251,19 @@ def plot_erf(layers: Sequence[str], radii: Sequence[float], maps: Sequence[np.nd
              path: str | os.PathLike | None = None, n_images: int | None = None) -> Any:
     """Effective-receptive-field radius (px) per layer, on the same axis as attention distance, with the
     ERF maps of up to 6 layers; saved to ``path`` when given; returns the Figure."""
-    plt = _pyplot()
     show = np.unique(np.linspace(0, len(layers) - 1, min(6, len(layers))).round().astype(int))
-    fig = plt.figure(figsize=(2.0 * max(len(show), 3), 5.2), constrained_layout=True)
-    grid = fig.add_gridspec(2, len(show), height_ratios=[1.3, 1])
+    fig = _figure((max(2.1 * len(show), 7.5) + 1.0, 6.0))
+    grid = fig.add_gridspec(2, len(show), height_ratios=[1.4, 1])
     ax = fig.add_subplot(grid[0, :])
-    names = short_layer_names(list(layers))
+    names = layer_labels(list(layers))
     ax.plot(range(len(layers)), radii, "o-", color="#1f77b4")
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
     ax.set_xlabel("layer (network order)")
     ax.set_ylabel("ERF radius (pixels)")
     ax.grid(alpha=0.3)
-    ax.set_title(f"{model_label(model)}: effective receptive field" + (f" (n={n_images} images)" if n_images else ""), fontsize=10)
+    ax.set_title(f"{model_label(model)}: effective receptive field (Luo et al. 2016)"
+                 + (f", n={n_images} images" if n_images else ""), fontsize=10)
     image = None
     for j, i in enumerate(show):
         sub = fig.add_subplot(grid[1, j])
@@ -222,5 +276,4 @@ def plot_erf(layers: Sequence[str], radii: Sequence[float], maps: Sequence[np.nd
         fig.colorbar(image, ax=fig.axes[1:], shrink=0.8).set_label("|gradient| (max = 1)", fontsize=7)
     if path is not None:
         fig.savefig(os.fspath(path), dpi=150)
-        plt.close(fig)
     return fig

@@ -47,6 +47,41 @@ def short_layer_names(layers: Sequence[str], max_chars: int = MAX_LABEL_CHARS) -
     return out
 
 
+#: module names of the layer presets (hooks.layers) whose output is the pooled pre-logits vector / the logits
+PRE_LOGITS_NAMES = frozenset({"head_drop", "fc_norm", "head.drop", "head.pre_logits", "global_pool", "head.global_pool",
+                              "pool", "avgpool", "pooler", "layernorm"})
+LOGITS_NAMES = frozenset({"head", "head.fc", "fc", "classifier", "head.proj"})
+
+
+def layer_labels(layers: Sequence[str], max_chars: int = MAX_LABEL_CHARS, *, keep_context: bool = True,
+                 roles: bool = True) -> list[str]:
+    """Axis labels for layers in network order.
+
+    Like :func:`short_layer_names`, but (``keep_context``) the shared prefix is never cut down to a bare index
+    (``blocks.0.attn`` stays ``blocks.0.attn``, not ``0.attn``), and (``roles``) when the list ends with a
+    classifier module of the layer presets (``head``, ``fc``, ...), it is labelled ``logits`` and the pooled
+    vector right before it (``head_drop``, ``global_pool``, ...) ``pre-logits``.
+    """
+    parts = [name.split(".") for name in layers]
+    common = 0
+    if len(parts) > 1:
+        while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+            common += 1
+        if keep_context:
+            while common > 0 and any(p[common][:1].isdigit() for p in parts):
+                common -= 1
+    out = [".".join(p[common:]) for p in parts]
+    if roles and len(layers) >= 2 and layers[-1] in LOGITS_NAMES:
+        out[-1] = "logits"
+        if layers[-2] in PRE_LOGITS_NAMES:
+            out[-2] = "pre-logits"
+    for i, s in enumerate(out):
+        if len(s) > max_chars:
+            keep = max_chars - 1
+            out[i] = s[: keep // 2] + "…" + s[len(s) - (keep - keep // 2):]
+    return out
+
+
 def _ticks(n: int) -> np.ndarray:
     step = max(1, int(np.ceil(n / MAX_TICKS)))
     return np.arange(0, n, step)
@@ -86,7 +121,9 @@ def plot_layer_map(values: Any, layers_a: Sequence[str], layers_b: Sequence[str]
     cbar = fig.colorbar(im, ax=ax)
     cbar.set_label(label)
     ya, xb = _ticks(values.shape[0]), _ticks(values.shape[1])
-    names_a, names_b = short_layer_names(layers_a), short_layer_names(layers_b)
+    # roles: the pooled pre-logits and the classifier read "pre-logits" / "logits", not timm's module names
+    names_a = layer_labels(layers_a, keep_context=False)
+    names_b = layer_labels(layers_b, keep_context=False)
     ax.set_yticks(ya)
     ax.set_yticklabels([names_a[i] for i in ya], fontsize=7)
     ax.set_xticks(xb)

@@ -33,9 +33,11 @@ from hooks.extract import plan_extraction, run_extraction
 from hooks.reference_models import REFERENCE_MODELS
 from hooks.registry import load_model
 from repsim.cka_engine import CKAResult, cka_matrix
-from repsim.cka_plot import short_layer_names
 from repsim.data import open_dataset
 from repsim.errors import UsageError
+from repsim.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, adjacent_minus_far,
+                              bootstrap_mean, centred_gram, ci_text, correspondence, newcombe_difference,
+                              percentile_interval, statistic, verdict, wilson_interval)
 from repsim.json_output import jsonable, write_json_atomic
 from repsim.store import ActivationStore
 
@@ -75,49 +77,223 @@ def _accuracy(store: ActivationStore) -> float:
     return float((logits.argmax(1) == store.labels).mean())
 
 
-def _cka_decay(result: CKAResult) -> dict[str, float]:
-    """Diagonal, mean CKA of adjacent layers (|i - j| = 1) and of the farthest pair (first vs last layer)."""
-    v = np.asarray(result.values, dtype=np.float64)
-    k = v.shape[0]
-    adjacent = float(np.mean([v[i, i + 1] for i in range(k - 1)])) if k > 1 else float("nan")
-    return {"diagonal_min": float(np.diag(v).min()), "diagonal_max": float(np.diag(v).max()),
-            "adjacent_mean": adjacent, "first_last": float(v[0, -1])}
+def comparable_layers(store: ActivationStore) -> list[str]:
+    """The layers a depth comparison may use: the token / map layers (stem and blocks), in network order.
+
+    The pooled pre-logits vector and the logits (vector layers) are left out: they are the classifier's input
+    and output, trained towards the same labels in every model, so their mutual similarity says nothing about
+    whether two networks compute their features in the same order.
+    """
+    out = []
+    for layer in store.layers:
+        info = store.layer_info(layer)
+        kind = info.get("kind") or {1: "vector", 2: "tokens", 3: "map"}.get(len(tuple(info.get("shape", ()))))
+        if kind in ("tokens", "map"):
+            out.append(layer)
+    return out
+
+
+def _grams(store: ActivationStore, layers: Sequence[str]) -> dict[str, Any]:
+    """Centred float64 Grams (n, n) of each layer's flattened features (the rows of ``tokens="flatten"``)."""
+    import torch
+
+    from repsim.cka_engine import layer_features
+
+    return {layer: centred_gram(layer_features(store, layer, tokens="flatten", dtype=torch.float32).numpy())
+            for layer in layers}
+
+
+def _check_against_map(stat: HalfSampleCKA, result: CKAResult) -> float:
+    """Largest |difference| between the statistics' CKA matrix and the plotted map on the same layers."""
+    ia = [result.layers_a.index(x) for x in stat.layers_a]
+    ib = [result.layers_b.index(x) for x in stat.layers_b]
+    diff = float(np.abs(np.asarray(result.values)[np.ix_(ia, ib)] - stat.observed).max())
+    if diff > 1e-3:
+        raise RuntimeError(f"the half-sample CKA ({diff:.2e} off) does not reproduce the plotted map: a bug")
+    return diff
+
+
+def cka_within_statistics(stat: HalfSampleCKA) -> dict[str, Any]:
+    """Decay away from the diagonal on the comparable layers: adjacent-layer mean, first vs last, difference."""
+    first, last = stat.layers_a[0], stat.layers_a[-1]
+    adjacent = stat.interval(lambda v: float(np.mean(np.diag(v, 1))))
+    far = stat.interval(lambda v: float(v[0, -1]))
+    decay = stat.interval(adjacent_minus_far)
+    return {"layers": stat.layers_a, "first_layer": first, "last_layer": last, "adjacent_mean": adjacent,
+            "first_vs_last": far, "adjacent_minus_first_vs_last": decay}
+
+
+def cka_within_sentence(name: str, d: dict[str, Any]) -> str:
+    dec = d["adjacent_minus_first_vs_last"]
+    word = {"higher": "decays away from the diagonal", "lower": "*rises* away from the diagonal",
+            "not resolved": "has no resolved decay away from the diagonal"}[dec["verdict"]]
+    return (f"{name} {word}: adjacent layers {ci_text(**_v(d['adjacent_mean']))} vs "
+            f"{d['first_layer']} against {d['last_layer']} {ci_text(**_v(d['first_vs_last']))} "
+            f"(difference {ci_text(**_v(dec))}{'' if dec['verdict'] != 'not resolved' else ', not resolved'})")
+
+
+def _v(stat: dict[str, Any]) -> dict[str, float]:
+    return {"value": stat["value"], "low": stat["low"], "high": stat["high"]}
+
+
+def cka_correspondence_statistics(stat: HalfSampleCKA) -> dict[str, Any]:
+    """Where each comparable layer of A best matches B, and the slope of that match depth on A's depth."""
+    c = correspondence(stat.observed)
+    slope = stat.interval(lambda v: correspondence(v)["slope"])
+    return {"layers_a": stat.layers_a, "layers_b": stat.layers_b,
+            "best_match": [stat.layers_b[j] for j in c["best"]],
+            "best_match_relative_depth": c["best_relative_depth"],
+            "best_match_cka": [float(stat.observed[i, j]) for i, j in enumerate(c["best"])],
+            "slope": slope,
+            "rests_on": (f"debiased CKA between the {len(stat.layers_a)} x {len(stat.layers_b)} token / map layers "
+                         "(stem and blocks); the pooled pre-logits and the logits are excluded")}
+
+
+def cka_correspondence_sentence(a: str, b: str, d: dict[str, Any]) -> str:
+    sl = d["slope"]
+    groups: dict[str, list[str]] = {}
+    for la, lb in zip(d["layers_a"], d["best_match"]):
+        groups.setdefault(lb, []).append(la)
+    matches = "; ".join(f"{', '.join(v)} → {k}" for k, v in groups.items())
+    if sl["verdict"] == "higher" and sl["low"] > 0.5:
+        claim = f"later {a} layers find their best match later in {b}, close to a diagonal band"
+    elif sl["verdict"] == "higher":
+        claim = (f"the best match moves down {b} as {a} deepens, but by much less than a diagonal band would "
+                 "(slope 1)")
+    elif sl["verdict"] == "lower":
+        claim = f"the best match moves *up* {b} as {a} deepens"
+    else:
+        claim = "a depth correspondence is not resolved (the interval of the slope includes 0)"
+    return (f"{a} vs {b}: best matches {matches}; slope of best-match depth on depth "
+            f"{ci_text(**_v(sl))} (1 = diagonal band, 0 = same depth throughout): {claim}")
+
+
+def _attention_statistics(store: ActivationStore, rep: Any, seed: int = 0) -> dict[str, Any]:
+    """First- and last-layer spread of the heads' mean distances, with a bootstrap over images."""
+    uniform = float(rep.layers[0].uniform_distance_px)
+    out: dict[str, Any] = {"uniform_distance_px": uniform}
+    rng = np.random.default_rng(seed)
+    for which, ly in (("first", rep.layers[0]), ("last", rep.layers[-1])):
+        d = np.asarray(store.read_attention(ly.layer, "distance"), dtype=np.float64)  # (n, heads)
+        idx = rng.integers(0, d.shape[0], size=(N_RESAMPLES * 5, d.shape[0]))
+        means = d[idx].mean(axis=1)  # (B, heads)
+        spread_b = means.max(axis=1) - means.min(axis=1)
+        shortest_b = means.min(axis=1) / uniform
+        m = d.mean(axis=0)
+        lo, hi = percentile_interval(spread_b)
+        slo, shi = percentile_interval(shortest_b)
+        # a "mix of local and global heads": the heads' distances differ by more than a quarter of uniform
+        mix = percentile_interval(spread_b - 0.25 * uniform)
+        out[which] = {"layer": ly.layer, "distance_px": m.tolist(),
+                      "spread_px": statistic(float(m.max() - m.min()), lo, hi, n=int(d.shape[0])),
+                      "shortest_over_uniform": statistic(float(m.min() / uniform), slo, shi, n=int(d.shape[0])),
+                      "spread_minus_quarter_uniform": statistic(float(m.max() - m.min() - 0.25 * uniform), *mix,
+                                                                n=int(d.shape[0]))}
+    out["method"] = "percentile bootstrap over images of the per-image mean distances (1000 resamples)"
+    return out
+
+
+def _attention_sentence(name: str, st: dict[str, Any], kinds: dict[str, int]) -> str:
+    f, la = st["first"], st["last"]
+    u = st["uniform_distance_px"]
+    mix = f["spread_minus_quarter_uniform"]["verdict"]
+    verdict = {"higher": "the early mix of local and global heads that Raghu et al. report for ViTs",
+               "lower": "no early mix of local and global heads (spread below a quarter of the uniform distance), "
+                        "unlike the ImageNet ViTs of Raghu et al. (Fig. 3)",
+               "not resolved": "whether the first layer mixes local and global heads is not resolved"}[mix]
+    return (f"Each dot is one head's mean attention distance in pixels with its 95% interval over images; uniform "
+            f"attention over the grid gives {u:.1f} px. In the first layer ({f['layer']}) the heads span "
+            f"{min(f['distance_px']):.1f}–{max(f['distance_px']):.1f} px (spread "
+            f"{ci_text(**_v(f['spread_px']), digits=1)} px; the most local head at "
+            f"{ci_text(**_v(f['shortest_over_uniform']), digits=2)} of uniform), in the last ({la['layer']}) "
+            f"{min(la['distance_px']):.1f}–{max(la['distance_px']):.1f} px: {verdict}. Head kinds (rule-based labels "
+            "of repsim.attention.classify_heads on the aligned maps, not estimates): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + ".")
 
 
 def _plot_cka_panels(results: Sequence[CKAResult], titles: Sequence[str], path: str) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.2 * len(results), 4.8), layout="constrained")
+    fig = Figure(figsize=(5.4 * len(results), 5.0), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(results)))
     for ax, res, title in zip(axes, results, titles):
-        res.plot(None, ax=ax)
-        ax.set_title(title, fontsize=10)
+        res.plot(None, ax=ax)  # its title carries the models, estimator, tokens and n
+        ax.set_title(f"{title}\n{ax.get_title().split(chr(10), 1)[-1]}", fontsize=9)
     fig.savefig(path, dpi=130)
 
 
-def _plot_localisation(results: dict[str, Any], path: str) -> None:
-    """Localisation score and position-probe accuracy against relative depth, one curve per model."""
+def _plot_localisation(results: dict[str, Any], final: dict[str, dict[str, Any]], path: str) -> None:
+    """Localisation score and position-probe accuracy against relative depth, one curve per model, with 95 %
+    bootstrap intervals (score: final layer; probe: every layer). Legends outside the axes."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     for k, (name, res) in enumerate(results.items()):
+        c = f"C{k}"
         x = np.linspace(0, 1, len(res.rows))
-        ax1.plot(x, [np.nan if r.score is None else r.score for r in res.rows], marker="o", color=f"C{k}",
-                 label=name)
-        ax2.plot(x, [np.nan if r.position_accuracy is None else 100 * r.position_accuracy for r in res.rows],
-                 marker="o", color=f"C{k}", label=name)
+        ax1.plot(x, [np.nan if r.score is None else r.score for r in res.rows], marker="o", color=c, label=name)
+        if name in final:
+            f = final[name]
+            ax1.errorbar([x[-1]], [f["score"]], yerr=[[max(0.0, f["score"] - f["low"])], [max(0.0, f["high"] - f["score"])]], color=c,
+                         capsize=4, lw=2, fmt="none")
+        acc = np.array([np.nan if r.position_accuracy is None else 100 * r.position_accuracy for r in res.rows])
+        lo = np.array([np.nan if r.position_accuracy_low is None else 100 * r.position_accuracy_low for r in res.rows])
+        hi = np.array([np.nan if r.position_accuracy_high is None else 100 * r.position_accuracy_high
+                       for r in res.rows])
+        ax2.errorbar(x, acc, yerr=[np.clip(np.nan_to_num(acc - lo), 0, None), np.clip(np.nan_to_num(hi - acc), 0, None)], marker="o", color=c,
+                     capsize=2.5, label=name)
         ax2.plot(x, [np.nan if r.position_chance is None else 100 * r.position_chance for r in res.rows],
-                 ls=":", color=f"C{k}", lw=1, label=f"{name} chance (1 / grid positions)")
+                 ls=":", color=c, lw=1)
     ax1.axhline(0, color="0.5", lw=0.8, ls=":")
     ax1.set_ylabel("localisation score (own − other patch CKA)")
-    ax1.set_title("token ↔ input-patch CKA", fontsize=10)
-    ax2.set_ylabel("position-probe accuracy (%)")
-    ax2.set_title("linear probe of each token's grid position", fontsize=10)
+    n_img = next(iter(results.values())).protocol.get("n_images")
+    ax1.set_title(f"token ↔ input-patch CKA (biased, n = {n_img} images)\nbar: 95% bootstrap CI at the last layer",
+                  fontsize=9)
+    ax2.set_ylabel("position-probe test accuracy (%), 95% CI")
+    ax2.set_title("linear probe of each token's grid position\n(dotted: chance = 1 / grid positions)", fontsize=9)
     for ax in (ax1, ax2):
-        ax.set_xlabel("relative depth (first tap = 0, last = 1)")
+        ax.set_xlabel("relative depth (first tap = 0, last token/map layer = 1)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    handles = [Line2D([], [], color=f"C{k}", marker="o", label=name) for k, name in enumerate(results)]
+    handles.append(Line2D([], [], color="0.4", ls=":", label="chance (position probe)"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    fig.savefig(path, dpi=130)
+
+
+def _probe_intervals(res: Any) -> list[dict[str, Any]]:
+    n = int(res.protocol.get("n_test"))
+    out = []
+    for row in res.rows:
+        k = int(round(row.top1 * n))
+        lo, hi = wilson_interval(k, n)
+        out.append({"layer": row.layer, "top1": row.top1, "low": lo, "high": hi, "correct": k, "n_test": n})
+    return out
+
+
+def _plot_probes(results: dict[str, Any], intervals: dict[str, list[dict[str, Any]]], chance: float,
+                 path: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.5, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for k, (name, res) in enumerate(results.items()):
+        iv = intervals[name]
+        x = np.linspace(0, 1, len(iv))
+        y = np.array([100 * r["top1"] for r in iv])
+        err = np.clip([y - np.array([100 * r["low"] for r in iv]), np.array([100 * r["high"] for r in iv]) - y], 0, None)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=2.5, color=f"C{k}", label=name)
+    ax.axhline(100 * chance, ls=":", color="0.5", label=f"chance ({100 * chance:.1f}%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("relative depth (stem = 0, pre-logits = second-to-last point, logits = 1)")
+    ax.set_ylabel("in-distribution probe accuracy (%), 95% Wilson CI")
+    first = next(iter(results.values()))
+    p = first.protocol
+    ax.set_title(f"logistic-regression probe per layer: trained on {p.get('n_train')} + {p.get('n_val')} (val) "
+                 f"and tested on {p.get('n_test')} held-out shapes images", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.savefig(path, dpi=130)
 
 
@@ -138,6 +314,8 @@ def run_demo(
     (the comparisons that need a missing model are skipped). ``log`` receives one line per step.
     """
     import probes
+    from probes.foreground_probe import plot_object_localization
+    from probes.localization import localisation_interval, plot_token_maps
     from repsim.attention_plot import figure_paths, plot_attention_report
     from repsim.attention_summary import attention_report
 
@@ -153,7 +331,13 @@ def run_demo(
     fig = lambda name: os.path.join(out, "figures", name)  # noqa: E731
     js = lambda name: os.path.join(out, "json", name)  # noqa: E731
     figures: dict[str, str] = {}
-    summary: dict[str, Any] = {"n_images": n, "data": f"shapes seed {DEMO_SEED} (held out)", "models": {}}
+    summary: dict[str, Any] = {
+        "n_images": n, "data": f"shapes seed {DEMO_SEED} (held out)", "models": {},
+        "uncertainty": {"level": LEVEL, "cka": HALF_SAMPLE_METHOD.format(r=N_RESAMPLES),
+                        "accuracy": "Wilson score interval; differences: Newcombe hybrid score interval",
+                        "localisation": f"percentile bootstrap over images ({N_RESAMPLES} resamples)",
+                        "per-image means": "percentile bootstrap over images (1000 resamples)",
+                        "verdict": "'higher' / 'lower' only when the interval excludes 0, else 'not resolved'"}}
     sections: list[tuple[str, str, str]] = []
 
     def step(msg: str) -> None:
@@ -172,36 +356,45 @@ def run_demo(
                                progress=progress)
         stores[name] = run_extraction(plan, device=device, progress=progress)
         acc = _accuracy(stores[name])
-        summary["models"][name] = {"accuracy": acc, "chance": 1 / len(_classes(stores[name])),
+        lo, hi = wilson_interval(int(round(acc * n)), n)
+        summary["models"][name] = {"accuracy": acc, "accuracy_low": lo, "accuracy_high": hi,
+                                   "chance": 1 / len(_classes(stores[name])),
                                    "weights_sha256": loaded.info.weights.get("sha256"),
-                                   "layers": list(stores[name].layers)}
-    accs = ", ".join(f"{m} {100 * summary['models'][m]['accuracy']:.1f}%" for m in stores)
+                                   "layers": list(stores[name].layers),
+                                   "comparable_layers": comparable_layers(stores[name])}
+    accs = ", ".join(f"{m} {ci_text(v['accuracy'], v['accuracy_low'], v['accuracy_high'], 1, 100, '%')}"
+                     for m, v in summary["models"].items())
     chance = 100 / len(_classes(next(iter(stores.values()))))
     step(f"held-out accuracy: {accs} (chance {chance:.1f}%)")
 
     # 2. CKA ----------------------------------------------------------------------------------------------
-    step("CKA maps within each model")
-    within = {m: cka_matrix(s, device=device, progress=False) for m, s in stores.items()}
+    step("CKA maps within each model (debiased CKA on all images; half-sample intervals)")
+    within = {m: cka_matrix(s, estimator="debiased", device=device, progress=False) for m, s in stores.items()}
+    grams = {m: _grams(s, comparable_layers(s)) for m, s in stores.items()}
     for m, res in within.items():
         res.to_json(js(f"cka_{m}.json"))
-    summary["cka_within"] = {m: _cka_decay(r) for m, r in within.items()}
     figures["cka_within"] = fig("cka_within.png")
     _plot_cka_panels(list(within.values()), [f"{m}: CKA of its own layers" for m in within], figures["cka_within"])
+    summary["cka_within"] = {}
+    for m in within:
+        stat = HalfSampleCKA(grams[m])
+        d = cka_within_statistics(stat)
+        d["max_abs_difference_to_map"] = _check_against_map(stat, within[m])
+        summary["cka_within"][m] = d
     d = summary["cka_within"]
-    decays = all(v["adjacent_mean"] > v["first_last"] for v in d.values())
+    diag = np.concatenate([np.diag(np.asarray(r.values)) for r in within.values()])
     sections.append(("CKA within each model", "cka_within", (
-        f"Each cell is the linear CKA of two layers of one model on the same {n} images; the diagonal is "
-        f"{_fmt(min(v['diagonal_min'] for v in d.values()))}–{_fmt(max(v['diagonal_max'] for v in d.values()))} "
-        "(a layer compared with itself) and the block structure shows which stages compute similar features. "
-        + ("Similarity decays away from the diagonal in every model: adjacent layers average "
-           if decays else "Similarity does *not* decay away from the diagonal in every model: adjacent layers average ")
-        + ", ".join(f"{_fmt(v['adjacent_mean'])} ({m})" for m, v in d.items())
-        + " against " + ", ".join(f"{_fmt(v['first_last'])}" for v in d.values()) + " for the first vs last layer.")))
+        f"Each cell is the debiased linear CKA of two layers of one model on the same {n} images (features "
+        f"flattened); the diagonal is {_fmt(diag.min())}–{_fmt(diag.max())} (a layer against itself), and the "
+        "statistics below use the stem and blocks only (pre-logits and logits left out). "
+        + "; ".join(cka_within_sentence(m, v) for m, v in d.items()) + ". Intervals: 95%, half-samples of the "
+        "images.")))
 
     pairs = [(a, b) for a, b in (("ref_vit", "ref_resnet"), ("ref_vit", "ref_vit_gap")) if a in stores and b in stores]
     if pairs:
         step("CKA maps across models: " + ", ".join(f"{a} vs {b}" for a, b in pairs))
-        across = {(a, b): cka_matrix(stores[a], stores[b], device=device, progress=False) for a, b in pairs}
+        across = {(a, b): cka_matrix(stores[a], stores[b], estimator="debiased", device=device, progress=False)
+                  for a, b in pairs}
         for (a, b), res in across.items():
             res.to_json(js(f"cka_{a}_vs_{b}.json"))
         figures["cka_across"] = fig("cka_across.png")
@@ -210,19 +403,16 @@ def run_demo(
         summary["cka_across"] = {}
         text = []
         for (a, b), res in across.items():
-            v = np.asarray(res.values)
-            best = v.argmax(axis=1)
-            rel = best / max(1, v.shape[1] - 1)
-            mono = float(np.corrcoef(np.arange(len(best)), best)[0, 1]) if len(set(best)) > 1 else 0.0
-            summary["cka_across"][f"{a}_vs_{b}"] = {"max": float(v.max()), "final_pre_logits": float(v[-2, -2]),
-                                                    "best_match_relative_depth": rel.round(3).tolist(),
-                                                    "best_match_depth_correlation": mono}
-            text.append(f"{a} vs {b}: best-matching depths correlate at r = {mono:.2f}, pre-logits CKA "
-                        f"{_fmt(float(v[-2, -2]))}")
+            stat = HalfSampleCKA(grams[a], grams[b])
+            c = cka_correspondence_statistics(stat)
+            c["max_abs_difference_to_map"] = _check_against_map(stat, res)
+            summary["cka_across"][f"{a}_vs_{b}"] = c
+            text.append(cka_correspondence_sentence(a, b, c))
         sections.append(("CKA across models", "cka_across", (
-            "Rows are the first model's layers and columns the second's: a bright band along the diagonal means "
-            "the two networks compute their features in the same order. " + "; ".join(text) + " (r near 1: "
-            "each layer's most similar counterpart moves down the other network as depth grows).")))
+            "Rows are the first model's layers and columns the second's; a bright band along the diagonal would "
+            "mean the two networks compute their features in the same order. The correspondence rests on the "
+            "stem and block layers only (the pre-logits and logits rows and columns, trained towards the same "
+            "labels, are left out): " + ". ".join(text) + ".")))
 
     # 3. attention -----------------------------------------------------------------------------------------
     vits = [m for m in stores if stores[m].attention_layers]
@@ -232,103 +422,172 @@ def run_demo(
         rep = attention_report(stores[m])
         rep.to_json(js(f"attention_{m}.json"))
         figures[f"attention_{m}"] = fig(f"attention_{m}.png")
-        plot_attention_report(rep, figures[f"attention_{m}"], store=stores[m], rollout_images=2)
-        figures[f"aligned_{m}"] = figure_paths(figures[f"attention_{m}"])["aligned"]
-        per_layer = [[h.distance_px for h in ly.heads] for ly in rep.layers]
+        drawn = plot_attention_report(rep, figures[f"attention_{m}"], store=stores[m], rollout_images=2)
+        paths = figure_paths(figures[f"attention_{m}"])
+        figures[f"aligned_{m}"] = paths["aligned"]
+        if drawn.get("rollout") is not None:
+            figures[f"rollout_{m}"] = paths["rollout"]
         kinds: dict[str, int] = {}
         for ly in rep.layers:
             for h in ly.heads:
                 kinds[h.kind] = kinds.get(h.kind, 0) + 1
-        first, last = per_layer[0], per_layer[-1]
-        uniform = rep.layers[0].uniform_distance_px
-        summary["attention"][m] = {"distance_px_per_layer": per_layer, "head_kinds": kinds,
-                                   "uniform_distance_px": uniform}
-        sections.append((f"Attention distance: {m}", f"attention_{m}", (
-            "Each dot is one head's mean attention distance in pixels (how far a query patch looks, weighted by "
-            f"attention), per layer; uniform attention over the grid would give {uniform:.1f} px. "
-            f"In the first layer heads span {min(first):.1f}–{max(first):.1f} px and in the last "
-            f"{min(last):.1f}–{max(last):.1f} px"
-            + (", the early mix of local and global heads that Raghu et al. report for ViTs" if
-               max(first) - min(first) > 0.25 * (uniform or 1) else
-               ": no early mix of local and global heads, unlike the ImageNet ViTs of Raghu et al. (Fig. 3)")
-            + "; head kinds: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
-            + ".")))
+        st = _attention_statistics(stores[m], rep)
+        summary["attention"][m] = {"distance_px_per_layer": [[h.distance_px for h in ly.heads] for ly in rep.layers],
+                                   "head_kinds": kinds, **st}
+        sections.append((f"Attention distance: {m}", f"attention_{m}", _attention_sentence(m, st, kinds)))
+        from repsim.attention_plot import relative_to_uniform
+
+        centre = {(ly.layer, h): float(relative_to_uniform(rep.aligned[ly.layer])[h][
+            (rep.aligned[ly.layer].shape[1] - 1) // 2, (rep.aligned[ly.layer].shape[2] - 1) // 2])
+            for ly in rep.layers for h in range(ly.num_heads)}
+        (cl, ch), cmax = max(centre.items(), key=lambda kv: kv[1])
+        summary["attention"][m]["centre_over_uniform_max"] = {"layer": cl, "head": ch, "value": cmax}
         sections.append((f"Aligned attention maps: {m}", f"aligned_{m}", (
-            "Each panel is one head's attention re-centred on its query patch and averaged over queries and images "
-            "(Raghu et al. 2021, Fig. 4 style): a peak at the centre is a local head, an off-centre peak an "
-            "offset-local head, a flat map a global one. The head kinds above are read from these maps.")))
+            "Each panel is one head's attention re-centred on its query patch, averaged over queries and images and "
+            "divided, offset by offset, by what uniform attention would give there (uniform attention aligned "
+            "this way is a pyramid, the count of queries that reach each offset, so the raw map always peaks at "
+            "the centre): white is uniform (a global head is flat white), a red centre is a local head, a red spot "
+            f"off the + an offset head. The strongest centre is x{cmax:.2f} uniform ({cl} head {ch}); the colour "
+            "scale spans the maps' range, at least x1/2 to x2 (descriptive: no interval is computed for these "
+            "maps).")))
+        if f"rollout_{m}" in figures:
+            sections.append((f"Attention rollout: {m}", f"rollout_{m}", (
+                "Attention rollout (Abnar & Zuidema 2020) multiplies the layers' head-averaged attention (plus the "
+                f"identity for the residual stream) to estimate how much each input patch reaches {m}'s read-out "
+                "token, for the first two images, each map scaled to its maximum. It is an illustration of single "
+                "images, not a statistic: no claim in this report rests on it.")))
 
     # 4. localisation --------------------------------------------------------------------------------------
     step("spatial localisation (token ↔ input-patch CKA, position probe)")
     loc = {}
     for m in stores:
-        loc[m] = probes.localize(stores[m], images=min(localize_images, n), device=device)
+        loc[m] = probes.localize(stores[m], images=min(localize_images, n), device=device, progress=progress)
         loc[m].to_json(js(f"localize_{m}.json"))
+    step(f"localisation: bootstrap of the last layer's score ({N_RESAMPLES} resamples per model)")
+    final = {m: localisation_interval(stores[m], r.rows[-1].layer, images=min(localize_images, n),
+                                      n_boot=N_RESAMPLES, seed=0, device=device) for m, r in loc.items()}
     figures["localization"] = fig("localization.png")
-    _plot_localisation(loc, figures["localization"])
-    summary["localization"] = {m: {"final_layer": r.rows[-1].layer, "final_score": r.rows[-1].score,
-                                   "final_position_accuracy": r.rows[-1].position_accuracy,
-                                   "scores": [row.score for row in r.rows]} for m, r in loc.items()}
-    text = ", ".join(f"{m} {r.rows[-1].score:.3f}" for m, r in loc.items())
+    _plot_localisation(loc, final, figures["localization"])
+    summary["localization"] = {
+        m: {"final_layer": r.rows[-1].layer,
+            "final_score": statistic(final[m]["score"], final[m]["low"], final[m]["high"], n=final[m]["n"],
+                                     method=final[m]["method"]),
+            "final_position_accuracy": statistic(r.rows[-1].position_accuracy, r.rows[-1].position_accuracy_low,
+                                                 r.rows[-1].position_accuracy_high,
+                                                 chance=r.rows[-1].position_chance),
+            "scores": [row.score for row in r.rows]} for m, r in loc.items()}
+    text = "; ".join(f"{m} ({v['final_layer']}) {ci_text(**_v(v['final_score']), digits=3)}"
+                     for m, v in summary["localization"].items())
     if "ref_vit" in loc and "ref_vit_gap" in loc:
-        cls_s, gap_s = loc["ref_vit"].rows[-1].score, loc["ref_vit_gap"].rows[-1].score
-        verdict = ("so the CLS-token ViT's last tokens stay tied to their own patches while the GAP ViT's do "
-                   "not as much, as in Raghu et al. Fig. 10" if cls_s > gap_s else
-                   "so these models do *not* reproduce Raghu et al.'s finding that CLS-token ViTs localise better "
-                   "than GAP ViTs in their last layer")
+        same_rows = list(stores["ref_vit"].ids) == list(stores["ref_vit_gap"].ids)
+        diff = final["ref_vit"]["samples"] - final["ref_vit_gap"]["samples"]  # same seed and n: paired resamples
+        dlo, dhi = percentile_interval(diff) if same_rows else (float("nan"), float("nan"))
+        sdiff = statistic(final["ref_vit"]["score"] - final["ref_vit_gap"]["score"], dlo, dhi,
+                          method="paired percentile bootstrap over the same images")
+        pa = loc["ref_vit"].probes[loc["ref_vit"].rows[-1].layer].image_accuracy
+        pb = loc["ref_vit_gap"].probes[loc["ref_vit_gap"].rows[-1].layer].image_accuracy
+        pd = bootstrap_mean(pa, pb)
+        pdiff = statistic(pd["value"], pd["low"], pd["high"], n=pd["n"],
+                          method="paired percentile bootstrap over the test images")
+        summary["localization"]["cls_minus_gap"] = {"score": sdiff, "position_accuracy": pdiff}
+        verdict_s = {
+            "higher": "the CLS-token ViT's last tokens stay tied to their own patches more than the GAP ViT's, as in "
+                      "Raghu et al. Fig. 10",
+            "lower": "the GAP ViT's last tokens stay tied to their own patches *more*, the opposite of Raghu et al. "
+                     "Fig. 10",
+            "not resolved": "the difference is not resolved, so these models neither reproduce nor contradict "
+                            "Raghu et al. Fig. 10"}[sdiff["verdict"]]
+        verdict_p = {"higher": "higher for the CLS ViT", "lower": "higher for the GAP ViT",
+                     "not resolved": "not resolved"}[pdiff["verdict"]]
+        loc_text = (f"CLS − GAP score {ci_text(**_v(sdiff), digits=3)}: {verdict_s}. The position probe on the same "
+                   f"layer reads {100 * loc['ref_vit'].rows[-1].position_accuracy:.1f}% vs "
+                   f"{100 * loc['ref_vit_gap'].rows[-1].position_accuracy:.1f}% (difference "
+                   f"{ci_text(**_v(pdiff), digits=1, scale=100, unit=' points')}: {verdict_p}), so a token's position "
+                   "stays linearly decodable in both even where its CKA to its own patch differs")
     else:
-        verdict = "(the CLS vs GAP comparison needs both ViTs)"
+        loc_text = "(the CLS vs GAP comparison needs both ViTs)"
     sections.append(("Spatial localisation", "localization", (
-        "Left: how much more a token resembles its own input patch than the other patches (CKA over images, 0 = "
-        "no localisation); right: how well a linear probe recovers each token's grid position. "
-        f"Final-layer scores: {text}, {verdict}.")))
-    for m in ("ref_vit", "ref_vit_gap"):
-        if m in loc and loc[m].maps:
-            last = loc[m].rows[-1].layer
-            figures[f"token_maps_{m}"] = fig(f"token_maps_{m}.png")
-            loc[m].maps[last].plot(figures[f"token_maps_{m}"])
-            sections.append((f"Token ↔ patch maps: {m}", f"token_maps_{m}", (
-                f"CKA between the token at the outlined position of {m}'s last block and every input patch. "
-                "A bright square only at the outline means the token still encodes its own location; a flat map "
-                "means its content has been mixed across the image.")))
+        "Left: how much more a token resembles its own input patch than the other patches (biased CKA over "
+        f"{min(localize_images, n)} images, 0 = no localisation); right: how well a linear probe recovers each "
+        f"token's grid position (95% intervals over images). Last-layer scores: {text}. {loc_text}.")))
+    pair = {m: loc[m].maps[loc[m].rows[-1].layer] for m in ("ref_vit", "ref_vit_gap") if m in loc and loc[m].maps}
+    if pair:
+        figures["token_maps"] = fig("token_maps.png")
+        plot_token_maps(pair, figures["token_maps"])
+        sections.append(("Token ↔ patch maps of the last block", "token_maps", (
+            "CKA between the token at the outlined position of each ViT's last block and every input patch, both "
+            "rows on one colour scale. A bright square only at the outline means the token still encodes its own "
+            "location; a flat map means its content has been mixed across the image; the row labels give the "
+            "localisation score whose interval is in the previous section.")))
 
     step("object-foreground probe")
-    obj = {m: probes.object_localization(s, images=min(512, n), device=device) for m, s in stores.items()}
+    obj = {m: probes.object_localization(s, images=min(512, n), device=device, progress=progress)
+           for m, s in stores.items()}
     for m, r in obj.items():
         r.to_json(js(f"objects_{m}.json"))
-    # a layer whose grid is too coarse for any token to be mostly on the object has no IoU (NaN): skipped
-    summary["objects"] = {m: {"best_layer": r.rows[int(np.nanargmax(np.asarray(r.iou, dtype=float)))].layer,
-                              "best_iou": float(np.nanmax(np.asarray(r.iou, dtype=float))),
-                              "baseline_iou": r.rows[0].baseline_iou} for m, r in obj.items()}
+    summary["objects"] = {}
+    for m, r in obj.items():
+        iou = np.asarray(r.iou, dtype=float)
+        best = r.rows[int(np.nanargmax(iou))]
+        summary["objects"][m] = {
+            "best_layer": best.layer, "best_iou": statistic(best.iou_mean, best.iou_low, best.iou_high,
+                                                            n=best.n_scored_images),
+            "best_gain_over_all_foreground": statistic(best.gain_over_all_foreground, best.gain_low,
+                                                       best.gain_high, n=best.n_scored_images),
+            "no_foreground_predicted": [row.layer for row in r.rows if row.predicted_foreground_share == 0],
+            "baseline_iou": r.rows[0].baseline_iou}
     figures["objects"] = fig("objects.png")
-    _plot_objects(obj, figures["objects"])
+    plot_object_localization(obj, figures["objects"])
+    parts = []
+    for m, v in summary["objects"].items():
+        g = v["best_gain_over_all_foreground"]
+        word = {"higher": "above", "lower": "below", "not resolved": "not resolved against"}[g["verdict"]]
+        parts.append(f"{m} {ci_text(**_v(v['best_iou']))} at {v['best_layer']} ({word} the all-foreground "
+                     f"reference by {ci_text(**_v(g))})")
+    dead = [f"{m}: {', '.join(v['no_foreground_predicted'])}" for m, v in summary["objects"].items()
+            if v["no_foreground_predicted"]]
     sections.append(("Where is the object?", "objects", (
-        "A linear probe per layer predicts, for each token or feature-map position, whether it lies on the shape; "
-        "the curve is the IoU of the predicted with the true foreground. Best IoU: "
-        + ", ".join(f"{m} {v['best_iou']:.2f} ({short_layer_names([v['best_layer']])[0]})"
-                    for m, v in summary["objects"].items()) + ".")))
+        "A linear probe per layer predicts, for each token or feature-map position, whether more than half of it "
+        "lies on the shape; the curve is the IoU of the predicted with the true foreground on the test images "
+        "(95% bootstrap intervals), the dotted lines the IoU of calling every cell foreground. Best IoU: "
+        + "; ".join(parts) + ". "
+        + (("Hollow points (" + "; ".join(dead) + ") are grids so coarse that almost no cell is more than half "
+            "covered, so the probe predicts background everywhere and the IoU is 0 by construction, not because "
+            "the layer lost the object.") if dead else "Every layer's probe predicts some foreground."))))
 
     # 5. linear probes ------------------------------------------------------------------------------------
     step("linear probes of every layer")
     # 11 strengths in [1e-3, 1e2] instead of the default 45 in [1e-6, 1e5]: a tenth of the time (measured: 19 s
     # vs 230 s on these stores), best-layer accuracies within 3 points of the default grid's; tiny strengths
     # barely converge on a few hundred separable images.
-    pr = [probes.linear_probe(s, method="logreg", device=device, progress=False, lambdas=PROBE_LAMBDAS)
-          for s in stores.values()]
-    for m, r in zip(stores, pr):
+    pr = {m: probes.linear_probe(s, method="logreg", device=device, progress=False, lambdas=PROBE_LAMBDAS)
+          for m, s in stores.items()}
+    for m, r in pr.items():
         r.to_json(js(f"probe_{m}.json"))
+    intervals = {m: _probe_intervals(r) for m, r in pr.items()}
     figures["probes"] = fig("probes.png")
-    pr[0].plot(figures["probes"], others=pr[1:], labels=list(stores))
-    summary["probes"] = {m: {"best_layer": r.rows[int(np.argmax([row.top1 for row in r.rows]))].layer,
-                             "best_top1": max(row.top1 for row in r.rows), "first_top1": r.rows[0].top1}
-                         for m, r in zip(stores, pr)}
+    _plot_probes(pr, intervals, chance / 100, figures["probes"])
+    summary["probes"] = {}
+    parts = []
+    for m, r in pr.items():
+        iv = intervals[m]
+        stem, pre = iv[0], iv[-2]  # the first tap and the pre-logits (the vector the classifier reads)
+        d, lo, hi = newcombe_difference(pre["correct"], pre["n_test"], stem["correct"], stem["n_test"])
+        best = max(iv, key=lambda row: row["top1"])
+        summary["probes"][m] = {"per_layer": iv, "first_layer": stem["layer"], "pre_logits_layer": pre["layer"],
+                                "first_top1": stem["top1"], "pre_logits_top1": pre["top1"],
+                                "pre_logits_minus_first": statistic(d, lo, hi, method="Newcombe hybrid score"),
+                                "best_layer": best["layer"], "best_top1": best["top1"]}
+        word = {"higher": "rises", "lower": "falls", "not resolved": "has no resolved change"}[verdict(lo, hi)]
+        parts.append(f"{m} {word} from {ci_text(stem['top1'], stem['low'], stem['high'], 0, 100, '%')} at "
+                     f"{stem['layer']} to {ci_text(pre['top1'], pre['low'], pre['high'], 0, 100, '%')} at the "
+                     f"pre-logits ({pre['layer']}; difference {ci_text(d, lo, hi, 0, 100, ' points')})")
     sections.append(("Linear probes", "probes", (
-        "Test accuracy of a logistic-regression probe on each layer's mean token / pooled features "
-        f"({pr[0].protocol.get('n_train')} training images, strength chosen on a validation split). "
-        "Accuracy rises from "
-        + ", ".join(f"{100 * v['first_top1']:.0f}% to {100 * v['best_top1']:.0f}% ({m})"
-                    for m, v in summary["probes"].items())
-        + f" against {chance:.1f}% chance: the class becomes linearly readable with depth.")))
+        "In-distribution probe accuracy: a logistic-regression probe on each layer's mean token / pooled "
+        f"features, trained on {pr[next(iter(pr))].protocol.get('n_train')} images of the same held-out shapes "
+        "set (strength chosen on a validation split) and tested on "
+        f"{pr[next(iter(pr))].protocol.get('n_test')} others, with 95% Wilson intervals. Accuracy "
+        + "; ".join(parts) + f" (chance {chance:.1f}%).")))
 
     # report -------------------------------------------------------------------------------------------------
     seconds = time.perf_counter() - t0
@@ -340,24 +599,6 @@ def run_demo(
     return DemoResult(out=out, report=report, figures=figures, summary=summary, seconds=seconds, sections=sections)
 
 
-def _plot_objects(results: dict[str, Any], path: str) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 4), layout="constrained")
-    ax = fig.subplots()
-    for k, (name, res) in enumerate(results.items()):
-        x = np.linspace(0, 1, len(res.rows))
-        ax.plot(x, res.iou, marker="o", color=f"C{k}", label=name)
-    base = next(iter(results.values())).rows[0].all_foreground_iou
-    ax.axhline(base, color="0.5", ls=":", lw=1, label="all tokens foreground")
-    ax.set_xlabel("relative depth (first tap = 0, last = 1)")
-    ax.set_ylabel("foreground IoU (test images)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=130)
-
-
 def _write_report(path: str, out: str, summary: dict[str, Any], sections: list[tuple[str, str, str]],
                   figures: dict[str, str], accs: str, chance: float) -> None:
     import repsim
@@ -366,10 +607,12 @@ def _write_report(path: str, out: str, summary: dict[str, Any], sections: list[t
         "# repsim demo report", "",
         f"Models: the bundled reference networks ({', '.join(summary['models'])}), trained on repsim's `shapes` "
         f"data set; data: {summary['n_images']} held-out `shapes` images (seed {DEMO_SEED}, 8 classes). "
-        f"Held-out accuracy of each model's own classifier: {accs} (chance {chance:.1f}%).", "",
+        f"Held-out accuracy of each model's own classifier (95% Wilson interval): {accs} (chance {chance:.1f}%).",
+        "",
         f"repsim {getattr(repsim, '__version__', '?')}; {summary['seconds']:.0f} s. Every number below is in "
-        "`summary.json`; every result with its provenance is in `json/`; the activation stores are in `stores/` "
-        "(open them with `repsim info`).", "",
+        "`summary.json`, each comparison with its 95% interval and the verdict it supports ('not resolved' when "
+        "the interval includes no difference); every result with its provenance is in `json/`; the activation "
+        "stores are in `stores/` (open them with `repsim info`).", "",
     ]
     for title, key, text in sections:
         if key not in figures:
@@ -381,4 +624,4 @@ def _write_report(path: str, out: str, summary: dict[str, Any], sections: list[t
     os.replace(path + ".tmp", path)
 
 
-__all__ = ["DEMO_MODELS", "DEMO_SEED", "DemoResult", "run_demo"]
+__all__ = ["DEMO_MODELS", "DEMO_SEED", "DemoResult", "comparable_layers", "run_demo"]

@@ -6,9 +6,14 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, run_cli
+import repsim
+from repsim.demo import cka_correspondence_sentence, cka_within_sentence
+from repsim.intervals import (HalfSampleCKA, bootstrap_mean, correspondence, newcombe_difference,
+                              statistic, verdict, wilson_interval)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +42,9 @@ def test_demo_numbers_show_real_structure(demo_dir):
     for name, m in s["models"].items():
         assert m["accuracy"] > 3 * m["chance"], (name, m["accuracy"])  # trained: far above chance (12.5%)
     for name, d in s["cka_within"].items():
-        assert d["diagonal_min"] == pytest.approx(1.0, abs=1e-6)
-        assert d["diagonal_max"] == pytest.approx(1.0, abs=1e-6)
-        assert d["adjacent_mean"] > d["first_last"], name  # decays away from the diagonal
+        cka = json.loads((demo_dir / "json" / f"cka_{name}.json").read_text())
+        assert np.diag(cka["values"]) == pytest.approx(1.0, abs=1e-6)
+        assert d["adjacent_minus_first_vs_last"]["low"] > 0, name  # decays away from the diagonal, resolved
     for name, p in s["probes"].items():
         assert p["best_top1"] > p["first_top1"], name  # the class becomes more readable with depth
     for name, a in s["attention"].items():
@@ -54,6 +59,33 @@ def test_demo_keeps_json_with_provenance(demo_dir):
     assert cka["kind"] == "repsim.cka" and cka["n"] == 128
     res = run_cli("verify", str(demo_dir / "stores" / "ref_vit-n128.zarr"))
     assert res.exit_code == 0, res.output
+
+
+def test_summary_backs_every_comparison_with_an_interval(demo_dir):
+    s = json.loads((demo_dir / "summary.json").read_text())
+    for name, m in s["models"].items():
+        assert m["accuracy_low"] <= m["accuracy"] <= m["accuracy_high"]
+        assert "head" not in m["comparable_layers"] and "fc" not in m["comparable_layers"]
+    for key, c in s["cka_across"].items():
+        # the correspondence rests on stem + blocks only: no pre-logits / logits layer
+        assert not {"head", "head_drop", "fc", "global_pool"} & set(c["layers_a"] + c["layers_b"]), key
+        assert c["slope"]["low"] <= c["slope"]["high"] and c["slope"]["verdict"] in ("higher", "lower", "not resolved")
+        assert c["max_abs_difference_to_map"] < 1e-3
+    for name, d in s["cka_within"].items():
+        assert d["first_layer"] == d["layers"][0] and d["last_layer"] not in ("head", "fc")
+    diff = s["localization"]["cls_minus_gap"]["score"]
+    assert diff["low"] <= diff["value"] <= diff["high"]
+    report = (demo_dir / "report.md").read_text()
+    assert "transfer accuracy" not in report and "first vs last layer" not in report
+    claims = ([c["slope"] for c in s["cka_across"].values()]
+              + [d["adjacent_minus_first_vs_last"] for d in s["cka_within"].values()]
+              + [s["localization"]["cls_minus_gap"]["score"], s["localization"]["cls_minus_gap"]["position_accuracy"]]
+              + [p["pre_logits_minus_first"] for p in s["probes"].values()]
+              + [o["best_gain_over_all_foreground"] for o in s["objects"].values()])
+    for c in claims:
+        assert c["verdict"] == verdict(c["low"], c["high"])
+    if any(c["verdict"] == "not resolved" for c in claims):
+        assert "not resolved" in report
 
 
 def test_demo_rerun_reuses_the_stores(demo_dir):
@@ -74,3 +106,79 @@ def test_demo_rerun_reuses_the_stores(demo_dir):
 ])
 def test_demo_bad_input(tmp_path, args, pattern):
     assert_one_line_error(run_cli("demo", "--out", str(tmp_path / "d"), *args), pattern)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The statistics behind the report's sentences (repsim.intervals, repsim.demo), against independent references
+# ---------------------------------------------------------------------------------------------------------
+
+
+
+def test_wilson_and_newcombe_match_published_values():
+    # Newcombe (1998a) Table I: 81/263 -> 0.2553, 0.3662; Newcombe (1998b) example: 56/70 - 48/80, method 10
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    d, lo, hi = newcombe_difference(56, 70, 48, 80)
+    assert (d, lo, hi) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+
+
+def test_half_sample_cka_is_debiased_cka_on_all_images_and_on_each_half():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(80, 4))
+    x = z @ rng.normal(size=(4, 30)) + rng.normal(size=(80, 30))
+    y = z @ rng.normal(size=(4, 12)) + 2 * rng.normal(size=(80, 12))
+    h = HalfSampleCKA.from_features({"x": x}, {"y": y}, resamples=4)
+    assert h.observed[0, 0] == pytest.approx(repsim.cka(x, y, debiased=True), abs=1e-12)
+    for half, rep in zip(h.halves, h.replicates):
+        assert len(set(half)) == 40  # no image twice: no copy pairs in the U-statistic
+        assert rep[0, 0] == pytest.approx(repsim.cka(x[half], y[half], debiased=True), abs=1e-12)
+
+
+def test_half_sample_spread_matches_the_sampling_spread():
+    # the interval must be as wide as the estimator really varies between independent data sets of size n
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(3, 20)), rng.normal(size=(3, 10))
+
+    def draw(n):
+        z = rng.normal(size=(n, 3))
+        return z @ a + rng.normal(size=(n, 20)), z @ b + 1.5 * rng.normal(size=(n, 10))
+
+    truth_sd = np.std([repsim.cka(*draw(120), debiased=True) for _ in range(150)])
+    half_sd = np.mean([HalfSampleCKA.from_features({"x": x}, {"y": y}, resamples=150, seed=s).replicates[:, 0, 0].std()
+                       for s, (x, y) in enumerate(draw(120) for _ in range(6))])
+    assert 0.7 < half_sd / truth_sd < 1.4, (half_sd, truth_sd)
+
+
+def test_verdict_says_not_resolved_when_the_interval_straddles_zero():
+    assert verdict(0.01, 0.2) == "higher" and verdict(-0.3, -0.01) == "lower"
+    assert verdict(-0.05, 0.2) == "not resolved" and verdict(float("nan"), 1.0) == "not resolved"
+    planted = {"layers_a": ["patch_embed", "blocks.0"], "best_match": ["maxpool", "layer1.0"],
+               "slope": statistic(0.12, -0.05, 0.31)}
+    text = cka_correspondence_sentence("a", "b", planted)
+    assert "not resolved" in text and "0.12 [-0.05, 0.31]" in text
+    within = {"first_layer": "patch_embed", "last_layer": "blocks.5", "adjacent_mean": statistic(0.5, 0.4, 0.6),
+              "first_vs_last": statistic(0.45, 0.3, 0.6), "adjacent_minus_first_vs_last": statistic(0.05, -0.1, 0.2)}
+    assert "no resolved decay" in cka_within_sentence("m", within) and "not resolved" in cka_within_sentence("m", within)
+    within["adjacent_minus_first_vs_last"] = statistic(0.3, 0.2, 0.4)
+    assert "decays away from the diagonal" in cka_within_sentence("m", within)
+
+
+def test_correspondence_slope():
+    eye = np.eye(5)
+    assert correspondence(eye)["slope"] == pytest.approx(1.0)
+    one_column = np.zeros((5, 7))
+    one_column[:, 1] = 1
+    assert correspondence(one_column)["slope"] == 0.0  # every layer matches the same depth
+    # a planted map whose only trend is in the two head rows / columns: with them the slope is large,
+    # on the comparable (stem + block) part it is 0, which is what the demo computes
+    v = np.full((6, 6), 0.1)
+    v[:4, 0] = 0.5
+    v[4, 4] = v[5, 5] = 0.9
+    assert correspondence(v)["slope"] > 0.5 and correspondence(v[:4, :4])["slope"] == 0.0
+
+
+def test_bootstrap_mean_pairs_and_drops_undefined_images():
+    a = np.array([1.0, 2.0, np.nan, 4.0])
+    r = bootstrap_mean(a, np.zeros(4), n_boot=200)
+    assert r["n"] == 3 and r["value"] == pytest.approx(7 / 3) and r["low"] <= r["value"] <= r["high"]
+    same = bootstrap_mean(a, a, n_boot=50)
+    assert same["value"] == same["low"] == same["high"] == 0.0

@@ -222,3 +222,30 @@ def test_token_class_probe(tmp_path):
     assert min(r.accuracy[m][1] for m in ("cls", "centre", "mean")) > 0.95
     r.to_json(tmp_path / "c.json")
     r.plot(tmp_path / "c.png")
+
+
+def test_localisation_bootstrap_resamples_are_the_cka_of_the_resampled_images(synthetic):
+    from probes.localization import localisation_bootstrap
+
+    store, x, acts = synthetic
+    tok = acts["local"][:48, 1:]
+    patches = patch_pixels(x[:48], (GRID, GRID))
+    b = localisation_bootstrap(tok, patches, n_boot=3, seed=7)
+    assert b["score"] == pytest.approx(localisation_scores(patch_token_cka_matrix(tok, patches))["score"], abs=1e-12)
+    rng = np.random.default_rng(7)  # the documented draw: rows with replacement, one vector per resample
+    for k in range(3):
+        idx = rng.integers(0, 48, size=48)
+        ref = localisation_scores(patch_token_cka_matrix(tok[idx], [p[idx] for p in patches]))["score"]
+        assert b["samples"][k] == pytest.approx(ref, abs=2e-5)  # float32 resamples
+    assert b["low"] <= b["high"]
+    # same seed, same n: paired resamples, so a layer against itself differs by exactly 0
+    again = localisation_bootstrap(tok, patches, n_boot=3, seed=7)
+    assert np.array_equal(b["samples"], again["samples"])
+
+
+def test_position_probe_interval_is_over_images(synthetic):
+    store, _, _ = synthetic
+    shuf = position_probe(store, "shuffled", seed=0)
+    assert len(shuf.image_accuracy) == shuf.n_test_images
+    assert np.mean(shuf.image_accuracy) == pytest.approx(shuf.accuracy)
+    assert shuf.accuracy_low <= shuf.accuracy <= shuf.accuracy_high and shuf.accuracy_high > shuf.accuracy_low

@@ -10,6 +10,8 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
+#: figures each notebook must show when executed
+FIGURES = {"01_cka_maps": 3, "02_attention": 5, "03_localization": 4, "04_linear_probes": 1}
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
@@ -33,3 +35,9 @@ def test_notebook_runs(path, tmp_path_factory, monkeypatch):
     client.execute()
     errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    # every figure is shown: image outputs, not "<Figure size ...>" / "<Axes: ...>" text reprs
+    images = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= FIGURES[path.stem], (path.stem, len(images))
+    texts = [o["data"]["text/plain"] for c in book.cells if c.cell_type == "code" for o in c.outputs
+             if "text/plain" in o.get("data", {}) and "image/png" not in o.get("data", {})]
+    assert not [t for t in texts if t.startswith(("<Figure", "<Axes", "<matplotlib"))], texts

@@ -146,6 +146,10 @@ def test_probe_reads_encoded_fractions_and_not_random(tmp_path):
     assert g.baseline_iou == 0.0 and g.n_scored_images == 24
     assert g.all_foreground_iou == pytest.approx(g.foreground_share, rel=0.1)
     assert r.iou_pooled < 0.3 and r.accuracy < r.baseline_accuracy + 0.03
+    # uncertainty: bootstrap over the scored test images; the gain over "all foreground" is paired by image
+    assert g.iou_low <= g.iou_mean <= g.iou_high and g.iou_high - g.iou_low < 0.2
+    assert g.gain_over_all_foreground == pytest.approx(g.iou_mean - g.all_foreground_iou, abs=1e-12)
+    assert g.gain_low > 0 and 0 < g.predicted_foreground_share < 0.5
     d = res.to_json(tmp_path / "ol.json")
     assert json.loads((tmp_path / "ol.json").read_text())["kind"] == "repsim.object_localization"
     assert d["rows"][0]["layer"] == "good"
