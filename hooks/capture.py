@@ -274,12 +274,17 @@ FP16_MAX = 65504.0
 def finite_or_raise(name: str, x: torch.Tensor, dtype: str) -> None:
     """Refuse NaN / Inf in a captured tensor ``x`` (already cast to the stored ``dtype``).
 
-    One read-only pass: the sum (accumulated in float64) of finite values is finite, and any NaN or Inf
-    makes it non-finite. A float16 capture holds ±inf exactly where the model's value overflowed float16
+    One read-only pass: the sum of finite values is finite (float16 is summed in float32), and any NaN or
+    Inf makes it non-finite. A float16 capture holds ±inf exactly where the model's value overflowed float16
     (|v| > 65504) or was itself infinite; the slow path after a failure tells the two cases apart only as
     far as the float16 tensor can (NaN vs inf).
     """
-    if x.numel() == 0 or bool(torch.isfinite(x.sum(dtype=torch.float64))):
+    if x.numel() == 0:
+        return
+    # float16 sums in float32 (65504 · 2^24 elements stay far below float32's range); float32 in its own dtype,
+    # which can overflow for huge finite values: then the exact elementwise check decides.
+    total = x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
+    if bool(torch.isfinite(total)) or bool(torch.isfinite(x).all()):
         return
     if bool(torch.isnan(x).any()):
         raise UsageError(f"layer {name!r} produced NaN activations")

@@ -81,9 +81,9 @@ the first axis relates to samples: ``samples`` (one row per sample), ``chunks`` 
 or ``first`` (one row per sample for the first rows only).
 
 Chunking: every array is chunked along samples only (``chunk_size`` rows, whole feature dims per chunk),
-compressed with Blosc/lz4 at level 1 without shuffling (activations compress only 1.15-1.4x whatever the
-codec; this one writes and reads fastest, see issue #14's note), then checksummed (CRC32C codec: a damaged
-chunk raises on decoding). Float arrays have fill value NaN, so a chunk
+stored uncompressed (activations compress only 1.15-1.4x whatever the codec, and compression slowed the
+writer by 1.4x, see issue #14's note) with a CRC32C checksum per chunk (a damaged chunk raises on
+decoding; older stores, Blosc lz4 + bitshuffle without checksum, read as before). Float arrays have fill value NaN, so a chunk
 that is missing on disk reads as NaN and every analysis refuses it instead of reading zeros. All arrays share ``chunk_size`` so a sample chunk is the unit of writing,
 resuming and (later) sharding. Exactly one writer touches a chunk (Zarr loses data when several writers
 share one chunk or shard). Sample order is a seeded random permutation of the data set (see
@@ -104,7 +104,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import Crc32cCodec
 
 from repsim.errors import UsageError
 
@@ -116,13 +116,14 @@ LOCK_NAME = ".repsim-writer.lock"
 FP16_MAX_ERROR = 1e-4  # largest float16 error η (share of a layer's variation) stored without promotion
 
 
-def _compressor() -> tuple[BloscCodec, Crc32cCodec]:
-    # Activations compress 1.15-1.4x with any codec (lz4 or zstd, with or without (bit)shuffle). lz4 at level 1
-    # without shuffle wrote 1.3x and read 4x faster than lz4-5 + bitshuffle on real ResNet maps: on small
-    # machines the writer thread competes with the forward pass, and re-analysis is read-bound.
-    # The CRC32C of every compressed chunk (hardware-accelerated, google-crc32c) makes a bit flip, a truncated
-    # or a swapped chunk fail to decode instead of reading as plausible numbers.
-    return BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle"), Crc32cCodec()
+def _compressor() -> tuple[Crc32cCodec]:
+    # No compression: float activations compress only 1.15-1.4x with any codec (Blosc lz4 / zstd, with or
+    # without (bit)shuffle, on real ResNet maps), and on the 2-core machine zarr wrote 139 MB/s with lz4-1 +
+    # CRC against 196 MB/s with the CRC alone (issue #14's note); the writer competes with the forward pass
+    # on small machines and is the bottleneck on GPUs, and re-analysis reads fastest uncompressed.
+    # The CRC32C of every chunk (hardware-accelerated, google-crc32c) makes a bit flip, a truncated or a
+    # swapped chunk fail to decode instead of reading as plausible numbers.
+    return (Crc32cCodec(),)
 
 
 def _fill(dtype: Any) -> Any:

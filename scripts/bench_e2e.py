@@ -14,9 +14,11 @@ block of both networks, minibatches of 256 consecutive images, 2 CPU cores. Time
 - ``acts``: plain ``extract`` of both (float16 activations), then ``cka`` from the activations;
 - re-analysis: ``cka`` alone on the stores that already exist (activations; Grams).
 
-Printed: seconds, the ratio peer time / repsim time (> 1: repsim is faster) and the max |difference| of each
-map from the peer's (pytorch-cka works on float32 activations; repsim's activation stores hold float16 ones,
-so those maps differ by float16 rounding, ~1e-4; Gram-only stores are computed from float32 activations).
+Printed: wall seconds, the ratio peer time / repsim time (> 1: repsim is faster), the same for the CPU seconds
+of the process (all threads: less sensitive to other load on a shared machine), and the max |difference| of
+each map from the peer's. pytorch-cka accumulates its HSIC terms in float32, repsim in float64 (activation
+stores hold float16 activations, Gram-only stores Grams of float32 ones); the Gram path and the activation
+path of repsim on the same store must agree to ~1e-7.
 pytorch-cka is not a dependency: ``pip install --no-deps pytorch-cka``.
 """
 
@@ -79,9 +81,10 @@ def peer_run(cka_mod, a, b, la, lb, src, batch: int) -> np.ndarray:
 
 
 def timed(fn):
-    t0 = time.perf_counter()
+    """(wall seconds, CPU seconds of this process over all threads, value)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     value = fn()
-    return time.perf_counter() - t0, value
+    return time.perf_counter() - t0, time.process_time() - c0, value
 
 
 def main() -> None:
@@ -99,6 +102,7 @@ def main() -> None:
     # The peer preprocesses with model A's transform: the two CIFAR models share theirs, the bundled ones too.
     tmp = tempfile.mkdtemp(prefix="bench_e2e_")
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     maps: dict[str, np.ndarray] = {}
 
     def ours(tag: str, **kw) -> np.ndarray:
@@ -118,16 +122,18 @@ def main() -> None:
                 ("grams+acts", lambda: ours("gramsacts", grams=True)),
                 ("acts", lambda: ours("acts")),
             ):
-                t, v = timed(fn)
+                t, c, v = timed(fn)
                 times.setdefault(tag, []).append(t)
+                cpu.setdefault(tag, []).append(c)
                 maps[tag] = v
             from repsim import open_store
 
             acts_a, acts_b = open_store(os.path.join(tmp, "acts_a.zarr")), open_store(os.path.join(tmp, "acts_b.zarr"))
             g_a, g_b = open_store(os.path.join(tmp, "grams_a.zarr")), open_store(os.path.join(tmp, "grams_b.zarr"))
             for tag, (sa, sb) in (("reanalyse acts", (acts_a, acts_b)), ("reanalyse grams", (g_a, g_b))):
-                t, r = timed(lambda: cka_matrix(sa, sb, batch_size=bs, progress=False))
+                t, c, r = timed(lambda: cka_matrix(sa, sb, batch_size=bs, progress=False))
                 times.setdefault(tag, []).append(t)
+                cpu.setdefault(tag, []).append(c)
                 maps[tag] = r.values
         sizes = {tag: sum(os.path.getsize(os.path.join(d, f)) for p in (f"{tag}_a.zarr", f"{tag}_b.zarr")
                           for d, _, fs in os.walk(os.path.join(tmp, p)) for f in fs) / 2**20
@@ -135,13 +141,18 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     best = {k: min(v) for k, v in times.items()}
+    best_cpu = {k: min(v) for k, v in cpu.items()}
     peer = best["peer"]
     result = {
         "workload": what, "n": args.n, "batch_size": bs, "layers": [len(la), len(lb)],
         "threads": torch.get_num_threads(), "rounds": args.rounds,
         "seconds": {k: round(v, 2) for k, v in best.items()},
         "speedup_vs_peer (peer s / repsim s)": {k: round(peer / v, 2) for k, v in best.items() if k != "peer"},
+        "cpu_seconds": {k: round(v, 2) for k, v in best_cpu.items()},
+        "cpu_speedup_vs_peer": {k: round(best_cpu["peer"] / v, 2) for k, v in best_cpu.items() if k != "peer"},
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "max_abs_diff_vs_peer": {k: float(np.abs(v - maps["peer"]).max()) for k, v in maps.items() if k != "peer"},
+        "max_abs_diff_grams_vs_activation_path": float(np.abs(maps["grams+acts"] - maps["reanalyse acts"]).max()),
         "store_mb (both models)": {k: round(v, 1) for k, v in sizes.items()},
         "targets": {"end-to-end with Grams >= 1.0x (moonshot 2x)": best["grams"] <= peer,
                     "re-analysis from activations >= 2x": peer / best["reanalyse acts"] >= 2,
