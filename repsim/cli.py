@@ -737,8 +737,11 @@ def compare(store_a, store_b, measures, out, plot_path, tokens, null, bootstrap,
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Accuracy vs depth; several stores share one axis.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--max-iter", type=int, default=1000, show_default=True,
+              help="logreg: L-BFGS iterations per strength. A fit that stops before its objective is certified "
+                   "near the optimum is marked NO (conv) and named in a WARNING line; raise this then.")
 def probe(stores, method, features, split, test_store, layer_list, k, temperature, seed, device, out, plot_path,
-          quiet) -> None:
+          quiet, max_iter) -> None:
     """Linear (or k-NN) transfer accuracy of every layer, from stored activations and the stores' labels.
 
     \b
@@ -762,7 +765,8 @@ def probe(stores, method, features, split, test_store, layer_list, k, temperatur
         if method == "knn":
             result = probes.knn_probe(s, k=k, temperature=temperature, **common)
         else:
-            result = probes.linear_probe(s, method=method, **common)
+            result = probes.linear_probe(s, method=method, **({"max_iter": max_iter} if method == "logreg" else {}),
+                                         **common)
         results.append(result)
         click.echo(result.summary())
         if out is not None:

@@ -40,6 +40,9 @@ of ``Q_Xᵀ Q_Y`` (Björck & Golub 1973; Kornblith et al. 2019, Table 1).
                        with canonical correlation", NeurIPS, projection weighting: ``Σ α_i ρ_i / Σ α_i``
                        with ``α_i = Σ_j |⟨h_i, x̃_j⟩|``, ``h_i`` the i-th unit-norm canonical variate of the weighted
                        side and ``x̃_j`` its j-th centred feature (neuron) column. See "PWCCA conventions" below.
+``pwcca_reference``    the same measure computed exactly as the widely used reference code does (google/svcca
+                       ``pwcca.compute_pwcca``), to reproduce published PWCCA values; see "pwcca_reference"
+                       below for where it differs from ``pwcca``. Option ``epsilon`` (default 0, as the reference).
 ``rsa``                Kriegeskorte, Mur & Bandettini (2008), "Representational similarity analysis": the
                        representational dissimilarity matrix (RDM) of each side (``rdm="correlation"``:
                        ``1 − Pearson(x_i, x_j)`` between samples, or ``"euclidean"``: ``‖x_i − x_j‖``), compared by
@@ -90,6 +93,36 @@ orthonormal and centred), which gives the paper's definition, translation-invari
 when the weighted side is centred with orthonormal (whitened) columns; ``tests/test_similarity.py`` checks that
 against a transcription of the official function. The official ``else`` branch also indexes ``acts1`` where it means
 ``acts2`` (google/svcca PR #9); the Y-weighted branch here uses Y.
+
+pwcca_reference (the reference code's numbers)
+----------------------------------------------
+``pwcca_reference(X, Y, epsilon=0)`` equals google/svcca ``compute_pwcca(X.T, Y.T, epsilon)[0]`` (pwcca.py, with
+``cca_core.get_cca_similarity``; checked to 1e-8 against a line-by-line transcription in
+``tests/test_similarity.py``), so values published with that code can be reproduced. Where it differs from the
+paper-exact ``pwcca``:
+
+1. Weights. The reference takes ``u`` (left singular vectors of ``Σ_xx^{-1/2} Σ_xy Σ_yy^{-1/2}`` of the rescaled
+   covariances) and forms "directions" ``uᵀ(acts − mean) + mean`` over the datapoints, omitting ``Σ_xx^{-1/2}``
+   (its own ``compute_dirns`` includes it), then orthonormalises them by QR; the weight of correlation i is
+   ``Σ_j |⟨P_i, a_j⟩|`` with ``a_j`` the *uncentred* j-th neuron. ``pwcca`` uses the canonical variates
+   ``h_i`` (``Σ_xx^{-1/2}`` included, centred, unit norm) against the centred neurons. The reference's weights
+   therefore depend on a translation of the weighted side, on its conditioning and on the signs LAPACK gives
+   to ``u``; they coincide with ``pwcca``'s when that side is centred with orthonormal columns.
+2. Side. The reference weights the side with fewer *neurons* kept (``sum(x_idxs) <= sum(y_idxs)``, ties → X);
+   ``pwcca`` the side with fewer CCA dimensions after its rank / degeneracy reduction. When Y has fewer
+   neurons the reference's ``else`` branch uses ``acts1[y_idxs]`` where it means ``acts2`` (an IndexError in
+   current numpy; google/svcca PR #9 fixes it): here that branch follows the fix.
+3. Epsilon. The covariance blocks are first divided by their largest absolute entry; neurons whose rescaled
+   variance is below ``epsilon`` are dropped and ``epsilon`` is added to the rescaled diagonals before the
+   pseudo-inverse (so it is relative to the largest variance, not absolute). With neurons dropped the
+   reference's ``compute_pwcca`` fails on a shape mismatch (all neurons' means against the kept neurons); here
+   the kept neurons' means are used. With ``epsilon = 0`` a rank-deficient block leaves eigenvalues of its
+   pseudo-inverse at ±rounding, so the reference returns a number, NaN or an SVD failure by rounding luck:
+   where the square root is NaN this raises :class:`NumericalError` (pass ``epsilon > 0``) instead.
+4. No dimension reduction, no clipping: the correlations are the singular values as computed (all
+   ``min(k_x, k_y)`` of them, no trailing-zero trimming); ``p ≥ n`` is refused (the reference asserts fewer
+   neurons than datapoints for ``acts1``), and ``k_x + k_y > n − 1`` (correlations forced to 1) is warned
+   about, not reduced.
 
 Uncertainty
 -----------
@@ -597,6 +630,99 @@ def _pwcca_permuter(x: np.ndarray, y: np.ndarray, opts: dict[str, Any]) -> Prepa
     return lambda perm: _pwcca_from(qx, qy[perm], cx, cy, side)[0]  # type: ignore[arg-type]
 
 
+# ----------------------------------------------------------------------------------------------------
+# PWCCA as the google/svcca reference code computes it (``pwcca_reference``)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _ref_invsqrt(a: np.ndarray) -> np.ndarray:
+    """google/svcca ``cca_core.positivedef_matrix_sqrt(np.linalg.pinv(a))``: the eigen square root of the
+    pseudo-inverse, as the reference computes it (NaN where rounding leaves a pinv eigenvalue below 0)."""
+    w, v = np.linalg.eigh(np.linalg.pinv(a))
+    with np.errstate(invalid="ignore"):
+        wsqrt = np.sqrt(w)
+    return np.dot(v, np.dot(np.diag(wsqrt), np.conj(v).T))
+
+
+def _pwcca_reference_impl(x: np.ndarray, y: np.ndarray, opts: dict[str, Any], groups: np.ndarray | None
+                          ) -> tuple[float, dict[str, Any]]:
+    """PWCCA with the arithmetic of google/svcca ``pwcca.compute_pwcca(acts1=X.T, acts2=Y.T, epsilon)``
+    (which calls ``cca_core.get_cca_similarity``), step by step; the module docstring ("pwcca_reference")
+    lists where that differs from the paper-exact ``pwcca``. ``x`` (n, p), ``y`` (n, q); bootstrap copies
+    (``groups``) are simply repeated datapoints, as they would be for the reference code."""
+    eps = opts["epsilon"]
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
+        raise UsageError(f"epsilon must be a finite number >= 0, got {eps!r}")
+    eps = float(eps)
+    n, p = x.shape
+    q = y.shape[1]
+    if p >= n:
+        raise UsageError(f"pwcca_reference reproduces google/svcca, whose get_cca_similarity requires fewer "
+                         f"neurons than datapoints in acts1 (X): X has {p} features for {n} samples; use 'pwcca' "
+                         "(which reduces degenerate CCA by SVD and says so) or reduce X first")
+    # get_cca_similarity: np.cov (ddof = 1) of the stacked neurons, each block rescaled by its max |entry|
+    cov = np.cov(np.ascontiguousarray(x.T), np.ascontiguousarray(y.T))  # neurons × datapoints, as the reference
+    sxx, sxy, syy = cov[:p, :p], cov[:p, p:], cov[p:, p:]
+    xmax, ymax = float(np.max(np.abs(sxx))), float(np.max(np.abs(syy)))
+    for m, nm in ((xmax, "X"), (ymax, "Y")):
+        if not m > 0:
+            raise NumericalError(f"{nm} is constant across samples: canonical correlations are undefined")
+    sxx = sxx / xmax
+    syy = syy / ymax
+    sxy = sxy / np.sqrt(xmax * ymax)
+    # remove_small: neurons whose *rescaled* variance is below epsilon are dropped
+    xk = np.abs(np.diagonal(sxx)) >= eps
+    yk = np.abs(np.diagonal(syy)) >= eps
+    if not xk.any() or not yk.any():
+        raise NumericalError(f"every neuron of {'X' if not xk.any() else 'Y'} has rescaled variance below "
+                             f"epsilon = {eps:g}: the reference code returns no correlations")
+    sxx = sxx[xk][:, xk]
+    syy = syy[yk][:, yk]
+    sxy = sxy[xk][:, yk]
+    # compute_ccas: epsilon on the rescaled diagonals, pinv, eigen square root, SVD of the whitened cross-covariance
+    sxx = sxx + eps * np.eye(sxx.shape[0])
+    syy = syy + eps * np.eye(syy.shape[0])
+    ix, iy = _ref_invsqrt(sxx), _ref_invsqrt(syy)
+    arr = np.dot(ix, np.dot(sxy, iy))
+    if not np.all(np.isfinite(arr)):
+        raise NumericalError("the google/svcca arithmetic gives NaN here: a covariance block is rank-deficient "
+                             "(pinv leaves eigenvalues that round below 0 and their square root is NaN); the "
+                             "reference's users pass epsilon > 0 (e.g. 1e-6, as its robust_cca_similarity), or use "
+                             "'pwcca'")
+    u, rho, vh = np.linalg.svd(arr)
+    rho = np.abs(rho)
+    kx, ky = int(xk.sum()), int(yk.sum())
+    # compute_pwcca: the side with fewer kept neurons (ties → X); its "directions" are coefᵀ(acts − mean) + mean
+    side = "x" if kx <= ky else "y"
+    coef, acts = (u.T, x[:, xk]) if side == "x" else (vh, y[:, yk])
+    mean = acts.mean(axis=0)
+    dirns = np.dot(coef, (acts - mean).T) + mean[:, None]  # (k, n): rows = directions over the datapoints
+    pq, _ = np.linalg.qr(dirns.T)  # (n, k)
+    alpha = np.sum(np.abs(np.dot(pq.T, acts)), axis=1)  # Σ over the side's (uncentred) neurons
+    total = float(alpha.sum())
+    if not total > 0 or not math.isfinite(total):
+        raise NumericalError(f"PWCCA weights of {side.upper()} sum to {total}: undefined")
+    alpha = alpha / total
+    value = float(np.sum(alpha * rho))
+    warns: list[str] = []
+    notes = [f"google/svcca compute_pwcca arithmetic (epsilon = {eps:g}); weighted side {side.upper()} "
+             f"({min(kx, ky)} kept neurons ≤ {max(kx, ky)}, ties → X)"]
+    if kx < p or ky < q:
+        notes.append(f"epsilon = {eps:g} dropped {p - kx} neuron(s) of X and {q - ky} of Y (rescaled variance "
+                     "below epsilon); the reference's compute_pwcca then fails on a shape mismatch, here the kept "
+                     "neurons' means are used")
+    if side == "y":
+        notes.append("Y weighted: the reference's else branch indexes acts1 where it means acts2 (google/svcca PR "
+                     "#9; it raises an IndexError there in current numpy); this follows the fix")
+    if kx + ky > n - 1:
+        warns.append(f"CCA is degenerate on these data: {kx} + {ky} neurons > n − 1 = {n - 1} forces at least "
+                     f"{kx + ky - (n - 1)} canonical correlations to 1; the reference code does not reduce "
+                     "(use 'pwcca', which does and says so)")
+    info = {"weighted_side": side.upper(), "weights": alpha.tolist(), "canonical_correlations": rho.tolist(),
+            "neurons_kept_x": kx, "neurons_kept_y": ky, "notes": notes, "warnings": warns}
+    return value, info
+
+
 def canonical_correlations(x: Any, y: Any, *, keep: float | int | None = None) -> np.ndarray:
     """Canonical correlations (descending, float64) of ``x`` (n, p) and ``y`` (n, q) on centred features.
 
@@ -1043,6 +1169,18 @@ def _registry() -> dict[str, MeasureSpec]:
                  "Morcos, Raghu & Bengio (2018), Insights on representational similarity in neural networks with "
                  "canonical correlation, NeurIPS (projection weighting); google/svcca pwcca.py",
                  _CCA_COPIES, _pwcca_impl, _pwcca_permuter),
+        _spec_of("pwcca_reference", "similarity", (0.0, 1.0), 1.0, False, False, 3, {"epsilon": 0.0},
+                 ("isotropic scaling of either side",
+                  "translation and invertible linear maps of the unweighted side (epsilon = 0)"),
+                 "PWCCA as google/svcca compute_pwcca computes it (to reproduce published values): weights "
+                 "from QR-orthonormalised u_iᵀ(x − x̄) + x̄ (u: singular vectors of the whitened cross-"
+                 "covariance, no Σ^{-1/2}) against the uncentred neurons; side with fewer neurons (ties → X); "
+                 "epsilon on the rescaled covariances; asymmetric, not translation-invariant",
+                 "Morcos, Raghu & Bengio (2018), Insights on representational similarity in neural networks with "
+                 "canonical correlation, NeurIPS; reference code google/svcca pwcca.py compute_pwcca and "
+                 "cca_core.py get_cca_similarity (Y-weighted branch as in google/svcca PR #9)",
+                 "bootstrap copies enter as repeated datapoints (as they would for the reference code)",
+                 _pwcca_reference_impl),
         _spec_of("rsa", "similarity", (-1.0, 1.0), 1.0, True, True, 3,
                  {"rdm": "correlation", "compare": "spearman"},
                  ("rdm='correlation': per-sample positive scaling and shifts, feature permutations",

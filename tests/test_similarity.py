@@ -31,8 +31,8 @@ from repsim.similarity_measures import (
 
 FAST = settings(max_examples=20, deadline=None, derandomize=True)
 NAMES = [
-    "procrustes", "procrustes_1mnu", "procrustes_euclid", "cca", "cca_r2", "svcca", "pwcca", "rsa", "mknn",
-    "jaccard_knn", "cka", "cka_debiased", "cka_rbf",
+    "procrustes", "procrustes_1mnu", "procrustes_euclid", "cca", "cca_r2", "svcca", "pwcca", "pwcca_reference",
+    "rsa", "mknn", "jaccard_knn", "cka", "cka_debiased", "cka_rbf",
 ]
 
 
@@ -102,6 +102,62 @@ def official_pwcca(acts1: np.ndarray, acts2: np.ndarray) -> float:
     return float(np.sum(w * np.abs(s)))
 
 
+def svcca_compute_pwcca(acts1: np.ndarray, acts2: np.ndarray, epsilon: float = 0.0
+                        ) -> tuple[float, np.ndarray, np.ndarray]:
+    """A line-by-line numpy transcription of google/svcca ``pwcca.compute_pwcca(acts1, acts2, epsilon)`` and the
+    parts of ``cca_core`` it runs (``get_cca_similarity`` with compute_coefs=True, compute_dirns=False;
+    ``compute_ccas``, ``remove_small``, ``positivedef_matrix_sqrt``), https://github.com/google/svcca (pwcca.py,
+    cca_core.py). Inputs are neurons × datapoints. One deliberate change, marked: the ``else`` branch (acts2
+    weighted) uses ``acts2[y_idxs]`` where the original has ``acts1[y_idxs]`` (google/svcca PR #9; the original
+    raises an IndexError there). Returns (pwcca value, weights, coefficients), as the original."""
+    assert acts1.shape[1] == acts2.shape[1]
+    assert acts1.shape[0] < acts1.shape[1]
+    numx, numy = acts1.shape[0], acts2.shape[0]
+    covariance = np.cov(acts1, acts2)
+    sigmaxx = covariance[:numx, :numx]
+    sigmaxy = covariance[:numx, numx:]
+    sigmayx = covariance[numx:, :numx]
+    sigmayy = covariance[numx:, numx:]
+    xmax = np.max(np.abs(sigmaxx))
+    ymax = np.max(np.abs(sigmayy))
+    sigmaxx /= xmax
+    sigmayy /= ymax
+    sigmaxy /= np.sqrt(xmax * ymax)
+    sigmayx /= np.sqrt(xmax * ymax)
+    # compute_ccas → remove_small
+    x_idxs = np.abs(np.diagonal(sigmaxx)) >= epsilon
+    y_idxs = np.abs(np.diagonal(sigmayy)) >= epsilon
+    sxx = sigmaxx[x_idxs][:, x_idxs]
+    sxy = sigmaxy[x_idxs][:, y_idxs]
+    syy = sigmayy[y_idxs][:, y_idxs]
+    sxx += epsilon * np.eye(sxx.shape[0])
+    syy += epsilon * np.eye(syy.shape[0])
+    inv_xx, inv_yy = np.linalg.pinv(sxx), np.linalg.pinv(syy)
+
+    def positivedef_matrix_sqrt(array: np.ndarray) -> np.ndarray:
+        w, v = np.linalg.eigh(array)
+        return np.dot(v, np.dot(np.diag(np.sqrt(w)), np.conj(v).T))
+
+    invsqrt_xx, invsqrt_yy = positivedef_matrix_sqrt(inv_xx), positivedef_matrix_sqrt(inv_yy)
+    u, s, v = np.linalg.svd(np.dot(invsqrt_xx, np.dot(sxy, invsqrt_yy)))
+    s = np.abs(s)
+    # get_cca_similarity (compute_coefs): coef_x = u.T, coef_y = v, per-neuron means over datapoints
+    coef_x, coef_y = u.T, v
+    neuron_means1 = np.mean(acts1, axis=1, keepdims=True)
+    neuron_means2 = np.mean(acts2, axis=1, keepdims=True)
+    # compute_pwcca
+    if np.sum(x_idxs) <= np.sum(y_idxs):
+        dirns = np.dot(coef_x, (acts1[x_idxs] - neuron_means1)) + neuron_means1
+        acts, idxs = acts1, x_idxs
+    else:
+        dirns = np.dot(coef_y, (acts2[y_idxs] - neuron_means2)) + neuron_means2  # PR #9: acts2, not acts1
+        acts, idxs = acts2, y_idxs
+    P, _ = np.linalg.qr(dirns.T)
+    weights = np.sum(np.abs(np.dot(P.T, acts[idxs].T)), axis=1)
+    weights = weights / np.sum(weights)
+    return float(np.sum(weights * s)), weights, s
+
+
 # --- registry and metadata -----------------------------------------------------------------------------
 
 
@@ -124,7 +180,8 @@ def test_registry_names_and_metadata_are_complete() -> None:
     assert MEASURES["procrustes"].range == (0.0, math.pi / 2)
     assert MEASURES["procrustes_euclid"].range == (0.0, math.sqrt(2))
     assert MEASURES["rsa"].range == (-1.0, 1.0)
-    assert not MEASURES["pwcca"].symmetric
+    assert not MEASURES["pwcca"].symmetric and not MEASURES["pwcca_reference"].symmetric
+    assert "google/svcca" in MEASURES["pwcca_reference"].citation
     assert [n for n, s in MEASURES.items() if s.needs_all_samples] == [
         "rsa", "mknn", "jaccard_knn", "cka_debiased", "cka_rbf"]
 
@@ -136,6 +193,10 @@ def test_identical_inputs_give_the_identity_value(name: str) -> None:
     assert similarity(x, x, name) == pytest.approx(spec.identity_value, abs=1e-6)
     assert spec.function(x, x) == similarity(x, x, name)
     wide = np.random.default_rng(1).standard_normal((20, 45))  # p > n (CCA family reduces both alike)
+    if name == "pwcca_reference":  # the reference code asserts fewer neurons than datapoints: refused, not reduced
+        with pytest.raises(UsageError, match="fewer neurons than datapoints"):
+            similarity(wide, wide, name)
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SimilarityWarning)
         assert similarity(wide, wide, name, **({"k": 5} if "knn" in name else {})) == pytest.approx(
@@ -454,6 +515,82 @@ def test_pwcca_sides_and_invariances() -> None:
     assert abs(similarity(x @ _orthogonal(rng, 6), y, "pwcca") - base) > 1e-6  # L1 weights: not rotation-invariant
 
 
+def _raw_acts(seed: int, n: int, p: int, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Layer-like activations: shared signal, correlated (mixed) features of unequal scale, large offsets."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 4))
+    x = (z @ rng.standard_normal((4, p)) + 0.7 * rng.standard_normal((n, p)) @ rng.standard_normal((p, p)))
+    y = z @ rng.standard_normal((4, q)) + rng.standard_normal((n, q))
+    return x * np.exp(rng.uniform(-1, 1, p)) + rng.uniform(0, 5, p), np.maximum(y, 0) + 0.3 * y + 1.0
+
+
+@pytest.mark.parametrize("n,p,q,eps", [(300, 5, 9, 0.0), (300, 9, 5, 0.0), (250, 6, 6, 0.0), (200, 4, 12, 1e-3),
+                                       (400, 12, 7, 1e-6), (60, 20, 30, 0.0)])
+def test_pwcca_reference_reproduces_the_google_svcca_code(n: int, p: int, q: int, eps: float) -> None:
+    x, y = _raw_acts(n + p + q, n, p, q)
+    want, w_ref, s_ref = svcca_compute_pwcca(x.T.copy(), y.T.copy(), eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SimilarityWarning)  # (60, 20, 30): degenerate, warned, not reduced
+        d = similarity_details(x, y, "pwcca_reference", epsilon=eps)
+    assert d["value"] == pytest.approx(want, abs=1e-8)
+    np.testing.assert_allclose(d["weights"], w_ref, atol=1e-8)
+    np.testing.assert_allclose(d["canonical_correlations"], s_ref, atol=1e-8)
+    assert d["weighted_side"] == ("X" if p <= q else "Y")
+    assert bool(d["warnings"]) == (p + q > n - 1)
+
+
+def test_pwcca_reference_differs_from_the_paper_version_where_documented() -> None:
+    x, y = _raw_acts(5, 300, 5, 9)
+    ref, paper = similarity(x, y, "pwcca_reference"), similarity(x, y, "pwcca")
+    assert abs(ref - paper) > 0.01  # the two are not the same number on raw activations
+    # the reference's weights move with a translation of the weighted side; the paper version's do not
+    assert abs(similarity(x + 10.0, y, "pwcca_reference") - ref) > 1e-3
+    assert similarity(x + 10.0, y, "pwcca") == pytest.approx(paper, abs=1e-10)
+    # both agree when the weighted side is centred with orthonormal columns (the official "directions" are then
+    # the canonical variates, and uncentred = centred neurons)
+    q = _centred_orthonormal(np.random.default_rng(3), 300, 4)
+    rng = np.random.default_rng(4)
+    yq = q[:, :3] @ rng.standard_normal((3, 7)) + rng.standard_normal((300, 7))
+    assert similarity(3.0 * q, yq, "pwcca_reference") == pytest.approx(similarity(3.0 * q, yq, "pwcca"), abs=1e-9)
+    # isotropic scaling of either side and a translation / invertible map of the unweighted side: unchanged
+    a = np.random.default_rng(6).standard_normal((9, 9))
+    assert similarity(4.0 * x, 0.5 * y @ a - 3.0, "pwcca_reference") == pytest.approx(ref, abs=1e-9)
+
+
+def test_pwcca_reference_epsilon_drops_neurons_and_refusals() -> None:
+    x, y = _raw_acts(7, 300, 6, 9)
+    x[:, 2] = 1.0 + 1e-4 * np.random.default_rng(0).standard_normal(300)  # rescaled variance ~1e-8 < epsilon
+    d = similarity_details(x, y, "pwcca_reference", epsilon=1e-6)
+    assert (d["neurons_kept_x"], d["neurons_kept_y"]) == (5, 9)
+    # the reference itself crashes after dropping a neuron (shape mismatch); the evident intent — the same
+    # computation on the kept neurons (the rescaling by max |Σ_xx| is unchanged: the dropped neuron is tiny)
+    keep = np.arange(6) != 2
+    assert d["value"] == pytest.approx(svcca_compute_pwcca(x[:, keep].T.copy(), y.T.copy(), 1e-6)[0], abs=1e-8)
+    # rank-deficient side at epsilon 0: pinv leaves eigenvalues at ±rounding, and the reference returns a number,
+    # NaN or an SVD failure by luck; here the same number or a clear error, never NaN; epsilon > 0 always works
+    for seed in range(6):
+        xs, ys = _raw_acts(seed, 300, 6, 9)
+        xr = np.concatenate([xs[:, :4], xs[:, :2] @ np.ones((2, 1))], axis=1)
+        try:
+            v = similarity(xr, ys, "pwcca_reference")
+        except NumericalError as e:
+            assert "epsilon" in str(e)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                assert v == pytest.approx(svcca_compute_pwcca(xr.T.copy(), ys.T.copy(), 0.0)[0], abs=1e-8)
+        assert similarity(xr, ys, "pwcca_reference", epsilon=1e-6) == pytest.approx(
+            svcca_compute_pwcca(xr.T.copy(), ys.T.copy(), 1e-6)[0], abs=1e-8)
+    with pytest.raises(UsageError, match="epsilon"):
+        similarity(x, y, "pwcca_reference", epsilon=-1.0)
+    with pytest.raises(UsageError, match="no option 'keep'"):
+        similarity(x, y, "pwcca_reference", keep=0.99)
+    with pytest.raises(UsageError, match="fewer neurons than datapoints"):
+        similarity(x[:6], y[:6], "pwcca_reference")
+    with pytest.raises(NumericalError, match="constant"):
+        similarity(x, np.ones((300, 3)), "pwcca_reference")
+
+
 # --- RSA ---------------------------------------------------------------------------------------------------
 
 
@@ -568,6 +705,11 @@ def test_permutation_fast_paths_equal_recomputation(name: str) -> None:
     spec = MEASURES[name]
     x, y = _pair(17, n=45, p=6, q=5)
     opts = dict(spec.options)
+    if spec._permuter is None:  # pwcca_reference: recomputed per permutation (no fast path to check)
+        r = permutation_null(x, y, name, n_perm=3, seed=0)
+        perms = np.random.default_rng(0)
+        assert r["null"] == pytest.approx([similarity(x, y[perms.permutation(45)], name) for _ in range(3)])
+        return
     fn = spec._permuter(x, y, opts)
     rng = np.random.default_rng(0)
     for perm in (np.arange(45), rng.permutation(45), rng.permutation(45)):
