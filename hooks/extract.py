@@ -368,6 +368,7 @@ def plan_extraction(
     if grams:
         bytes_per_image += len(taps) * packed_size(chunk_size) * 4 // chunk_size
     if save_inputs:
+        _refuse_inputs_beyond_float16(model.preprocessing, probe)
         bytes_per_image += int(np.prod(probe.shape[1:])) * 2
     extra_bytes = 0
     if reducer is not None:
@@ -425,6 +426,9 @@ def plan_extraction(
     resume = already_complete = False
     with _creation_lock(out):  # never look at a store another process is laying out
         if overwrite and os.path.exists(out):
+            if is_store(out):
+                # the writer lock too: never delete a store another process is still writing (refused, one line)
+                _acquire_writer_lock(out, None)
             remove_store(out)
         resume, already_complete = _existing_store_state(out, attrs)
     if remote is not None:
@@ -440,6 +444,18 @@ def plan_extraction(
         extra_bytes=extra_bytes, shard=shard, grams=grams, acts=acts, layer_dtypes=layer_dtypes,
         fp16_probe=fp16_probe,
     )
+
+
+def _refuse_inputs_beyond_float16(prep: Any, probe: torch.Tensor) -> None:
+    """``--save-inputs`` stores float16: refuse a normalisation whose inputs can overflow it (inf) instead."""
+    mean, std = np.asarray(prep.mean, dtype=np.float64), np.asarray(prep.std, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = float(np.max(np.maximum(np.abs(mean), np.abs(1.0 - mean)) / np.abs(std)))
+    seen = float(probe.abs().max()) if probe.numel() else 0.0
+    if not (np.isfinite(bound) and max(bound, seen) <= 65504.0):
+        raise UsageError(f"--save-inputs stores the model inputs as float16, but with mean {list(prep.mean)} and std "
+                         f"{list(prep.std)} they reach {max(bound, seen):.3g}, beyond float16's 65504 (they would be "
+                         "stored as inf): check --mean/--std, or extract without --save-inputs")
 
 
 def _fp16_errors(capture: ActivationCapture, taps: Sequence[TapInfo]) -> dict[str, float]:

@@ -24,7 +24,9 @@ embedding at the chosen ``img_size``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import hashlib
 import difflib
 import importlib.util
 import inspect
@@ -132,10 +134,13 @@ class ModelInfo:
     patch_size: tuple[int, int] | None = None
     grid: tuple[int, int] | None = None
     num_classes: int = 0
+    code_sha256: str | None = None  # py: models only: sha256 of the factory's file, checked before it is imported
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples as lists)."""
         d = dataclasses.asdict(self)
+        if d["code_sha256"] is None:
+            del d["code_sha256"]
         d["patch_size"] = list(self.patch_size) if self.patch_size else None
         d["grid"] = list(self.grid) if self.grid else None
         return d
@@ -993,12 +998,21 @@ def _tv_num_classes(module: nn.Module) -> int:
 # py:<file.py>:<factory>
 # ==========================================================================================================
 def _load_py(name: str, ident: str, weights: str | None, random_init: bool, img_size: int | None,
-             **_hub: Any) -> tuple[nn.Module, ModelInfo, Preprocessing]:
+             code_sha256: str | None = None, **_hub: Any) -> tuple[nn.Module, ModelInfo, Preprocessing]:
     file, _, factory_name = ident.rpartition(":")
     path = os.path.abspath(os.path.expanduser(file))
     if not os.path.isfile(path):
         raise UsageError(f"py: model file not found: {file}")
-    digest = sha256_file(path)
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+    except OSError as err:
+        raise UsageError(f"cannot read {file}: {err.strerror or err}") from None
+    digest = hashlib.sha256(source).hexdigest()
+    if code_sha256 is not None and digest != code_sha256:
+        # checked on the bytes that would run, before anything is imported
+        raise UsageError(f"{file} changed since the extraction (sha256 {digest[:12]}..., recorded "
+                         f"{code_sha256[:12]}...): refusing to import it; the model cannot be rebuilt")
     mod_name = f"repsim_user_model_{digest[:16]}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
@@ -1006,7 +1020,7 @@ def _load_py(name: str, ident: str, weights: str | None, random_init: bool, img_
     user = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = user  # so classes defined there pickle (data-loader workers)
     try:
-        spec.loader.exec_module(user)
+        exec(compile(source, path, "exec"), user.__dict__)  # noqa: S102 - the hashed bytes, not a re-read file
     except Exception as err:  # noqa: BLE001 - the user's code: report it as their input error, keep the chain
         sys.modules.pop(mod_name, None)
         raise UsageError(f"importing {file} failed: {type(err).__name__}: {err}") from err
@@ -1064,7 +1078,7 @@ def _load_py(name: str, ident: str, weights: str | None, random_init: bool, img_
     num_classes = int(getattr(module, "num_classes", 0) or (linears[-1].out_features if linears else 0))
     info = ModelInfo(
         name=name, source="py", source_id=f"{file}:{factory_name}", family=infer_family(module), weights=record,
-        num_prefix_tokens=prefix, patch_size=patch, grid=grid, num_classes=num_classes,
+        num_prefix_tokens=prefix, patch_size=patch, grid=grid, num_classes=num_classes, code_sha256=digest,
     )
     return module, info, prep
 
@@ -1194,6 +1208,7 @@ def load_model(
     init_scheme: str = "branches-on",
     offline: bool | None = None,
     revision: str | None = None,
+    code_sha256: str | None = None,
 ) -> LoadedModel:
     """Build a model in eval mode with its provenance and preprocessing.
 
@@ -1228,8 +1243,9 @@ def load_model(
     source, ident = resolve_name(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
+        extra = {"code_sha256": code_sha256} if source == "py" else {}  # py: checked before the import
         module, info, prep = _LOADERS[source](spec.strip(), ident, weights, random_init, img_size,
-                                              offline=offline_requested(offline), revision=revision)
+                                              offline=offline_requested(offline), revision=revision, **extra)
         if info.weights.get("kind") == "random":
             # still under the seed: re-initialised zero weights draw from it
             changes = switch_branches_on(module) if init_scheme == "branches-on" else {}
@@ -1263,7 +1279,40 @@ __all__ = [
 ]
 
 
-def reload_model(attrs: dict[str, Any], *, offline: bool | None = None) -> LoadedModel:
+_TRUST_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("repsim_trust_code", default=False)
+
+
+@contextlib.contextmanager
+def trust_code(enabled: bool = True):
+    """Within this block :func:`reload_model` may import a store's ``py:`` model file (after checking its
+    sha256). What ``--trust-code`` sets; off by default."""
+    token = _TRUST_CODE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TRUST_CODE.reset(token)
+
+
+def check_rebuild_allowed(attrs: dict[str, Any], *, trust_code: bool | None = None) -> dict[str, Any]:
+    """Refuse (UsageError) rebuilding a store's ``py:`` model unless code is trusted (``trust_code``, default the
+    :func:`trust_code` block) and the store records the file's sha256; returns the ``load_model`` arguments
+    that make the loader compare that sha256 before importing. Cheap: call it before any other work."""
+    model = attrs["model"]
+    w = model.get("weights", {})
+    if not (model.get("source") == "py" or str(model.get("name", "")).strip().startswith("py:")):
+        return {}
+    file = str(model.get("source_id") or model.get("name", "")).removeprefix("py:").rpartition(":")[0]
+    if not (_TRUST_CODE.get() if trust_code is None else trust_code):
+        raise UsageError(f"the store's model is Python code ({file}): rebuilding it imports and runs that file; "
+                         "pass --trust-code if you trust it")
+    expected = model.get("code_sha256") or (w.get("sha256") if w.get("kind") == "factory" else None)
+    if not expected:
+        raise UsageError(f"the store records no sha256 of its model file {file} (an older store): the code "
+                         "cannot be checked before it runs; re-extract the store")
+    return {"code_sha256": expected}
+
+
+def reload_model(attrs: dict[str, Any], *, offline: bool | None = None, trust_code: bool | None = None) -> LoadedModel:
     """Rebuild the model a store was extracted from, from its root attributes (``store.attrs``).
 
     The same spec, input size and weights: a weights file must still hash to the recorded sha256; a random
@@ -1272,15 +1321,21 @@ def reload_model(attrs: dict[str, Any], *, offline: bool | None = None) -> Loade
     cache, or downloaded at it unless ``offline`` (see :func:`load_model`), and must hash to the recorded
     sha256 (torchvision's too). Preprocessing overrides recorded in the store are re-applied. Any mismatch is a
     UsageError: an analysis never runs on other weights than the store's.
+
+    A ``py:`` model is Python code named by the store: it is refused unless ``trust_code`` (default: inside
+    :func:`trust_code`, i.e. ``--trust-code``), and even then the file's sha256 must equal the recorded one
+    before it is imported. Weights that need unpickling beyond tensors are refused unless ``--trust-pickle``
+    (see :mod:`hooks.weights`).
     """
     model, prep = attrs["model"], attrs["preprocessing"]
     w = model.get("weights", {})
     kind = w.get("kind")
+    code = check_rebuild_allowed(attrs, trust_code=trust_code)
     size = prep.get("img_size")
     img_size = int(size[0]) if isinstance(size, (list, tuple)) else (int(size) if size else None)
     kwargs: dict[str, Any] = dict(img_size=img_size, mean=prep.get("mean"), std=prep.get("std"),
                                   interpolation=prep.get("interpolation"), crop_pct=prep.get("crop_pct"),
-                                  offline=offline)
+                                  offline=offline, **code)
     if kind == "random":
         loaded = load_model(model["name"], random_init=True, init_seed=int(w.get("seed", 0)),
                             init_scheme=w.get("init", "framework"), **kwargs)

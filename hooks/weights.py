@@ -1,9 +1,11 @@
 """Loading a local weights file into a model, strictly, with its sha256 recorded for provenance.
 
 Formats: ``.safetensors``; torch ``.pt`` / ``.pth`` / ``.bin`` / ``.th`` / ``.ckpt`` files, zip (torch >= 1.6) or
-legacy (non-zip) serialisation. Files are read with ``torch.load(weights_only=True)``; only a *legacy* pickle
-that needs more than tensors (old training checkpoints that pickled e.g. numpy scalars) is re-read with
-``weights_only=False``, with a warning, because that executes code from the file.
+legacy (non-zip) serialisation. Files are read with ``torch.load(weights_only=True)``, which unpickles tensors
+and plain containers only. A checkpoint that needs more (old training checkpoints that pickled e.g. numpy
+scalars, or a crafted file) would have to be unpickled with ``weights_only=False``, which runs code from the
+file: that is refused in one line naming ``--trust-pickle``, and done only inside :func:`trust_pickle` (what
+that flag sets).
 
 Checkpoints are unwrapped the usual ways: a nested ``state_dict`` / ``model`` / ``ema`` entry (training
 checkpoints), a pickled ``nn.Module``, and a common ``module.`` (DataParallel / DDP) or ``_orig_mod.``
@@ -13,6 +15,8 @@ checkpoints), a pickled ``nn.Module``, and a common ``module.`` (DataParallel / 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 import pickle
@@ -32,6 +36,19 @@ NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema", "stat
 #: prefixes stripped when *every* key carries them (DataParallel / DDP, torch.compile)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 5  # keys listed per category in error messages
+
+_TRUST_PICKLE: contextvars.ContextVar[bool] = contextvars.ContextVar("repsim_trust_pickle", default=False)
+
+
+@contextlib.contextmanager
+def trust_pickle(enabled: bool = True):
+    """Within this block, a checkpoint that holds more than tensors is unpickled with ``weights_only=False``
+    (running whatever code the file carries). What ``--trust-pickle`` sets; off by default."""
+    token = _TRUST_PICKLE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TRUST_PICKLE.reset(token)
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -54,17 +71,14 @@ def _torch_load(path: str) -> Any:
         what = found.group(1) if found else "non-tensor Python objects"
         if not zipfile.is_zipfile(path) and not _is_legacy_torch_file(path):
             raise UsageError(f"cannot read weights file {path}: not a torch checkpoint") from None
-        if zipfile.is_zipfile(path):
-            # A modern checkpoint that holds arbitrary Python objects: refuse to execute it.
+        if not _TRUST_PICKLE.get():
+            # Unpickling arbitrary objects runs code from the file: never without the flag that names the risk.
+            kind = "checkpoint" if zipfile.is_zipfile(path) else "legacy (non-zip) pickle"
             raise UsageError(
-                f"{path} holds {what} besides tensors and is not unpickled with weights_only=False; re-save "
-                "only the weights: torch.save(torch.load(f, weights_only=False)['state_dict'], 'clean.pt')"
+                f"{path} is a {kind} holding {what} besides tensors; unpickling it runs code from the file, so it "
+                "is refused: pass --trust-pickle if you trust it, or re-save only the weights "
+                "(torch.save(state_dict, 'clean.pt') or safetensors)"
             ) from None
-        warnings.warn(
-            f"{path} is a legacy (non-zip) checkpoint holding {what}; loading it with weights_only=False, "
-            "which runs code from the file: use only files you trust",
-            stacklevel=3,
-        )
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err2:  # noqa: BLE001 - any failure here means the file is unreadable

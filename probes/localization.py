@@ -702,6 +702,8 @@ def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | S
     :func:`position_probe`.
     """
     t0 = time.perf_counter()
+    if hasattr(store, "require_complete"):
+        store.require_complete()  # an unfinished or damaged store: one UsageError, never numbers that change later
     if layers is None:
         chosen = _positioned_layers(store)
         if not chosen:

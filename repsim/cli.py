@@ -28,6 +28,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
+            _check_plot_args([*getattr(ctx, "_protected_args", []), *ctx.args])
             return super().invoke(ctx)
         except UsageError as err:
             if _DEBUG:
@@ -40,6 +41,71 @@ class _Group(click.Group):
                 traceback.print_exc()
             click.echo(f"error: {err}", err=True)
             ctx.exit(1)
+        except OSError as err:
+            # the file system said no (missing folder, read-only, full disk, file-size limit): one line, exit 2
+            if _DEBUG:
+                traceback.print_exc()
+            click.echo(f"error: {_os_error_line(err)}", err=True)
+            ctx.exit(2)
+        except Exception as err:  # noqa: BLE001 - only the user's own model code is turned into one line
+            where = _user_code_line(err)
+            if where is None:
+                raise
+            if _DEBUG:
+                traceback.print_exc()
+            click.echo(f"error: your model's code raised {type(err).__name__}: {_first(err)} (at {where}); "
+                       "rerun with --debug for the traceback", err=True)
+            ctx.exit(2)
+
+
+def _check_plot_args(args: list[str]) -> None:
+    """Refuse a --plot file whose extension matplotlib cannot write, before any work is done."""
+    for i, arg in enumerate(args):
+        if arg == "--plot" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--plot="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        ext = os.path.splitext(path)[1].lstrip(".").lower()
+        if not ext:
+            continue  # matplotlib writes PNG
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        supported = sorted(FigureCanvasBase.get_supported_filetypes())
+        if ext not in supported:
+            raise UsageError(f"--plot {path}: cannot write .{ext} figures; use one of {', '.join(supported)}")
+
+
+def _first(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else "no details"
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for a file-system error, with what to do about the common ones."""
+    import errno
+
+    what = f"{err.strerror or _first(err)}" + (f": {err.filename}" if err.filename else "")
+    hint = {
+        errno.ENOSPC: "free some space and rerun the same command (a killed or failed extraction resumes)",
+        errno.EFBIG: "a file exceeds the file-size limit (ulimit -f) or the file system's largest file: raise the "
+                     "limit or use a smaller --chunk-size, then rerun (the extraction resumes)",
+        errno.EROFS: "the file system is read-only: choose an --out on a writable one",
+        errno.ENOENT: "check the path (is its parent folder there?)",
+        errno.EACCES: "no permission: choose another path",
+        errno.EDQUOT: "disk quota exceeded: free some space and rerun the same command",
+    }.get(err.errno)
+    return what + (f"; {hint}" if hint else "")
+
+
+def _user_code_line(err: BaseException) -> str | None:
+    """``file:line`` of the innermost frame of a ``py:`` model's own code in the traceback, or None."""
+    where = None
+    for frame, line in traceback.walk_tb(err.__traceback__):
+        if str(frame.f_globals.get("__name__", "")).startswith("repsim_user_model_"):
+            where = f"{frame.f_code.co_filename}:{line}"
+    return where
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -94,9 +160,39 @@ def _floats3(value: str | None, what: str) -> tuple[float, float, float] | None:
     return parts  # type: ignore[return-value]
 
 
+def _meta_flag(name: str):
+    """A flag kept in ``ctx.meta`` (not a function argument), read where the risk is taken."""
+    def store(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+        ctx.meta[name] = bool(value)
+        return value
+    return store
+
+
+_TRUST_PICKLE_OPTION = click.option(
+    "--trust-pickle", is_flag=True, expose_value=False, callback=_meta_flag("trust_pickle"),
+    help="Unpickle a weights file that holds more than tensors (weights_only=False). That RUNS CODE from the "
+         "file: only for files you trust. Without it such files are refused.")
+_TRUST_CODE_OPTION = click.option(
+    "--trust-code", is_flag=True, expose_value=False, callback=_meta_flag("trust_code"),
+    help="Allow rebuilding a store's py: model, which imports and RUNS that Python file (after checking its "
+         "sha256 against the store's). Without it such stores are refused.")
+
+
+@contextlib.contextmanager
+def _trusted():
+    """What --trust-code / --trust-pickle allow, for the model loads inside this block."""
+    from hooks.registry import trust_code
+    from hooks.weights import trust_pickle
+
+    meta = click.get_current_context().meta
+    with trust_code(meta.get("trust_code", False)), trust_pickle(meta.get("trust_pickle", False)):
+        yield
+
+
 def _model_options(f):
     """Options shared by commands that build a model."""
     options = [
+        _TRUST_PICKLE_OPTION,
         click.option("--weights", type=click.Path(dir_okay=False), default=None,
                      help="Local state dict (.pt/.pth/.bin/.safetensors) instead of hub weights."),
         click.option("--random-init", is_flag=True,
@@ -127,11 +223,12 @@ def _load_model(model: str, weights, random_init, img_size, mean, std, interpola
         raise UsageError("--weights and --random-init exclude each other")
     if weights and not os.path.isfile(weights):
         raise UsageError(f"weights file not found: {weights}")
-    return load_model(
-        model, weights=weights, random_init=random_init, img_size=img_size,
-        mean=_floats3(mean, "mean"), std=_floats3(std, "std"), interpolation=interpolation, crop_pct=crop_pct,
-        offline=True if offline else None,
-    )
+    with _trusted():
+        return load_model(
+            model, weights=weights, random_init=random_init, img_size=img_size,
+            mean=_floats3(mean, "mean"), std=_floats3(std, "std"), interpolation=interpolation, crop_pct=crop_pct,
+            offline=True if offline else None,
+        )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -410,7 +507,16 @@ def verify(store: str, quiet: bool) -> None:
     from repsim.store import open_store
     from repsim.verify import verify_store
 
-    report = verify_store(open_store(store), progress=not quiet)
+    try:
+        opened = open_store(store)
+    except UsageError as err:
+        if not os.path.isfile(os.path.join(store, "zarr.json")):
+            raise
+        # a folder with root metadata that does not read as a repsim store: its zarr.json is the damage
+        click.echo(f"problem: zarr.json (the root metadata) is damaged or not a repsim store's ({err})", err=True)
+        click.echo(f"{store}: 1 problem(s)", err=True)
+        sys.exit(1)
+    report = verify_store(opened, progress=not quiet)
     for problem in report.problems:
         click.echo(f"problem: {problem}", err=True)
     if not report.ok:
@@ -583,6 +689,8 @@ def _gram_tip(a, b, batch_size: int) -> str:
                    "input, as a radius in pixels on the attention-distance axis. Rebuilds the model from the store.")
 @click.option("--erf-images", type=int, default=8, show_default=True, help="Images averaged for --erf.")
 @click.option("--device", default="cpu", show_default=True, help="Device for --erf (cpu, cuda, ...).")
+@_TRUST_CODE_OPTION
+@_TRUST_PICKLE_OPTION
 def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images, device) -> None:
     """Per-head attention statistics of a store extracted with --attention.
 
@@ -609,6 +717,7 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
     from repsim.store import open_store
 
     s = open_store(store)
+    s.require_complete()  # unfinished or damaged: one line, before any number (--erf too)
     if erf:
         _erf(s, out, plot_path, erf_images, device)
         return
@@ -686,6 +795,9 @@ def compare(store_a, store_b, measures, out, plot_path, tokens, null, bootstrap,
         raise UsageError(f"unknown measure {unknown[0] if unknown else measures!r}; choose from {', '.join(MEASURES)}")
     a = open_store(store_a)
     b = open_store(store_b) if store_b is not None else None
+    for opened in (a, b):
+        if opened is not None:
+            opened.require_complete()  # unfinished or damaged: one line, before any number
 
     def target(path: str | None, name: str) -> str | None:
         if path is None or len(names) == 1:
@@ -757,9 +869,12 @@ def probe(stores, method, features, split, test_store, layer_list, k, temperatur
     if test_store is not None and len(stores) > 1:
         raise UsageError("--test-store applies to one store; probe the others separately")
     test = open_store(test_store) if test_store else None
+    if test is not None:
+        test.require_complete()
     results = []
     for path in stores:
         s = open_store(path)
+        s.require_complete()  # unfinished or damaged: one line, before any number
         common = dict(layers=_split_layers(layer_list), features=features, split=split, test_store=test, seed=seed,
                       device=device, progress=not quiet)
         if method == "knn":
@@ -799,6 +914,8 @@ def probe(stores, method, features, split, test_store, layer_list, k, temperatur
               help="Also the pointing game of captum attributions on the model itself (shapes stores; the model "
                    "is rebuilt from the store): Integrated Gradients and/or Grad-CAM. Writes <stem>_pointing.json.")
 @click.option("--pointing-images", type=int, default=32, show_default=True, help="Images for --pointing.")
+@_TRUST_CODE_OPTION
+@_TRUST_PICKLE_OPTION
 @click.option("--class-tokens", is_flag=True,
               help="Also class accuracy from the centre token vs the CLS token vs the token mean, per layer "
                    "(Raghu et al. Fig. 11). Writes <stem>_class_tokens.json/.png.")
@@ -821,6 +938,12 @@ def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_
     from repsim.store import open_store
 
     s = open_store(store)
+    s.require_complete()  # every mode: an unfinished or damaged store gives other numbers after the resume
+    if pointing:
+        from hooks.registry import check_rebuild_allowed
+
+        with _trusted():
+            check_rebuild_allowed(s.attrs)  # before any number is printed
     result = probes.localize(s, _split_layers(layer_list), images=images, cka=not no_cka, method=method,
                              seed=seed, device=device, progress=not quiet)
     click.echo(result.summary())
@@ -857,8 +980,9 @@ def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_
         from hooks.attribution import store_pointing_game
         from repsim.json_output import write_json_atomic
 
-        games = {m: store_pointing_game(s, m, n=pointing_images, device="cpu" if device == "auto" else device)
-                 for m in pointing}
+        with _trusted():
+            games = {m: store_pointing_game(s, m, n=pointing_images, device="cpu" if device == "auto" else device)
+                     for m in pointing}
         for m, g in games.items():
             click.echo(f"pointing game {m}: {g['accuracy'] * 100:.1f}% of {g['n']} images "
                        f"(argmax of the attribution on the object; tolerance {g['tolerance']} px)")
@@ -875,7 +999,14 @@ def _erf(s, out, plot_path, images: int, device: str) -> None:
     from repsim.attention_plot import plot_erf
     from repsim.attention_summary import erf_json
 
-    results = store_erf(s, images=images, device=device)
+    try:
+        with _trusted():
+            results = store_erf(s, images=images, device=device)
+    except RuntimeError as err:
+        if "does not require grad" not in str(err) and "grad_fn" not in str(err):
+            raise
+        raise UsageError(f"{s.model_name}: no gradient reaches the input from its map layers ({str(err).splitlines()[0]}); "
+                         "the ERF needs a differentiable path") from None
     if out is not None:
         erf_json(s, results, images, out)
     if plot_path is not None:

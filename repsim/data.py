@@ -161,11 +161,33 @@ def subset_order(total: int, n: int | None, seed: int, *, where: str) -> np.ndar
     return np.random.default_rng(seed).permutation(total)[:n].astype(np.int64)
 
 
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(im: Image.Image, where: str) -> Image.Image:
+    """RGB of a decoded image. 16-bit greyscale (PNG / TIFF modes ``I;16*``, or ``I`` holding 0..65535) is scaled
+    to 8 bits (v / 257, rounded: 65535 -> 255); PIL's own ``convert`` would clip every value above 255 to white.
+    Wider or floating-point pixels have no known range and are refused."""
+    if im.mode in _WIDE_GREY:
+        a = np.asarray(im)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise CorruptImageError(f"{where}: {im.mode} pixels outside 0..65535 (min {int(a.min())}, max "
+                                    f"{int(a.max())}): only 8- and 16-bit images are supported")
+        grey = np.rint(a.astype(np.float64) / 257.0).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if im.mode in ("F", "I;32", "I;32L", "I;32B"):
+        raise CorruptImageError(f"{where}: {im.mode} (32-bit / floating-point) pixels have no fixed range: convert "
+                                "the image to 8- or 16-bit")
+    return im.convert("RGB")
+
+
 def _decode(path: str) -> Image.Image:
     """Open and fully decode one image file as RGB (PIL is lazy: ``convert`` forces the decode)."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return _to_rgb(im, path)
+    except CorruptImageError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # UnidentifiedImageError and "image file is truncated" are OSErrors; some plugins raise the others.
         raise CorruptImageError(f"cannot decode image {path}: {err}") from err

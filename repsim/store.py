@@ -190,15 +190,31 @@ class ActivationStore:
                 f"{path} has store format {self.attrs['format_version']}, newer than this repsim "
                 f"understands ({FORMAT_VERSION}): upgrade repsim"
             )
-        self.layers: list[str] = list(self.attrs["layers"])
-        self.n: int = int(self.attrs["dataset"]["n"])
-        self.chunk_size: int = int(self.attrs["extraction"]["chunk_size"])
+        try:
+            self.layers: list[str] = [str(x) for x in self.attrs["layers"]]
+            self.n: int = int(self.attrs["dataset"]["n"])
+            self.chunk_size: int = int(self.attrs["extraction"]["chunk_size"])
+            if self.n < 0 or self.chunk_size < 1:
+                raise ValueError(f"n={self.n}, chunk_size={self.chunk_size}")
+        except (KeyError, TypeError, ValueError) as err:
+            raise UsageError(f"{path}: the root attributes (zarr.json) are damaged ({_why(err)}): the store cannot "
+                             "be read") from None
         self._ids: list[str] | None = None
+        self._complete: bool | None = None
 
     # -- metadata -------------------------------------------------------------------------------------
     @property
     def complete(self) -> bool:
-        return bool(self.attrs.get("complete", False))
+        """Marked complete in the root attributes *and* every sample chunk flagged written (checked once)."""
+        if self._complete is None:
+            self._complete = (bool(self.attrs.get("complete", False)) and not self.initialising
+                              and bool(self.chunks_done().all()))
+        return self._complete
+
+    @property
+    def initialising(self) -> bool:
+        """True for a store whose creation was killed before its arrays were all laid out."""
+        return bool(self.attrs.get("initialising", False))
 
     @property
     def fingerprint(self) -> str:
@@ -211,13 +227,15 @@ class ActivationStore:
     @property
     def ids(self) -> list[str]:
         if self._ids is None:
-            self._ids = [str(s) for s in self._group["samples/ids"][:]]
+            self._ids = [str(s) for s in self._read_checked("samples/ids", self._whole("samples/ids"), None, None)]
         return self._ids
 
     @property
     def labels(self) -> np.ndarray:
         """int64 (n,), -1 where unknown."""
-        return np.asarray(self._group["samples/labels"][:], dtype=np.int64)
+        # no presence check: zarr does not write a chunk equal to the fill value -1 (a store of unlabelled images)
+        return np.asarray(self._read_checked("samples/labels", self._rows_checked("samples/labels", self.n), None,
+                                             None), dtype=np.int64)
 
     @property
     def has_inputs(self) -> bool:
@@ -228,15 +246,26 @@ class ActivationStore:
 
     def chunks_done(self) -> np.ndarray:
         """bool (n_chunks,): which sample chunks are completely written."""
-        return np.asarray(self._group["progress/chunk_done"][:], dtype=bool)
+        arr = self._node("progress/chunk_done")
+        if arr.shape[0] != self.n_chunks():
+            raise self._damage("progress/chunk_done", f"has {arr.shape[0]} flags, the store has {self.n_chunks()} chunks")
+        return np.asarray(self._read_checked("progress/chunk_done", arr, None, None), dtype=bool)
 
     def shard_records(self) -> dict[int, list[dict[str, Any] | None]]:
         """Completion records of sharded extraction runs: {N: [record of shard k, or None while unfinished]}."""
         out: dict[int, list[dict[str, Any] | None]] = {}
-        progress = self._group["progress"]
-        for name in sorted(progress.array_keys()):
+        try:
+            names = sorted(self._group["progress"].array_keys())
+        except Exception as err:  # noqa: BLE001 - damaged metadata: one line naming it
+            raise self._damage("progress", f"cannot be listed ({_why(err)})") from None
+        for name in names:
             if name.startswith("shards_of_"):
-                out[int(name.rsplit("_", 1)[1])] = [json.loads(v) if v else None for v in progress[name][:]]
+                key = f"progress/{name}"
+                values = self._read_checked(key, self._node(key), None, None)
+                try:
+                    out[int(name.rsplit("_", 1)[1])] = [json.loads(v) if v else None for v in values]
+                except ValueError as err:
+                    raise self._damage(key, f"holds a record that is not JSON ({_why(err)})") from None
         return out
 
     def nbytes_on_disk(self) -> int:
@@ -265,7 +294,7 @@ class ActivationStore:
         if not self.has_acts:
             raise UsageError(f"{self.path} holds Gram matrices only (extracted with --no-acts), not the activations "
                              f"of {layer!r}: this analysis needs a store extracted without --no-acts")
-        return self._group[f"acts/{layer}"]
+        return self._rows_checked(f"acts/{layer}", self.n)
 
     @property
     def has_acts(self) -> bool:
@@ -290,17 +319,20 @@ class ActivationStore:
         self._check_layer(layer)
         if self.gram_info is None:
             raise UsageError(f"{self.path} holds no Gram matrices: extract with --grams")
-        return self._group[f"grams/{layer}"][slice(start, stop)]
+        key = f"grams/{layer}"
+        return self._read_checked(key, self._rows_checked(key, self.n_chunks()), start, stop)
 
     def layer_info(self, layer: str) -> dict[str, Any]:
         """Per-layer attributes: kind, shape (per sample), num_prefix_tokens, grid, module, pool, dtype."""
         self._check_layer(layer)
         if self.has_acts:
-            arr = self._group[f"acts/{layer}"]
+            arr = self._node(f"acts/{layer}")
             info = dict(arr.attrs)
             info["shape"] = tuple(arr.shape[1:])
             info["dtype"] = str(arr.dtype)
             return info
+        if layer not in self.attrs.get("layer_attrs", {}):
+            raise self._damage("the root attributes", f"record no layer_attrs of {layer!r}")
         info = dict(self.attrs["layer_attrs"][layer])  # Gram-only stores keep the layer table in the root
         info["shape"] = tuple(info["shape"])
         return info
@@ -309,7 +341,8 @@ class ActivationStore:
         """Worst float16 storage error η per layer over the chunks written (see "Precision"); {} if unmeasured."""
         if "quality/fp16_error" not in self._group:
             return {}
-        e = np.asarray(self._group["quality/fp16_error"][:], dtype=np.float64)
+        e = np.asarray(self._read_checked("quality/fp16_error", self._rows_checked("quality/fp16_error", self.n_chunks()),
+                                          None, None), dtype=np.float64)
         done = self.chunks_done()
         e = e[done] if done.any() else e[:0]
         if e.size == 0:
@@ -318,17 +351,17 @@ class ActivationStore:
 
     def read(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of ``layer`` in store order, in the stored dtype (float16 by default)."""
-        return self._array(layer)[slice(start, stop)]
+        return self._read_checked(f"acts/{layer}", self._array(layer), start, stop)
 
     def row_count(self, name: str) -> int:
         """Rows (first-axis length) of a layer's activation array, or of ``inputs/pixels``, as stored."""
-        return int(self._group[name if name == "inputs/pixels" else f"acts/{name}"].shape[0])
+        return int(self._node(name if name == "inputs/pixels" else f"acts/{name}").shape[0])
 
     def read_inputs(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """Preprocessed inputs (rows, 3, H, W), when extracted with ``save_inputs``."""
         if not self.has_inputs:
             raise UsageError(f"{self.path} has no saved inputs: extract with --save-inputs")
-        return self._group["inputs/pixels"][slice(start, stop)]
+        return self._read_checked("inputs/pixels", self._rows_checked("inputs/pixels", self.n), start, stop)
 
     def iter_batches(
         self, layers: Sequence[str], batch_size: int, *, start: int = 0, stop: int | None = None
@@ -340,7 +373,8 @@ class ActivationStore:
         stop = self.n if stop is None else min(stop, self.n)
         for lo in range(start, stop, batch_size):
             rows = slice(lo, min(lo + batch_size, stop))
-            yield rows, {layer: arr[rows] for layer, arr in arrays.items()}
+            yield rows, {layer: self._read_checked(f"acts/{layer}", arr, rows.start, rows.stop)
+                         for layer, arr in arrays.items()}
 
     @property
     def extra_arrays(self) -> list[str]:
@@ -351,13 +385,13 @@ class ActivationStore:
         """Full shape of the extra array ``name`` (first axis: samples, chunks or the first K samples)."""
         if name not in self.extra_arrays:
             raise UsageError(f"{self.path} has no array {name!r}")
-        return tuple(self._group[name].shape)
+        return tuple(self._node(name).shape)
 
     def read_extra(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of the extra array ``name`` (see :attr:`extra_arrays`)."""
         if name not in self.extra_arrays:
             raise UsageError(f"{self.path} has no array {name!r}")
-        return self._group[name][slice(start, stop)]
+        return self._read_checked(name, self._extra_checked(name), start, stop)
 
     # -- attention statistics (``--attention``) -------------------------------------------------------------
     @property
@@ -379,7 +413,7 @@ class ActivationStore:
             raise UsageError(f"unknown attention statistic {stat!r}")
         if stat == "maps" and key not in self._group:
             raise UsageError(f"{self.path} keeps no attention maps of {layer} (extract with --attn-keep K > 0)")
-        return self._group[key][slice(start, stop)]
+        return self._read_checked(key, self._extra_checked(key), start, stop)
 
     def _check_attention_layer(self, layer: str) -> None:
         if not self.attention_layers:
@@ -388,9 +422,116 @@ class ActivationStore:
             raise UsageError(f"{layer!r} is not an attention layer of {self.path} "
                              f"(it has {', '.join(self.attention_layers[:4])}...)")
 
+    def declared_arrays(self) -> dict[str, int | None]:
+        """Every array the root attributes promise, with the rows it must have (None: not fixed by n)."""
+        out: dict[str, int | None] = {"samples/ids": self.n, "samples/labels": self.n,
+                                      "progress/chunk_done": self.n_chunks()}
+        if self.has_acts:
+            out.update({f"acts/{layer}": self.n for layer in self.layers})
+        if self.attrs["extraction"].get("save_inputs"):
+            out["inputs/pixels"] = self.n
+        for e in self.attrs.get("extra_arrays", []):
+            out[e["name"]] = {"samples": self.n, "chunks": self.n_chunks()}.get(e["rows"])
+        return out
+
+    def require_complete(self) -> None:
+        """Refuse (UsageError, one line) a store that is unfinished, was killed while being created, or whose
+        arrays' metadata is missing, unreadable or of the wrong length: every analysis calls this first."""
+        if self.initialising or not self.attrs.get("complete", False):
+            raise UsageError(f"{self.path} is incomplete (an extraction is unfinished or was killed): rerun the same "
+                             "`repsim extract` command to finish it")
+        for name, rows in self.declared_arrays().items():
+            self._node(name) if rows is None else self._rows_checked(name, rows)
+        if not self.complete:
+            raise self._damage("progress/chunk_done", "has chunks not flagged written although the store is marked "
+                                                      "complete")
+
+    # -- damage: every failure to read becomes one line naming the array (and chunk) and `repsim verify` ------
+    def _damage(self, name: str, what: str) -> UsageError:
+        if self.initialising:
+            return UsageError(f"{self.path} was killed while being created ({name} {what}): rerun the same "
+                              "`repsim extract` command, which recreates it")
+        return UsageError(f"{self.path}: {name} {what}; the store is damaged: run `repsim verify {self.path}`")
+
+    def _node(self, name: str) -> zarr.Array:
+        """The array ``name``; missing or unreadable metadata (zarr.json) is a UsageError naming it."""
+        try:
+            node = self._group[name]
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - KeyError, JSONDecodeError, zarr metadata errors, OSError ...
+            raise self._damage(name, f"cannot be opened ({_why(err)})") from None
+        if not isinstance(node, zarr.Array):
+            raise self._damage(name, "is a group, not an array")
+        return node
+
+    def _whole(self, name: str) -> zarr.Array:
+        """A one-chunk sample-table array whose chunk must exist on disk (its fill value would pass for data)."""
+        arr = self._rows_checked(name, self.n)
+        try:
+            present = arr.nchunks_initialized
+        except Exception as err:  # noqa: BLE001 - unlistable store
+            raise self._damage(name, f"cannot be listed ({_why(err)})") from None
+        if present < arr.nchunks:
+            raise self._damage(name, f"has {arr.nchunks - present} of its {arr.nchunks} chunks missing on disk")
+        return arr
+
+    def _rows_checked(self, name: str, rows: int) -> zarr.Array:
+        arr = self._node(name)
+        if not arr.shape or arr.shape[0] != rows:
+            raise self._damage(name, f"has {arr.shape[0] if arr.shape else 0} rows where the store needs {rows}")
+        return arr
+
+    def _extra_checked(self, name: str) -> zarr.Array:
+        mode = next((e["rows"] for e in self.attrs.get("extra_arrays", []) if e["name"] == name), None)
+        want = {"samples": self.n, "chunks": self.n_chunks()}.get(mode)
+        return self._node(name) if want is None else self._rows_checked(name, want)
+
+    def _read_checked(self, name: str, arr: zarr.Array, start: int | None, stop: int | None) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``arr``: a chunk that fails to decode (checksum, codec, shape) or is missing
+        on disk (float arrays read it as the fill value NaN, which no stored value is) is a UsageError naming it."""
+        sel = slice(start, stop)
+        try:
+            out = arr[sel]
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - ValueError (checksum), RuntimeError (blosc), ...
+            c = self._first_bad_chunk(arr, sel)
+            raise self._damage(name, f"{'a chunk' if c is None else self._chunk_text(arr, c)} does not decode "
+                                     f"({_why(err)})") from None
+        if out.dtype.kind == "f" and out.ndim and out.shape[0] and out[0].size:
+            lo, hi, _ = sel.indices(arr.shape[0])
+            cs = arr.chunks[0]
+            for c in range(lo // cs, -(-hi // cs)):
+                if np.isnan(out[max(c * cs, lo) - lo].flat[0]):
+                    raise self._damage(name, f"{self._chunk_text(arr, c)} reads as NaN (missing on disk)")
+        return out
+
+    @staticmethod
+    def _chunk_text(arr: zarr.Array, c: int) -> str:
+        cs = arr.chunks[0]
+        return f"chunk {c} (rows {c * cs}..{min((c + 1) * cs, arr.shape[0]) - 1})"
+
+    @staticmethod
+    def _first_bad_chunk(arr: zarr.Array, sel: slice) -> int | None:
+        lo, hi, _ = sel.indices(arr.shape[0])
+        cs = arr.chunks[0]
+        for c in range(lo // cs, -(-hi // cs)):
+            try:
+                arr[c * cs:min((c + 1) * cs, arr.shape[0])]
+            except Exception:  # noqa: BLE001 - this is the one
+                return c
+        return None
+
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
         return f"ActivationStore({self.path!r}, model={self.model_name!r}, n={self.n}, layers={len(self.layers)}, {state})"
+
+
+def _why(err: BaseException) -> str:
+    """``Type: first line`` of an exception, at most 160 characters (for one-line errors)."""
+    text = str(err).strip().splitlines()[0][:160] if str(err).strip() else "no details"
+    return f"{type(err).__name__}: {text}"
 
 
 def open_store(path: str) -> ActivationStore:

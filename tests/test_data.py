@@ -263,3 +263,26 @@ def test_bad_npz(tmp_path):
     np.save(tmp_path / "single.npy", img)
     os.rename(tmp_path / "single.npy", tmp_path / "single.npz")
     _bad(str(tmp_path / "single.npz"), "single array")
+
+
+def test_16bit_greyscale_png_is_scaled_not_clipped(tmp_path):
+    # PIL's convert("RGB") clips I;16 values above 255 to white: a 16-bit scan turned 99.6% white
+    folder = tmp_path / "grey16"
+    folder.mkdir()
+    a = (np.arange(8 * 32, dtype=np.uint32).reshape(8, 32) * 257).astype(np.uint16)  # 0 .. 65535 in steps of 257
+    Image.fromarray(a).save(folder / "a.png")
+    assert Image.open(folder / "a.png").mode.startswith("I")
+    src = open_dataset(str(folder))
+    rgb = np.asarray(src.load(0))
+    assert rgb.shape == (8, 32, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(a / 257.0).astype(np.uint8))  # 65535 -> 255, 257 -> 1
+    np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
+    assert (rgb == 255).mean() < 0.01
+
+
+def test_float_images_are_refused(tmp_path):
+    folder = tmp_path / "float"
+    folder.mkdir()
+    Image.fromarray(np.full((4, 4), 3.5, dtype=np.float32), mode="F").save(folder / "f.tif")
+    with pytest.raises(CorruptImageError, match="no fixed range"):
+        open_dataset(str(folder)).load(0)

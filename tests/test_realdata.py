@@ -49,6 +49,6 @@ def test_real_resnet20_cka_structure(r20, tmp_path):
     np.testing.assert_allclose(np.diag(v), 1.0, atol=1e-9)
     # neighbours are more similar than distant layers, and the logits resemble the last block most
     assert v[0, 1] > v[0, -2] and v[-1, -2] == max(v[-1, :-1])
-    res = run_cli("attention", r20.path, "--erf", "--erf-images", "4", "--out", str(tmp_path / "e.json"))
+    res = run_cli("attention", r20.path, "--erf", "--trust-code", "--erf-images", "4", "--out", str(tmp_path / "e.json"))
     # gap-pooled layers have no maps: a clear refusal, not a number
     assert res.exit_code == 2 and "map" in res.output

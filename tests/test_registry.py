@@ -463,13 +463,17 @@ def test_unreadable_or_odd_files(tmp_path):
     with pytest.raises(UsageError, match="no state dict"):
         torch.save({"epoch": 3, "note": "nothing"}, str(tmp_path / "empty.pt"))
         load_state_dict_file(str(tmp_path / "empty.pt"))
-    # non-tensor objects: refused in a zip checkpoint, loaded with a warning from a legacy one
+    # non-tensor objects: refused in a zip checkpoint and a legacy one alike, loaded only under trust_pickle
+    from hooks.weights import trust_pickle
+
     obj = {"state_dict": {"w": torch.ones(2)}, "acc": np.float64(0.9)}
     torch.save(obj, str(tmp_path / "obj_zip.pt"))
-    with pytest.raises(UsageError, match="weights_only"):
+    with pytest.raises(UsageError, match="--trust-pickle"):
         load_state_dict_file(str(tmp_path / "obj_zip.pt"))
     torch.save(obj, str(tmp_path / "obj_legacy.pt"), _use_new_zipfile_serialization=False)
-    with pytest.warns(UserWarning, match="legacy"):
+    with pytest.raises(UsageError, match="--trust-pickle"):
+        load_state_dict_file(str(tmp_path / "obj_legacy.pt"))
+    with trust_pickle():
         sd, _ = load_state_dict_file(str(tmp_path / "obj_legacy.pt"))
     assert list(sd) == ["w"]
 
