@@ -30,6 +30,17 @@ How the probabilities are reached, per family (all of them leave the model's out
     same mechanism, but each captured tensor is checked at run time (4-d, ``num_heads`` heads, rows ≥ 0
     summing to 1) and a mismatch raises :class:`~repsim.errors.UsageError` instead of recording a wrong map.
     timm's ``DiffAttention`` (difference of two softmaxes: not a probability map) is refused.
+timm ViT zoo (each family's geometry is documented on its discovery function below)
+    ``timm_levit`` / ``timm_levit_subsample`` (LeViT, Graham et al. 2021) and ``timm_talking_heads`` (CaiT's
+    self-attention, Touvron et al. 2021; the per-head softmax maps, before the post-softmax ``proj_w`` head
+    mixing of Shazeer et al. 2020) have no module after their softmax: their ``forward`` is wrapped (restored
+    on exit) to run under a :class:`torch.overrides.TorchFunctionMode` that keeps the one softmax output (the
+    LeViT biases are inside it). ``timm_gpsa`` / ``timm_convit_mhsa`` (ConViT, d'Ascoli et al. 2021: the
+    gated mixture of content and positional attention, renormalised, is what reaches ``attn_drop``),
+    ``timm_class_attn`` (CaiT class attention) and ``timm_cross_attn`` (CrossViT, Chen et al. 2021) and the
+    Twins layers ``timm_twins_local`` / ``timm_twins_global`` (Chu et al. 2021) use the ``attn_drop``
+    pre-hook. PiT (Heo et al. 2021) uses timm ``Attention`` with per-stage grids. XCiT's XCA (El-Nouby et al.
+    2021) is refused: it attends over channels, not tokens.
 ``hf_eager`` (Hugging Face transformers ≥ 5 models whose ``_can_record_outputs["attentions"]`` names an
     attention class: ViT, DeiT, DINOv2 (+registers), BEiT, CLIP, SigLIP, ViT-MAE, …)
     the attention implementation is switched to ``"eager"`` (``PreTrainedModel.set_attn_implementation``;
@@ -76,6 +87,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from hooks.geometry import GEOMETRY_ATTR, declared_geometry
 from repsim.errors import UsageError
@@ -91,12 +103,31 @@ _TIMM_KNOWN: dict[tuple[str, str], str] = {
     ("timm.models.eva", "EvaAttention"): "timm_eva",
     ("timm.models.swin_transformer", "WindowAttention"): "timm_swin_window",
     ("timm.models.swin_transformer_v2", "WindowAttention"): "timm_swinv2_window",
+    ("timm.models.levit", "Attention"): "timm_levit",
+    ("timm.models.levit", "AttentionDownsample"): "timm_levit_subsample",
+    ("timm.models.cait", "TalkingHeadAttn"): "timm_talking_heads",
+    ("timm.models.cait", "ClassAttn"): "timm_class_attn",
+    ("timm.models.convit", "GPSA"): "timm_gpsa",
+    ("timm.models.convit", "MHSA"): "timm_convit_mhsa",
+    ("timm.models.crossvit", "CrossAttention"): "timm_cross_attn",
+    ("timm.models.twins", "LocallyGroupedAttn"): "timm_twins_local",
+    ("timm.models.twins", "GlobalSubSampleAttn"): "timm_twins_global",
 }
+_XCIT_REFUSAL = ("XCiT's cross-covariance attention (XCA) attends over channels, not tokens (a channel × channel map "
+                 "per head, no token-to-token attention) and its local patch interaction is a convolution: XCiT has "
+                 "no token attention map to capture (its two class-attention layers alone would misdescribe it)")
 _TIMM_REFUSED: dict[tuple[str, str], str] = {
     ("timm.layers.diff_attention", "DiffAttention"):
         "differential attention (softmax₁ − λ·softmax₂) is not a probability map",
+    ("timm.models.xcit", "XCA"): _XCIT_REFUSAL,
 }
-WINDOW_KINDS = ("timm_swin_window", "timm_swinv2_window")
+#: kinds whose probabilities are taken from the one softmax their forward computes (no attn_drop to tap)
+SOFTMAX_KINDS = ("timm_levit", "timm_levit_subsample", "timm_talking_heads")
+#: kinds whose single query is the class token (a CLS-to-patch map, :func:`repsim.attention.class_attention_statistics`)
+CLASS_KINDS = ("timm_class_attn", "timm_cross_attn")
+#: kinds whose queries lie on another grid than their keys (``AttentionLayer.query_grid``)
+CROSS_GRID_KINDS = ("timm_levit_subsample", "timm_twins_global")
+WINDOW_KINDS = ("timm_swin_window", "timm_swinv2_window", "timm_twins_local")
 KINDS = (*sorted(set(_TIMM_KNOWN.values()) - set(WINDOW_KINDS)), *WINDOW_KINDS, "timm_like", "hf_eager",
          "torch_mha")
 
@@ -113,9 +144,17 @@ class AttentionLayer:
     grid : (gh, gw) of the patch tokens at the size the model was built for (for Swin: the stage grid,
         ``input_resolution``); records carry the grid of each actual forward
     patch_size : (ph, pw), the token stride in input pixels (for Swin: the stage's reduction)
-    window_size, shift_size : Swin window and cyclic shift (rows, cols); None for global attention
+    window_size, shift_size : Swin / Twins window and cyclic shift (rows, cols); None for global attention
     stage : Swin stage path (``layers.0``), None otherwise
     module_type : the module's class, ``module.qualname``
+    query_grid, query_patch_size : the queries' grid and token stride (px) when they are not the keys' (LeViT
+        subsampling attention, Twins' global sub-sampled attention: ``grid`` / ``patch_size`` are then the
+        keys'); None for self-attention
+    class_query : the only query is the class token (CaiT class attention, CrossViT cross-attention): records
+        are CLS-to-patch maps (B, heads, 1, num_prefix_tokens + gh·gw)
+
+    ``patch_size`` may be fractional (CrossViT's second branch sees the input resized: 16 px of 224 are
+    17.14 px of a 240-px input).
     """
 
     path: str
@@ -128,6 +167,9 @@ class AttentionLayer:
     shift_size: Pair | None = None
     stage: str | None = None
     module_type: str = ""
+    query_grid: Pair | None = None
+    query_patch_size: Pair | None = None
+    class_query: bool = False
 
     @property
     def windowed(self) -> bool:
@@ -135,7 +177,7 @@ class AttentionLayer:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("grid", "patch_size", "window_size", "shift_size"):
+        for k in ("grid", "patch_size", "window_size", "shift_size", "query_grid", "query_patch_size"):
             d[k] = list(d[k]) if d[k] is not None else None
         return d
 
@@ -155,6 +197,13 @@ class AttentionRecord:
         undoing the cyclic shift; (−1, −1) for padded tokens
     padded : Swin only, bool (nW, ws²): tokens timm appended as padding
     window_size, shift_size : Swin only, as used in this call
+    query_positions : cross-grid layers (LeViT subsampling, Twins global sub-sampled attention) only, float64
+        (Nq, 2): each patch query's centre in *key-grid steps* (key cell (i, j) centred at (i, j)); ``probs``
+        is then (B, heads, Nq, gh·gw) with ``grid`` / ``patch_size`` the keys' (see :mod:`repsim.attention`,
+        "Queries and keys on different grids")
+    query_grid, query_patch_size : cross-grid layers: the queries' grid and stride (px)
+    class_query : the one query is the class token: ``probs`` (B, heads, 1, num_prefix_tokens + gh·gw), a
+        CLS-to-patch map (:func:`repsim.attention.class_attention_statistics`)
     """
 
     path: str
@@ -169,13 +218,18 @@ class AttentionRecord:
     padded: torch.Tensor | None = None
     window_size: Pair | None = None
     shift_size: Pair | None = None
+    query_positions: torch.Tensor | None = None
+    query_grid: Pair | None = None
+    query_patch_size: Pair | None = None
+    class_query: bool = False
 
     def to(self, device: torch.device | str) -> "AttentionRecord":
         """A copy with its tensors on ``device`` (always a copy, never a view of the live tensors)."""
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, copy=True)
 
-        return dataclasses.replace(self, probs=mv(self.probs), positions=mv(self.positions), padded=mv(self.padded))
+        return dataclasses.replace(self, probs=mv(self.probs), positions=mv(self.positions), padded=mv(self.padded),
+                                   query_positions=mv(self.query_positions))
 
 
 # ==========================================================================================================
@@ -298,6 +352,11 @@ class _Found:
     geometry: _Geometry | None = None  # global attention
     block: nn.Module | None = None  # Swin: the block that partitions windows
     hf_index: int = 1  # hf_eager: output index of the weights
+    prefix: int | None = None  # overrides geometry.num_prefix_tokens (CaiT talking heads, ConViT GPSA: 0)
+    #: family layers (LeViT, Twins, CrossViT cross-attention): the record's geometry from the probabilities
+    resolve: Callable[[torch.Tensor], dict[str, Any]] | None = None
+    #: forward pre-hooks (with kwargs) to install on the attention module itself (Twins: the stage size)
+    pre_hooks: list[Callable[..., None]] = field(default_factory=list)
 
 
 def _qual(m: nn.Module) -> tuple[str, str]:
@@ -371,6 +430,13 @@ def _discover(module: nn.Module, geometry: Any = None) -> tuple[list[_Found], li
                               "tv": _tv_geometry}[src](mod)
         return geoms[id(mod)]
 
+    family_geoms: dict[tuple[Any, ...], _Geometry] = {}
+
+    def geom(key: tuple[Any, ...], make: Callable[[], _Geometry]) -> _Geometry:
+        if key not in family_geoms:
+            family_geoms[key] = make()
+        return family_geoms[key]
+
     # Hugging Face: the modules each PreTrainedModel's own output recorder names as "attentions"
     pretrained = _hf_pretrained_type()
     hf_paths: dict[str, int] = {}
@@ -417,15 +483,25 @@ def _discover(module: nn.Module, geometry: Any = None) -> tuple[list[_Found], li
         if kind is None:
             continue
         heads = _num_heads(m)
+        if kind.startswith("timm_"):
+            fam = _family_found(modules, path, m, kind, heads, typename, geom)
+            if fam is not None:
+                found.append(fam)
+                continue
         if kind in WINDOW_KINDS:
             found.append(_swin_found(modules, path, m, kind, heads, typename))
             continue
         g = geom_for(path)
         if kind == "torch_mha" and g is not None and _geometry_owner(modules, path)[2] not in ("tv", "declared"):  # type: ignore[index]
             g = None  # an MHA inside a timm / HF model: its tokens are not necessarily the patch tokens
-        found.append(_Found(AttentionLayer(path, kind, heads, g.num_prefix_tokens if g else None,
-                                           g.grid if g else None, g.patch_size if g else None,
-                                           module_type=typename), m, g, hf_index=hf_paths.get(path, 1)))
+        # CaiT's self-attention blocks run before the class token is appended (Touvron et al. 2021 Sec. 3), and
+        # ConViT's GPSA blocks before it is (d'Ascoli et al. 2021 Sec. 3): no prefix token there
+        prefix = 0 if kind in ("timm_talking_heads", "timm_gpsa") else None
+        n_prefix = prefix if prefix is not None else (g.num_prefix_tokens if g else None)
+        found.append(_Found(AttentionLayer(path, kind, heads, n_prefix, g.grid if g else None,
+                                           g.patch_size if g else None, module_type=typename,
+                                           class_query=kind in CLASS_KINDS), m, g, hf_index=hf_paths.get(path, 1),
+                            prefix=prefix))
 
     # attention-looking modules that none of the above covers (e.g. CaiT's talking-head attention)
     covered = [f.layer.path for f in found] + sorted(taken) + [u.split(" ", 1)[0] for u in unsupported]
@@ -437,6 +513,9 @@ def _discover(module: nn.Module, geometry: Any = None) -> tuple[list[_Found], li
         if type(m).__name__.endswith(("Attention", "Attn")) and not related(path):
             unsupported.append(f"{path} ({'.'.join(_qual(m))}: computes attention in a way repsim does not know)")
             covered.append(path)
+
+    if any(_qual(m) == ("timm.models.xcit", "XCA") for m in modules.values()):
+        return [], [f"{type(module).__name__}: {_XCIT_REFUSAL}"]
 
     # explicit geometry (MHA layers, or overrides)
     if geometry is not None:
@@ -456,12 +535,232 @@ def _discover(module: nn.Module, geometry: Any = None) -> tuple[list[_Found], li
                 value = default
             if value is None:
                 continue
-            if f.layer.windowed:
-                raise UsageError(f"{f.layer.path} is a Swin window attention: its geometry comes from the model")
+            if f.layer.windowed or f.resolve is not None:
+                raise UsageError(f"{f.layer.path} ({f.layer.kind}) has its geometry from the model; it cannot be "
+                                 "overridden")
             prefix, grid, patch = _geometry_arg(value, f.layer.path)
             f.geometry = _Geometry(prefix, grid, patch)
             f.layer.num_prefix_tokens, f.layer.grid, f.layer.patch_size = prefix, grid, patch
     return found, unsupported
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timm families with their own token geometry: LeViT, PiT, CrossViT, Twins (CaiT and ConViT need only a prefix)
+# ----------------------------------------------------------------------------------------------------------
+def _timm_root(modules: Mapping[str, nn.Module], path: str, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    """The nearest ancestor of ``path`` that is a timm model of one of the classes ``names``."""
+    parts = path.split(".") if path else []
+    for i in range(len(parts) - 1, -1, -1):
+        p = ".".join(parts[:i])
+        mod = modules[p]
+        if type(mod).__module__.startswith("timm.") and any(c.__name__ in names for c in type(mod).__mro__):
+            return p, mod
+    return None
+
+
+def _px(v: Sequence[float]) -> Pair:
+    """A stride in pixels: ints when whole, else floats (CrossViT's resized branch)."""
+    return tuple(int(round(x)) if abs(x - round(x)) < 1e-9 else float(x) for x in v)  # type: ignore[return-value]
+
+
+def _conv_stride(mod: nn.Module) -> Pair:
+    sh = sw = 1
+    for c in mod.modules():
+        if isinstance(c, nn.Conv2d):
+            st = _pair(c.stride)
+            sh, sw = sh * st[0], sw * st[1]
+    return sh, sw
+
+
+def _conv_out(grid: Pair, conv: nn.Conv2d) -> Pair:
+    k, st, pd = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.padding)
+    return tuple((grid[i] + 2 * pd[i] - k[i]) // st[i] + 1 for i in range(2))  # type: ignore[return-value]
+
+
+def _rel(path: str, root_path: str) -> list[str]:
+    return (path[len(root_path) + 1:] if root_path else path).split(".")
+
+
+def _levit_found(modules: Mapping[str, nn.Module], path: str, m: nn.Module, kind: str, heads: int | None,
+                 typename: str) -> _Found:
+    """LeViT (Graham et al. 2021, "LeViT: a Vision Transformer in ConvNet's Clothing for Faster Inference",
+    Sec. 4.2): attention with learned per-head biases ``B[h, |Δy|, |Δx|]`` inside ``softmax``; no prefix token
+    (the class head pools). The key grid is the module's ``resolution``; its stride is the stem's (16 px) times
+    2 per ceil-halving of the stage-0 grid. The subsampling attention (``AttentionDownsample``, between stages)
+    takes its queries from every ``stride``-th key token (timm's ``Downsample``: ``x[:, ::s, ::s]``, or a 3 × 3
+    average pool centred there; the same ``q_pos`` timm's bias table uses), so query (r, c) sits at key-grid
+    position (s·r, s·c)."""
+    found = _timm_root(modules, path, ("Levit",))
+    if found is None:
+        raise UsageError(f"{path} ({typename}) is not inside a timm Levit model: repsim cannot place its tokens")
+    root = found[1]
+    stem = _conv_stride(root.stem)
+    res = _pair(m.resolution)
+    assert res is not None
+    first = max((_pair(x.resolution) for x in root.modules()
+                 if _qual(x) in (("timm.models.levit", "Attention"), ("timm.models.levit", "AttentionDownsample"))),
+                key=lambda r: r[0] * r[1])
+    halvings, cur = 0, first
+    while cur != res and halvings < 16:
+        cur, halvings = (-(-cur[0] // 2), -(-cur[1] // 2)), halvings + 1
+    if cur != res:
+        raise UsageError(f"{path}: LeViT resolution {res} is not a halving of the stage-0 grid {first}")
+    key_px = (stem[0] * 2 ** halvings, stem[1] * 2 ** halvings)
+    if kind == "timm_levit_subsample":
+        st = int(m.stride)
+        qgrid = (-(-res[0] // st), -(-res[1] // st))
+        from repsim.attention import grid_positions
+
+        qpos = (grid_positions(qgrid) * st).to(torch.float64)
+        layer = AttentionLayer(path, kind, heads, 0, res, key_px, module_type=typename, query_grid=qgrid,
+                               query_patch_size=(key_px[0] * st, key_px[1] * st))
+        geo = dict(num_prefix_tokens=0, grid=res, patch_size=key_px, query_positions=qpos, query_grid=qgrid,
+                   query_patch_size=layer.query_patch_size)
+    else:
+        layer = AttentionLayer(path, kind, heads, 0, res, key_px, module_type=typename)
+        geo = dict(num_prefix_tokens=0, grid=res, patch_size=key_px)
+    return _Found(layer, m, resolve=lambda probs, geo=geo: dict(geo))
+
+
+class _StageGrid:
+    """A grid read at run time from a module's 4-d output (or input), with its static value as fallback."""
+
+    def __init__(self, static: Pair | None):
+        self.static = static
+        self.runtime: Pair | None = None
+
+    def current(self) -> Pair | None:
+        return self.runtime if self.runtime is not None else self.static
+
+
+def _pit_geometry(root: nn.Module, stage: int) -> _Geometry:
+    """PiT (Heo et al. 2021, "Rethinking Spatial Dimensions of Vision Transformers", Sec. 3.2): stage 0 is the
+    overlapping patch convolution's grid (kernel 16, stride 8 at 224 px: 27 × 27, stride 8 px); each later
+    stage starts with a depth-wise stride-2 pooling convolution (grid (g + 2p - k) // s + 1, stride × 2);
+    ``num_tokens`` class (+ distillation) tokens are carried through the stages."""
+    pe_conv = root.patch_embed.conv
+    grid = (int(root.patch_embed.height), int(root.patch_embed.width))
+    stride = _pair(pe_conv.stride)
+    conv = pe_conv
+    for i in range(1, stage + 1):
+        pool = root.transformers[i].pool
+        conv = pool.conv
+        grid = _conv_out(grid, conv)
+        st = _pair(conv.stride)
+        stride = (stride[0] * st[0], stride[1] * st[1])
+    return _Geometry(int(getattr(root, "num_tokens", 1)), grid, stride, conv)
+
+
+def _crossvit_geometry(root: nn.Module, branch: int) -> _Geometry:
+    """CrossViT (Chen et al. 2021, "CrossViT: Cross-Attention Multi-Scale Vision Transformer", Sec. 3): each
+    branch has its own patch embedding and class token; a branch whose image size differs from the input's
+    sees the input resized (bicubic) first, so its token stride in *input* pixels is patch × input / branch
+    size (16 × 240 / 224 = 17.14 px for the second branch of ``crossvit_*_240``)."""
+    pe = root.patch_embed[branch]
+    img, bimg, patch = _pair(root.img_size), _pair(pe.img_size), _pair(pe.patch_size)
+    assert img is not None and bimg is not None and patch is not None
+    grid = (bimg[0] // patch[0], bimg[1] // patch[1])
+    stride = _px((patch[0] * img[0] / bimg[0], patch[1] * img[1] / bimg[1]))
+    return _Geometry(1, grid, stride, pe.proj)
+
+
+def _twins_found(modules: Mapping[str, nn.Module], path: str, m: nn.Module, kind: str, heads: int | None,
+                 typename: str) -> _Found:
+    """Twins-SVT (Chu et al. 2021, "Twins: Revisiting the Design of Spatial Attention in Vision Transformers",
+    Sec. 3.2): locally-grouped self-attention in non-overlapping ws × ws windows (timm pads the stage grid at
+    the bottom / right to a multiple of ws, row-major windows as Swin's without shift), and global sub-sampled
+    attention whose keys are a stride-``sr`` ``sr × sr`` convolution of the tokens (key grid
+    (H // sr, W // sr), key (i, j) centred on query cells ``sr·i + (sr-1)/2``); no prefix token. The stage grid
+    comes from the ``size`` argument of each call, the stride from the patch embeddings (4, 2, 2, 2 px)."""
+    found = _timm_root(modules, path, ("Twins",))
+    rel = _rel(path, found[0]) if found is not None else []
+    if found is None or len(rel) < 3 or rel[0] != "blocks" or not rel[1].isdigit():
+        raise UsageError(f"{path} ({typename}) is not a block attention of a timm Twins model: repsim cannot place "
+                         "its tokens")
+    root, stage = found[1], int(rel[1])
+    sh = sw = 1
+    for pe in list(root.patch_embeds)[:stage + 1]:
+        p = _pair(pe.patch_size)
+        sh, sw = sh * p[0], sw * p[1]
+    pe = root.patch_embeds[stage]
+    grid = _StageGrid((int(pe.H), int(pe.W)))
+
+    def pre(_m: nn.Module, args: Any, kwargs: Any) -> None:
+        size = args[1] if len(args) > 1 else kwargs.get("size")
+        grid.runtime = (int(size[0]), int(size[1])) if size is not None else None
+
+    stage_px = (sh, sw)
+    if kind == "timm_twins_local":
+        ws = (int(m.ws), int(m.ws))
+        layer = AttentionLayer(path, kind, heads, 0, grid.static, stage_px, ws, (0, 0),
+                               f"{found[0] + '.' if found[0] else ''}blocks.{stage}", typename)
+
+        def resolve(probs: torch.Tensor) -> dict[str, Any]:
+            g = grid.current()
+            pos, padded = swin_window_positions(g, ws, (0, 0), probs.device)
+            if probs.ndim != 5 or probs.shape[1] != pos.shape[0] or probs.shape[-1] != pos.shape[1]:
+                raise UsageError(f"{path}: window attention of shape {tuple(probs.shape)} does not match "
+                                 f"{pos.shape[0]} windows of {ws[0]}x{ws[1]} on a {g[0]}x{g[1]} grid")
+            return dict(num_prefix_tokens=0, grid=g, patch_size=stage_px, positions=pos, padded=padded,
+                        window_size=ws, shift_size=(0, 0))
+
+        return _Found(layer, m, resolve=resolve, pre_hooks=[pre])
+    sr = int(getattr(m, "sr_ratio", 1) or 1)
+    if sr == 1:  # the last stage: plain global self-attention
+        layer = AttentionLayer(path, kind, heads, 0, grid.static, stage_px, module_type=typename)
+        return _Found(layer, m, resolve=lambda probs: dict(num_prefix_tokens=0, grid=grid.current(),
+                                                           patch_size=stage_px), pre_hooks=[pre])
+    key_px = (sh * sr, sw * sr)
+
+    def key_grid(g: Pair) -> Pair:
+        return g[0] // sr, g[1] // sr
+
+    layer = AttentionLayer(path, kind, heads, 0, key_grid(grid.static), key_px, module_type=typename,
+                           query_grid=grid.static, query_patch_size=stage_px)
+    cache: dict[Pair, torch.Tensor] = {}
+
+    def resolve_global(probs: torch.Tensor) -> dict[str, Any]:
+        g = grid.current()
+        if g not in cache:
+            from repsim.attention import grid_positions
+
+            cache[g] = (grid_positions(g).to(torch.float64) - (sr - 1) / 2) / sr
+        return dict(num_prefix_tokens=0, grid=key_grid(g), patch_size=key_px, query_positions=cache[g],
+                    query_grid=g, query_patch_size=stage_px)
+
+    return _Found(layer, m, resolve=resolve_global, pre_hooks=[pre])
+
+
+def _family_found(modules: Mapping[str, nn.Module], path: str, m: nn.Module, kind: str, heads: int | None,
+                  typename: str, geom: Callable[[tuple[Any, ...], Callable[[], _Geometry]], _Geometry]
+                  ) -> _Found | None:
+    """The _Found of a layer of a family with its own geometry, None for the generic path."""
+    if kind in ("timm_levit", "timm_levit_subsample"):
+        return _levit_found(modules, path, m, kind, heads, typename)
+    if kind in ("timm_twins_local", "timm_twins_global"):
+        return _twins_found(modules, path, m, kind, heads, typename)
+    pit = _timm_root(modules, path, ("PoolingVisionTransformer",))
+    if pit is not None:
+        rel = _rel(path, pit[0])
+        if len(rel) > 1 and rel[0] == "transformers" and rel[1].isdigit():
+            st = int(rel[1])
+            g = geom((id(pit[1]), "pit", st), lambda: _pit_geometry(pit[1], st))
+            return _Found(AttentionLayer(path, kind, heads, g.num_prefix_tokens, g.grid, g.patch_size,
+                                         module_type=typename), m, g)
+    cross = _timm_root(modules, path, ("CrossVit",))
+    if cross is not None:
+        rel = _rel(path, cross[0])
+        n_br = len(cross[1].patch_embed)
+        branch = None
+        if len(rel) > 3 and rel[0] == "blocks" and rel[2] in ("blocks", "fusion") and rel[3].isdigit():
+            branch = int(rel[3]) if rel[2] == "blocks" else (int(rel[3]) + 1) % n_br  # fusion i: keys of i + 1
+        if branch is None:
+            raise UsageError(f"{path} ({typename}) is not a branch or fusion attention of CrossViT")
+        g = geom((id(cross[1]), "crossvit", branch), lambda: _crossvit_geometry(cross[1], branch))
+        layer = AttentionLayer(path, kind, heads, g.num_prefix_tokens, g.grid, g.patch_size, module_type=typename,
+                               class_query=kind in CLASS_KINDS)
+        return _Found(layer, m, g)
+    return None
 
 
 def _swin_found(modules: Mapping[str, nn.Module], path: str, m: nn.Module, kind: str, heads: int | None,
@@ -559,7 +858,7 @@ class AttentionCapture:
         if not found:
             if unsupported:
                 raise UsageError(f"model {name} has attention that repsim cannot capture: {'; '.join(unsupported[:3])}")
-            raise UsageError(f"model {name} has no attention layers (a CNN?)")
+            raise UsageError(f"model {name} has no attention layers that repsim can capture")
         by_path = {f.layer.path: f for f in found}
         if layers is not None:
             layers = list(layers)
@@ -633,6 +932,11 @@ class AttentionCapture:
             if kind == "torch_mha":
                 self._wrap_mha(f)
                 continue
+            for pre in f.pre_hooks:
+                self._handles.append(f.module.register_forward_pre_hook(pre, with_kwargs=True))
+            if kind in SOFTMAX_KINDS:
+                self._wrap_softmax(f)
+                continue
             # timm family: unfuse, tap attn_drop's input
             m = f.module
             drop = getattr(m, "attn_drop", None)
@@ -690,6 +994,34 @@ class AttentionCapture:
         for cfg in configs.values():  # attention modules whose config no model dispatched to
             if cfg._attn_implementation_internal != "eager":
                 cfg._attn_implementation_internal = "eager"
+
+    def _wrap_softmax(self, f: _Found) -> None:
+        """Run the module's forward under a torch-function mode that keeps the output of its one softmax (LeViT,
+        CaiT talking heads: no attn_drop after the softmax, so no module boundary to hook). The mode only
+        observes: every call goes through unchanged."""
+        m = f.module
+        orig = m.forward
+        had_instance = "forward" in m.__dict__
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            tap = _SoftmaxTap()
+            with tap:
+                out = orig(*args, **kwargs)
+            if len(tap.outputs) != 1:
+                raise UsageError(f"{f.layer.path} ({f.layer.module_type}) computed {len(tap.outputs)} softmaxes, not "
+                                 "one: repsim cannot tell which is its attention")
+            self._emit(f, tap.outputs[0])
+            return out
+
+        m.forward = forward  # type: ignore[method-assign]
+
+        def undo() -> None:
+            if had_instance:
+                m.forward = orig  # type: ignore[method-assign]
+            else:
+                del m.forward
+
+        self._undo.append(undo)
 
     def _wrap_mha(self, f: _Found) -> None:
         mha = f.module
@@ -782,7 +1114,9 @@ class AttentionCapture:
         forward = max(self.num_forwards - 1, 0)
         if layer.kind == "timm_like":
             _check_probabilities(layer, probs)
-        if layer.windowed:
+        if f.resolve is not None:
+            rec = self._resolved_record(f, probs, forward, call)
+        elif layer.windowed:
             rec = self._window_record(f, probs, forward, call)
         else:
             if probs.ndim != 4 or (layer.num_heads is not None and probs.shape[1] != layer.num_heads):
@@ -795,17 +1129,45 @@ class AttentionCapture:
             g = f.geometry
             prefix = grid = None
             patch = g.patch_size if g is not None else None
-            if g is not None and g.num_prefix_tokens is not None:
+            g_prefix = f.prefix if f.prefix is not None else (g.num_prefix_tokens if g is not None else None)
+            if g is not None and g_prefix is not None:
                 cur = g.current_grid()
-                if cur is not None and probs.shape[-1] == probs.shape[-2] == g.num_prefix_tokens + cur[0] * cur[1]:
-                    prefix, grid = g.num_prefix_tokens, cur
-            rec = AttentionRecord(layer.path, layer.kind, probs, forward, call, prefix, grid, patch)
+                n_q = 1 if layer.class_query else probs.shape[-1]
+                if cur is not None and probs.shape[-1] == g_prefix + cur[0] * cur[1] and probs.shape[-2] == n_q:
+                    prefix, grid = g_prefix, cur
+            if layer.class_query and grid is None:
+                raise UsageError(f"{layer.path} ({layer.module_type}): class attention of shape {tuple(probs.shape)} "
+                                 "does not match one class-token query over the class token and the patch grid")
+            rec = AttentionRecord(layer.path, layer.kind, probs, forward, call, prefix, grid, patch,
+                                  class_query=layer.class_query)
         if self.store:
             kept = rec.to(self.store_device) if self.store_device is not None else dataclasses.replace(
                 rec, probs=rec.probs.clone())
             self.records[layer.path].append(kept)
         if self.callback is not None:
             self.callback(layer.path, rec)
+
+    def _resolved_record(self, f: _Found, probs: torch.Tensor, forward: int, call: int) -> AttentionRecord:
+        """A record of a family layer (LeViT, Twins) whose geometry its resolver gives; shapes checked."""
+        layer = f.layer
+        assert f.resolve is not None
+        geo = f.resolve(probs)
+        if geo.get("positions") is not None:  # windows: (B, nW, heads, w², w²), checked by the resolver
+            if probs.ndim != 5 or (layer.num_heads is not None and probs.shape[2] != layer.num_heads):
+                raise UsageError(f"{layer.path} ({layer.module_type}) gave window attention of shape "
+                                 f"{tuple(probs.shape)}, not (B, windows, {layer.num_heads}, w², w²)")
+        else:
+            gh, gw = geo["grid"]
+            p = int(geo["num_prefix_tokens"])
+            qpos = geo.get("query_positions")
+            n_q = p + (qpos.shape[0] if qpos is not None else gh * gw)
+            if probs.ndim != 4 or (layer.num_heads is not None and probs.shape[1] != layer.num_heads) or \
+                    tuple(probs.shape[-2:]) != (n_q, p + gh * gw):
+                raise UsageError(f"{layer.path} ({layer.module_type}) gave attention of shape {tuple(probs.shape)}, "
+                                 f"not (B, {layer.num_heads}, {n_q}, {p + gh * gw}) for its {gh}x{gw} key grid")
+            if qpos is not None and qpos.device != probs.device:
+                geo = dict(geo, query_positions=qpos.to(probs.device))
+        return AttentionRecord(layer.path, layer.kind, probs, forward, call, **geo)
 
     def _window_record(self, f: _Found, probs: torch.Tensor, forward: int, call: int) -> AttentionRecord:
         layer, block = f.layer, f.block
@@ -828,6 +1190,35 @@ class AttentionCapture:
                                positions=pos, padded=padded, window_size=ws, shift_size=ss)
 
 
+class _SoftmaxTap(TorchFunctionMode):
+    """Keeps the output of every softmax called while active (the handler runs with the mode disabled, so a
+    softmax implemented through another torch function is seen once)."""
+
+    _SOFTMAX = (torch.Tensor.softmax, torch.softmax, torch.nn.functional.softmax, torch.special.softmax)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[torch.Tensor] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in self._SOFTMAX:
+            self.outputs.append(out)
+        return out
+
+
+def no_attention_reason(module: nn.Module, name: str | None = None) -> str:
+    """One line saying why ``module`` has no attention layer repsim can capture: the refused or unknown attention
+    modules it has (e.g. XCiT's channel attention), or that it has none (a convolutional network or an MLP)."""
+    found, unsupported = _discover(module)
+    name = name or _model_name(module)
+    if found:
+        return f"{name} has {len(found)} capturable attention layers"
+    if unsupported:
+        return f"{name} has attention that repsim cannot capture: {'; '.join(unsupported[:3])}"
+    return f"{name} has no attention layers (no module computes attention over tokens)"
+
+
 def _check_probabilities(layer: AttentionLayer, probs: torch.Tensor) -> None:
     ok = probs.ndim == 4 and (layer.num_heads is None or probs.shape[1] == layer.num_heads)
     if ok and probs.numel():
@@ -848,5 +1239,5 @@ def _model_name(module: nn.Module) -> str:
     return type(target).__name__
 
 
-__all__ = ["AttentionCapture", "AttentionLayer", "AttentionRecord", "KINDS", "WINDOW_KINDS", "find_attention_layers",
-           "swin_window_positions"]
+__all__ = ["AttentionCapture", "AttentionLayer", "AttentionRecord", "CLASS_KINDS", "CROSS_GRID_KINDS", "KINDS",
+           "SOFTMAX_KINDS", "WINDOW_KINDS", "find_attention_layers", "no_attention_reason", "swin_window_positions"]

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from hooks.attention_capture import AttentionLayer, AttentionRecord
-from repsim.attention import head_statistics
+from repsim.attention import class_attention_statistics, head_statistics
 from repsim.errors import UsageError
 from repsim.store import ArraySpec
 
 STATS = ("distance", "prefix_mass", "entropy")
+CLASS_STATS = ("prefix_mass", "entropy")
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -30,21 +31,45 @@ def _pair(value: Any) -> tuple[int, int]:
     return int(value), int(value)
 
 
+def _px(value: Any) -> list[float | int]:
+    """A token stride in pixels: ints when whole (CrossViT's resized branch has 17.14 px)."""
+    v = value if isinstance(value, (tuple, list)) else (value, value)
+    return [int(round(x)) if abs(float(x) - round(float(x))) < 1e-9 else float(x) for x in v[:2]]
+
+
 def layer_attrs(layer: AttentionLayer) -> dict[str, Any]:
-    """JSON-able geometry of one attention layer, as recorded in the store's ``attention.info``."""
+    """JSON-able geometry of one attention layer, as recorded in the store's ``attention.info``: ``grid`` and
+    ``patch_size`` are the keys' (and the aligned canvas'); ``query_grid`` / ``query_patch_size`` the queries'
+    when they differ (LeViT subsampling, Twins global sub-sampled attention), else null; ``class_query`` true
+    for class attention (stored as CLS-to-patch maps)."""
+    qg = getattr(layer, "query_grid", None)
+    qp = getattr(layer, "query_patch_size", None)
     return {
         "kind": layer.kind,
         "num_heads": int(layer.num_heads),
         "num_prefix_tokens": int(layer.num_prefix_tokens),
         "grid": list(_pair(layer.grid)),
-        "patch_size": list(_pair(layer.patch_size)),
+        "patch_size": _px(layer.patch_size),
         "window_size": None if getattr(layer, "window_size", None) is None else list(_pair(layer.window_size)),
         "shift_size": None if getattr(layer, "shift_size", None) is None else list(_pair(layer.shift_size)),
+        "query_grid": None if qg is None else list(_pair(qg)),
+        "query_patch_size": None if qp is None else _px(qp),
+        "class_query": bool(getattr(layer, "class_query", False)),
     }
 
 
 def is_windowed(layer: AttentionLayer) -> bool:
     return getattr(layer, "window_size", None) is not None
+
+
+def is_class_query(layer: AttentionLayer) -> bool:
+    return bool(getattr(layer, "class_query", False))
+
+
+def _n_queries(layer: AttentionLayer) -> int:
+    """Query rows of a global-attention layer: prefix tokens + patch queries (the query grid when it differs)."""
+    gh, gw = _pair(layer.query_grid if getattr(layer, "query_grid", None) is not None else layer.grid)
+    return int(layer.num_prefix_tokens) + gh * gw
 
 
 class AttentionReducer:
@@ -66,27 +91,37 @@ class AttentionReducer:
 
     # -- layout ---------------------------------------------------------------------------------------------
     def keeps_maps(self, layer: AttentionLayer) -> bool:
-        return self.attn_keep > 0 and not is_windowed(layer)
+        return self.attn_keep > 0 and not is_windowed(layer) and not is_class_query(layer)
 
     def specs(self) -> list[ArraySpec]:
-        """The extra store arrays (see :mod:`repsim.store`, "Attention")."""
+        """The extra store arrays (see :mod:`repsim.store`, "Attention"). A class-attention layer (CaiT,
+        CrossViT) has ``prefix_mass`` and ``entropy`` of its class-token row and, instead of a distance and an
+        aligned map (its query has no position), ``cls_map`` (n_chunks, heads, gh, gw): per-chunk sums of the
+        CLS-to-patch map renormalised over the patch keys (:func:`repsim.attention.class_attention_statistics`)."""
         out = []
         for path, layer in self.layers.items():
             gh, gw = _pair(layer.grid)
             heads = int(layer.num_heads)
+            if is_class_query(layer):
+                for stat in CLASS_STATS:
+                    out.append(ArraySpec(f"attn/{path}/{stat}", (heads,), "float32"))
+                out.append(ArraySpec(f"attn/{path}/cls_map", (heads, gh, gw), "float32", rows="chunks"))
+                continue
             for stat in STATS:
                 out.append(ArraySpec(f"attn/{path}/{stat}", (heads,), "float32"))
             out.append(ArraySpec(f"attn/{path}/aligned", (heads, 2 * gh - 1, 2 * gw - 1), "float32", rows="chunks"))
             if self.keeps_maps(layer):
-                n_tok = int(layer.num_prefix_tokens) + gh * gw
-                out.append(ArraySpec(f"attn/{path}/maps", (heads, n_tok, n_tok), "float16", rows="first",
+                n_k = int(layer.num_prefix_tokens) + gh * gw
+                out.append(ArraySpec(f"attn/{path}/maps", (heads, _n_queries(layer), n_k), "float16", rows="first",
                                      first_rows=self.attn_keep))
         return out
 
     def attrs(self) -> dict[str, Any]:
-        """The root attribute ``attention``."""
+        """The root attribute ``attention``: ``layers`` (those with per-patch-query statistics, what
+        ``repsim attention`` reports), ``class_layers`` (class attention: CLS-to-patch maps), ``info`` of all."""
         return {
-            "layers": list(self.layers),
+            "layers": [p for p, ly in self.layers.items() if not is_class_query(ly)],
+            "class_layers": [p for p, ly in self.layers.items() if is_class_query(ly)],
             "attn_keep": self.attn_keep,
             "info": {path: layer_attrs(layer) for path, layer in self.layers.items()},
         }
@@ -113,10 +148,21 @@ class AttentionReducer:
             raise UsageError(f"attention layer {path} ran twice in one forward pass: not supported")
         self._seen[path] = 1
         probs = record.probs
-        grid, patch = _pair(layer.grid), _pair(layer.patch_size)
+        grid, patch = _pair(layer.grid), tuple(_px(layer.patch_size))
+        if record.grid is not None and tuple(record.grid) != grid:
+            raise UsageError(f"attention layer {path} ran on a {record.grid[0]}x{record.grid[1]} grid, not the "
+                             f"{grid[0]}x{grid[1]} it was set up for")
         with torch.no_grad():
+            if is_class_query(layer):
+                cstats = class_attention_statistics(probs, grid, int(layer.num_prefix_tokens))
+                for stat in CLASS_STATS:
+                    self._parts.setdefault(f"attn/{path}/{stat}", []).append(cstats[stat].float().cpu().numpy())
+                key = f"attn/{path}/cls_map"
+                self._aligned[key] = self._aligned.get(key, 0) + cstats["cls_map"].sum(0).float().cpu().numpy()
+                return
             if record.positions is None:
-                stats = head_statistics(probs, grid, patch, int(layer.num_prefix_tokens))
+                stats = head_statistics(probs, grid, patch, int(layer.num_prefix_tokens),
+                                        query_positions=record.query_positions)
                 for stat in STATS:
                     self._parts.setdefault(f"attn/{path}/{stat}", []).append(stats[stat].float().cpu().numpy())
                 aligned = stats["aligned_sum"].float().cpu().numpy()
@@ -148,13 +194,13 @@ class AttentionReducer:
         out: dict[str, np.ndarray] = {k: np.concatenate(v) for k, v in self._parts.items()}
         out.update({k: np.asarray(v, dtype=np.float32) for k, v in self._aligned.items()})
         for path, layer in self.layers.items():
-            for stat in STATS:
+            for stat in CLASS_STATS if is_class_query(layer) else STATS:
                 if f"attn/{path}/{stat}" not in out:
                     raise UsageError(f"attention layer {path} did not run during the forward pass")
             if self.keeps_maps(layer) and f"attn/{path}/maps" not in out:
                 # chunk past the kept images: the writer ignores these rows
                 gh, gw = _pair(layer.grid)
-                n_tok = int(layer.num_prefix_tokens) + gh * gw
-                out[f"attn/{path}/maps"] = np.zeros((0, int(layer.num_heads), n_tok, n_tok), np.float16)
+                n_k = int(layer.num_prefix_tokens) + gh * gw
+                out[f"attn/{path}/maps"] = np.zeros((0, int(layer.num_heads), _n_queries(layer), n_k), np.float16)
         self._parts, self._aligned = {}, {}
         return out

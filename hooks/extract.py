@@ -69,7 +69,7 @@ from repsim.store import (
     remove_store,
 )
 
-from hooks.attention_capture import AttentionCapture, find_attention_layers
+from hooks.attention_capture import AttentionCapture, find_attention_layers, no_attention_reason
 from hooks.attention_reduce import AttentionReducer
 from hooks.capture import ActivationCapture, TapInfo, finite_or_raise
 from hooks.layers import default_layers, layer_layout, select_layers
@@ -343,8 +343,8 @@ def plan_extraction(
     if attention:
         attn_layers = find_attention_layers(module)
         if not attn_layers:
-            raise UsageError(f"{info.name} has no attention layers that repsim can capture (a CNN?): drop "
-                             "--attention; `repsim attention STORE --erf` gives a CNN's effective receptive fields")
+            raise UsageError(f"{no_attention_reason(module, info.name)}: drop --attention (`repsim attention "
+                             "STORE --erf` gives a convolutional network's effective receptive fields)")
         unknown = [ly.path for ly in attn_layers if ly.grid is None or ly.num_heads is None or ly.patch_size is None]
         if unknown:
             raise UsageError(f"the token geometry of attention layer {unknown[0]} cannot be read from the model "

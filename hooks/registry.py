@@ -619,7 +619,18 @@ def _load_timm(name: str, ident: str, weights: str | None, random_init: bool, im
         with torch.no_grad():
             h, w = module.stem(torch.zeros(1, 3, *prep.img_size)).shape[-2:]
         patch, grid = (16, 16), (int(h), int(w))
-    if grid is not None:
+    pit_conv = getattr(getattr(module, "patch_embed", None), "conv", None) if type(module).__name__ == \
+        "PoolingVisionTransformer" else None
+    if isinstance(pit_conv, nn.Conv2d) and grid is not None:
+        # PiT's patch convolution overlaps (kernel 16, stride 8): the token stride is the conv stride, and the
+        # grid covers (g - 1)·stride + kernel - 2·padding px (224 at 27 × 27), not g·kernel
+        k, st, pd = (_pair_or_none(v) for v in (pit_conv.kernel_size, pit_conv.stride, pit_conv.padding))
+        patch = st
+        covered = tuple((grid[i] - 1) * st[i] + k[i] - 2 * pd[i] for i in range(2))
+        if covered != tuple(prep.img_size):
+            raise UsageError(f"{full_id} was built for {covered[0]}x{covered[1]} px, not {prep.img_size[0]}x"
+                             f"{prep.img_size[1]}; pass --img-size to build it at that size")
+    elif grid is not None:
         _check_patch_multiple(prep.img_size, patch, full_id)
         if patch and (grid[0] * patch[0], grid[1] * patch[1]) != prep.img_size:
             raise UsageError(f"{full_id} was built for {grid[0] * patch[0]}x{grid[1] * patch[1]} px, not "

@@ -20,6 +20,28 @@ image coordinates after undoing the shifted-window roll, and ``num_prefix_tokens
 masks out (tokens of a shifted window that came from the opposite image border) carry ~0 probability and
 so contribute ~nothing.
 
+Queries and keys on different grids
+-----------------------------------
+Some attention layers have their queries and keys on different token grids: LeViT's subsampling attention
+(queries are every ``s``-th token of the key grid), Twins' global sub-sampled attention (keys are a
+strided convolution's output over the query grid). There ``grid`` and ``patch_size`` describe the *keys*
+(row-major, as above) and ``query_positions`` ``(..., Nq, 2)`` gives each patch query's centre in *key-grid
+steps*, real-valued: key cell ``(i, j)`` has its centre at ``(i, j)``, so a query whose centre lies between
+key centres gets a fractional position (Twins with ``sr = 2``: query row ``r`` sits at ``(r - 0.5) / 2``;
+LeViT with ``s = 2``: query ``(r, c)`` *is* key token ``(2r, 2c)``). The attention then has shape
+``(..., p + Nq, p + gh·gw)``. The distance between a query and a key is the distance between their patch
+centres in input pixels, ``‖(pos_k - pos_q) ⊙ patch_size‖``: the same definition as for self-attention,
+where ``pos_q`` is a key-grid position, so self-attention with ``query_positions = grid_positions(grid)``
+gives exactly the self-attention numbers. For the aligned map each query is placed on the key cell that
+contains its centre, ``round-half-up(pos_q)`` clamped to the grid (:func:`query_cells`; a query below the
+last full row of keys, which the strided convolution dropped, goes to the last row), and offsets are in
+key-grid steps.
+
+*Class attention* (CaiT's ``ClassAttn``, CrossViT's cross-attention; Touvron et al. 2021, "Going deeper
+with Image Transformers", Sec. 3; Chen et al. 2021, "CrossViT", Sec. 3.3): the only query is the class
+token, which has no position, so there is no attention distance or aligned map; such a layer is reported
+by :func:`class_attention_statistics` as a *CLS-to-patch map*.
+
 Definitions
 -----------
 *Patch block and renormalisation.* Geometric statistics (distance, aligned maps) use patch-token queries
@@ -82,11 +104,13 @@ __all__ = [
     "attention_entropy",
     "attention_rollout",
     "centroid_offset",
+    "class_attention_statistics",
     "classify_heads",
     "grid_positions",
     "head_features",
     "head_statistics",
     "prefix_mass",
+    "query_cells",
     "rollout_map",
 ]
 
@@ -232,6 +256,58 @@ def _prepare(attn: Any, grid: Any, num_prefix_tokens: Any, positions: Any
     return a, (gh, gw), p, pos
 
 
+def _prepare_cross(attn: Any, grid: Any, num_prefix_tokens: Any, query_positions: Any
+                   ) -> tuple[torch.Tensor, tuple[int, int], int, torch.Tensor]:
+    """Validated (attn, key grid, prefix count, query positions (..., Nq, 2) float64) for attention whose
+    queries lie on another grid than its keys (see "Queries and keys on different grids")."""
+    a = _as_float(attn, "attn")
+    gh, gw = _grid(grid)
+    p = _prefix(num_prefix_tokens)
+    if a.ndim < 2:
+        raise UsageError(f"attention must have shape (..., Nq, Nk) (queries × keys), got {tuple(a.shape)}")
+    if a.shape[-1] != p + gh * gw:
+        raise UsageError(f"attention has {a.shape[-1]} keys but num_prefix_tokens={p} + key grid {gh}×{gw} = "
+                         f"{p + gh * gw}: read the key grid and prefix count from the model")
+    qp = _as_float(query_positions, "query_positions").to(device=a.device, dtype=torch.float64)
+    if qp.ndim < 2 or qp.shape[-1] != 2 or qp.shape[-2] != a.shape[-2] - p or a.shape[-2] <= p:
+        raise UsageError(f"query_positions must have shape (..., Nq, 2) with Nq = {a.shape[-2]} queries - "
+                         f"num_prefix_tokens {p} (at least one), got {tuple(qp.shape)}")
+    lead, plead = tuple(a.shape[:-2]), tuple(qp.shape[:-2])
+    if len(plead) > len(lead) or any(s not in (1, t) for s, t in zip(reversed(plead), reversed(lead))):
+        raise UsageError(f"query_positions leading dims {plead} do not broadcast to attention's {lead}")
+    if not torch.isfinite(qp).all():
+        raise UsageError("query_positions hold a non-finite value")
+    return a, (gh, gw), p, qp
+
+
+def query_cells(query_positions: Any, grid: tuple[int, int]) -> torch.Tensor:
+    """The key cell ``(row, col)`` (int64) containing each query centre: ``floor(pos + 0.5)`` clamped to
+    ``[0, gh) × [0, gw)``, for ``query_positions`` (..., Nq, 2) in key-grid steps (module docstring)."""
+    gh, gw = _grid(grid)
+    qp = _as_float(query_positions, "query_positions").to(torch.float64)
+    cells = torch.floor(qp + 0.5).to(torch.int64)
+    return torch.stack([cells[..., 0].clamp(0, gh - 1), cells[..., 1].clamp(0, gw - 1)], dim=-1)
+
+
+def _cross_distances(qp: torch.Tensor, grid: tuple[int, int], patch: tuple[float, float]) -> torch.Tensor:
+    """Query-centre to key-centre distances in pixels (..., Nq, Nk) float64."""
+    kp = grid_positions(grid).to(device=qp.device, dtype=torch.float64)
+    d = kp[None, :, :] - qp[..., :, None, :]  # key - query, (..., Nq, Nk, 2)
+    scale = torch.tensor([float(patch[0]), float(patch[1])], dtype=torch.float64, device=qp.device)
+    return (d * scale).square().sum(-1).sqrt()
+
+
+def _cross_offset_index(qp: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Canvas index of every (query, key) pair with each query on the key cell containing it: (..., Nq·Nk)."""
+    gh, gw = grid
+    cells = query_cells(qp, grid)
+    kp = grid_positions(grid).to(cells.device)
+    dy = kp[None, :, 0] - cells[..., :, None, 0]
+    dx = kp[None, :, 1] - cells[..., :, None, 1]
+    idx = (gh - 1 + dy) * (2 * gw - 1) + (gw - 1 + dx)
+    return idx.reshape(*idx.shape[:-2], -1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Geometry (cached for the default grid)
 # ----------------------------------------------------------------------------------------------------
@@ -295,14 +371,18 @@ def _distance_from_block(pn: torch.Tensor, a: torch.Tensor, grid: tuple[int, int
 
 
 def _aligned_from_block(pn: torch.Tensor, grid: tuple[int, int], pos: torch.Tensor | None,
-                        sum_dims: Sequence[int]) -> torch.Tensor:
-    """Scatter the renormalised block ``(*lead, Np, Np)`` into canvases, summing over ``sum_dims`` of lead."""
+                        sum_dims: Sequence[int], query_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Scatter the renormalised block ``(*lead, Nq, Nk)`` into canvases, summing over ``sum_dims`` of lead
+    (``query_pos``: queries on another grid than the keys, see :func:`_cross_offset_index`)."""
     gh, gw = grid
     lead = tuple(pn.shape[:-2])
     n_lead = len(lead)
     q = pn.shape[-1] * pn.shape[-2]
     flat = pn.reshape(*lead, q)
-    if pos is None:
+    if query_pos is not None:
+        idx = _cross_offset_index(query_pos, grid)
+        idx = idx.reshape((1,) * (n_lead + 1 - idx.ndim) + tuple(idx.shape))
+    elif pos is None:
         idx = _grid_offset_index(gh, gw, pn.device).reshape((1,) * n_lead + (q,))
     else:
         idx = _offset_index(pos, grid)
@@ -343,7 +423,8 @@ def _sum_dims(sum_dims: int | Sequence[int] | None, n_lead: int) -> list[int]:
 
 
 def attention_distance(attn: Any, grid: tuple[int, int], patch_size: int | tuple[int, int],
-                       num_prefix_tokens: int = 0, positions: Any = None) -> torch.Tensor:
+                       num_prefix_tokens: int = 0, positions: Any = None, *, query_positions: Any = None
+                       ) -> torch.Tensor:
     """Mean attention distance in pixels, shape ``attn.shape[:-2]``.
 
     ``attn`` (..., N, N) attention probabilities, ``N = num_prefix_tokens + gh·gw`` (or ``+ Np`` with
@@ -352,9 +433,17 @@ def attention_distance(attn: Any, grid: tuple[int, int], patch_size: int | tuple
     queries ``q``, the mean of ``Σ_k P̂_qk · sqrt((dy·ph)² + (dx·pw)²)``, where ``P̂`` is the patch block with
     prefix keys dropped and rows renormalised over patch keys and ``(dy, dx)`` the key - query offset in grid
     steps (self = 0). Rows with zero patch mass contribute 0. Uniform attention, 14 × 14 grid, 16 px: 116.49.
+    ``query_positions`` (..., Nq, 2): queries on another grid than the keys (module docstring); ``attn`` is
+    then (..., p + Nq, p + gh·gw) and ``grid`` / ``patch_size`` are the keys'.
     """
-    a, g, p, pos = _prepare(attn, grid, num_prefix_tokens, positions)
     patch = _pair(patch_size, "patch_size")
+    if query_positions is not None:
+        if positions is not None:
+            raise UsageError("pass positions (windowed attention) or query_positions (cross-grid), not both")
+        a, g, p, qp = _prepare_cross(attn, grid, num_prefix_tokens, query_positions)
+        pn = _renormalised_patch_block(a, p)
+        return (pn * _cross_distances(qp, g, patch).to(pn.dtype)).sum(-1).mean(-1)
+    a, g, p, pos = _prepare(attn, grid, num_prefix_tokens, positions)
     return _distance_from_block(_renormalised_patch_block(a, p), a, g, patch, pos)
 
 
@@ -384,7 +473,7 @@ def attention_entropy(attn: Any, num_prefix_tokens: int = 0) -> torch.Tensor:
 
 
 def aligned_attention(attn: Any, grid: tuple[int, int], num_prefix_tokens: int = 0, positions: Any = None,
-                      *, sum_dims: int | Sequence[int] | None = None) -> torch.Tensor:
+                      *, sum_dims: int | Sequence[int] | None = None, query_positions: Any = None) -> torch.Tensor:
     """Aligned aggregated attention maps (Walmer et al. 2023), shape ``attn.shape[:-2] + (2gh-1, 2gw-1)``.
 
     ``attn`` (..., N, N). Each patch query's renormalised patch-key map (prefix keys dropped, see
@@ -396,15 +485,22 @@ def aligned_attention(attn: Any, grid: tuple[int, int], num_prefix_tokens: int =
     ``sum_dims``: leading dims of ``attn`` to sum over inside the scatter (removed from the result), e.g.
     ``0`` for the batch. Memory-lean: dims along which ``positions`` do not vary are summed before
     scattering, the others (Swin windows) are folded into the scattered axis, so a canvas is only ever
-    allocated per kept index.
+    allocated per kept index. ``query_positions``: queries on another grid than the keys, each placed on the
+    key cell containing its centre (:func:`query_cells`; canvas over the key grid).
     """
+    if query_positions is not None:
+        if positions is not None:
+            raise UsageError("pass positions (windowed attention) or query_positions (cross-grid), not both")
+        a, g, p, qp = _prepare_cross(attn, grid, num_prefix_tokens, query_positions)
+        return _aligned_from_block(_renormalised_patch_block(a, p), g, None, _sum_dims(sum_dims, a.ndim - 2), qp)
     a, g, p, pos = _prepare(attn, grid, num_prefix_tokens, positions)
     dims = _sum_dims(sum_dims, a.ndim - 2)
     return _aligned_from_block(_renormalised_patch_block(a, p), g, pos, dims)
 
 
 def head_statistics(attn: Any, grid: tuple[int, int], patch_size: int | tuple[int, int],
-                    num_prefix_tokens: int = 0, positions: Any = None) -> dict[str, torch.Tensor]:
+                    num_prefix_tokens: int = 0, positions: Any = None, *, query_positions: Any = None
+                    ) -> dict[str, torch.Tensor]:
     """All per-head statistics of one batch of one layer, in one pass (float32 at least).
 
     ``attn`` (B, H, N, N) (any leading dims ``(B, ...)`` work; the first is the batch). Returns
@@ -418,18 +514,68 @@ def head_statistics(attn: Any, grid: tuple[int, int], patch_size: int | tuple[in
     Windowed (Swin) form: ``attn`` (B, nW, H, w², w²) with ``positions`` (nW, 1, w², 2) gives ``distance``,
     ``prefix_mass`` and ``entropy`` of shape (B, nW, H) (average over windows: equal query counts) and
     ``aligned_sum`` (nW, H, 2gh-1, 2gw-1) (sum over windows).
+    Cross-grid form (LeViT subsampling, Twins global sub-sampled attention): ``attn`` (B, H, p + Nq, p + gh·gw)
+    with ``query_positions`` (Nq, 2) in key-grid steps; ``grid``, ``patch_size`` and the aligned canvas are
+    the keys' (module docstring, "Queries and keys on different grids").
     """
-    a, g, p, pos = _prepare(attn, grid, num_prefix_tokens, positions)
+    patch = _pair(patch_size, "patch_size")
+    qp = None
+    if query_positions is not None:
+        if positions is not None:
+            raise UsageError("pass positions (windowed attention) or query_positions (cross-grid), not both")
+        a, g, p, qp = _prepare_cross(attn, grid, num_prefix_tokens, query_positions)
+        pos = None
+    else:
+        a, g, p, pos = _prepare(attn, grid, num_prefix_tokens, positions)
     if a.ndim < 3:
         raise UsageError(f"head_statistics needs attention (B, H, N, N), got {tuple(a.shape)}")
-    patch = _pair(patch_size, "patch_size")
     pn = _renormalised_patch_block(a, p)
     rows = a[..., p:, :]
+    if qp is not None:
+        distance = (pn * _cross_distances(qp, g, patch).to(pn.dtype)).sum(-1).mean(-1)
+        return {
+            "distance": distance,
+            "prefix_mass": a[..., p:, :p].sum(-1).mean(-1),
+            "entropy": -torch.special.xlogy(rows, rows).sum(-1).mean(-1),
+            "aligned_sum": _aligned_from_block(pn, g, None, [0], qp),
+        }
     return {
         "distance": _distance_from_block(pn, a, g, patch, pos),
         "prefix_mass": a[..., p:, :p].sum(-1).mean(-1),
         "entropy": -torch.special.xlogy(rows, rows).sum(-1).mean(-1),
         "aligned_sum": _aligned_from_block(pn, g, pos, [0]),
+    }
+
+
+def class_attention_statistics(attn: Any, grid: tuple[int, int], num_prefix_tokens: int = 1
+                               ) -> dict[str, torch.Tensor]:
+    """Statistics of class attention (CaiT ``ClassAttn``, Touvron et al. 2021 Sec. 3; CrossViT's cross-attention,
+    Chen et al. 2021 Sec. 3.3): the class token is the only query, so the layer is a *CLS-to-patch map*.
+
+    ``attn`` (B, H, 1, p + gh·gw): one query row over ``p`` prefix keys (the class token itself) and the patch
+    keys, row-major on ``grid``. Returns
+
+    - ``prefix_mass`` (B, H): the class token's attention on prefix keys
+    - ``entropy``     (B, H): entropy of its row (all keys, nats)
+    - ``cls_map``     (B, H, gh, gw): its attention on the patch keys, renormalised to sum 1 over them (prefix
+      keys dropped, as for the distance; a row with no patch mass gives zeros)
+
+    There is no attention distance nor aligned map: the query has no position.
+    """
+    a = _as_float(attn, "attn")
+    gh, gw = _grid(grid)
+    p = _prefix(num_prefix_tokens)
+    if a.ndim < 3 or a.shape[-2] != 1 or a.shape[-1] != p + gh * gw:
+        raise UsageError(f"class attention must have shape (..., 1, {p} + {gh}×{gw}) (one class-token query), got "
+                         f"{tuple(a.shape)}")
+    row = a[..., 0, :]
+    block = row[..., p:]
+    mass = block.sum(-1, keepdim=True)
+    cls_map = block * torch.where(mass > 0, mass.reciprocal(), torch.zeros_like(mass))
+    return {
+        "prefix_mass": row[..., :p].sum(-1),
+        "entropy": -torch.special.xlogy(row, row).sum(-1),
+        "cls_map": cls_map.reshape(*cls_map.shape[:-1], gh, gw),
     }
 
 

@@ -365,22 +365,39 @@ def test_state_restored_after_an_exception():
 
 
 def test_cnn_is_refused():
-    with pytest.raises(UsageError, match=r"no attention layers \(a CNN\?\)"):
+    with pytest.raises(UsageError, match=r"no attention layers that repsim can capture") as err:
         AttentionCapture(_timm("resnet18"))
+    assert "CNN" not in str(err.value)  # the same message serves transformers whose attention is not found
     assert find_attention_layers(_timm("resnet18")) == []
 
 
 def test_unknown_attention_is_reported_not_guessed():
+    class MysteryAttention(nn.Module):  # attention-like by name, computed in a way repsim does not know
+        def forward(self, x):
+            return x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = MysteryAttention()
+
+        def forward(self, x):
+            return self.mix(x)
+
+    with pytest.raises(UsageError, match="MysteryAttention: computes attention in a way repsim does not know"):
+        AttentionCapture(Net())
+
+
+def test_cait_class_attention_is_a_cls_to_patch_map():
     model = _timm("cait_xxs24_224", img_size=32, depth=1)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cap = AttentionCapture(model)
-    assert any("TalkingHeadAttn" in str(w.message) for w in caught)
-    assert all(la.kind == "timm_like" for la in cap.layers)  # CaiT's class attention: checked at run time
+    cap = AttentionCapture(model)
+    assert [la.kind for la in cap.layers] == ["timm_talking_heads", "timm_class_attn", "timm_class_attn"]
     with torch.no_grad(), cap:
         model(torch.randn(2, 3, 32, 32))
-    rec = cap.records[cap.layers[0].path][0]
-    assert rec.probs.shape == (2, 4, 1, 5) and rec.grid is None  # cross-attention: no self-attention layout
+    rec = cap.records["blocks_token_only.0.attn"][0]
+    assert rec.probs.shape == (2, 4, 1, 5) and rec.class_query and rec.grid == (2, 2) and rec.num_prefix_tokens == 1
+    rec = cap.records["blocks.0.attn"][0]  # talking heads: before the class token is appended
+    assert rec.probs.shape == (2, 4, 4, 4) and rec.num_prefix_tokens == 0 and rec.grid == (2, 2)
 
 
 def test_attention_over_sub_sequences_is_refused():

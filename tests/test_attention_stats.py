@@ -532,3 +532,56 @@ def test_bad_shapes_raise_usage_error():
         attention_rollout([])
     with pytest.raises(UsageError, match="agree"):
         attention_rollout([attn, attn[:, :, :10, :10]], 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# queries and keys on different grids (LeViT subsampling, Twins global sub-sampled keys); class attention
+# ---------------------------------------------------------------------------------------------------------
+def test_cross_grid_distance_is_between_query_and_key_centres_in_pixels():
+    from repsim.attention import aligned_attention, attention_distance, query_cells
+
+    # Twins-like: 4 x 4 queries of 8 px, keys = 2 x 2 cells of a stride-2 conv (16 px); query r at (r - 0.5) / 2
+    qpos = (grid_positions((4, 4)).double() - 0.5) / 2
+    attn = torch.zeros(1, 1, 16, 4, dtype=torch.float64)
+    attn[0, 0, :, 0] = 1.0  # every query on key (0, 0), centred at pixel (8, 8)
+    d = attention_distance(attn, (2, 2), 16, 0, query_positions=qpos)
+    centres = (grid_positions((4, 4)).double() + 0.5) * 8  # query centres in px
+    expected = (centres - 8.0).norm(dim=-1).mean()
+    assert float(d) == pytest.approx(float(expected), abs=1e-9)
+    # query (0, 0) lies in key cell (0, 0), query (3, 3) in (1, 1): its offset to key (0, 0) is (-1, -1)
+    cells = query_cells(qpos, (2, 2))
+    assert cells[0].tolist() == [0, 0] and cells[15].tolist() == [1, 1] and cells[5].tolist() == [0, 0]
+    al = aligned_attention(attn, (2, 2), 0, query_positions=qpos)[0, 0]
+    assert float(al[1, 1]) == 4 and float(al[0, 0]) == 4 and float(al.sum()) == 16  # 3 x 3 canvas
+
+
+def test_cross_grid_with_query_positions_of_the_keys_is_self_attention():
+    from repsim.attention import head_statistics
+
+    a = torch.rand(2, 3, 17, 17, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    s1 = head_statistics(a, (4, 4), (16, 8), 1)
+    s2 = head_statistics(a, (4, 4), (16, 8), 1, query_positions=grid_positions((4, 4)).double())
+    for k in s1:
+        torch.testing.assert_close(s1[k], s2[k])
+
+
+def test_levit_subsampled_queries_sit_on_their_key_token():
+    from repsim.attention import attention_distance
+
+    qpos = grid_positions((2, 2)).double() * 2  # query (r, c) = key (2r, 2c) of a 4 x 4 grid
+    attn = torch.zeros(1, 1, 4, 16, dtype=torch.float64)
+    for q, (r, c) in enumerate(qpos.long().tolist()):
+        attn[0, 0, q, r * 4 + min(c + 1, 3)] = 1.0  # the key right of the query's own token
+    assert float(attention_distance(attn, (4, 4), 16, 0, query_positions=qpos)) == pytest.approx(16.0)
+
+
+def test_class_attention_statistics():
+    from repsim.attention import class_attention_statistics
+
+    a = torch.tensor([0.5, 0.25, 0.25, 0.0, 0.0]).view(1, 1, 1, 5)
+    st = class_attention_statistics(a, (2, 2), 1)
+    assert float(st["prefix_mass"]) == pytest.approx(0.5)
+    assert float(st["entropy"]) == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)))
+    assert st["cls_map"][0, 0].tolist() == [[0.5, 0.5], [0.0, 0.0]]
+    with pytest.raises(UsageError, match="one class-token query"):
+        class_attention_statistics(torch.rand(1, 1, 2, 5), (2, 2), 1)
