@@ -701,13 +701,18 @@ def run_extraction(
                     eta = _fp16_errors(capture, plan.taps)
                     quality = np.array([eta[t.name] if plan.layer_dtypes[t.name] == "float16" else 0.0
                                         for t in plan.taps], dtype=np.float32)
-                if buffers is None:
-                    buffers = {t.name: np.empty((crow.stop - crow.start, *t.shape), dtype=buffer_dtypes[t.name])
-                               for t in plan.taps}
-                offset = rows.start - crow.start
                 for name, t in acts.items():
-                    finite_or_raise(name, t, buffer_dtypes[name])
-                    buffers[name][offset:offset + len(rows)] = t.numpy()
+                    if plan.acts:  # Gram-only: a NaN / Inf shows on the Gram's diagonal (unbiased_gram raises)
+                        finite_or_raise(name, t, buffer_dtypes[name])
+                if len(rows) == crow.stop - crow.start:  # the batch is the whole chunk: the capture is the buffer
+                    buffers = {name: t.numpy() for name, t in acts.items()}
+                else:
+                    if buffers is None:
+                        buffers = {t.name: np.empty((crow.stop - crow.start, *t.shape), dtype=buffer_dtypes[t.name])
+                                   for t in plan.taps}
+                    offset = rows.start - crow.start
+                    for name, t in acts.items():
+                        buffers[name][offset:offset + len(rows)] = t.numpy()
                 if plan.save_inputs:
                     inputs.append(x.numpy())
                 futures[k] = None  # release the batch

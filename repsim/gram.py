@@ -17,6 +17,8 @@ symmetric, so it is stored as its strict upper triangle (:func:`pack_triu`): ``�
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -60,12 +62,16 @@ def u_centre(gram: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
         out = torch.empty((m, m), dtype=torch.float64, device=gram.device)
     k = out
     k.copy_(gram)
-    k.fill_diagonal_(0.0)
-    means = k.sum(dim=0) / (m - 2)
+    # On the CPU the (m, m) steps run in numpy on the same memory: torch's thread pool costs more than these
+    # small O(m²) operations (40 ms instead of 0.3 ms for m = 256 on a busy 2-core machine).
+    lib, kk = (np, k.numpy()) if k.device.type == "cpu" else (torch, k)
+    idx = lib.arange(m) if lib is np else torch.arange(m, device=k.device)
+    kk[idx, idx] = 0.0
+    means = kk.sum(0) / (m - 2)
     means -= means.sum() / (2 * (m - 1))
-    k -= means[:, None]
-    k -= means[None, :]
-    k.fill_diagonal_(0.0)
+    kk -= means[:, None]
+    kk -= means[None, :]
+    kk[idx, idx] = 0.0
     return k
 
 
@@ -88,7 +94,8 @@ def unbiased_gram(
     m = x.shape[0]
     # The mean in the Gram dtype is enough: U-centring removes any constant shift exactly, so centring
     # only has to shrink a large common offset (X = 100 + 0.1·Z) before the products, to avoid cancellation.
-    x = x - x.mean(dim=0)
+    # (A product with a ones row computes it ~10x faster than a column reduction.)
+    x = x - (torch.ones((1, m), dtype=x.dtype, device=x.device) @ x) / m
     g = x @ x.T
     # A NaN / Inf anywhere in x or in a product shows on the diagonal (|x_i·x_j| <= sqrt(g_ii g_jj)):
     # scanning m values instead of m·f keeps the check off the hot path; the full scan only names the culprit.
@@ -106,10 +113,16 @@ def packed_size(m: int) -> int:
     return m * (m - 1) // 2
 
 
+@functools.lru_cache(maxsize=8)
+def _triu_flat(m: int, device: str) -> torch.Tensor:
+    """Flat indices (row-major) of the strict upper triangle of an (m, m) matrix."""
+    iu = torch.triu_indices(m, m, 1)
+    return (iu[0] * m + iu[1]).to(device)
+
+
 def pack_triu(gram: torch.Tensor, m: int) -> torch.Tensor:
     """Strict upper triangle (row-major) of an (m, m) matrix given flat (m·m,) or square: (m(m-1)/2,)."""
-    iu = torch.triu_indices(m, m, 1, device=gram.device)
-    return gram.reshape(m, m)[iu[0], iu[1]]
+    return gram.reshape(-1)[_triu_flat(m, str(gram.device))]
 
 
 def unpack_triu(packed: torch.Tensor, m: int) -> torch.Tensor:

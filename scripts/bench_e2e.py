@@ -105,10 +105,12 @@ def main() -> None:
     cpu: dict[str, list[float]] = {}
     maps: dict[str, np.ndarray] = {}
 
+    def clear(tag: str) -> None:
+        for side in "ab":
+            shutil.rmtree(os.path.join(tmp, f"{tag}_{side}.zarr"), ignore_errors=True)
+
     def ours(tag: str, **kw) -> np.ndarray:
         pa, pb = os.path.join(tmp, f"{tag}_a.zarr"), os.path.join(tmp, f"{tag}_b.zarr")
-        for p in (pa, pb):
-            shutil.rmtree(p, ignore_errors=True)
         sa = extract(a, src, pa, layers=la, batch_size=bs, chunk_size=bs, **kw)
         sb = extract(b, src, pb, layers=lb, batch_size=bs, chunk_size=bs, **kw)
         r = cka_matrix(sa, sb, batch_size=bs, progress=False)
@@ -116,6 +118,8 @@ def main() -> None:
 
     try:
         for _ in range(args.rounds):
+            for tag in ("grams", "gramsacts", "acts"):  # the previous round's stores, outside the timing
+                clear(tag)
             for tag, fn in (
                 ("peer", lambda: peer_run(peer_mod, a, b, la, lb, src, bs)),
                 ("grams", lambda: ours("grams", grams=True, acts=False)),

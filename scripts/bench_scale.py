@@ -9,8 +9,9 @@ Measured in one run (the machine is shared and noisy; ratios, not absolute times
 1. ``cka_matrix`` on two stores (12 + 12 layers) with the minibatch plan run locally, on a LocalCluster of 1
    worker and of 2 workers (1 thread each): wall times and the 1 → 2 worker speed-up.
 2. Per-image costs for the estimate: CPU forward time of ViT-B/16 and ResNet-50 at 224 px, activation
-   bytes per image with the default layer presets (float16, ``--pool none``), and this machine's lz4
-   compress-and-write rate for activation chunks.
+   bytes per image with the default layer presets (float16, ``--pool none``), and this machine's
+   write rate for activation chunks (CRC32C, no compression), the Gram tier's bytes per
+   image and the Gram products' cost per image.
 """
 
 from __future__ import annotations
@@ -62,13 +63,33 @@ def _per_image(name: str, images: int) -> dict[str, float]:
     source = open_dataset("shapes", n=images, seed=0, image_size=224)
     with tempfile.TemporaryDirectory() as tmp:
         plan = plan_extraction(model, source, os.path.join(tmp, "p.zarr"), batch_size=images)
+        grams = plan_extraction(model, source, os.path.join(tmp, "g.zarr"), batch_size=images, chunk_size=256 // images
+                                * images, grams=True, acts=False)
+    features = sum(int(np.prod(t.shape)) for t in plan.taps)
     x = torch.stack([model.preprocessing.transform()(source.load(i)) for i in range(images)])
     with torch.inference_mode():
         model.module(x[:2])
         t0 = time.perf_counter()
         model.module(x)
     return {"cpu_forward_s_per_image": (time.perf_counter() - t0) / images,
-            "bytes_per_image": plan.bytes_per_image, "layers": len(plan.taps)}
+            "bytes_per_image": plan.bytes_per_image, "layers": len(plan.taps),
+            "gram_bytes_per_image": grams.bytes_per_image, "features_all_layers": features,
+            # one m = 256 Gram costs 2·m·f flops per image and layer
+            "gram_flop_per_image": 2 * 256 * features}
+
+
+def _gram_flops() -> float:
+    """Measured float32 Gram throughput (FLOP/s) of :func:`repsim.gram.unbiased_gram` on a ViT-B/16 token layer."""
+    from repsim.devices import tf32_off
+    from repsim.gram import unbiased_gram
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((256, 197 * 768)).astype(np.float16))
+    with tf32_off():
+        unbiased_gram(x)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            unbiased_gram(x)
+    return 3 * 2 * 256 * 256 * 197 * 768 / (time.perf_counter() - t0)
 
 
 def _write_rate() -> float:
@@ -103,17 +124,22 @@ def main() -> None:
                 "seconds": {k: round(v, 3) for k, v in times.items()},
                 "speedup_1_to_2_workers": round(times["1_workers"] / times["2_workers"], 2)},
         "per_image": {name: _per_image(name, args.images) for name in ("vit_b16", "resnet50")},
-        "lz4_write_MB_per_s": round(_write_rate() / 2**20, 1),
+        "write_MB_per_s": round(_write_rate() / 2**20, 1),
+        "gram_GFLOP_per_s": round(_gram_flops() / 1e9, 1),
         "cpu_cores": os.cpu_count(),
     }
     print(json.dumps(result, indent=2))
-    rate = result["lz4_write_MB_per_s"] * 2**20
+    rate = result["write_MB_per_s"] * 2**20
+    flops = result["gram_GFLOP_per_s"] * 1e9
     print("\nEstimate inputs for 50,000 images (see README, Scaling):")
     for name, r in result["per_image"].items():
         total = r["bytes_per_image"] * 50_000
         print(f"  {name:9s} {r['layers']:3d} layers, {r['bytes_per_image'] / 2**20:6.2f} MB/image -> "
               f"{total / 2**30:7.1f} GB; one writer core: {total / rate / 3600:5.2f} h; "
               f"CPU forward here: {r['cpu_forward_s_per_image'] * 50_000 / 3600:5.2f} h")
+        print(f"  {'':9s} --grams --no-acts: {r['gram_bytes_per_image'] / 2**10:6.1f} KB/image -> "
+              f"{r['gram_bytes_per_image'] * 50_000 / 2**30:6.2f} GB ({r['bytes_per_image'] / r['gram_bytes_per_image']:.0f}x "
+              f"smaller); Gram products here: {r['gram_flop_per_image'] / flops:5.3f} s/image")
 
 
 if __name__ == "__main__":
