@@ -25,6 +25,11 @@ Layout::
                                 its samples are left out (root attribute ``grams.rows_used``).
       quality/fp16_error        (n_chunks, n_layers) float32: per chunk and layer, the float16 storage error η
                                 (see "Precision") measured on the chunk's first rows; 0 for float32 layers
+      progress/chunk_digest     (n_chunks, k) uint32: CRC32C of the decoded bytes each chunk wrote into each of
+                                the k arrays named in the root attribute ``digest_arrays`` (activations,
+                                inputs, extra arrays), written before the chunk's flag. Every chunk object
+                                also carries the CRC32C of its own bytes; this digest is what finds two
+                                intact chunks of one array exchanged (``repsim verify``)
       progress/chunk_done       (n_chunks,) uint8, one Zarr chunk per flag: 1 once every array's rows of
                                 that sample chunk are on disk
       progress/shards_of_<N>    optional, (N,) str, one Zarr chunk per shard: written by a ``--shard k/N``
@@ -422,6 +427,14 @@ class ActivationStore:
             raise UsageError(f"{layer!r} is not an attention layer of {self.path} "
                              f"(it has {', '.join(self.attention_layers[:4])}...)")
 
+    def chunk_digests(self) -> tuple[list[str], np.ndarray] | None:
+        """(array names, (n_chunks, k) uint32 CRC32C per chunk and array) as recorded by the writer; None for a
+        store written before digests were recorded."""
+        names = list(self.attrs.get("digest_arrays", []))
+        if not names or "progress/chunk_digest" not in self._group:
+            return None
+        return names, np.asarray(self._group["progress/chunk_digest"][:], dtype=np.uint32)
+
     def declared_arrays(self) -> dict[str, int | None]:
         """Every array the root attributes promise, with the rows it must have (None: not fixed by n)."""
         out: dict[str, int | None] = {"samples/ids": self.n, "samples/labels": self.n,
@@ -676,6 +689,8 @@ class StoreWriter:
         self._inputs = group["inputs/pixels"] if self.attrs["extraction"].get("save_inputs") else None
         self._extra = {e["name"]: (group[e["name"]], e["rows"]) for e in self.attrs.get("extra_arrays", [])}
         self._done = group["progress/chunk_done"]
+        self._digest_names = list(self.attrs.get("digest_arrays", []))
+        self._digest = group["progress/chunk_digest"] if self._digest_names else None
 
     @classmethod
     def create(
@@ -739,8 +754,12 @@ class StoreWriter:
             )
             arr.attrs.update(spec.attrs)
         group.create_array("progress/chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
+        digest_names = ([f"acts/{s.name}" for s in layers] if acts else []) + \
+            (["inputs/pixels"] if input_shape is not None else []) + [e.name for e in extra]
+        group.create_array("progress/chunk_digest", shape=(n_chunks, max(1, len(digest_names))),
+                           chunks=(1, max(1, len(digest_names))), dtype="uint32", fill_value=0)
         attrs = dict(attrs, complete=False, layers=[s.name for s in layers],
-                     extra_arrays=[{"name": e.name, "rows": e.rows} for e in extra])
+                     extra_arrays=[{"name": e.name, "rows": e.rows} for e in extra], digest_arrays=digest_names)
         if not acts:
             attrs["layer_attrs"] = {s.name: dict(s.attrs, shape=list(s.shape), dtype=s.dtype or dtype) for s in layers}
         attrs.pop("initialising", None)
@@ -771,12 +790,13 @@ class StoreWriter:
         its length are ignored) or the one row of a ``chunks`` array.
         """
         rows = self.chunk_rows(chunk_index)
+        written: dict[str, np.ndarray] = {}  # what each array received, for the chunk digest
         for layer, arr in self._arrays.items():
-            arr[rows] = acts[layer]
+            arr[rows] = written[f"acts/{layer}"] = acts[layer]
         if self._inputs is not None:
             if inputs is None:
                 raise ValueError("this store keeps inputs: pass them to write_chunk")
-            self._inputs[rows] = inputs
+            self._inputs[rows] = written["inputs/pixels"] = inputs
         extra = extra or {}
         missing = set(self._extra) - set(extra)
         if missing:
@@ -784,12 +804,16 @@ class StoreWriter:
         for name, (arr, mode) in self._extra.items():
             value = extra[name]
             if mode == "chunks":
-                arr[chunk_index] = value
+                arr[chunk_index] = written[name] = value
             elif mode == "samples":
-                arr[rows] = value
+                arr[rows] = written[name] = value
             elif rows.start < arr.shape[0]:  # "first": only the leading rows are kept
                 stop = min(rows.stop, arr.shape[0])
-                arr[rows.start:stop] = value[: stop - rows.start]
+                arr[rows.start:stop] = written[name] = value[: stop - rows.start]
+        if self._digest is not None:
+            self._digest[chunk_index] = np.array(
+                [chunk_digest(written[name], self._group[name].dtype) if name in written else 0
+                 for name in self._digest_names], dtype=np.uint32)
         self._done[chunk_index] = 1
 
     def record_shard(self, k: int, total: int, record: dict[str, Any]) -> None:
@@ -808,6 +832,13 @@ class StoreWriter:
     def update_attrs(self, **changes: Any) -> None:
         self.attrs.update(changes)
         self._group.attrs[ATTR_KEY] = self.attrs
+
+
+def chunk_digest(block: Any, dtype: Any) -> int:
+    """CRC32C of the bytes of ``block`` as stored (C order, in ``dtype``): the per-chunk content digest."""
+    import google_crc32c
+
+    return int(google_crc32c.value(np.ascontiguousarray(np.asarray(block), dtype=dtype).tobytes()))
 
 
 def is_initialising(path: str) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from repsim.errors import UsageError
-from repsim.store import FP16_MAX_ERROR, ActivationStore, _why, fingerprint_ids
+from repsim.store import FP16_MAX_ERROR, ActivationStore, chunk_digest, _why, fingerprint_ids
 
 
 @dataclass
@@ -66,9 +66,10 @@ _FILL_IS_DATA = ("samples/labels", "progress/chunk_done")
 
 
 def _check_array(store: ActivationStore, report: VerifyReport, name: str, rows: int | None, bar,
-                 unwritten=lambda lo, c: False) -> None:
+                 unwritten=lambda lo, c: False, digests: np.ndarray | None = None) -> None:
     """Open, count rows, and decode chunk by chunk one array; every finding goes into ``report``.
-    ``unwritten(first_row, chunk)``: a chunk an unfinished extraction has not written yet (not damage)."""
+    ``unwritten(first_row, chunk)``: a chunk an unfinished extraction has not written yet (not damage).
+    ``digests``: the writer's CRC32C of each chunk's content (0: not recorded), compared with what decodes."""
     problem = report.problems.append
     try:
         arr = store._group[name]
@@ -110,6 +111,9 @@ def _check_array(store: ActivationStore, report: VerifyReport, name: str, rows: 
             problem(f"{where} does not decode ({_why(err)})")
             continue
         report.chunks_checked += 1
+        if digests is not None and c < len(digests) and digests[c] and chunk_digest(block, arr.dtype) != digests[c]:
+            problem(f"{where} does not hold what was written there (content digest differs: chunks exchanged "
+                    "or rewritten)")
         if is_float:
             bad = int(block.size - np.count_nonzero(np.isfinite(block)))
             if bad == block.size and bad:
@@ -166,8 +170,14 @@ def verify_store(store: ActivationStore, *, progress: bool = False) -> VerifyRep
         return lambda lo, c: lo // cs < nc and not done[lo // cs]
 
     bar = tqdm(total=total, desc="verify", unit="chunk", disable=not progress)
+    try:
+        recorded = store.chunk_digests()
+    except Exception as err:  # noqa: BLE001 - a damaged digest array is a finding, the chunks are still checked
+        problem(f"progress/chunk_digest: does not decode ({_why(err)})")
+        recorded = None
+    digest_of = {} if recorded is None else {nm: recorded[1][:, j] for j, nm in enumerate(recorded[0])}
     for name, rows in declared.items():
-        _check_array(store, report, name, rows, bar, unwritten_for(name, rows))
+        _check_array(store, report, name, rows, bar, unwritten_for(name, rows), digest_of.get(name))
     bar.close()
 
     def sample_table() -> None:

@@ -184,13 +184,13 @@ def test_healthy_store_reads(healthy):
         assert res.exit_code == 0, (command, res.output)
 
 
-@pytest.mark.xfail(strict=True, reason="two intact chunks of one array exchanged: each passes its own CRC32C; "
-                                       "needs a per-chunk digest recorded by the writer (issue 16 note)")
 def test_swapped_chunks_are_found(healthy, tmp_path):
+    """Two intact chunks of one array exchanged: each passes its own CRC32C; the writer's content digest finds it."""
     s = str(tmp_path / "swap.zarr")
     shutil.copytree(healthy, s)
     _damage("chunk_swapped", s)
-    assert invoke("verify", s, "--quiet").exit_code == 1
+    res = invoke("verify", s, "--quiet")
+    assert res.exit_code == 1 and "chunk 0 (rows 0..7) does not hold what was written" in res.output, res.output
 
 
 def test_verify_names_every_damaged_array_and_chunk(healthy, tmp_path):
