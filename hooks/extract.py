@@ -79,7 +79,7 @@ from hooks.remote_output import remote_state, staging_path, upload_store
 DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_ROWS = 64
 DEFAULT_GRAM_ROWS = 256  # chunk (= Gram batch) rows with --grams: repsim cka's default minibatch size
-PROBE_ROWS = 8  # images of the planning forward pass (fixes the taps, measures float16 error)
+PROBE_ROWS = 4  # images of the planning forward pass (fixes the taps, measures float16 error)
 FP16_CHECK_ROWS = 8  # rows of each chunk on which the float16 error is measured again
 QUALITY_ARRAY = "quality/fp16_error"
 
