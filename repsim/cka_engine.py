@@ -41,6 +41,15 @@ samples per batch.
 Speed and memory (minibatch): per batch, one Gram per layer; all layer pairs come from one product of the
 stacked U-centred Grams ``(L_a, m²) @ (L_b, m²)ᵀ``; self terms are squared row norms. Only per-layer Grams of
 the current chunk group are held, never the features of all layers.
+
+Batch plans: ``contiguous`` (one repeat, the default) takes consecutive store rows as batches — a store's
+order is a seeded random permutation, so each block is a uniform random sample, and it reads without any
+gather; ``shuffled`` (:func:`batch_plan`) draws seeded groups of whole chunks, a new plan per repeat.
+
+Stored Grams: stores extracted with ``--grams`` hold each layer's U-centred Gram per chunk (the Gram math is
+:mod:`repsim.gram`, shared with extraction). When both stores hold them for the requested batch size,
+:func:`cka_matrix` sums packed dot products of the stored Grams (contiguous plan, chunks as batches) and never
+reads an activation; the result's ``source`` says which path was taken.
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ __all__ = [
     "cka",
     "cka_from_grams",
     "cka_matrix",
+    "contiguous_plan",
     "feature_space_linear_cka",
     "gram_linear",
     "gram_rbf",

@@ -204,6 +204,7 @@ class ActivationStore:
         except (KeyError, TypeError, ValueError) as err:
             raise UsageError(f"{path}: the root attributes (zarr.json) are damaged ({_why(err)}): the store cannot "
                              "be read") from None
+        self._digest_columns: dict[str, np.ndarray] | None = None  # per array, the writer's chunk digests
         self._ids: list[str] | None = None
         self._complete: bool | None = None
 
@@ -518,7 +519,29 @@ class ActivationStore:
             for c in range(lo // cs, -(-hi // cs)):
                 if np.isnan(out[max(c * cs, lo) - lo].flat[0]):
                     raise self._damage(name, f"{self._chunk_text(arr, c)} reads as NaN (missing on disk)")
+        self._check_digests(name, arr, sel, out)
         return out
+
+    def _check_digests(self, name: str, arr: zarr.Array, sel: slice, out: np.ndarray) -> None:
+        """Compare every whole chunk in ``out`` with the writer's content digest (``progress/chunk_digest``): a
+        chunk that decodes but holds another chunk's rows (files exchanged) is damage, not data."""
+        if self._digest_columns is None:
+            try:
+                recorded = self.chunk_digests()
+            except Exception:  # noqa: BLE001 - a damaged digest array: verify reports it; reads go on unchecked
+                recorded = None
+            self._digest_columns = {} if recorded is None else {nm: recorded[1][:, j]
+                                                                for j, nm in enumerate(recorded[0])}
+        digests = self._digest_columns.get(name)
+        if digests is None or not out.ndim:
+            return
+        lo, hi, _ = sel.indices(arr.shape[0])
+        cs = arr.chunks[0]
+        for c in range(-(-lo // cs), min(len(digests), -(-hi // cs))):
+            a, b = c * cs, min((c + 1) * cs, arr.shape[0])
+            if b <= hi and digests[c] and chunk_digest(out[a - lo:b - lo], arr.dtype) != digests[c]:
+                raise self._damage(name, f"{self._chunk_text(arr, c)} does not hold what was written there "
+                                         "(its content digest differs: chunks exchanged or rewritten)")
 
     @staticmethod
     def _chunk_text(arr: zarr.Array, c: int) -> str:
