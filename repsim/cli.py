@@ -783,9 +783,16 @@ def compare(store_a, store_b, measures, out, plot_path, tokens, null, bootstrap,
 
     Each measure states its orientation (similarity or distance) and range in the output. Measures
     that need all samples at once read every layer whole; for large n prefer `repsim cka` (minibatch).
+
+    \b
+    The CKA measures are computed on all n samples, so `repsim cka` (minibatch, batches of 256, tokens
+    flatten by default) differs; the output names the `repsim cka` options that give the same map:
+      cka          = repsim cka --estimator exact --tokens mean --gram-dtype float64
+      cka_debiased = repsim cka --estimator debiased --tokens mean --gram-dtype float64
+      cka_rbf      = repsim cka --estimator exact --kernel rbf --tokens mean --gram-dtype float64
     """
     from repsim.cka_plot import short_layer_names
-    from repsim.compare import compare_matrix
+    from repsim.compare import cka_equivalent, compare_matrix
     from repsim.similarity_measures import MEASURES
     from repsim.store import open_store
 
@@ -818,6 +825,10 @@ def compare(store_a, store_b, measures, out, plot_path, tokens, null, bootstrap,
         width = max(len(x) for x in names_a)
         click.echo(f"{name} ({result.spec['orientation']}; range {result.spec['range']}), tokens={tokens}, "
                    f"n={result.n}" + (f"; {len(result.notes)} cells adjusted (see JSON notes)" if result.notes else ""))
+        same_as = cka_equivalent(name, tokens, result.options)
+        if same_as:
+            click.echo(f"{name}: {MEASURES[name].description}, on all n={result.n} samples; the same map as "
+                       f"`repsim cka {same_as}` (plain `repsim cka` is the minibatch estimator, tokens=flatten)")
         click.echo(" " * width + "  " + " ".join(f"{j:>6d}" for j in range(len(result.layers_b))))
         for row_name, row in zip(names_a, result.values):
             click.echo(f"{row_name:>{width}}  " + " ".join(f"{v:6.3f}" for v in row))

@@ -25,6 +25,33 @@ from repsim.json_output import write_json_atomic
 from repsim.similarity_measures import MEASURES, SimilarityWarning, bootstrap_interval, permutation_null, similarity_details
 
 
+#: The ``repsim cka`` options that compute the same numbers as compare's CKA measures (compare computes every
+#: measure on all n samples at once; ``repsim cka`` defaults to the minibatch estimator, batches of 256
+#: consecutive store rows, ``tokens=flatten``, float32 Gram products, so its default map differs).
+CKA_EQUIVALENTS: dict[str, tuple[str, str]] = {
+    "cka": ("exact", "linear"),
+    "cka_debiased": ("debiased", "linear"),
+    "cka_rbf": ("exact", "rbf"),
+}
+
+
+def cka_equivalent(measure: str, tokens: str, options: dict[str, Any] | None = None) -> str | None:
+    """The ``repsim cka`` options giving the same map as compare's CKA ``measure`` (None for other measures).
+
+    compare's ``cka`` is the biased (plug-in HSIC) linear CKA on all n samples, ``cka_debiased`` the U-centred
+    one, ``cka_rbf`` the biased RBF one: ``repsim cka --estimator exact|debiased [--kernel rbf --threshold t]
+    --tokens <tokens> --gram-dtype float64`` (equal to ~1e-12). ``repsim cka`` without options is the minibatch
+    estimator on ``tokens=flatten`` and differs.
+    """
+    if measure not in CKA_EQUIVALENTS:
+        return None
+    estimator, kernel = CKA_EQUIVALENTS[measure]
+    flags = f"--estimator {estimator}"
+    if kernel == "rbf":
+        flags += f" --kernel rbf --threshold {float((options or {}).get('threshold', 1.0)):g}"
+    return f"{flags} --tokens {tokens} --gram-dtype float64"
+
+
 @dataclass(eq=False)
 class CompareResult:
     """One measure's layer × layer map with its orientation and provenance.

@@ -12,7 +12,9 @@ from typing import Any
 def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically: a temporary file in the same folder, then
     ``os.replace``, so a reader never sees a half-written file and an old result survives a crash.
-    NaN / Inf are refused (``allow_nan=False``): they are not JSON and hide failed measurements."""
+    NaN / Inf are refused (``allow_nan=False``): they are not JSON and hide failed measurements.
+    The file gets the user's normal permissions (``0o666`` less the process umask, as ``open`` would give),
+    not the temporary file's private ``0o600``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -21,11 +23,19 @@ def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, allow_nan=False)
             f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and restoring it at once; there is no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_json_result(source: str | os.PathLike | dict[str, Any], kind: str) -> dict[str, Any]:
