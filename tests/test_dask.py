@@ -33,6 +33,7 @@ def client():
     cluster.close()
 
 
+@pytest.mark.slow
 def test_distributed_equals_local(stores, client):
     a, b = stores
     kw = dict(batch_size=16, repeats=2, seed=3, tokens="mean", progress=False, device="cpu")
@@ -45,6 +46,7 @@ def test_distributed_equals_local(stores, client):
     np.testing.assert_allclose(within_remote.values, within_local.values, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_cli_workers(stores, tmp_path):
     a, b = stores
     res = run_cli("cka", a.path, b.path, "--batch-size", "16", "--tokens", "mean", "--workers", "2",
@@ -59,6 +61,7 @@ def test_cli_workers(stores, tmp_path):
     assert res.exit_code == 2 and "minibatch" in res.output
 
 
+@pytest.mark.slow
 def test_killed_worker_is_retried_with_the_same_result(stores, tmp_path, monkeypatch):
     a, b = stores
     marker = tmp_path / "killed"
@@ -73,6 +76,7 @@ def test_killed_worker_is_retried_with_the_same_result(stores, tmp_path, monkeyp
     np.testing.assert_allclose(remote.values, cka_matrix(a, b, **kw).values, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_distributed_extraction_equals_local(tmp_path):
     common = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--data", "shapes",
               "--n", "40", "--batch-size", "4", "--chunk-size", "8", "--dtype", "float32", "--quiet"]

@@ -25,6 +25,7 @@ def demo_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_report_shows_every_figure(demo_dir):
     report = (demo_dir / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
@@ -37,6 +38,7 @@ def test_report_shows_every_figure(demo_dir):
         assert text.count(". ") + text.endswith(".") >= 2, block[:200]
 
 
+@pytest.mark.slow
 def test_demo_numbers_show_real_structure(demo_dir):
     s = json.loads((demo_dir / "summary.json").read_text())
     for name, m in s["models"].items():
@@ -52,6 +54,7 @@ def test_demo_numbers_show_real_structure(demo_dir):
         assert all(0 < d < 64 for layer in a["distance_px_per_layer"] for d in layer)
 
 
+@pytest.mark.slow
 def test_demo_keeps_json_with_provenance(demo_dir):
     files = sorted(os.listdir(demo_dir / "json"))
     assert "cka_ref_vit.json" in files and "cka_ref_vit_vs_ref_resnet.json" in files
@@ -61,6 +64,7 @@ def test_demo_keeps_json_with_provenance(demo_dir):
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.slow
 def test_summary_backs_every_comparison_with_an_interval(demo_dir):
     s = json.loads((demo_dir / "summary.json").read_text())
     for name, m in s["models"].items():
@@ -88,6 +92,7 @@ def test_summary_backs_every_comparison_with_an_interval(demo_dir):
         assert "not resolved" in report
 
 
+@pytest.mark.slow
 def test_demo_rerun_reuses_the_stores(demo_dir):
     before = os.path.getmtime(demo_dir / "stores" / "ref_resnet-n128.zarr" / "zarr.json")
     res = run_cli("demo", "--out", str(demo_dir), "--n", "128", "--localize-images", "64", "--quiet",

@@ -114,6 +114,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, vit, shapes):
     assert again.already_complete
 
 
+@pytest.mark.slow
 def test_kill_and_resume_cli(tmp_path):
     """SIGKILL a real extraction mid-run; the same command finishes it with bit-identical arrays."""
     args = [sys.executable, "-m", "repsim.cli", "extract", "--model", VIT, "--random-init", "--img-size", "32",

@@ -19,6 +19,7 @@ def test_the_four_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS] == ["01_cka_maps", "02_attention", "03_localization", "04_linear_probes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path_factory, monkeypatch):
     book = nbformat.read(path, as_version=4)

@@ -22,6 +22,7 @@ def _cli_process(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_concurrent_shards_equal_an_unsharded_run(tmp_path):
     whole = str(tmp_path / "whole.zarr")
     assert run_cli("extract", *ARGS, "--out", whole).exit_code == 0
@@ -39,6 +40,7 @@ def test_concurrent_shards_equal_an_unsharded_run(tmp_path):
         np.testing.assert_array_equal(a.read(layer), b.read(layer))
 
 
+@pytest.mark.slow
 def test_shard_subset_then_rest(tmp_path):
     out = str(tmp_path / "s.zarr")
     res = run_cli("extract", *ARGS, "--out", out, "--shard", "1/2")
@@ -56,6 +58,7 @@ def test_shard_subset_then_rest(tmp_path):
     assert verify_store(done).ok
 
 
+@pytest.mark.slow
 def test_shard_record_checked_by_verify(tmp_path):
     """A shard recorded finished whose chunk flag is missing (lost rows) is a verify problem."""
     import zarr
@@ -69,6 +72,7 @@ def test_shard_record_checked_by_verify(tmp_path):
     assert any("shard 1/2 is recorded finished but chunk 3 is not flagged written" in p for p in problems), problems
 
 
+@pytest.mark.slow
 def test_bad_shards_and_overlapping_writers_refused(tmp_path):
     out = str(tmp_path / "b.zarr")
     assert_one_line_error(run_cli("extract", *ARGS, "--out", out, "--shard", "2/2"), "0 <= k < n")
