@@ -639,12 +639,8 @@ def run_extraction(
     *,
     device: str = "auto",
     progress: bool = True,
-    _stop_after_chunks: int | None = None,
 ) -> ActivationStore:
-    """Run (or resume) the extraction planned by :func:`plan_extraction`; returns the finished store.
-
-    ``_stop_after_chunks`` is for tests: return after writing that many chunks, as a kill would.
-    """
+    """Run (or resume) the extraction planned by :func:`plan_extraction`; returns the finished store."""
     from tqdm.auto import tqdm
 
     if plan.already_complete:
@@ -676,7 +672,6 @@ def run_extraction(
         expected = [t.name for t in plan.taps]
         bar = tqdm(total=sum(len(r) for _, r in batches), desc=f"extract {info.name}", unit="img",
                    disable=not progress, dynamic_ncols=True)
-        chunks_written = 0
         with ThreadPoolExecutor(max_workers=2) as loader, capture, _attention_capture(module, reducer), \
                 torch.inference_mode():
             futures = [loader.submit(_load_batch, source, transform, r) for _, r in batches[:2]]
@@ -730,9 +725,6 @@ def run_extraction(
                         extra,
                     )
                     buffers, inputs = None, []
-                    chunks_written += 1
-                    if _stop_after_chunks is not None and chunks_written >= _stop_after_chunks:
-                        break
         background.close()
         bar.close()
         done = writer.chunks_done()

@@ -1096,9 +1096,6 @@ def _group_sums(a: _Side, b: _Side | None, batches: Sequence[np.ndarray], first_
     return acc
 
 
-# Tests set this to a file path: the first task to see the file missing creates it and kills its worker
-# process, as a crashed machine would; Dask must retry the task elsewhere with the same result.
-_KILL_ONCE_ENV = "REPSIM_TEST_KILL_WORKER_ONCE"
 _WORKER_STORES: dict[str, Any] = {}  # stores opened by Dask tasks in this worker process
 
 
@@ -1113,11 +1110,6 @@ def _remote_group_sums(spec_a: dict[str, Any], spec_b: dict[str, Any] | None, ba
                        first_batch: int, repeat: int, tokens: str, gram_dtype: str) -> MinibatchCKA:
     """Dask task: open the stores on the worker, compute one group's partial sums on CPU."""
     from repsim.store import open_store
-
-    marker = os.environ.get(_KILL_ONCE_ENV)
-    if marker and not os.path.exists(marker):  # fault injection for the killed-worker test only
-        open(marker, "w").close()
-        os._exit(1)
 
     def side(spec: dict[str, Any]) -> _Side:
         key = (spec["path"], spec["config"])  # a store rewritten in place is reopened

@@ -19,3 +19,38 @@ def assert_one_line_error(result: Result, pattern: str) -> None:
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error:") and pattern.lower() in lines[0].lower(), lines[0]
     assert "Traceback" not in result.output
+
+
+class Killed(BaseException):
+    """Raised by :func:`run_killed_after_chunks` in place of a kill (a BaseException, as a signal would be: no
+    ``except Exception`` in the library may swallow it)."""
+
+
+def run_killed_after_chunks(plan, chunks: int, **kwargs):
+    """Run ``hooks.extract.run_extraction(plan)`` and 'kill' it once ``chunks`` chunks are on disk.
+
+    Fault injection lives here, not in the library: ``StoreWriter.write_chunk`` is wrapped so that the write
+    after the ``chunks``-th raises :class:`Killed` (nothing of that chunk is written; the background writer
+    drains its queue and re-raises in the main thread). Asserts that the run was interrupted and that exactly
+    ``chunks`` chunks were completed.
+    """
+    import pytest
+
+    from hooks.extract import run_extraction
+    from repsim.store import ActivationStore, StoreWriter
+
+    real = StoreWriter.write_chunk
+    written = []
+
+    def write_chunk(self, index, *args, **kw):
+        if len(written) >= chunks:
+            raise Killed(f"killed before writing chunk {index}")
+        real(self, index, *args, **kw)
+        written.append(index)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StoreWriter, "write_chunk", write_chunk)
+        with pytest.raises(Killed):
+            run_extraction(plan, progress=False, **kwargs)
+    assert len(written) == chunks, f"the extraction finished after {len(written)} chunks, before the kill"
+    return ActivationStore(plan.out)

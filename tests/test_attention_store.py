@@ -12,7 +12,7 @@ from hooks.extract import extract, plan_extraction, run_extraction
 from hooks.registry import load_model
 from repsim.attention import aligned_attention, attention_distance, attention_entropy, prefix_mass
 from repsim.attention_summary import attention_report, store_rollout
-from conftest import run_cli as _cli
+from conftest import run_cli as _cli, run_killed_after_chunks
 from repsim.data import open_dataset
 from repsim.errors import UsageError
 from repsim.verify import verify_store
@@ -92,7 +92,7 @@ def test_activations_unchanged_by_the_attention_capture(store, vit, shapes, tmp_
 def test_resume_keeps_attention_arrays_identical(store, vit, shapes, tmp_path):
     out = str(tmp_path / "r.zarr")
     kw = dict(layers=["blocks.*"], batch_size=4, chunk_size=8, dtype="float32", attention=True, attn_keep=5)
-    run_extraction(plan_extraction(vit, shapes, out, **kw), _stop_after_chunks=1)
+    run_killed_after_chunks(plan_extraction(vit, shapes, out, **kw), 1)
     resumed = run_extraction(plan_extraction(vit, shapes, out, **kw))
     assert resumed.complete
     for layer in store.attention_layers:
@@ -111,8 +111,31 @@ def test_report_and_rollout(store):
     d = report.to_json()
     json.dumps(d, allow_nan=False)
     assert d["n"] == 12 and d["fingerprint"] == store.fingerprint and "definitions" in d
+
+
+def _reference_rollout(attns, grid):
+    """Abnar & Zuidema (2020) in numpy: per layer the head mean, 0.5 A + 0.5 I, rows renormalised, later layers
+    multiplied on the left; the CLS row over the patch tokens, row-major on the grid."""
+    out = []
+    for b in range(attns[0].shape[0]):
+        r = np.eye(attns[0].shape[-1])
+        for a in attns:
+            m = 0.5 * a[b].mean(0) + 0.5 * np.eye(a.shape[-1])
+            r = (m / m.sum(1, keepdims=True)) @ r
+        out.append(r[0, 1:].reshape(grid))
+    return np.stack(out)
+
+
+def test_store_rollout_equals_a_recomputation(store, vit, shapes):
+    """Every block's hook-free attention enters the rollout, in network order (first-layer-only, last-layer-only
+    or a reversed product would differ)."""
+    direct = [a.double().numpy() for a in _direct_attention(vit, shapes, range(3))]
     roll = store_rollout(store, images=3)
-    assert roll.shape == (3, 4, 4) and np.all(roll >= 0)
+    assert roll.shape == (3, 4, 4)
+    ref = _reference_rollout(direct, (4, 4))
+    np.testing.assert_allclose(roll, ref, rtol=0, atol=2e-4)  # the kept maps are float16
+    for partial in (direct[:1], direct[-1:], direct[::-1]):  # the tolerance separates the wrong rollouts
+        assert np.abs(_reference_rollout(partial, (4, 4)) - ref).max() > 2e-3
 
 
 def test_attention_requires_attention_layers(tmp_path, shapes):

@@ -12,7 +12,7 @@ from conftest import assert_one_line_error, run_cli
 from repsim import open_store
 from repsim.cka_engine import layer_features
 from repsim.compare import compare_matrix
-from repsim.similarity_measures import MEASURES, similarity
+from repsim.similarity_measures import MEASURES, bootstrap_interval, permutation_null, similarity
 
 ARGS = ["--random-init", "--img-size", "32", "--data", "shapes", "--batch-size", "8", "--quiet"]
 
@@ -66,22 +66,60 @@ def test_within_store_identity_diagonal_and_symmetry(stores):
         np.testing.assert_allclose(r.values, r.values.T, atol=1e-12)
 
 
+def _reference_uncertainty(x, y, measure, n_perm, n_boot, seed=0, level=0.95):
+    """The documented procedure, written out with the plain measure (no permuter / resampler shortcuts):
+    p = (1 + #{shuffled pairings at least as similar as observed}) / (1 + R); percentile interval of the
+    measure over resampled image rows (copies as repeated rows, as procrustes and cka document)."""
+    sim = MEASURES[measure].kind == "similarity"
+    obs = similarity(x, y, measure)
+    rng = np.random.default_rng(seed)
+    null = np.array([similarity(x, y[rng.permutation(len(x))], measure) for _ in range(n_perm)])
+    tol = 1e-10 * max(1.0, abs(obs))
+    p = (1 + int(np.sum(null >= obs - tol if sim else null <= obs + tol))) / (1 + n_perm)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(x), size=len(x))
+        boots.append(similarity(x[idx], y[idx], measure))
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return obs, p, lo, hi
+
+
 def test_uncertainty_and_cli_outputs(stores, tmp_path):
+    """p-values and intervals in the CLI's JSON equal the procedure recomputed by hand."""
     a, b = stores["vit"], stores["r18"]
     res = run_cli("compare", a.path, b.path, "--measure", "procrustes,cka", "--layers-a", "blocks.11",
                   "--layers-b", "layer4.1", "--null", "19", "--bootstrap", "20", "--out", str(tmp_path / "c.json"),
                   "--plot", str(tmp_path / "c.png"), "--quiet")
     assert res.exit_code == 0, res.output
+    fx = layer_features(a, "blocks.11", tokens="mean", dtype=torch.float64).numpy()
+    fy = layer_features(b, "layer4.1", tokens="mean", dtype=torch.float64).numpy()
     for m in ("procrustes", "cka"):
         d = json.loads((tmp_path / f"c_{m}.json").read_text())
-        assert d["measure"] == m and d["spec"]["kind"] in ("similarity", "distance") and d["null"] == 19
-        p = d["p_values"][0][0]
-        assert 1 / 20 <= p <= 1.0
-        # (a percentile interval need not contain the observed value: biased CKA shifts under resampling)
-        lo, hi, v = d["ci_low"][0][0], d["ci_high"][0][0], d["values"][0][0]
-        assert lo < hi and lo - (hi - lo) < v < hi + (hi - lo)
+        assert d["measure"] == m and d["spec"]["kind"] == MEASURES[m].kind and d["null"] == 19
+        with _no_fail():
+            obs, p, lo, hi = _reference_uncertainty(fx, fy, m, 19, 20)
+        assert d["values"][0][0] == pytest.approx(obs, abs=1e-10)
+        assert d["p_values"][0][0] == pytest.approx(p, abs=1e-12)
+        assert d["ci_low"][0][0] == pytest.approx(lo, abs=1e-9) and d["ci_high"][0][0] == pytest.approx(hi, abs=1e-9)
         assert (tmp_path / f"c_{m}.png").read_bytes()[:4] == b"\x89PNG"
     assert "distance: lower = more similar" in res.output
+
+
+def test_uncertainty_on_hand_built_cases():
+    """Known answers: Y = a rotated, scaled, shifted X is more alike than every shuffle (p = 1 / (1 + R)) and every
+    resample gives the identity value (a zero-width interval there); an independent Y is not significant."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((30, 5))
+    q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    y = 3.0 * x @ q + 1.0
+    for m in ("procrustes", "cka"):
+        ident = MEASURES[m].identity_value
+        null = permutation_null(x, y, m, n_perm=19, seed=0)
+        assert null["observed"] == pytest.approx(ident, abs=1e-6) and null["p_value"] == pytest.approx(1 / 20)
+        boot = bootstrap_interval(x, y, m, n_boot=10, seed=0)
+        assert boot["low"] == pytest.approx(ident, abs=1e-6) and boot["high"] == pytest.approx(ident, abs=1e-6)
+        assert permutation_null(x, rng.standard_normal((30, 5)), m, n_perm=99, seed=0)["p_value"] > 0.05
 
 
 def test_errors(stores):

@@ -61,18 +61,42 @@ def test_cli_workers(stores, tmp_path):
     assert res.exit_code == 2 and "minibatch" in res.output
 
 
+class _KillFirstTask(distributed.WorkerPlugin):
+    """Fault injection from the test, not the library: on each worker, wrap ``repsim.cka_engine._group_sums`` so
+    that the first task anywhere to claim ``marker`` (an exclusive create) kills its worker process, as a crashed
+    machine would. Workers started later (the nanny's replacement) get the same wrapper; the marker is taken."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def setup(self, worker):
+        import os
+
+        import repsim.cka_engine as engine
+
+        real, marker = engine._group_sums, self.marker
+
+        def group_sums(*args, **kwargs):
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return real(*args, **kwargs)
+            os._exit(1)
+
+        engine._group_sums = group_sums
+
+
 @pytest.mark.slow
-def test_killed_worker_is_retried_with_the_same_result(stores, tmp_path, monkeypatch):
+def test_killed_worker_is_retried_with_the_same_result(stores, tmp_path):
     a, b = stores
     marker = tmp_path / "killed"
-    monkeypatch.setenv("REPSIM_TEST_KILL_WORKER_ONCE", str(marker))  # inherited by the workers spawned below
     kw = dict(batch_size=16, seed=1, tokens="mean", progress=False, device="cpu")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   dashboard_address=":0", silence_logs=50) as cluster, \
             distributed.Client(cluster) as c:
+        c.register_plugin(_KillFirstTask(str(marker)))
         remote = cka_matrix(a, b, client=c, **kw)
     assert marker.exists()  # a worker really died mid-run
-    monkeypatch.delenv("REPSIM_TEST_KILL_WORKER_ONCE")
     np.testing.assert_allclose(remote.values, cka_matrix(a, b, **kw).values, rtol=0, atol=1e-10)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import zarr
 
+from conftest import run_killed_after_chunks
 from hooks.extract import extract, plan_extraction, run_extraction
 from hooks.registry import load_model
 from repsim import open_store
@@ -100,7 +101,7 @@ def test_pool_and_resnet(tmp_path, shapes):
 def test_resume_after_interruption_is_bit_identical(tmp_path, vit, shapes):
     full = extract(vit, shapes, str(tmp_path / "full.zarr"), batch_size=8, chunk_size=8)
     plan = plan_extraction(vit, shapes, str(tmp_path / "part.zarr"), batch_size=8, chunk_size=8)
-    part = run_extraction(plan, progress=False, _stop_after_chunks=2)
+    part = run_killed_after_chunks(plan, 2)
     assert not part.complete and part.chunks_done().sum() == 2
     report = verify_store(part)
     assert not report.ok and any("never completed" in p for p in report.problems)
@@ -153,7 +154,7 @@ def test_other_configuration_refused_then_overwrite(tmp_path, vit, shapes):
 def test_second_writer_refused(tmp_path, vit, shapes):
     out = str(tmp_path / "l.zarr")
     plan = plan_extraction(vit, shapes, out, batch_size=8, chunk_size=8)
-    run_extraction(plan, progress=False, _stop_after_chunks=1)
+    run_killed_after_chunks(plan, 1)
     lock = WriterLock(out)
     lock.acquire()  # another live writer (this process)
     try:
@@ -166,7 +167,7 @@ def test_second_writer_refused(tmp_path, vit, shapes):
 def test_stale_lock_of_dead_process_is_taken_over(tmp_path, vit, shapes):
     out = str(tmp_path / "s.zarr")
     plan = plan_extraction(vit, shapes, out, batch_size=8, chunk_size=8)
-    run_extraction(plan, progress=False, _stop_after_chunks=1)
+    run_killed_after_chunks(plan, 1)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     import json

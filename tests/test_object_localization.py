@@ -87,7 +87,7 @@ def test_masks_line_up_with_the_object():
 
 def test_parse_id_and_refuse_other_ids():
     assert parse_shapes_id("shapes/v1/seed=2/size=32/17") == (1, 2, 32, 17)
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="not a shapes id"):
         parse_shapes_id("img0001.png")
     with pytest.raises(UsageError, match="generator"):
         shapes_masks(["shapes/v999/seed=0/size=32/0"])
@@ -155,7 +155,7 @@ def test_probe_reads_encoded_fractions_and_not_random(tmp_path):
     assert d["rows"][0]["layer"] == "good"
     res.plot(tmp_path / "ol.png")
     assert (tmp_path / "ol.png").stat().st_size > 0
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="'vec' is a vector layer"):
         object_localization(store, layers=["vec"], device="cpu")
     lr = object_localization(store, layers=["good"], method="logreg", device="cpu", lambdas=[1e-3, 1e-2])
     assert lr.row("good").iou_mean > 0.9
@@ -218,23 +218,62 @@ def test_pointing_game_tolerance_and_degenerate():
     assert hits.tolist() == [True, False]
 
 
-@pytest.mark.parametrize("arch,layer", [("resnet18", "layer4"), ("vit_tiny_patch16_224", "blocks.1")])
-def test_gradcam_runs_on_tiny_timm_models(arch, layer):
+def _gradcam_reference(model, x, targets, layer, num_prefix_tokens=0, grid=None):
+    """Grad-CAM by hand (Selvaraju et al. 2017), no captum: plain autograd on the layer's output.
+
+    Weights = spatial mean of d logit[target] / d A; map = ReLU(sum_c w_c A_c), bilinearly upsampled
+    (align_corners=False). Tokens (B, T, D): prefix dropped, patch tokens laid out row-major on ``grid``.
+    """
+    import torch.nn.functional as F
+
+    seen = {}
+    handle = model.get_submodule(layer).register_forward_hook(lambda _m, _i, out: seen.setdefault("a", out))
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), seen["a"])
+    finally:
+        handle.remove()
+    act = seen["a"].detach()
+    if act.ndim == 3:
+        B, _, D = act.shape
+        act = act[:, num_prefix_tokens:].transpose(1, 2).reshape(B, D, *grid)
+        grad = grad[:, num_prefix_tokens:].transpose(1, 2).reshape(B, D, *grid)
+    cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1, keepdim=True))
+    return F.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize("arch,layer", [("resnet18", "layer2"), ("vit_tiny_patch16_224", "blocks.0")])
+def test_gradcam_on_tiny_timm_models_equals_a_hand_computation(arch, layer):
+    """The maps equal Grad-CAM computed by hand (a token map shifted by one token, a transposed grid or a
+    wrong layer would not), and the pointing game scores the arg-max of exactly those maps."""
     import timm
 
-    from hooks.attribution import pointing_game
+    from hooks.attribution import attribution_maps, pointing_game
 
     torch.manual_seed(0)
     kw = {"depth": 2, "img_size": 32, "patch_size": 8, "embed_dim": 48, "num_heads": 2} if "vit" in arch else {}
     model = timm.create_model(arch, pretrained=False, num_classes=8, **kw).eval()
     x, masks = _object_images(n=3, size=32)
     x = x + 0.1 * torch.randn_like(x)
+    # resnet18 layer2: a 4 x 4 map; ViT: the first of two blocks (the last block's patch tokens get no gradient
+    # through the CLS-token head, so its Grad-CAM is all zero and would check nothing)
     extra = {"num_prefix_tokens": 1, "grid": (4, 4)} if "vit" in arch else {}
+    with torch.no_grad():
+        targets = model(x).argmax(dim=1)
+    ref = _gradcam_reference(model, x, targets, layer, **extra)
+    flat_ref = ref.reshape(3, -1)
+    degenerate = (flat_ref.amax(dim=1) == flat_ref.amin(dim=1)).tolist()  # all zero after the ReLU
+    assert ref.shape == (3, 32, 32) and sum(degenerate) <= 1  # mostly informative maps: the check has teeth
+    maps = attribution_maps(model, x, targets, method="gradcam", layer=layer, **extra)
+    torch.testing.assert_close(maps, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
     res = pointing_game(model, x, masks, method="gradcam", layer=layer, **extra)
-    assert 0.0 <= res["accuracy"] <= 1.0
-    assert len(res["hits"]) == 3 and np.asarray(res["points"]).shape == (3, 2)
-    assert res["layer"] == layer
-    assert all(0 <= p < 32 for pt in res["points"] for p in pt)
+    assert res["layer"] == layer and res["targets"] == targets.tolist() and res["degenerate"] == sum(degenerate)
+    flat = flat_ref.argmax(dim=1)
+    points = torch.stack([flat // 32, flat % 32], dim=1)
+    assert res["points"] == points.tolist()
+    assert res["hits"] == [bool(masks[i, y, x_]) and not degenerate[i] for i, (y, x_) in enumerate(points.tolist())]
+    assert res["accuracy"] == pytest.approx(np.mean(res["hits"]))
 
 
 def test_gradcam_maps_have_input_shape():
@@ -243,7 +282,7 @@ def test_gradcam_maps_have_input_shape():
     x, _ = _object_images(n=2)
     maps = attribution_maps(_ObjectSum(), x, torch.zeros(2, dtype=torch.long), method="gradcam", layer="conv")
     assert maps.shape == (2, 32, 32) and (maps >= 0).all()
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="method must be one of ig, gradcam, got 'saliency'"):
         attribution_maps(_ObjectSum(), x, torch.zeros(2, dtype=torch.long), method="saliency")
 
 

@@ -6,7 +6,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_killed_after_chunks
 from repsim import cka_matrix, open_store
 from repsim.verify import verify_store
 
@@ -59,7 +59,7 @@ def test_remote_errors(tmp_path, monkeypatch):
 
 def test_extract_to_url_stages_resumes_and_uploads(stores, tmp_path, monkeypatch):
     """--out URL: staged locally (a kill resumes there), uploaded data-first once complete, bit-identical."""
-    from hooks.extract import plan_extraction, run_extraction
+    from hooks.extract import plan_extraction
     from hooks.registry import load_model
     from hooks.remote_output import staging_path
     from repsim.data import open_dataset
@@ -71,7 +71,7 @@ def test_extract_to_url_stages_resumes_and_uploads(stores, tmp_path, monkeypatch
     source = open_dataset("shapes", n=24, seed=0, image_size=32)
     plan = plan_extraction(model, source, url, batch_size=8, chunk_size=8)
     assert plan.remote == url and plan.out == staging_path(url)
-    run_extraction(plan, progress=False, _stop_after_chunks=1)  # killed after one chunk
+    run_killed_after_chunks(plan, 1)  # killed after one chunk
     assert not fsspec.filesystem("memory").exists("/repsim-out/staged.zarr")  # nothing uploaded yet
     res = run_cli("extract", *ARGS, "--chunk-size", "8", "--out", url)  # the same command resumes and uploads
     assert res.exit_code == 0 and f"wrote {url}" in res.output
