@@ -87,9 +87,11 @@ or ``first`` (one row per sample for the first rows only).
 
 Chunking: every array is chunked along samples only (``chunk_size`` rows, whole feature dims per chunk),
 stored uncompressed (activations compress only 1.15-1.4x whatever the codec, and compression slowed the
-writer by 1.4x, see issue #14's note) with a CRC32C checksum per chunk (a damaged chunk raises on
-decoding; older stores, Blosc lz4 + bitshuffle without checksum, read as before). Float arrays have fill value NaN, so a chunk
-that is missing on disk reads as NaN and every analysis refuses it instead of reading zeros. All arrays share ``chunk_size`` so a sample chunk is the unit of writing,
+writer by 1.4x, see issue #14's note) with a CRC32C checksum per chunk (a damaged chunk raises on decoding;
+older stores, Blosc lz4 + bitshuffle without checksum, read as before). Float arrays have fill value NaN,
+so a chunk that is missing on disk reads as NaN and every analysis refuses it instead of reading zeros;
+``progress/chunk_digest`` finds intact chunks that were exchanged. All arrays share ``chunk_size`` so a
+sample chunk is the unit of writing,
 resuming and (later) sharding. Exactly one writer touches a chunk (Zarr loses data when several writers
 share one chunk or shard). Sample order is a seeded random permutation of the data set (see
 :mod:`repsim.data`), so any contiguous block of rows is a uniform random sample.
@@ -126,8 +128,8 @@ def _compressor() -> tuple[Crc32cCodec]:
     # without (bit)shuffle, on real ResNet maps), and on the 2-core machine zarr wrote 139 MB/s with lz4-1 +
     # CRC against 196 MB/s with the CRC alone (issue #14's note); the writer competes with the forward pass
     # on small machines and is the bottleneck on GPUs, and re-analysis reads fastest uncompressed.
-    # The CRC32C of every chunk (hardware-accelerated, google-crc32c) makes a bit flip, a truncated or a
-    # swapped chunk fail to decode instead of reading as plausible numbers.
+    # The CRC32C of every chunk (hardware-accelerated, google-crc32c) makes a bit-flipped or truncated chunk
+    # fail to decode instead of reading as plausible numbers (exchanged chunks: progress/chunk_digest).
     return (Crc32cCodec(),)
 
 
