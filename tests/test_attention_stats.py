@@ -478,7 +478,7 @@ def test_rollout_map():
     close(rollout_map(r, (2, 3), 1, query="mean"), r[:, 1:, 1:].mean(1).reshape(2, 2, 3))
     r0 = torch.rand(2, 6, 6)
     close(rollout_map(r0, (2, 3), 0), r0.mean(1).reshape(2, 2, 3))
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=r"query must be 'cls' or 'mean', got 'max'"):
         rollout_map(r, (2, 3), 1, query="max")
 
 

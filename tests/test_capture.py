@@ -161,7 +161,7 @@ def test_select_tensor_from_containers():
     assert select_tensor(Pair(t, 1))[0] is t
     assert select_tensor({"last_hidden_state": t, "pooler": t * 2})[1] == "output['last_hidden_state']"
     assert select_tensor(_Out("x", t))[1] == "output.hidden"
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="type tuple: it holds no tensor"):
         select_tensor(("no", "tensor"))
 
 

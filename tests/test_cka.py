@@ -226,11 +226,12 @@ def test_nan_inf_and_constant_inputs_raise():
     with pytest.raises(NumericalError, match="sample 4"):
         cka(bad, y)
     bad[4, 1] = np.inf
-    with pytest.raises(NumericalError):
+    with pytest.raises(NumericalError, match=r"non-finite value \(NaN or Inf\) in layer 0 \(a\)"):
         minibatch_cka(bad, y, batch_size=20, device="cpu")
     const = np.ones((20, 3))
-    for kw in ({}, {"debiased": True}, {"kernel": "rbf"}):
-        with pytest.raises(NumericalError):
+    for kw, msg in (({}, "self-HSIC of X is 0"), ({"debiased": True}, "self-HSIC of X is 0"),
+                    ({"kernel": "rbf"}, "median squared distance is 0")):
+        with pytest.raises(NumericalError, match=msg):
             cka(const, y, **kw)
     with pytest.raises(NumericalError, match="constant"):
         minibatch_cka(const, y, batch_size=10, device="cpu")
@@ -238,17 +239,17 @@ def test_nan_inf_and_constant_inputs_raise():
 
 def test_bad_input_is_usage_error():
     x, y = _data(0, 20, 3)
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="same number of samples.*got 20 and 19"):
         cka(x, y[:-1])
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="debiased CKA needs at least 4 samples, got 3"):
         cka(x[:3], y[:3], debiased=True)
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="kernel must be one of linear, rbf, got 'poly'"):
         cka(x, y, kernel="poly")
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=r"X must have shape \(n, features\), got shape \(20,\)"):
         cka(x[:, 0], y[:, 0])
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="batch size must be at least 4.*got 3"):
         minibatch_cka(x, y, batch_size=3)
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="at least 4 samples per batch, got 3"):
         unbiased_gram(torch.ones(3, 2))
 
 
@@ -307,7 +308,7 @@ def test_batch_plan_partitions_whole_chunks(n_chunks, cs, last, b, seed):
     n = int(starts[-1])
     chunk_rows = [np.arange(starts[c], starts[c + 1]) for c in range(n_chunks)]
     if n < 4:
-        with pytest.raises(UsageError):
+        with pytest.raises(UsageError, match=f"minibatch CKA needs at least 4 samples, got {n}"):
             batch_plan(chunk_rows, b, np.random.default_rng(seed))
         return
     plan = batch_plan(chunk_rows, b, np.random.default_rng(seed))
@@ -541,10 +542,17 @@ def test_store_errors():
         cka_matrix(s, short, progress=False)
     with pytest.raises(UsageError, match="minibatch"):
         cka_matrix(s, estimator="exact", memory_budget=1000, progress=False)
-    for kw in ({"estimator": "nope"}, {"kernel": "rbf"}, {"tokens": "avg"}, {"repeats": 0},
-               {"estimator": "exact", "repeats": 3}, {"batch_size": 2}, {"align": "names"}, {"device": "cuda:7"}
-               if not torch.cuda.is_available() else {"device": "tpu"}):
-        with pytest.raises(UsageError):
+    cases = [({"estimator": "nope"}, "estimator must be one of .*got 'nope'"),
+             ({"kernel": "rbf"}, "rbf kernel is implemented for the exact and debiased estimators only"),
+             ({"tokens": "avg"}, "tokens must be one of .*got 'avg'"),
+             ({"repeats": 0}, "repeats must be >= 1, got 0"),
+             ({"estimator": "exact", "repeats": 3}, "repeats only applies to the minibatch estimator"),
+             ({"batch_size": 2}, "batch size must be at least 4.*got 2"),
+             ({"align": "names"}, "align must be one of .*got 'names'"),
+             ({"device": "cuda:7"}, "'cuda:7' requested but no CUDA GPU") if not torch.cuda.is_available()
+             else ({"device": "tpu"}, "tpu")]
+    for kw, msg in cases:
+        with pytest.raises(UsageError, match=msg):
             cka_matrix(s, progress=False, **kw)
 
 

@@ -209,12 +209,12 @@ def test_select_unknown_pattern_suggests(vit):
         select_layers(vit, ["block.*"])
     with pytest.raises(UsageError, match="matches no module"):
         select_layers(vit, ["zzzz_nothing"])
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="empty layer pattern"):
         select_layers(vit, [""])
 
 
 def test_select_bracket_without_match_raises(vit):
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=r"'blocks\.\[!0-9\]' matches no module"):
         select_layers(vit, ["blocks.[!0-9]"])
 
 

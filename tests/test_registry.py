@@ -101,7 +101,7 @@ def test_unknown_short_name_suggests_close_names():
         resolve_name("resnet_50")
     with pytest.raises(UsageError, match="timm:vit_tiny_patch16_224"):
         resolve_name("vit_tiny_patch16_224")  # a timm id without the prefix
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="empty model name"):
         resolve_name("")
 
 
@@ -123,7 +123,7 @@ def test_prefixed_specs_parse():
         resolve_name("py:model.py")
     with pytest.raises(UsageError, match="timm:"):
         resolve_name("tim:resnet18")
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="'hf:' names no model"):
         resolve_name("hf:")
 
 
@@ -198,7 +198,7 @@ def test_cnn_has_no_prefix_or_grid():
 def test_img_size_must_fit_the_patch_grid():
     with pytest.raises(UsageError, match="multiple of the patch size"):
         load_model("timm:vit_tiny_patch16_224", random_init=True, img_size=40)
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="img_size must be a positive integer, got 0"):
         load_model("timm:vit_tiny_patch16_224", random_init=True, img_size=0)
 
 
@@ -207,7 +207,7 @@ def test_overrides_apply():
                    interpolation="nearest", crop_pct=1.0)
     p = m.preprocessing
     assert p.mean == (0.1, 0.2, 0.3) and p.std == (1.0, 2.0, 3.0) and p.interpolation == "nearest" and p.crop_pct == 1
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="std must be > 0 for every channel"):
         load_model("resnet18", random_init=True, std=(1, 0, 1))
     with pytest.raises(UsageError, match="exclude"):
         load_model("resnet18", random_init=True, weights=__file__)
@@ -315,18 +315,18 @@ def test_reload_model_rebuilds_the_recorded_random_init():
 def test_offline_without_cache_is_one_quick_usage_error(empty_caches):
     hf_cache, torch_home = empty_caches
     t0 = time.monotonic()
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(UsageError, match="no pretrained weights for vit_b16") as err:
         load_model("vit_b16", offline=True)
     msg = str(err.value)
     assert time.monotonic() - t0 < 10
     assert "--weights" in msg and "--random-init" in msg and str(hf_cache) in msg
     assert "timm/vit_base_patch16_224.augreg_in21k_ft_in1k" in msg and "\n" not in msg
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(UsageError, match="no pretrained weights for torchvision:resnet18") as err:
         load_model("torchvision:resnet18", offline=True)
     assert "--weights" in str(err.value) and "--random-init" in str(err.value)
     assert os.path.join(str(torch_home), "hub", "checkpoints") in str(err.value)
     t0 = time.monotonic()
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(UsageError, match="no pretrained weights for hf:some-org/not-cached-model") as err:
         load_model("hf:some-org/not-cached-model", offline=True)
     assert time.monotonic() - t0 < 10
     msg = str(err.value)
@@ -764,9 +764,14 @@ def test_preprocessing_dict_round_trip_and_validation():
     assert Preprocessing.from_dict(d).to_dict() == d
     q = p.with_overrides(img_size=96, mean=[0.1, 0.2, 0.3])
     assert q.img_size == (96, 96) and q.mean == (0.1, 0.2, 0.3) and q.std == p.std and p.img_size == (224, 224)
-    for bad in (dict(std=(1, 0, 1)), dict(mean=(1, 2)), dict(interpolation="lanczos9"), dict(crop_pct=0),
-                dict(crop_pct=1.5), dict(crop_mode="zoom"), dict(img_size=(0, 3))):
-        with pytest.raises(UsageError):
+    for bad, msg in ((dict(std=(1, 0, 1)), "std must be > 0 for every channel"),
+                     (dict(mean=(1, 2)), "mean must be three finite numbers"),
+                     (dict(interpolation="lanczos9"), "interpolation must be one of .*got 'lanczos9'"),
+                     (dict(crop_pct=0), r"crop_pct must be in \(0, 1\], got 0"),
+                     (dict(crop_pct=1.5), r"crop_pct must be in \(0, 1\], got 1.5"),
+                     (dict(crop_mode="zoom"), "crop_mode must be one of .*got 'zoom'"),
+                     (dict(img_size=(0, 3)), r"img_size must be positive, got \(0, 3\)")):
+        with pytest.raises(UsageError, match=msg):
             Preprocessing(**{**dict(img_size=(8, 8), mean=(0, 0, 0), std=(1, 1, 1)), **bad})
     with pytest.raises(UsageError, match="unknown"):
         Preprocessing.from_dict({**d, "extra": 1})
