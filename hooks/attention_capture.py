@@ -1001,7 +1001,6 @@ class AttentionCapture:
         observes: every call goes through unchanged."""
         m = f.module
         orig = m.forward
-        had_instance = "forward" in m.__dict__
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             tap = _SoftmaxTap()
@@ -1013,6 +1012,13 @@ class AttentionCapture:
             self._emit(f, tap.outputs[0])
             return out
 
+        self._patch_forward(m, forward)
+
+    def _patch_forward(self, m: nn.Module, forward: Callable[..., Any]) -> None:
+        """Replace ``m.forward`` by ``forward`` until the capture ends (an instance attribute set before is put
+        back, otherwise the class's forward shows through again)."""
+        had_instance = "forward" in m.__dict__
+        orig = m.forward
         m.forward = forward  # type: ignore[method-assign]
 
         def undo() -> None:
@@ -1026,7 +1032,6 @@ class AttentionCapture:
     def _wrap_mha(self, f: _Found) -> None:
         mha = f.module
         orig = mha.forward
-        had_instance = "forward" in mha.__dict__
         sig = inspect.signature(orig)
         if not {"need_weights", "average_attn_weights"} <= set(sig.parameters):
             raise UsageError(f"{f.layer.path} ({f.layer.module_type}) overrides forward without need_weights / "
@@ -1046,15 +1051,7 @@ class AttentionCapture:
                 return out, None
             return out, (weights.mean(dim=-3) if average else weights)
 
-        mha.forward = forward  # type: ignore[method-assign]
-
-        def undo() -> None:
-            if had_instance:
-                mha.forward = orig  # type: ignore[method-assign]
-            else:
-                del mha.forward
-
-        self._undo.append(undo)
+        self._patch_forward(mha, forward)
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _on_root_forward(self, _mod: nn.Module, args: Any, kwargs: Any) -> None:

@@ -594,10 +594,8 @@ def _gather(store: StoreLike, layer: str, positions: np.ndarray, max_read_rows: 
                               f"{block.shape[0]} rows")
         i0, i1 = np.searchsorted(sp, [lo, hi])
         idx = sp[i0:i1] - lo
-        if len(idx) and idx[-1] - idx[0] == len(idx) - 1:  # consecutive rows: a view, no gather
-            yield order[i0:i1], block[idx[0]:idx[-1] + 1]
-        else:
-            yield order[i0:i1], block[idx]
+        run = _as_slice(idx)  # consecutive rows: a view, no gather
+        yield order[i0:i1], block[idx if run is None else run]
 
 
 def _read_features(store: StoreLike, layer: str, positions: np.ndarray, info: dict[str, Any], tokens: str,
@@ -605,11 +603,17 @@ def _read_features(store: StoreLike, layer: str, positions: np.ndarray, info: di
     """Features (len(positions), f) of ``layer`` at store rows ``positions``, in that order."""
     out = torch.empty((len(positions), feat_dim), dtype=dtype, device=device)
     for idx, rows in _gather(store, layer, positions, max_read_rows):
-        if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and (len(idx) == 1 or bool((np.diff(idx) == 1).all())):
-            out[int(idx[0]):int(idx[-1]) + 1] = _rows_to_features(rows, info, tokens, device, dtype)
-        else:
-            out[torch.from_numpy(idx).to(device)] = _rows_to_features(rows, info, tokens, device, dtype)
+        run = _as_slice(idx)
+        out[torch.from_numpy(idx).to(device) if run is None else run] = _rows_to_features(rows, info, tokens,
+                                                                                          device, dtype)
     return out
+
+
+def _as_slice(idx: np.ndarray) -> slice | None:
+    """``idx`` as a slice when it is a non-empty run of consecutive ascending integers, else None."""
+    if len(idx) == 0 or not bool((np.diff(idx) == 1).all()):
+        return None
+    return slice(int(idx[0]), int(idx[-1]) + 1)
 
 
 def layer_features(store: StoreLike, layer: str, *, tokens: str = "flatten", positions: np.ndarray | None = None,

@@ -669,8 +669,8 @@ def _gram_tip(a, b, batch_size: int) -> str:
     import numpy as np
 
     stores = [a] if b is None else [a, b]
-    act = sum(int(np.prod(s.layer_info(layer)["shape"])) * np.dtype(s.layer_info(layer)["dtype"]).itemsize
-              for s in stores for layer in s.layers) * batch_size
+    infos = [s.layer_info(layer) for s in stores for layer in s.layers]
+    act = sum(int(np.prod(i["shape"])) * np.dtype(i["dtype"]).itemsize for i in infos) * batch_size
     gram = sum(len(s.layers) for s in stores) * batch_size * (batch_size - 1) // 2 * 4
     return (f"tip: extract with --grams (and --no-acts when CKA is all you need) and the next map reads the "
             f"stored Grams: about {act / gram:.0f}x less data than these activations, no Gram products")

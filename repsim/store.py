@@ -716,6 +716,12 @@ class StoreWriter:
         self._done = group["progress/chunk_done"]
         self._digest_names = list(self.attrs.get("digest_arrays", []))
         self._digest = group["progress/chunk_digest"] if self._digest_names else None
+        # stored dtype of every digested array, from the arrays opened above (no metadata read per chunk)
+        opened = {f"acts/{layer}": arr for layer, arr in self._arrays.items()}
+        opened.update({name: arr for name, (arr, _) in self._extra.items()})
+        if self._inputs is not None:
+            opened["inputs/pixels"] = self._inputs
+        self._digest_dtypes = {name: opened[name].dtype for name in self._digest_names if name in opened}
 
     @classmethod
     def create(
@@ -837,7 +843,7 @@ class StoreWriter:
                 arr[rows.start:stop] = written[name] = value[: stop - rows.start]
         if self._digest is not None:
             self._digest[chunk_index] = np.array(
-                [chunk_digest(written[name], self._group[name].dtype) if name in written else 0
+                [chunk_digest(written[name], self._digest_dtypes[name]) if name in written else 0
                  for name in self._digest_names], dtype=np.uint32)
         self._done[chunk_index] = 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from click.testing import CliRunner, Result
 
 from repsim.cli import cli
@@ -54,3 +55,15 @@ def run_killed_after_chunks(plan, chunks: int, **kwargs):
             run_extraction(plan, progress=False, **kwargs)
     assert len(written) == chunks, f"the extraction finished after {len(written)} chunks, before the kill"
     return ActivationStore(plan.out)
+
+
+def assert_drawn_png(path, min_px: int = 200, min_colours: int = 20) -> None:
+    """The saved figure is a real, non-blank image (at least ``min_px`` square, more than 2% of pixels not near
+    white, at least ``min_colours`` colours): not just a non-empty file."""
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(path))
+    assert img.ndim == 3 and img.shape[0] >= min_px and img.shape[1] >= min_px, img.shape
+    rgb = img[..., :3]
+    assert (rgb < 0.95).any(-1).mean() > 0.02, "figure is (almost) blank"
+    assert len(np.unique((rgb.reshape(-1, 3) * 255).round().astype(int), axis=0)) >= min_colours

@@ -20,6 +20,7 @@ from probes.localization import (
 from repsim.cka_engine import cka
 from repsim.errors import UsageError
 from repsim.store import ActivationStore, LayerSpec, StoreWriter, fingerprint_ids
+from conftest import assert_drawn_png
 
 IMG, PATCH, D = 16, 4, 24  # 4x4 grid of 4x4-pixel patches, 48 pixel features per patch
 GRID = IMG // PATCH
@@ -94,17 +95,6 @@ def test_matrix_matches_repsim_cka(synthetic):
     assert np.allclose(patches[5], _patches(x[:64])[:, 5])
 
 
-def _assert_drawn_png(path, min_px=200, min_colours=20):
-    """The saved figure is a real, non-blank image: not just a non-empty file."""
-    import matplotlib.image
-
-    img = matplotlib.image.imread(str(path))
-    assert img.ndim == 3 and img.shape[0] >= min_px and img.shape[1] >= min_px, img.shape
-    rgb = img[..., :3]
-    assert (rgb < 0.95).any(-1).mean() > 0.02, "figure is (almost) blank"
-    assert len(np.unique((rgb.reshape(-1, 3) * 255).round().astype(int), axis=0)) >= min_colours
-
-
 def test_local_tokens_are_localised(synthetic, tmp_path):
     store, _, _ = synthetic
     r = token_patch_cka(store, "local")
@@ -114,7 +104,7 @@ def test_local_tokens_are_localised(synthetic, tmp_path):
     assert json.load(open(tmp_path / "tp.json"))["kind"] == "repsim.token_patch_cka"
     assert TokenPatchCKA.from_json(d).score == pytest.approx(r.score)
     fig = r.plot(tmp_path / "tp.png")
-    _assert_drawn_png(tmp_path / "tp.png")
+    assert_drawn_png(tmp_path / "tp.png")
     assert len(fig.axes) == 5 + 1  # corners, centre, colour bar
     assert r.map_for(0).shape == (GRID, GRID)
 
@@ -188,7 +178,7 @@ def test_localize_all_layers(synthetic, tmp_path):
     d = res.to_json(tmp_path / "loc.json", with_maps=True)
     assert d["kind"] == "repsim.localize" and set(d["maps"]) == set(res.layers)
     res.plot(tmp_path / "loc.png")
-    _assert_drawn_png(tmp_path / "loc.png")
+    assert_drawn_png(tmp_path / "loc.png")
     assert "local" in res.summary()
 
 

@@ -20,6 +20,7 @@ from probes.foreground_probe import (
 from repsim.errors import UsageError
 from repsim.shapes import MIN_CONTRAST, ShapesDataset, render_shape_sample
 from repsim.store import ActivationStore, LayerSpec, StoreWriter, fingerprint_ids
+from conftest import assert_drawn_png
 
 IMG, PATCH = 32, 4
 GRID = IMG // PATCH
@@ -57,17 +58,6 @@ def _true_fractions(n, seed=0):
     """Independent ground truth: render, then block-average the mask over PATCH x PATCH cells."""
     m = np.stack([render_shape_sample(seed, i, IMG)[1] for i in range(n)]).astype(np.float32)
     return m.reshape(n, GRID, PATCH, GRID, PATCH).mean(axis=(2, 4)).reshape(n, P)
-
-
-def _assert_drawn_png(path, min_px=200, min_colours=20):
-    """The saved figure is a real, non-blank image: not just a non-empty file."""
-    import matplotlib.image
-
-    img = matplotlib.image.imread(str(path))
-    assert img.ndim == 3 and img.shape[0] >= min_px and img.shape[1] >= min_px, img.shape
-    rgb = img[..., :3]
-    assert (rgb < 0.95).any(-1).mean() > 0.02, "figure is (almost) blank"
-    assert len(np.unique((rgb.reshape(-1, 3) * 255).round().astype(int), axis=0)) >= min_colours
 
 
 # ------------------------------------------------------------------------------------------------ masks
@@ -164,7 +154,7 @@ def test_probe_reads_encoded_fractions_and_not_random(tmp_path):
     assert json.loads((tmp_path / "ol.json").read_text())["kind"] == "repsim.object_localization"
     assert d["rows"][0]["layer"] == "good"
     res.plot(tmp_path / "ol.png")
-    _assert_drawn_png(tmp_path / "ol.png")
+    assert_drawn_png(tmp_path / "ol.png")
     with pytest.raises(UsageError, match="'vec' is a vector layer"):
         object_localization(store, layers=["vec"], device="cpu")
     lr = object_localization(store, layers=["good"], method="logreg", device="cpu", lambdas=[1e-3, 1e-2])

@@ -30,6 +30,7 @@ from probes.linear import (
 )
 from repsim.errors import UsageError
 from repsim.store import ActivationStore, LayerSpec, StoreWriter, fingerprint_ids
+from conftest import assert_drawn_png
 
 # --- helpers --------------------------------------------------------------------------------------------
 
@@ -506,11 +507,7 @@ def test_store_probes_end_to_end(class_store, tmp_path):
     assert back.layers == lr.layers and np.allclose(back.top1, lr.top1) and back.protocol == d["protocol"]
     png = tmp_path / "probe.png"
     ax = lr.plot(png, others=[rid, knn, cat])
-    import matplotlib.image
-
-    img = matplotlib.image.imread(str(png))[..., :3]  # a drawn figure, not just a non-empty file
-    assert img.shape[0] >= 200 and img.shape[1] >= 200 and (img < 0.95).any(-1).mean() > 0.02
-    assert len(np.unique((img.reshape(-1, 3) * 255).round().astype(int), axis=0)) >= 20
+    assert_drawn_png(png)
     assert ax.get_ylabel().startswith("test top-1") and len(ax.get_lines()) >= 5
     assert [t.get_text() for t in ax.get_xticklabels()][:2] == ["blocks.0", "blocks.1"]
 
