@@ -51,6 +51,7 @@ from repsim.data import CorruptImageError, ImageSource
 from repsim.devices import resolve_device as _resolve_device
 from repsim.devices import tf32_off
 from repsim.errors import UsageError
+from repsim.formatting import human_bytes  # re-exported: hooks.extract.human_bytes stays importable
 from repsim.gram import MIN_UNBIASED, pack_triu, packed_size, unbiased_gram
 from repsim.store import (
     FORMAT_VERSION,
@@ -231,15 +232,6 @@ class ExtractionPlan:
                 f"the store needs up to {human_bytes(self.total_bytes)} but only {human_bytes(self.free_bytes())} is free "
                 "next to it: use --pool / --spatial-pool / fewer --layers, or --force (compression usually saves 10-40%)"
             )
-
-
-def human_bytes(nbytes: float) -> str:
-    """Bytes as a short human-readable string (1024-based)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(nbytes) < 1024 or unit == "TB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TB"
 
 
 def library_versions() -> dict[str, str]:

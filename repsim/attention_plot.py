@@ -12,16 +12,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from repsim.cka_plot import layer_labels, model_label
-from repsim.errors import UsageError
 
-if TYPE_CHECKING:
-    from repsim.attention_summary import AttentionReport
-    from repsim.store import ActivationStore
+
+class AttentionSummary(Protocol):
+    """What the figures read from an attention report (:class:`repsim.attention_summary.AttentionReport` has
+    these fields): ``layers`` (per layer: ``layer``, ``depth``, ``num_heads``, ``uniform_distance_px`` and
+    ``heads``, each with ``distance_px``, ``distance_std_px`` and ``kind``), ``aligned[layer]`` the normalised
+    aligned maps (heads, 2gh-1, 2gw-1), ``n`` images, ``model``. A protocol, not the summary's class: the plot
+    module takes results as data and does not import the module that computes them (no import cycle)."""
+
+    model: str
+    n: int
+    layers: Sequence[Any]
+    aligned: dict[str, np.ndarray]
 
 KIND_COLOURS = {
     "strict_local": "#d62728",
@@ -71,7 +79,7 @@ def relative_to_uniform(aligned: np.ndarray) -> np.ndarray:
     return m / uniform_aligned_map((gh, gw))
 
 
-def plot_distance_vs_depth(reports: "AttentionReport | Sequence[AttentionReport]", ax: Any = None) -> Any:
+def plot_distance_vs_depth(reports: AttentionSummary | Sequence[AttentionSummary], ax: Any = None) -> Any:
     """Scatter of every head's mean attention distance (px) against its layer's depth, with its 95 % interval
     over images (± 1.96 · std / √n); returns the Axes. The legend lists only the head kinds that occur."""
     from matplotlib.lines import Line2D
@@ -123,7 +131,7 @@ def plot_distance_vs_depth(reports: "AttentionReport | Sequence[AttentionReport]
     return ax
 
 
-def plot_aligned_maps(report: "AttentionReport", max_layers: int | None = None) -> Any:
+def plot_aligned_maps(report: AttentionSummary, max_layers: int | None = None) -> Any:
     """Grid of aligned attention maps relative to uniform attention, layers as rows and heads as columns.
 
     Each panel is :func:`relative_to_uniform` of the head's aligned map on a log2 scale: white = uniform
@@ -216,15 +224,15 @@ def figure_paths(path: str | os.PathLike) -> dict[str, str]:
     return {"distance": root + ext, "aligned": f"{root}_aligned{ext}", "rollout": f"{root}_rollout{ext}"}
 
 
-def plot_attention_report(report: "AttentionReport", path: str | os.PathLike | None,
-                          store: "ActivationStore | None" = None, rollout_images: int = 4) -> dict[str, Any]:
+def plot_attention_report(report: AttentionSummary, path: str | os.PathLike | None,
+                          rollout: tuple[np.ndarray, np.ndarray | None] | None = None) -> dict[str, Any]:
     """Draw the three figures; save them to :func:`figure_paths` of ``path`` when given.
 
-    The rollout figure needs ``store`` with kept maps (``--attn-keep``); it is skipped otherwise. Returns
+    ``rollout``: ``(maps, images)`` for the rollout figure, as :func:`plot_rollout` takes them (rollout maps
+    (k, gh, gw), the preprocessed inputs (k, 3, H, W) or None); without it that figure is skipped.
+    :meth:`repsim.attention_summary.AttentionReport.plot` reads both from a store. Returns
     ``{"distance": Axes, "aligned": Figure, "rollout": Figure | None, "paths": [...]}``.
     """
-    from repsim.attention_summary import store_rollout
-
     out: dict[str, Any] = {"paths": []}
     targets = figure_paths(path) if path is not None else {}
     ax = plot_distance_vs_depth(report)
@@ -232,14 +240,8 @@ def plot_attention_report(report: "AttentionReport", path: str | os.PathLike | N
     figures = {"distance": ax.figure, "aligned": plot_aligned_maps(report)}
     out["aligned"] = figures["aligned"]
     out["rollout"] = None
-    if store is not None and report.attn_keep > 0:
-        try:
-            maps = store_rollout(store, rollout_images)
-        except UsageError:  # hierarchical models (Swin): rollout is not defined; skip that figure
-            maps = None
-        if maps is not None:
-            images = store.read_inputs(0, maps.shape[0]) if store.has_inputs else None
-            figures["rollout"] = out["rollout"] = plot_rollout(maps, images, report.model)
+    if rollout is not None:
+        figures["rollout"] = out["rollout"] = plot_rollout(rollout[0], rollout[1], report.model)
     for key, fig in figures.items():
         if key in targets:
             fig.savefig(targets[key], dpi=150)

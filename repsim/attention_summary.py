@@ -73,12 +73,14 @@ class AttentionReport:
             write_json_atomic(os.fspath(path), d)
         return d
 
-    def plot(self, path: str | os.PathLike | None, store: ActivationStore | None = None) -> Any:
-        """Distance-vs-depth scatter, aligned maps and (when maps were kept) rollout; see
-        :func:`repsim.attention_plot.plot_attention_report`."""
+    def plot(self, path: str | os.PathLike | None, store: ActivationStore | None = None,
+             rollout_images: int = 4) -> dict[str, Any]:
+        """Distance-vs-depth scatter, aligned maps and, when ``store`` kept maps (``--attn-keep``), the rollout
+        of its first ``rollout_images`` images; see :func:`repsim.attention_plot.plot_attention_report`."""
         from repsim.attention_plot import plot_attention_report
 
-        return plot_attention_report(self, path, store=store)
+        rollout = rollout_figure_data(store, rollout_images) if store is not None and self.attn_keep > 0 else None
+        return plot_attention_report(self, path, rollout=rollout)
 
 
 DEFINITIONS = {
@@ -161,6 +163,17 @@ def store_rollout(store: ActivationStore, images: int = 4) -> np.ndarray:
     maps = [torch.from_numpy(store.read_attention(ly, "maps", 0, k).astype(np.float32)) for ly in layers]
     roll = attention_rollout(maps, num_prefix_tokens=prefix)
     return rollout_map(roll, tuple(grid), prefix).numpy()
+
+
+def rollout_figure_data(store: ActivationStore, images: int = 4) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """What the rollout figure draws: :func:`store_rollout` maps (k, gh, gw) and the first k preprocessed inputs
+    (k, 3, H, W; None when the store saved none), or None where rollout is not defined (no kept maps,
+    hierarchical models such as Swin)."""
+    try:
+        maps = store_rollout(store, images)
+    except UsageError:  # no kept maps, or several token geometries: the figure is skipped
+        return None
+    return maps, store.read_inputs(0, maps.shape[0]) if store.has_inputs else None
 
 
 def erf_json(store: ActivationStore, results: list[Any], images: int, path: str | os.PathLike | None = None

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from repsim.cka_engine import CKAResult
 
 MAX_TICKS = 30
 MAX_LABEL_CHARS = 22
@@ -87,7 +84,28 @@ def _ticks(n: int) -> np.ndarray:
     return np.arange(0, n, step)
 
 
-def plot_cka(result: "CKAResult", path: str | os.PathLike | None, ax: Any = None) -> Any:
+class CKAMap(Protocol):
+    """What :func:`plot_cka` reads from a CKA result (:class:`repsim.cka_engine.CKAResult` has these fields).
+
+    A protocol rather than the engine's class: the plot module takes results as data and does not import the
+    engine, which imports this module for ``CKAResult.plot`` (no import cycle)."""
+
+    values: Any  # (len(layers_a), len(layers_b)) CKA values
+    layers_a: list[str]
+    layers_b: list[str]
+    estimator: str
+    kernel: str
+    tokens: str
+    n: int
+    batch_size: int | None
+    repeats: int
+    model_a: str
+    model_b: str
+    path_a: str
+    path_b: str
+
+
+def plot_cka(result: CKAMap, path: str | os.PathLike | None, ax: Any = None) -> Any:
     """Draw ``result.values`` as a heat map on ``ax`` (a new figure when None), save to ``path`` (PNG, PDF,
     … by extension) when given, and return the Axes. Colour scale fixed to [0, 1], bar labelled "CKA"."""
     how = f"{result.estimator} CKA ({result.kernel}, tokens={result.tokens}), n={result.n}"

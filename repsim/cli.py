@@ -436,7 +436,7 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
 @click.option("--json", "as_json", is_flag=True, help="Print the root attributes and layer table as JSON.")
 def info(store: str, as_json: bool) -> None:
     """Show a store's provenance, layers with shapes, dtype, size on disk, and whether it is complete."""
-    from hooks.extract import human_bytes
+    from repsim.formatting import human_bytes  # not hooks.extract: info must not load torch (issue 13)
     from repsim.store import open_store
 
     s = open_store(store)
@@ -711,7 +711,7 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
     """
     import numpy as np
 
-    from repsim.attention_plot import figure_paths, plot_attention_report
+    from repsim.attention_plot import figure_paths
     from repsim.attention_summary import attention_report
     from repsim.cka_plot import short_layer_names
     from repsim.store import open_store
@@ -729,7 +729,7 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
     if out is not None:
         report.to_json(out)
     if plot_path is not None:
-        plot_attention_report(report, plot_path, store=s, rollout_images=rollout_images)
+        report.plot(plot_path, store=s, rollout_images=rollout_images)
     names = short_layer_names([ly.layer for ly in report.layers])
     width = max(len(x) for x in names)
     click.echo(f"{report.model}: {len(report.layers)} attention layers, n={report.n} images")

@@ -316,7 +316,7 @@ def run_demo(
     import probes
     from probes.foreground_probe import plot_object_localization
     from probes.localization import localisation_interval, plot_token_maps
-    from repsim.attention_plot import figure_paths, plot_attention_report
+    from repsim.attention_plot import figure_paths
     from repsim.attention_summary import attention_report
 
     t0 = time.perf_counter()
@@ -422,7 +422,7 @@ def run_demo(
         rep = attention_report(stores[m])
         rep.to_json(js(f"attention_{m}.json"))
         figures[f"attention_{m}"] = fig(f"attention_{m}.png")
-        drawn = plot_attention_report(rep, figures[f"attention_{m}"], store=stores[m], rollout_images=2)
+        drawn = rep.plot(figures[f"attention_{m}"], store=stores[m], rollout_images=2)
         paths = figure_paths(figures[f"attention_{m}"])
         figures[f"aligned_{m}"] = paths["aligned"]
         if drawn.get("rollout") is not None:

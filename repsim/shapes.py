@@ -34,7 +34,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from repsim.data import ImageSource
+from repsim.image_source import ImageSource
 from repsim.errors import UsageError
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "heart")
