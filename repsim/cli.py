@@ -754,17 +754,22 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
 @click.argument("store_b", type=click.Path(), required=False)
 @click.option("--measure", "measures", default="procrustes", show_default=True,
               help="One or more comma-separated measures: procrustes, procrustes_1mnu, procrustes_euclid, cca, "
-                   "cca_r2, svcca, pwcca, rsa, mknn, jaccard_knn, cka, cka_debiased, cka_rbf.")
+                   "cca_r2, svcca, pwcca, pwcca_reference, rsa, mknn, jaccard_knn, cka (minibatch, = `repsim "
+                   "cka`), cka_biased, cka_debiased, cka_rbf (all samples).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="JSON result; with several measures one file each, named <stem>_<measure>.json.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Heat map; with several measures <stem>_<measure>.png. Bright = alike for every measure.")
-@click.option("--tokens", type=click.Choice(["mean", "flatten", "cls"]), default="mean", show_default=True,
-              help="How token / map layers become one row per image (mean keeps CCA and Procrustes well-posed).")
+@click.option("--tokens", type=click.Choice(["auto", "mean", "flatten", "cls"]), default="auto", show_default=True,
+              help="How token / map layers become one row per image. auto: flatten for the CKA measures (as "
+                   "`repsim cka` and the CKA papers), mean for all others (mean over patch tokens / positions "
+                   "keeps CCA and Procrustes well-posed and the memory small).")
 @click.option("--null", type=int, default=0, show_default=True,
-              help="Permutation null with R shuffles of the image pairing per cell: p-values in the JSON.")
+              help="Permutation null with R shuffles of the image pairing per cell: p-values in the JSON "
+                   "(all-sample measures; not the minibatch cka: use cka_debiased or cka_biased).")
 @click.option("--bootstrap", type=int, default=0, show_default=True,
-              help="Percentile bootstrap over images with R resamples: ci_low / ci_high in the JSON.")
+              help="Percentile bootstrap over images with R resamples: ci_low / ci_high in the JSON "
+                   "(all-sample measures, as --null).")
 @click.option("--level", type=float, default=0.95, show_default=True, help="Bootstrap interval level.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the null and the bootstrap.")
 @click.option("--layers-a", multiple=True, help="Layers of STORE_A (repeatable or comma-separated; default all).")
@@ -778,28 +783,30 @@ def compare(store_a, store_b, measures, out, plot_path, tokens, null, bootstrap,
     \b
     Examples:
       repsim compare a.zarr b.zarr --measure procrustes --out proc.json --plot proc.png
-      repsim compare a.zarr b.zarr --measure cka,svcca,pwcca,rsa,mknn --tokens mean
-      repsim compare a.zarr b.zarr --measure cka --null 200 --bootstrap 200
+      repsim compare a.zarr b.zarr --measure cka,svcca,pwcca,rsa,mknn
+      repsim compare a.zarr b.zarr --measure cka_debiased --null 200 --bootstrap 200
 
     Each measure states its orientation (similarity or distance) and range in the output. Measures
     that need all samples at once read every layer whole; for large n prefer `repsim cka` (minibatch).
 
     \b
-    The CKA measures are computed on all n samples, so `repsim cka` (minibatch, batches of 256, tokens
-    flatten by default) differs; the output names the `repsim cka` options that give the same map:
-      cka          = repsim cka --estimator exact --tokens mean --gram-dtype float64
-      cka_debiased = repsim cka --estimator debiased --tokens mean --gram-dtype float64
-      cka_rbf      = repsim cka --estimator exact --kernel rbf --tokens mean --gram-dtype float64
+    CKA measures (the output names the `repsim cka` options that give the same map):
+      cka          = repsim cka (its defaults: minibatch, batches of 256 consecutive rows, tokens
+                     flatten, float32 Gram products, stored Grams when both stores have them)
+      cka_biased   = repsim cka --estimator exact --tokens flatten --gram-dtype float64   (all n)
+      cka_debiased = repsim cka --estimator debiased --tokens flatten --gram-dtype float64
+      cka_rbf      = repsim cka --estimator exact --kernel rbf --tokens flatten --gram-dtype float64
+    --null / --bootstrap resample all n images, so they take the all-sample CKA measures, not cka.
     """
     from repsim.cka_plot import short_layer_names
-    from repsim.compare import cka_equivalent, compare_matrix
-    from repsim.similarity_measures import MEASURES
+    from repsim.compare import check_measure, cka_equivalent, compare_matrix
     from repsim.store import open_store
 
     names = [m.strip() for m in measures.split(",") if m.strip()]
-    unknown = [m for m in names if m not in MEASURES]
-    if unknown or not names:
-        raise UsageError(f"unknown measure {unknown[0] if unknown else measures!r}; choose from {', '.join(MEASURES)}")
+    if not names:
+        raise UsageError(f"no measure in --measure {measures!r}")
+    for name in names:
+        check_measure(name, null, bootstrap)  # every measure before the first map: no half-done runs
     a = open_store(store_a)
     b = open_store(store_b) if store_b is not None else None
     for opened in (a, b):
@@ -823,12 +830,20 @@ def compare(store_a, store_b, measures, out, plot_path, tokens, null, bootstrap,
             result.plot(png_path)
         names_a = short_layer_names(result.layers_a)
         width = max(len(x) for x in names_a)
-        click.echo(f"{name} ({result.spec['orientation']}; range {result.spec['range']}), tokens={tokens}, "
+        click.echo(f"{name} ({result.spec['orientation']}; range {result.spec['range']}), tokens={result.tokens}, "
                    f"n={result.n}" + (f"; {len(result.notes)} cells adjusted (see JSON notes)" if result.notes else ""))
-        same_as = cka_equivalent(name, tokens, result.options)
-        if same_as:
-            click.echo(f"{name}: {MEASURES[name].description}, on all n={result.n} samples; the same map as "
-                       f"`repsim cka {same_as}` (plain `repsim cka` is the minibatch estimator, tokens=flatten)")
+        same_as = cka_equivalent(name, result.tokens, result.options)
+        mb = result.minibatch
+        if mb:
+            rows = mb["batch_rows"] or [mb["batch_size"]] * 2
+            click.echo(f"{name}: minibatch linear CKA (Nguyen et al. 2021), {mb['n_batches']} {mb['plan']} "
+                       f"batch{'es' if mb['n_batches'] != 1 else ''} of "
+                       f"{rows[0] if rows[0] == rows[1] else f'{rows[0]}-{rows[1]}'} rows from the stored "
+                       f"{'Grams' if mb['source'] == 'grams' else 'activations'}; the same map as "
+                       f"`repsim cka{' ' + same_as if same_as else ''}`")
+        elif same_as is not None:
+            click.echo(f"{name}: {result.spec['description']}, on all n={result.n} samples; the same map as "
+                       f"`repsim cka {same_as}` (plain `repsim cka`, and compare's cka, is the minibatch estimator)")
         click.echo(" " * width + "  " + " ".join(f"{j:>6d}" for j in range(len(result.layers_b))))
         for row_name, row in zip(names_a, result.values):
             click.echo(f"{row_name:>{width}}  " + " ".join(f"{v:6.3f}" for v in row))

@@ -2,11 +2,20 @@
 
 The store front end of :mod:`repsim.similarity_measures`: every layer of store A against every layer of store B (or
 of A itself), on the samples both hold (equal fingerprints, or ``align="ids"``). Each layer becomes one row
-per image by ``tokens`` (default ``mean``: patch-token / spatial mean, which keeps CCA and Procrustes
-well-posed; ``flatten`` as in the CKA papers gives n × (T·D) matrices), read chunk by chunk in float64. The
-measures need all samples at once (an SVD, an RDM, neighbourhoods), so A's layers are held in memory and
-B's are streamed one at a time. Optional uncertainty per cell: a seeded permutation null (p-value) and a
-seeded percentile bootstrap over images.
+per image by ``tokens``: ``auto`` (the default) is ``flatten`` for the CKA measures (n × (T·D) matrices, as
+``repsim cka`` and the CKA papers) and ``mean`` (patch-token / spatial mean, which keeps CCA and Procrustes
+well-posed and the memory small) for every other measure; ``mean``, ``flatten`` and ``cls`` force one mode.
+
+``cka`` is ``repsim cka``'s default estimator, run through :func:`repsim.cka_engine.cka_matrix` with its
+defaults: minibatch linear CKA (Nguyen, Raghu & Kornblith 2021, Sec. 3.1: unbiased HSIC summed over batches of
+256 consecutive store rows), float32 Gram products, stored Grams when both stores have them, so
+``compare --measure cka`` and ``repsim cka`` give the same map. It streams and never holds all samples.
+The all-sample CKA variants keep explicit names: ``cka_biased`` (plug-in HSIC on all n; Kornblith et al.
+2019), ``cka_debiased`` (U-centred HSIC on all n), ``cka_rbf`` (RBF kernel, plug-in). These, like the other
+measures, need all samples at once (an SVD, an RDM, neighbourhoods, n × n Grams), so A's layers are held in
+memory and B's are streamed one at a time, read chunk by chunk in float64. Optional uncertainty per cell: a
+seeded permutation null (p-value) and a seeded percentile bootstrap over images; both resample the n images,
+so they are refused for the minibatch ``cka`` (one line naming ``cka_debiased`` / ``cka_biased``).
 """
 
 from __future__ import annotations
@@ -19,36 +28,101 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.cka_engine import aligned_positions, layer_features, select_layers
+from repsim.cka_engine import aligned_positions, cka_matrix, layer_features, select_layers
 from repsim.errors import UsageError
+from repsim.gram import MIN_UNBIASED
 from repsim.json_output import write_json_atomic
 from repsim.similarity_measures import MEASURES, SimilarityWarning, bootstrap_interval, permutation_null, similarity_details
 
 
-#: The ``repsim cka`` options that compute the same numbers as compare's CKA measures (compare computes every
-#: measure on all n samples at once; ``repsim cka`` defaults to the minibatch estimator, batches of 256
-#: consecutive store rows, ``tokens=flatten``, float32 Gram products, so its default map differs).
+#: compare's name for the all-sample plug-in CKA, :data:`repsim.similarity_measures.MEASURES`'s ``cka``
+#: (compare's own ``cka`` is the minibatch estimator of ``repsim cka``).
+MEASURE_ALIASES: dict[str, str] = {"cka_biased": "cka"}
+
+#: the minibatch ``cka`` measure's options and their defaults: ``repsim cka``'s defaults
+MINIBATCH_OPTIONS: dict[str, Any] = {"batch_size": 256, "gram_dtype": "float32", "plan": "auto", "source": "auto"}
+
+#: compare's CKA measures -> (``repsim cka --estimator``, ``--kernel``) computing the same map
 CKA_EQUIVALENTS: dict[str, tuple[str, str]] = {
-    "cka": ("exact", "linear"),
+    "cka": ("minibatch", "linear"),
+    "cka_biased": ("exact", "linear"),
     "cka_debiased": ("debiased", "linear"),
     "cka_rbf": ("exact", "rbf"),
 }
 
+#: every measure compare accepts, in MEASURES order with ``cka_biased`` beside ``cka``
+COMPARE_MEASURES: tuple[str, ...] = tuple(
+    name for m in MEASURES for name in ((m, "cka_biased") if m == "cka" else (m,)))
+
+TOKEN_CHOICES = ("auto", "mean", "flatten", "cls")
+
+
+def minibatch_cka_spec() -> dict[str, Any]:
+    """Metadata of compare's ``cka`` (the minibatch estimator), in the form of ``MeasureSpec.to_dict()``."""
+    d = MEASURES["cka"].to_dict()
+    d.update(
+        name="cka", range=[-1.0, 1.0], needs_all_samples=False, min_samples=MIN_UNBIASED,
+        options=dict(MINIBATCH_OPTIONS),
+        description="minibatch linear CKA: unbiased (U-centred) HSIC summed over batches of consecutive store rows, "
+                    "Σ_b⟨K̃_b,L̃_b⟩ / √(Σ_b‖K̃_b‖² Σ_b‖L̃_b‖²) (repsim.cka_engine.cka_matrix, as `repsim cka`)",
+        citation="Nguyen, Raghu & Kornblith (2021), Do Wide and Deep Networks Learn the Same Things?, ICLR, Sec. 3.1",
+        bootstrap_note="no permutation null or bootstrap here (they resample all n images at once): use "
+                       "cka_debiased or cka_biased",
+    )
+    return d
+
+
+def measure_spec(measure: str) -> dict[str, Any]:
+    """JSON-ready metadata (kind, orientation, range, identity value, citation, ...) of a compare measure."""
+    check_measure(measure)
+    if measure == "cka":
+        return minibatch_cka_spec()
+    return dict(MEASURES[MEASURE_ALIASES.get(measure, measure)].to_dict(), name=measure)
+
+
+def check_measure(measure: str, null: int = 0, bootstrap: int = 0) -> None:
+    """Refuse, with a UsageError, an unknown measure or an uncertainty request the measure cannot serve."""
+    if measure not in COMPARE_MEASURES:
+        raise UsageError(f"unknown measure {measure!r}; choose from {', '.join(COMPARE_MEASURES)}")
+    for n_, what in ((null, "null"), (bootstrap, "bootstrap")):
+        if isinstance(n_, bool) or not isinstance(n_, int) or n_ < 0:
+            raise UsageError(f"{what} must be a non-negative integer, got {n_!r}")
+    if measure == "cka" and (null or bootstrap):
+        raise UsageError("--null / --bootstrap resample all n images at once, which the minibatch cka does not "
+                         "hold: use --measure cka_debiased (U-centred, all n) or cka_biased (plug-in, all n)")
+
+
+def resolve_tokens(measure: str, tokens: str) -> str:
+    """``tokens="auto"``: ``flatten`` for the CKA measures (as ``repsim cka``), ``mean`` for the others."""
+    if tokens not in TOKEN_CHOICES:
+        raise UsageError(f"tokens must be one of {', '.join(TOKEN_CHOICES)}, got {tokens!r}")
+    if tokens != "auto":
+        return tokens
+    return "flatten" if measure in CKA_EQUIVALENTS else "mean"
+
 
 def cka_equivalent(measure: str, tokens: str, options: dict[str, Any] | None = None) -> str | None:
-    """The ``repsim cka`` options giving the same map as compare's CKA ``measure`` (None for other measures).
+    """The ``repsim cka`` flags giving the same map as compare's CKA ``measure`` ("" = none: plain ``repsim cka``;
+    None for measures that are not CKA). ``tokens`` is the resolved token mode.
 
-    compare's ``cka`` is the biased (plug-in HSIC) linear CKA on all n samples, ``cka_debiased`` the U-centred
-    one, ``cka_rbf`` the biased RBF one: ``repsim cka --estimator exact|debiased [--kernel rbf --threshold t]
-    --tokens <tokens> --gram-dtype float64`` (equal to ~1e-12). ``repsim cka`` without options is the minibatch
-    estimator on ``tokens=flatten`` and differs.
+    ``cka`` is ``repsim cka``'s minibatch estimator with its defaults (flags only where ``tokens`` or the options
+    differ from them: equal to ~1e-12); ``cka_biased`` / ``cka_debiased`` / ``cka_rbf`` are ``repsim cka
+    --estimator exact|debiased [--kernel rbf --threshold t] --tokens <tokens> --gram-dtype float64`` (compare
+    computes them in float64 on all n samples; equal to ~1e-12).
     """
     if measure not in CKA_EQUIVALENTS:
         return None
     estimator, kernel = CKA_EQUIVALENTS[measure]
+    opts = dict(options or {})
+    if estimator == "minibatch":
+        flags = [] if tokens == "flatten" else [f"--tokens {tokens}"]
+        for key, default in MINIBATCH_OPTIONS.items():
+            if key in opts and opts[key] != default:
+                flags.append(f"--{key.replace('_', '-')} {opts[key]}")
+        return " ".join(flags)
     flags = f"--estimator {estimator}"
     if kernel == "rbf":
-        flags += f" --kernel rbf --threshold {float((options or {}).get('threshold', 1.0)):g}"
+        flags += f" --kernel rbf --threshold {float(opts.get('threshold', 1.0)):g}"
     return f"{flags} --tokens {tokens} --gram-dtype float64"
 
 
@@ -60,6 +134,8 @@ class CompareResult:
     null, when ``null > 0``), ``ci_low`` / ``ci_high`` (percentile bootstrap at ``level``, when
     ``bootstrap > 0``) have the same shape. ``spec`` is the measure's metadata (kind, orientation, range,
     identity value, citation). ``notes`` lists per-cell adjustments (e.g. CCA dimension reductions).
+    ``minibatch`` (the minibatch ``cka`` only): how ``repsim.cka_engine.cka_matrix`` computed it (estimator,
+    batch_size, n_batches, batch_rows, plan, source: stored Grams or activations, gram_dtype, rows_used, device).
     """
 
     measure: str
@@ -86,6 +162,7 @@ class CompareResult:
     ci_high: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
     repsim_version: str | None = None
+    minibatch: dict[str, Any] | None = None
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """JSON-ready dict (arrays as lists of rows); written atomically to ``path`` when given."""
@@ -99,14 +176,27 @@ class CompareResult:
         return d
 
     def plot(self, path: str | os.PathLike | None, ax: Any = None) -> Any:
-        """Layer × layer heat map; for distances the colour map is reversed so bright always means alike."""
+        """Layer × layer heat map; for distances the colour map is reversed so bright always means alike.
+
+        The colour scale is the measure's range, except for similarities that may go below 0 only by estimation
+        noise (minibatch / debiased CKA, range [-1, 1]): their scale starts at min(0, smallest value), so the
+        map uses the colours as ``repsim cka``'s plot does instead of spending half of them on unused values."""
         from repsim.cka_plot import plot_layer_map
 
         lo, hi = self.spec["range"]
         finite = np.isfinite([lo, hi]).all()
+        if self.spec["kind"] == "similarity" and lo < 0 and self.spec["identity_value"] == hi:
+            lo = min(0.0, float(np.nanmin(self.values)))
         label = f"{self.measure} ({self.spec['kind']})"
         better = "lower" if self.spec["kind"] == "distance" else "higher"
-        how = f"{self.measure} ({self.spec['kind']}, {better} = more alike)\ntokens={self.tokens}, n={self.n}"
+        how = f"{self.measure} ({self.spec['kind']}, {better} = more alike)\n"
+        if self.minibatch:
+            rows = self.minibatch["batch_rows"] or [self.minibatch["batch_size"]] * 2
+            size = f"{rows[0]}" if rows[0] == rows[1] else f"{rows[0]}-{rows[1]}"
+            nb = self.minibatch["n_batches"]
+            how += f"minibatch linear CKA, tokens={self.tokens}, n={self.n}, {nb} batch{'es' if nb != 1 else ''} of {size}"
+        else:
+            how += f"tokens={self.tokens}, n={self.n}, all samples"
         return plot_layer_map(self.values, self.layers_a, self.layers_b, model_a=self.model_a, model_b=self.model_b,
                               same_store=self.path_a == self.path_b, subtitle=how, label=label,
                               vmin=lo if finite else None, vmax=hi if finite else None,
@@ -118,7 +208,7 @@ def compare_matrix(
     store_b: Any = None,
     *,
     measure: str = "procrustes",
-    tokens: str = "mean",
+    tokens: str = "auto",
     layers_a: list[str] | None = None,
     layers_b: list[str] | None = None,
     align: str = "fingerprint",
@@ -128,23 +218,28 @@ def compare_matrix(
     seed: int = 0,
     options: dict[str, Any] | None = None,
     progress: bool = True,
+    device: str = "auto",
 ) -> CompareResult:
-    """``measure`` (a name in :data:`repsim.similarity_measures.MEASURES`) between every layer pair of two stores.
+    """``measure`` (a name in :data:`COMPARE_MEASURES`) between every layer pair of two stores.
 
     ``store_b=None`` compares ``store_a`` with itself (symmetric measures fill the upper triangle once).
-    ``null=R``: permutation null with R shuffles of the sample pairing per cell (p-values); ``bootstrap=R``:
-    percentile interval at ``level`` over R resamplings of the images; both seeded by ``seed`` (cell
-    (i, j) uses ``seed`` as is: the same resamples for every cell, so cells stay comparable).
+    ``tokens``: see the module docstring (``auto``: flatten for CKA, mean otherwise). ``null=R``: permutation
+    null with R shuffles of the sample pairing per cell (p-values); ``bootstrap=R``: percentile interval at
+    ``level`` over R resamplings of the images; both seeded by ``seed`` (cell (i, j) uses ``seed`` as is: the
+    same resamples for every cell, so cells stay comparable); both refused for the minibatch ``cka``.
+    ``measure="cka"`` is :func:`repsim.cka_engine.cka_matrix` with ``repsim cka``'s defaults (``options`` may
+    change :data:`MINIBATCH_OPTIONS`; ``device`` is where its Gram products run); every other measure is
+    computed on all n samples in float64 on the CPU.
     """
+    check_measure(measure, null, bootstrap)
+    tokens = resolve_tokens(measure, tokens)
+    options = dict(options or {})
+    if measure == "cka":
+        return _minibatch_cka(store_a, store_b, tokens=tokens, layers_a=layers_a, layers_b=layers_b, align=align,
+                              seed=seed, options=options, progress=progress, device=device)
     from tqdm.auto import tqdm
 
-    if measure not in MEASURES:
-        raise UsageError(f"unknown measure {measure!r}; choose from {', '.join(MEASURES)}")
-    spec = MEASURES[measure]
-    options = dict(options or {})
-    for n_, what in ((null, "null"), (bootstrap, "bootstrap")):
-        if isinstance(n_, bool) or not isinstance(n_, int) or n_ < 0:
-            raise UsageError(f"{what} must be a non-negative integer, got {n_!r}")
+    spec = MEASURES[MEASURE_ALIASES.get(measure, measure)]
     within = store_b is None
     sb = store_a if within else store_b
     la = select_layers(store_a, layers_a)
@@ -180,13 +275,13 @@ def compare_matrix(
                 cell = f"{la[i]} vs {layer_b}"
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", SimilarityWarning)
-                    d = similarity_details(x, y, measure, **options)
+                    d = similarity_details(x, y, spec.name, **options)
                 values[i, j] = d["value"]
                 notes += [f"{cell}: {w}" for w in d.get("warnings", [])]  # adjustments the reader must know
                 if null:
-                    p_values[i, j] = permutation_null(x, y, measure, n_perm=null, seed=seed, **options)["p_value"]
+                    p_values[i, j] = permutation_null(x, y, spec.name, n_perm=null, seed=seed, **options)["p_value"]
                 if bootstrap:
-                    bi = bootstrap_interval(x, y, measure, n_boot=bootstrap, seed=seed, level=level, **options)
+                    bi = bootstrap_interval(x, y, spec.name, n_boot=bootstrap, seed=seed, level=level, **options)
                     ci_low[i, j], ci_high[i, j] = bi["low"], bi["high"]
                 if same_lists and spec.symmetric and i != j:
                     for arr in (values, p_values, ci_low, ci_high):
@@ -196,10 +291,36 @@ def compare_matrix(
     if not np.isfinite(values).all():
         raise UsageError(f"{measure} gave a non-finite value; see the layers' features (constant activations?)")
     return CompareResult(
-        measure=measure, spec=spec.to_dict(), layers_a=list(la), layers_b=list(lb), values=values, tokens=tokens,
+        measure=measure, spec=measure_spec(measure), layers_a=list(la), layers_b=list(lb), values=values, tokens=tokens,
         n=n, fingerprint_a=str(store_a.fingerprint), fingerprint_b=str(sb.fingerprint), path_a=str(store_a.path),
         path_b=str(sb.path), model_a=str(store_a.attrs.get("model", {}).get("name", "")),
         model_b=str(sb.attrs.get("model", {}).get("name", "")), options=options, align=align_info, null=null,
         bootstrap=bootstrap, level=level, seed=seed, p_values=p_values, ci_low=ci_low, ci_high=ci_high,
         notes=notes, repsim_version=store_a.attrs.get("repsim_version"),
+    )
+
+
+def _minibatch_cka(store_a: Any, store_b: Any, *, tokens: str, layers_a: list[str] | None,
+                   layers_b: list[str] | None, align: str, seed: int, options: dict[str, Any], progress: bool,
+                   device: str) -> CompareResult:
+    """compare's ``cka``: :func:`repsim.cka_engine.cka_matrix` with ``repsim cka``'s defaults, as a CompareResult."""
+    unknown = sorted(set(options) - set(MINIBATCH_OPTIONS))
+    if unknown:
+        raise UsageError(f"measure 'cka' has no option {', '.join(map(repr, unknown))} "
+                         f"(its options: {', '.join(MINIBATCH_OPTIONS)})")
+    opts = dict(MINIBATCH_OPTIONS, **options)
+    r = cka_matrix(store_a, store_b, estimator="minibatch", kernel="linear", tokens=tokens, layers_a=layers_a,
+                   layers_b=layers_b, batch_size=opts["batch_size"], repeats=1, seed=seed, device=device,
+                   progress=progress, align=align, gram_dtype=opts["gram_dtype"], plan=opts["plan"],
+                   source=opts["source"])
+    details = {"estimator": r.estimator, "batch_size": r.batch_size, "n_batches": r.n_batches,
+               "batch_rows": r.batch_rows, "plan": r.plan, "source": r.source, "gram_dtype": r.gram_dtype,
+               "rows_used": r.rows_used, "device": r.device}
+    sb = store_a if store_b is None else store_b
+    return CompareResult(
+        measure="cka", spec=minibatch_cka_spec(), layers_a=list(r.layers_a), layers_b=list(r.layers_b),
+        values=np.asarray(r.values, dtype=np.float64), tokens=tokens, n=r.n, fingerprint_a=r.fingerprint_a,
+        fingerprint_b=r.fingerprint_b, path_a=r.path_a, path_b=r.path_b, model_a=r.model_a, model_b=r.model_b,
+        options={k: v for k, v in opts.items() if k in options}, align=r.align, seed=seed,
+        repsim_version=r.repsim_version or sb.attrs.get("repsim_version"), minibatch=details,
     )

@@ -29,19 +29,23 @@ def stores(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("measure", ["procrustes", "cca", "pwcca", "rsa", "mknn", "cka"])
+@pytest.mark.parametrize("measure", ["procrustes", "cca", "pwcca", "rsa", "mknn", "cka_biased", "cka_debiased"])
 def test_cells_equal_the_array_api(stores, measure):
+    """Every all-sample cell is the array measure on the layers' features; the default tokens are flatten for the
+    CKA measures (as `repsim cka`) and mean for the others. compare's cka_biased is the array API's cka."""
     a, b = stores["vit"], stores["r18"]
     la, lb = ["blocks.0", "blocks.11"], ["layer1.0", "layer4.1"]
     opts = {"k": 5} if measure == "mknn" else {}
+    array_measure = "cka" if measure == "cka_biased" else measure
+    tokens = "flatten" if measure.startswith("cka") else "mean"
     r = compare_matrix(a, b, measure=measure, layers_a=la, layers_b=lb, options=opts, progress=False)
-    assert r.spec["kind"] == MEASURES[measure].kind and r.values.shape == (2, 2)
+    assert r.spec["kind"] == MEASURES[array_measure].kind and r.values.shape == (2, 2) and r.tokens == tokens
     for i, x in enumerate(la):
         for j, y in enumerate(lb):
-            fx = layer_features(a, x, tokens="mean", dtype=torch.float64).numpy()
-            fy = layer_features(b, y, tokens="mean", dtype=torch.float64).numpy()
+            fx = layer_features(a, x, tokens=tokens, dtype=torch.float64).numpy()
+            fy = layer_features(b, y, tokens=tokens, dtype=torch.float64).numpy()
             with _no_fail():
-                ref = similarity(fx, fy, measure, **opts)
+                ref = similarity(fx, fy, array_measure, **opts)
             assert r.values[i, j] == pytest.approx(ref, abs=1e-10)
 
 
@@ -60,9 +64,9 @@ class _no_fail:
 def test_within_store_identity_diagonal_and_symmetry(stores):
     a = stores["vit"]
     layers = ["blocks.0", "blocks.5", "blocks.11"]
-    for measure in ("procrustes", "cka", "rsa"):
+    for measure in ("procrustes", "cka", "cka_biased", "rsa"):
         r = compare_matrix(a, measure=measure, layers_a=layers, progress=False)
-        np.testing.assert_allclose(np.diag(r.values), MEASURES[measure].identity_value, atol=1e-6)
+        np.testing.assert_allclose(np.diag(r.values), r.spec["identity_value"], atol=1e-6)
         np.testing.assert_allclose(r.values, r.values.T, atol=1e-12)
 
 
@@ -88,17 +92,17 @@ def _reference_uncertainty(x, y, measure, n_perm, n_boot, seed=0, level=0.95):
 def test_uncertainty_and_cli_outputs(stores, tmp_path):
     """p-values and intervals in the CLI's JSON equal the procedure recomputed by hand."""
     a, b = stores["vit"], stores["r18"]
-    res = run_cli("compare", a.path, b.path, "--measure", "procrustes,cka", "--layers-a", "blocks.11",
+    res = run_cli("compare", a.path, b.path, "--measure", "procrustes,cka_biased", "--layers-a", "blocks.11",
                   "--layers-b", "layer4.1", "--null", "19", "--bootstrap", "20", "--out", str(tmp_path / "c.json"),
-                  "--plot", str(tmp_path / "c.png"), "--quiet")
+                  "--plot", str(tmp_path / "c.png"), "--tokens", "mean", "--quiet")
     assert res.exit_code == 0, res.output
     fx = layer_features(a, "blocks.11", tokens="mean", dtype=torch.float64).numpy()
     fy = layer_features(b, "layer4.1", tokens="mean", dtype=torch.float64).numpy()
-    for m in ("procrustes", "cka"):
+    for m, array_measure in (("procrustes", "procrustes"), ("cka_biased", "cka")):
         d = json.loads((tmp_path / f"c_{m}.json").read_text())
-        assert d["measure"] == m and d["spec"]["kind"] == MEASURES[m].kind and d["null"] == 19
+        assert d["measure"] == m and d["spec"]["kind"] == MEASURES[array_measure].kind and d["null"] == 19
         with _no_fail():
-            obs, p, lo, hi = _reference_uncertainty(fx, fy, m, 19, 20)
+            obs, p, lo, hi = _reference_uncertainty(fx, fy, array_measure, 19, 20)
         assert d["values"][0][0] == pytest.approx(obs, abs=1e-10)
         assert d["p_values"][0][0] == pytest.approx(p, abs=1e-12)
         assert d["ci_low"][0][0] == pytest.approx(lo, abs=1e-9) and d["ci_high"][0][0] == pytest.approx(hi, abs=1e-9)

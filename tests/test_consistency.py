@@ -1,5 +1,5 @@
-"""One interface: `repsim compare`'s CKA measures and `repsim cka` say which estimator they are and agree
-when asked for the same one; result files get the user's normal permissions."""
+"""One interface: `repsim compare --measure cka` is `repsim cka` (same defaults, same map); compare's all-sample
+CKA measures say which `repsim cka` options reproduce them; result files get the user's normal permissions."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from repsim.json_output import write_json_atomic
 
 ARGS = ["--random-init", "--img-size", "32", "--data", "shapes", "--batch-size", "8", "--quiet"]
@@ -17,11 +18,13 @@ ARGS = ["--random-init", "--img-size", "32", "--data", "shapes", "--batch-size",
 
 @pytest.fixture(scope="module")
 def two_stores(tmp_path_factory):
+    """Tiny stores with stored Grams too, so `repsim cka`'s default reads the Gram tier and `--tokens mean` the
+    activations: both paths of the minibatch estimator are compared."""
     root = tmp_path_factory.mktemp("consistency")
     paths = []
     for name, model in (("vit", "timm:vit_tiny_patch16_224"), ("r18", "timm:resnet18")):
         path = str(root / f"{name}.zarr")
-        res = run_cli("extract", "--model", model, *ARGS, "--n", "24", "--out", path)
+        res = run_cli("extract", "--model", model, *ARGS, "--grams", "--n", "24", "--out", path)
         assert res.exit_code == 0, res.output
         paths.append(path)
     return paths
@@ -30,36 +33,75 @@ def two_stores(tmp_path_factory):
 LAYERS = ["--layers-a", "blocks.0,blocks.11", "--layers-b", "layer1.0,layer4.1"]
 
 
-@pytest.mark.parametrize("measure", ["cka", "cka_debiased", "cka_rbf"])
+def _values(path):
+    d = json.loads(path.read_text())
+    return d, np.asarray(d["values"], dtype=float)
+
+
+@pytest.mark.parametrize("pair", ["cross", "within"])
+@pytest.mark.parametrize("extra", [[], ["--tokens", "mean"]], ids=["defaults", "tokens-mean"])
+def test_compare_cka_equals_repsim_cka_by_default(two_stores, tmp_path, pair, extra):
+    """Issue 13's "done when": `repsim compare --measure cka` and `repsim cka`, each with its defaults (every
+    layer), write the same map (JSON, to 1e-12); so do both with the same non-default --tokens. The defaults read
+    the stored Grams, tokens=mean reads the activations: both minibatch paths."""
+    stores = two_stores if pair == "cross" else two_stores[:1]
+    cmp = run_cli("compare", *stores, "--measure", "cka", *extra, "--out", str(tmp_path / "cmp.json"), "--quiet")
+    cka = run_cli("cka", *stores, *extra, "--out", str(tmp_path / "cka.json"), "--quiet")
+    assert cmp.exit_code == 0 and cka.exit_code == 0, cmp.output + cka.output
+    c, cv = _values(tmp_path / "cmp.json")
+    k, kv = _values(tmp_path / "cka.json")
+    assert (c["layers_a"], c["layers_b"], c["n"], c["tokens"]) == (k["layers_a"], k["layers_b"], k["n"], k["tokens"])
+    assert cv.shape == kv.shape == (len(k["layers_a"]), len(k["layers_b"])) and min(cv.shape) >= 8
+    np.testing.assert_allclose(cv, kv, rtol=0, atol=1e-12)
+    assert c["minibatch"]["source"] == k["source"] == ("activations" if extra else "grams")
+    assert c["minibatch"]["n_batches"] == k["n_batches"] and c["minibatch"]["batch_size"] == k["batch_size"] == 256
+    same = "`repsim cka`" if not extra else "`repsim cka --tokens mean`"
+    assert f"the same map as {same}" in cmp.output, cmp.output
+    assert f"tokens={k['tokens']}" in cmp.output and k["estimator"] == "minibatch"
+
+
+@pytest.mark.parametrize("measure", ["cka_biased", "cka_debiased", "cka_rbf"])
 @pytest.mark.parametrize("tokens", ["mean", "flatten"])
-def test_compare_cka_names_its_estimator_and_equals_that_repsim_cka(two_stores, tmp_path, measure, tokens):
-    """compare prints the `repsim cka` options of its CKA measure; running them gives the same map to 1e-9."""
+def test_all_sample_cka_names_its_estimator_and_equals_that_repsim_cka(two_stores, tmp_path, measure, tokens):
+    """compare prints the `repsim cka` options of its all-sample CKA measures; running them gives the same map."""
     a, b = two_stores
     res = run_cli("compare", a, b, "--measure", measure, "--tokens", tokens, *LAYERS,
                   "--out", str(tmp_path / "cmp.json"), "--quiet")
     assert res.exit_code == 0, res.output
     line = next((ln for ln in res.output.splitlines() if "`repsim cka " in ln), None)
     assert line is not None, res.output  # the estimator is named, with the command that reproduces it
-    assert "on all n=24 samples" in line and "plain `repsim cka` is the minibatch estimator" in line
+    assert "on all n=24 samples" in line and "compare's cka, is the minibatch estimator" in line
     flags = line.split("`repsim cka ", 1)[1].split("`", 1)[0].split()
     assert f"--tokens {tokens}" in " ".join(flags)
     res2 = run_cli("cka", a, b, *flags, *LAYERS, "--out", str(tmp_path / "cka.json"), "--quiet")
     assert res2.exit_code == 0, res2.output
-    cmp = json.loads((tmp_path / "cmp.json").read_text())
-    cka = json.loads((tmp_path / "cka.json").read_text())
+    cmp, cv = _values(tmp_path / "cmp.json")
+    cka, kv = _values(tmp_path / "cka.json")
     assert cmp["layers_a"] == cka["layers_a"] and cmp["layers_b"] == cka["layers_b"] and cmp["n"] == cka["n"]
-    for row_c, row_k in zip(cmp["values"], cka["values"]):
-        assert row_c == pytest.approx(row_k, abs=1e-9)
+    assert cka["estimator"] == ("debiased" if measure == "cka_debiased" else "exact")
+    np.testing.assert_allclose(cv, kv, rtol=0, atol=1e-9)
 
 
-def test_default_outputs_name_different_estimators(two_stores):
-    """Defaults differ by design (compare: all samples, tokens mean; cka: minibatch, tokens flatten): both say so."""
+def test_auto_tokens_per_measure(two_stores):
+    """--tokens auto (the default): flatten for CKA measures, mean for the others; the output says which."""
     a, b = two_stores
-    cmp = run_cli("compare", a, b, "--measure", "cka", *LAYERS, "--quiet")
-    cka = run_cli("cka", a, b, *LAYERS, "--quiet")
-    assert cmp.exit_code == 0 and cka.exit_code == 0, cmp.output + cka.output
-    assert "tokens=mean" in cmp.output and "--estimator exact" in cmp.output
-    assert cka.output.startswith("minibatch linear CKA, tokens=flatten")
+    res = run_cli("compare", a, b, "--measure", "procrustes,cka_debiased", *LAYERS, "--quiet")
+    assert res.exit_code == 0, res.output
+    heads = [ln for ln in res.output.splitlines() if ln.startswith(("procrustes (", "cka_debiased ("))]
+    assert len(heads) == 2 and "tokens=mean" in heads[0] and "tokens=flatten" in heads[1], heads
+
+
+def test_uncertainty_is_refused_for_the_minibatch_cka(two_stores, tmp_path):
+    """--null / --bootstrap need all n images at once: refused for cka in one line naming the measures that serve
+    them, before any map is computed or written (even when listed after a measure that could run)."""
+    a, b = two_stores
+    for flag in ("--null", "--bootstrap"):
+        res = run_cli("compare", a, b, "--measure", "procrustes,cka", flag, "5", *LAYERS,
+                      "--out", str(tmp_path / "c.json"), "--quiet")
+        assert_one_line_error(res, "cka_debiased")
+    assert not list(tmp_path.iterdir())
+    res = run_cli("compare", a, b, "--measure", "cka_debiased", "--null", "5", *LAYERS, "--quiet")
+    assert res.exit_code == 0, res.output
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
