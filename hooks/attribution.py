@@ -2,10 +2,10 @@
 
 Methods
 -------
-* ``"ig"`` -- Integrated Gradients (:class:`captum.attr.IntegratedGradients`, Riemann-trapezoid rule,
-  ``n_steps`` points, default 16) from a baseline image: ``"zero"`` (all zeros in the *normalised* input
-  space, i.e. the preprocessing's mean colour everywhere) or ``"mean"`` (each image's own per-channel mean,
-  a flat image of its average colour). The pixel map is ``Σ_channels |attribution|``.
+* ``"ig"`` -- Integrated Gradients (:class:`captum.attr.IntegratedGradients`, Gauss-Legendre quadrature
+  (captum's default rule), ``n_steps`` nodes, default 16) from a baseline image: ``"zero"`` (all zeros in the
+  *normalised* input space, i.e. the preprocessing's mean colour everywhere) or ``"mean"`` (each image's own
+  per-channel mean, a flat image of its average colour). The pixel map is ``Σ_channels |attribution|``.
 * ``"gradcam"`` -- Grad-CAM (:class:`captum.attr.LayerGradCam`, ``relu_attributions=True``) at one layer:
   a (B, C, h, w) map, a channels-last (B, h, w, C) map (``layout="nhwc"``) or (B, T, D) tokens, whose
   ``num_prefix_tokens`` leading tokens are dropped and the rest reshaped row-major to the patch ``grid``

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from repsim.errors import RepsimError, UsageError
+from repsim.errors import NewerFormatError, RepsimError, UsageError
 
 _DEBUG = False
 
@@ -509,6 +509,8 @@ def verify(store: str, quiet: bool) -> None:
 
     try:
         opened = open_store(store)
+    except NewerFormatError:
+        raise  # intact, only newer than this repsim: one line, exit 2 (not a problem of the store)
     except UsageError as err:
         if not os.path.isfile(os.path.join(store, "zarr.json")):
             raise

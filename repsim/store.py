@@ -113,7 +113,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from repsim.errors import UsageError
+from repsim.errors import NewerFormatError, UsageError
 
 FORMAT_VERSION = 1
 ATTR_KEY = "repsim"
@@ -193,7 +193,7 @@ class ActivationStore:
         self._group = zarr.open_group(self.path, mode="r")
         self.attrs: dict[str, Any] = dict(self._group.attrs[ATTR_KEY])
         if self.attrs.get("format_version", 0) > FORMAT_VERSION:
-            raise UsageError(
+            raise NewerFormatError(
                 f"{path} has store format {self.attrs['format_version']}, newer than this repsim "
                 f"understands ({FORMAT_VERSION}): upgrade repsim"
             )

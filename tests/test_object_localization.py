@@ -190,16 +190,54 @@ def _object_images(n=6, size=32):
     return x, masks
 
 
+def _ig_reference(model, x, targets, baseline="zero", n_steps=16):
+    """Integrated Gradients by hand (Sundararajan et al. 2017, Eq. 1), no captum: (x - x0) times the path
+    integral of d logit[target] / dx from the baseline x0 to x, by Gauss-Legendre quadrature with ``n_steps``
+    nodes on [0, 1] (captum's default rule); the pixel map is the sum over channels of |attribution|."""
+    x0 = torch.zeros_like(x) if baseline == "zero" else x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    nodes, weights = np.polynomial.legendre.leggauss(n_steps)
+    integral = torch.zeros_like(x)
+    for node, weight in zip(nodes, weights):
+        xi = (x0 + (node + 1) / 2 * (x - x0)).detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(model(xi).gather(1, targets[:, None]).sum(), xi)
+        integral += weight / 2 * grad
+    return ((x - x0) * integral).abs().sum(dim=1)
+
+
+def _pointing_by_hand(maps, masks):
+    """(points [(y, x)], hits, degenerate) of maps (B, H, W): arg-max pixel (first in row-major order), a hit
+    when it lies on the mask and the map is not constant."""
+    flat = maps.reshape(maps.shape[0], -1)
+    idx = flat.argmax(dim=1)
+    points = [[int(i) // maps.shape[2], int(i) % maps.shape[2]] for i in idx]
+    degenerate = [bool(f.max() == f.min()) for f in flat]
+    hits = [bool(masks[i][y, x_]) and not degenerate[i] for i, (y, x_) in enumerate(points)]
+    return points, hits, degenerate
+
+
 def test_pointing_game_ig_finds_the_object():
-    from hooks.attribution import pointing_game
+    from hooks.attribution import attribution_maps, pointing_game
 
     torch.manual_seed(0)
     x, masks = _object_images()
     res = pointing_game(_ObjectSum(), x, masks, method="ig", n_steps=8)
     assert res["accuracy"] == 1.0 and all(res["hits"]) and res["n"] == 6
     assert res["targets"] == [0] * 6 and res["degenerate"] == 0
-    res = pointing_game(_ObjectSum(), x, masks, method="ig", baseline="mean", target=0, n_steps=8)
-    assert res["n"] == 6 and 0.0 <= res["accuracy"] <= 1.0
+    # the mean-colour baseline: maps equal IG by hand, and the game scores exactly their arg-max pixels
+    # (coloured images on a grey ground: each channel has its own mean, unlike the grey object images)
+    x = x * torch.tensor([1.0, 0.4, 0.1]).view(1, 3, 1, 1) + torch.tensor([0.2, 0.3, 0.5]).view(1, 3, 1, 1)
+    model = _ObjectSum()
+    targets = torch.zeros(6, dtype=torch.long)
+    ref = _ig_reference(model, x, targets, baseline="mean", n_steps=8)
+    maps = attribution_maps(model, x, targets, method="ig", baseline="mean", n_steps=8)
+    torch.testing.assert_close(maps, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+    assert not torch.allclose(ref, _ig_reference(model, x, targets, baseline="zero", n_steps=8))  # baselines differ
+    res = pointing_game(model, x, masks, method="ig", baseline="mean", target=0, n_steps=8)
+    points, hits, degenerate = _pointing_by_hand(ref, masks)
+    assert res["n"] == 6 and res["points"] == points and res["hits"] == hits
+    assert res["degenerate"] == sum(degenerate) and res["accuracy"] == pytest.approx(np.mean(hits))
+    assert (res["baseline"], res["n_steps"], res["targets"]) == ("mean", 8, [0] * 6)
     # Grad-CAM on the hand-built model's conv also points at the object
     res = pointing_game(_ObjectSum(), x, masks, method="gradcam", layer="conv", tolerance=1)
     assert res["accuracy"] == 1.0
@@ -298,9 +336,20 @@ def test_store_pointing_game_end_to_end(tmp_path):
     masks = store_masks(store, 4, model.preprocessing)
     mine = input_masks(shapes_masks(store.ids[:4]), (32, 32), model.preprocessing.crop_pct) > 0.5
     assert masks.shape == (4, 32, 32) and np.mean(masks == mine) > 0.97
+    # by hand on the same model and images: the store's first 4 samples, targets = predicted classes
+    data = ShapesDataset(12, seed=0, image_size=32)
+    assert store.ids[:4] == data.ids[:4]
+    x = torch.stack([model.preprocessing.transform()(data.load(i)) for i in range(4)])
+    with torch.no_grad():
+        targets = model.module(x).argmax(dim=1)
+    refs = {"ig": _ig_reference(model.module, x, targets, n_steps=4),
+            "gradcam": _gradcam_reference(model.module, x, targets, "layer4.1")}
     for method in ("ig", "gradcam"):
         res = store_pointing_game(store, method, n=4, n_steps=4)
-        assert res["n"] == 4 and 0.0 <= res["accuracy"] <= 1.0
+        points, hits, degenerate = _pointing_by_hand(refs[method], masks)
+        assert res["n"] == 4 and res["targets"] == targets.tolist(), method
+        assert res["points"] == points and res["hits"] == hits and res["degenerate"] == sum(degenerate), method
+        assert res["accuracy"] == pytest.approx(np.mean(hits))
     assert res["store_layer"] == "layer4.1" and res["layer"] == "layer4.1"
     fake = make_store(tmp_path / "f.zarr", {"t": np.zeros((4, 1 + P, 4), dtype=np.float32)}, dataset="fake")
     with pytest.raises(UsageError, match="shapes"):
