@@ -85,6 +85,30 @@ Extra arrays are declared in the root attribute ``extra_arrays`` = [{name, rows}
 the first axis relates to samples: ``samples`` (one row per sample), ``chunks`` (one row per sample chunk)
 or ``first`` (one row per sample for the first rows only).
 
+Dimension names: every array carries Zarr v3 ``dimension_names`` (:func:`dimension_names`), so each group opens
+in xarray (``xr.open_zarr(path, group="acts", consolidated=False)``) with named axes. xarray needs one size per
+name within a group, hence the qualified and distinct names below::
+
+    samples/ids, samples/labels     (sample,)
+    inputs/pixels                   (sample, channel, height, width)
+    acts/<layer>                    tokens (sample, token:<layer>, channel:<layer>) | map (sample, channel:<layer>,
+                                    height:<layer>, width:<layer>) | vector (sample, channel:<layer>): layers
+                                    share the group and differ in size, so their axes carry the layer name
+    attn/<layer>/distance, prefix_mass, entropy   (sample, head)
+    attn/<layer>/aligned            (chunk, head, dy, dx)          dy, dx: offsets -(g-1)..g-1 from the query
+    attn/<layer>/cls_map            (chunk, head, grid_y, grid_x)
+    attn/<layer>/query_map          (sample, head, patch)
+    attn/<layer>/maps               (kept_sample, head, query, key)  kept_sample: the first K images only
+    grams/<layer>                   (chunk, pair)                  pair: the packed strict upper triangle
+    quality/fp16_error              (chunk, layer)                 layer: in the order of root ``layers``
+    progress/chunk_done             (chunk,)
+    progress/chunk_digest           (chunk, digest_array)          digest_array: root ``digest_arrays`` order
+    progress/shards_of_<N>          (shard_of_<N>,)
+
+An extra array the table does not name gets its first axis from ``rows`` (sample | chunk | kept_sample) and
+``<array>_<i>`` after it. Names are metadata only: stores written before they existed have none and read in
+repsim exactly as before (xarray refuses arrays without ``dimension_names``; re-extract to get them).
+
 Chunking: every array is chunked along samples only (``chunk_size`` rows, whole feature dims per chunk),
 stored uncompressed (activations compress only 1.15-1.4x whatever the codec, and compression slowed the
 writer by 1.4x, see issue #14's note) with a CRC32C checksum per chunk (a damaged chunk raises on decoding;
@@ -136,6 +160,47 @@ def _compressor() -> tuple[Crc32cCodec]:
 def _fill(dtype: Any) -> Any:
     """NaN for float arrays (a missing chunk can never pass for data), 0 otherwise."""
     return np.nan if np.dtype(dtype).kind == "f" else 0
+
+
+#: first-axis name of an array by how its rows relate to samples (``ArraySpec.rows``)
+ROW_DIMENSIONS = {"samples": "sample", "chunks": "chunk", "first": "kept_sample"}
+#: axis names after the first, by layer kind (``acts/<layer>``, qualified with the layer name, see the docstring)
+KIND_DIMENSIONS = {"tokens": ("token", "channel"), "map": ("channel", "height", "width"), "vector": ("channel",)}
+#: axis names of the fixed arrays, by path
+ARRAY_DIMENSIONS = {
+    "samples/ids": ("sample",), "samples/labels": ("sample",),
+    "inputs/pixels": ("sample", "channel", "height", "width"),
+    "quality/fp16_error": ("chunk", "layer"),
+    "progress/chunk_done": ("chunk",), "progress/chunk_digest": ("chunk", "digest_array"),
+}
+#: axis names of the attention statistics ``attn/<layer>/<stat>``, by ``<stat>``
+ATTENTION_DIMENSIONS = {
+    "distance": ("sample", "head"), "prefix_mass": ("sample", "head"), "entropy": ("sample", "head"),
+    "aligned": ("chunk", "head", "dy", "dx"), "cls_map": ("chunk", "head", "grid_y", "grid_x"),
+    "maps": ("kept_sample", "head", "query", "key"), "query_map": ("sample", "head", "patch"),
+}
+
+
+def dimension_names(name: str, ndim: int, *, rows: str = "samples", kind: str | None = None) -> tuple[str, ...]:
+    """The Zarr v3 ``dimension_names`` of the store array at path ``name`` with ``ndim`` axes (see the module
+    docstring, "Dimension names"): the fixed arrays and attention statistics by table, ``acts/<layer>`` by
+    ``kind`` with every axis after ``sample`` qualified as ``<axis>:<layer>``, ``grams/<layer>`` (chunk, pair).
+    Anything else (an extra array this table does not know, or a shape that does not match it) gets its first
+    axis from ``rows`` and ``<leaf>_<i>`` for the others: unique, so xarray can still open its group."""
+    parts = name.split("/")
+    known: tuple[str, ...] | None = ARRAY_DIMENSIONS.get(name)
+    if parts[0] == "acts" and len(parts) == 2 and kind in KIND_DIMENSIONS:
+        # one group holds every layer and layers differ in size, while xarray needs one size per dimension name
+        known = ("sample", *(f"{axis}:{parts[1]}" for axis in KIND_DIMENSIONS[kind]))
+    elif parts[0] == "attn" and len(parts) == 3:
+        known = ATTENTION_DIMENSIONS.get(parts[2])
+    elif parts[0] == "grams" and len(parts) == 2:
+        known = ("chunk", "pair")
+    elif parts[0] == "progress" and parts[-1].startswith("shards_of_"):
+        known = (parts[-1].replace("shards_of_", "shard_of_"),)  # shards_of_2 and shards_of_4 differ in size
+    if known is not None and len(known) == ndim:
+        return known
+    return (ROW_DIMENSIONS.get(rows, "row"), *(f"{parts[-1]}_{i}" for i in range(1, ndim)))[:ndim]
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -747,9 +812,11 @@ class StoreWriter:
         group = zarr.open_group(path, mode="w")
         # Mark the group first, so a store killed while being laid out is recognised (and recreated).
         group.attrs[ATTR_KEY] = dict(attrs, initialising=True)
-        id_arr = group.create_array("samples/ids", shape=(n,), chunks=(max(n, 1),), dtype=str)
+        id_arr = group.create_array("samples/ids", shape=(n,), chunks=(max(n, 1),), dtype=str,
+                                    dimension_names=dimension_names("samples/ids", 1))
         id_arr[:] = np.asarray(list(ids), dtype=object)
-        lab = group.create_array("samples/labels", shape=(n,), chunks=(max(n, 1),), dtype="int64", fill_value=-1)
+        lab = group.create_array("samples/labels", shape=(n,), chunks=(max(n, 1),), dtype="int64", fill_value=-1,
+                                 dimension_names=dimension_names("samples/labels", 1))
         lab[:] = np.asarray(labels, dtype=np.int64)
         for spec in layers if acts else ():
             layer_dtype = spec.dtype or dtype
@@ -760,6 +827,7 @@ class StoreWriter:
                 dtype=layer_dtype,
                 compressors=_compressor(),
                 fill_value=_fill(layer_dtype),
+                dimension_names=dimension_names(f"acts/{spec.name}", 1 + len(spec.shape), kind=spec.attrs.get("kind")),
             )
             arr.attrs.update(spec.attrs)
         if input_shape is not None:
@@ -770,6 +838,7 @@ class StoreWriter:
                 dtype="float16",
                 compressors=_compressor(),
                 fill_value=_fill("float16"),
+                dimension_names=dimension_names("inputs/pixels", 1 + len(input_shape)),
             )
         for spec in extra:
             if spec.rows not in ROW_MODES:
@@ -782,13 +851,16 @@ class StoreWriter:
                 dtype=spec.dtype,
                 compressors=_compressor(),
                 fill_value=_fill(spec.dtype),
+                dimension_names=dimension_names(spec.name, 1 + len(spec.shape), rows=spec.rows),
             )
             arr.attrs.update(spec.attrs)
-        group.create_array("progress/chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
+        group.create_array("progress/chunk_done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                           dimension_names=dimension_names("progress/chunk_done", 1))
         digest_names = ([f"acts/{s.name}" for s in layers] if acts else []) + \
             (["inputs/pixels"] if input_shape is not None else []) + [e.name for e in extra]
         group.create_array("progress/chunk_digest", shape=(n_chunks, max(1, len(digest_names))),
-                           chunks=(1, max(1, len(digest_names))), dtype="uint32", fill_value=0)
+                           chunks=(1, max(1, len(digest_names))), dtype="uint32", fill_value=0,
+                           dimension_names=dimension_names("progress/chunk_digest", 2))
         attrs = dict(attrs, complete=False, layers=[s.name for s in layers],
                      extra_arrays=[{"name": e.name, "rows": e.rows} for e in extra], digest_arrays=digest_names)
         if not acts:
@@ -857,7 +929,8 @@ class StoreWriter:
         if name in self._group:
             arr = self._group[name]
         else:
-            arr = self._group.create_array(name, shape=(total,), chunks=(1,), dtype=str, fill_value="")
+            arr = self._group.create_array(name, shape=(total,), chunks=(1,), dtype=str, fill_value="",
+                                           dimension_names=dimension_names(name, 1))
         arr[k] = json.dumps(dict(record, shard=k, of=total), sort_keys=True)
 
     def update_attrs(self, **changes: Any) -> None:
