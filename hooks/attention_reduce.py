@@ -4,9 +4,11 @@ Full attention maps cost about 11 MB per image for ViT-B/16 (12 layers × 12 hea
 never keeps them all: each batch's probabilities (from :class:`hooks.attention_capture.AttentionCapture`) are
 reduced at once, in float32, to per image × head statistics (mean attention distance in pixels, prefix
 mass, entropy; :func:`repsim.attention.head_statistics`) and to per-chunk sums of the aligned attention maps
-(Walmer et al. 2023). The full maps of the first ``attn_keep`` images of global-attention layers are kept
-(float16) for attention rollout and figures. The arrays and their layout are specified in
-:mod:`repsim.store` ("Attention").
+(Walmer et al. 2023). Per image × head, global-attention layers also keep the *query map* (the CLS query's
+attention over the patch keys, or the mean patch query's without a prefix token;
+:func:`repsim.attention_segmentation.query_maps`) for attention-as-segmentation. The full maps of the first
+``attn_keep`` images of global-attention layers are kept (float16) for attention rollout and figures. The
+arrays and their layout are specified in :mod:`repsim.store` ("Attention").
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from hooks.attention_capture import AttentionLayer, AttentionRecord
 from repsim.attention import class_attention_statistics, head_statistics
+from repsim.attention_segmentation import query_map_kind, query_maps
 from repsim.errors import UsageError
 from repsim.store import ArraySpec
 
@@ -93,6 +96,12 @@ class AttentionReducer:
     def keeps_maps(self, layer: AttentionLayer) -> bool:
         return self.attn_keep > 0 and not is_windowed(layer) and not is_class_query(layer)
 
+    @staticmethod
+    def keeps_query_map(layer: AttentionLayer) -> bool:
+        """Global self-attention only: a windowed layer (Swin, Twins local) has no query that sees the whole
+        image, and class-attention layers keep their CLS-to-patch sums in ``cls_map``."""
+        return not is_windowed(layer) and not is_class_query(layer)
+
     def specs(self) -> list[ArraySpec]:
         """The extra store arrays (see :mod:`repsim.store`, "Attention"). A class-attention layer (CaiT,
         CrossViT) has ``prefix_mass`` and ``entropy`` of its class-token row and, instead of a distance and an
@@ -110,6 +119,10 @@ class AttentionReducer:
             for stat in STATS:
                 out.append(ArraySpec(f"attn/{path}/{stat}", (heads,), "float32"))
             out.append(ArraySpec(f"attn/{path}/aligned", (heads, 2 * gh - 1, 2 * gw - 1), "float32", rows="chunks"))
+            if self.keeps_query_map(layer):
+                # float32: 4·heads·gh·gw bytes per image (113 KB for ViT-B/16's 12 layers, 3% of its float16
+                # tokens) and no float16 underflow of the small weights that the mass rule sums up
+                out.append(ArraySpec(f"attn/{path}/query_map", (heads, gh * gw), "float32"))
             if self.keeps_maps(layer):
                 n_k = int(layer.num_prefix_tokens) + gh * gw
                 out.append(ArraySpec(f"attn/{path}/maps", (heads, _n_queries(layer), n_k), "float16", rows="first",
@@ -119,17 +132,25 @@ class AttentionReducer:
     def attrs(self) -> dict[str, Any]:
         """The root attribute ``attention``: ``layers`` (those with per-patch-query statistics, what
         ``repsim attention`` reports), ``class_layers`` (class attention: CLS-to-patch maps), ``info`` of all."""
+        info = {path: layer_attrs(layer) for path, layer in self.layers.items()}
+        for path, layer in self.layers.items():
+            # which query the stored query map is: "cls" (the first prefix token) or "mean" (of the patch queries)
+            info[path]["query_map"] = (query_map_kind(int(layer.num_prefix_tokens)) if self.keeps_query_map(layer)
+                                       else None)
         return {
             "layers": [p for p, ly in self.layers.items() if not is_class_query(ly)],
             "class_layers": [p for p, ly in self.layers.items() if is_class_query(ly)],
             "attn_keep": self.attn_keep,
-            "info": {path: layer_attrs(layer) for path, layer in self.layers.items()},
+            "info": info,
         }
 
     def bytes_per_image(self) -> int:
         total = 0
         for layer in self.layers.values():
             total += 3 * 4 * int(layer.num_heads)
+            if self.keeps_query_map(layer):
+                gh, gw = _pair(layer.grid)
+                total += 4 * int(layer.num_heads) * gh * gw
         return total
 
     # -- online reduction -----------------------------------------------------------------------------------
@@ -166,6 +187,9 @@ class AttentionReducer:
                 for stat in STATS:
                     self._parts.setdefault(f"attn/{path}/{stat}", []).append(stats[stat].float().cpu().numpy())
                 aligned = stats["aligned_sum"].float().cpu().numpy()
+                if self.keeps_query_map(layer):
+                    qmap = query_maps(probs, grid, int(layer.num_prefix_tokens))
+                    self._parts.setdefault(f"attn/{path}/query_map", []).append(qmap.float().cpu().numpy())
                 if self.keeps_maps(layer) and self._rows.start < self.attn_keep:
                     keep = min(len(self._rows), self.attn_keep - self._rows.start)
                     maps = probs[:keep].to(torch.float16).cpu().numpy()
@@ -194,7 +218,9 @@ class AttentionReducer:
         out: dict[str, np.ndarray] = {k: np.concatenate(v) for k, v in self._parts.items()}
         out.update({k: np.asarray(v, dtype=np.float32) for k, v in self._aligned.items()})
         for path, layer in self.layers.items():
-            for stat in CLASS_STATS if is_class_query(layer) else STATS:
+            stats = CLASS_STATS if is_class_query(layer) else STATS + (("query_map",) if self.keeps_query_map(layer)
+                                                                        else ())
+            for stat in stats:
                 if f"attn/{path}/{stat}" not in out:
                     raise UsageError(f"attention layer {path} did not run during the forward pass")
             if self.keeps_maps(layer) and f"attn/{path}/maps" not in out:

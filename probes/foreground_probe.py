@@ -51,21 +51,21 @@ the layer has lost the object. :func:`plot_object_localization` draws such layer
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from repsim.errors import UsageError
 from repsim.json_output import jsonable, write_json_atomic
+# the ground truth lives in the library (attention segmentation scores against the same cells); re-exported
+from repsim.masks import (FOREGROUND_THRESHOLD, foreground_fractions, input_masks, parse_shapes_id, shapes_masks,
+                          token_iou)
 
-from probes.localization import _bounds, _image_split, _select_images, grid_positions, layer_tokens
+from probes.localization import _image_split, _select_images, grid_positions, layer_tokens
 
 __all__ = [
     "FOREGROUND_THRESHOLD",
@@ -80,8 +80,6 @@ __all__ = [
     "token_iou",
 ]
 
-FOREGROUND_THRESHOLD = 0.5
-_ID = re.compile(r"^shapes/v(\d+)/seed=(\d+)/size=(\d+)/(\d+)$")
 DEFINITION = ("token foreground := fraction of the cell's input pixels on the object mask > 0.5; "
               "iou_mean = mean over test images with >= 1 true foreground token of |pred & true| / |pred | true|; "
               "iou_pooled = sum |pred & true| / sum |pred | true| over test images; "
@@ -93,36 +91,12 @@ DEFINITION = ("token foreground := fraction of the cell's input pixels on the ob
 # ----------------------------------------------------------------------------------------------------
 
 
-def parse_shapes_id(sample_id: str) -> tuple[int, int, int, int]:
-    """``(generator_version, seed, size, index)`` of a shapes sample id; UsageError for anything else."""
-    m = _ID.match(str(sample_id))
-    if m is None:
-        raise UsageError(f"sample id {sample_id!r} is not a shapes id (shapes/v<V>/seed=<S>/size=<Z>/<i>)")
-    return tuple(int(g) for g in m.groups())  # type: ignore[return-value]
-
-
 def _check_shapes_store(store: Any) -> None:
     d = (getattr(store, "attrs", {}) or {}).get("dataset") or {}
     if d.get("name") != "shapes":
         raise UsageError(f"{getattr(store, 'path', 'the store')} was extracted from the {d.get('name')!r} data set: "
                          "object localisation needs the ground-truth masks of the 'shapes' data set "
                          "(repsim extract --data shapes)")
-
-
-def shapes_masks(ids: Sequence[str]) -> np.ndarray:
-    """Ground-truth masks (n, Z, Z) bool of shapes samples, re-rendered from their ids (module docstring)."""
-    from repsim.shapes import GENERATOR_VERSION, render_shape_sample
-
-    out = []
-    for sid in ids:
-        version, seed, size, index = parse_shapes_id(sid)
-        if version != GENERATOR_VERSION:
-            raise UsageError(f"sample {sid!r} was made by shapes generator v{version}, this repsim has "
-                             f"v{GENERATOR_VERSION}: its masks cannot be reproduced; re-extract the store")
-        out.append(render_shape_sample(seed, index, size)[1])
-    if len({m.shape for m in out}) > 1:
-        raise UsageError("the store mixes shapes samples of several sizes")
-    return np.stack(out) if out else np.zeros((0, 1, 1), dtype=bool)
 
 
 def _prep_geometry(prep: dict[str, Any]) -> tuple[int, int, float]:
@@ -132,47 +106,6 @@ def _prep_geometry(prep: dict[str, Any]) -> tuple[int, int, float]:
     H, W = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
     crop_pct = float(prep.get("crop_pct") or 1.0)
     return H, W, crop_pct
-
-
-def input_masks(masks: np.ndarray, img_size: tuple[int, int], crop_pct: float = 1.0) -> np.ndarray:
-    """Masks (n, Z, Z) carried to model-input coordinates: float32 (n, H, W) in [0, 1] (resize the float mask
-    bilinearly to floor(H/crop_pct) x floor(W/crop_pct), centre crop H x W, as timm's eval transform does)."""
-    H, W = img_size
-    sh, sw = int(math.floor(H / crop_pct)), int(math.floor(W / crop_pct))
-    top, left = int(round((sh - H) / 2.0)), int(round((sw - W) / 2.0))
-    out = np.empty((len(masks), H, W), dtype=np.float32)
-    for k, m in enumerate(np.asarray(masks)):
-        im = Image.fromarray(np.asarray(m, dtype=np.float32), mode="F")
-        if im.size != (sw, sh):
-            im = im.resize((sw, sh), Image.Resampling.BILINEAR)
-        a = np.asarray(im, dtype=np.float32)[top: top + H, left: left + W]
-        if a.shape != (H, W):
-            raise UsageError(f"cannot crop {H}x{W} from the resized {sh}x{sw} mask")
-        out[k] = np.clip(a, 0.0, 1.0)
-    return out
-
-
-def foreground_fractions(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Fraction of each grid cell's pixels on the object: float32 (n, gh·gw), row-major cells of ``masks``
-    (n, H, W) (bool or float coverage)."""
-    m = np.asarray(masks, dtype=np.float32)
-    n, H, W = m.shape
-    gh, gw = grid
-    if gh > H or gw > W:
-        raise UsageError(f"grid {gh}x{gw} is finer than the input {H}x{W}")
-    cols = [m[:, r0:r1, c0:c1].mean(axis=(1, 2)) for r0, r1 in _bounds(H, gh) for c0, c1 in _bounds(W, gw)]
-    return np.stack(cols, axis=1).astype(np.float32)
-
-
-def token_iou(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per-image IoU (n,) of boolean token sets (n, P) (NaN where the true set is empty) and the pooled IoU
-    (NaN when every union is empty)."""
-    pred, true = np.asarray(pred, dtype=bool), np.asarray(true, dtype=bool)
-    inter = (pred & true).sum(axis=1).astype(np.float64)
-    union = (pred | true).sum(axis=1).astype(np.float64)
-    per = np.where(true.any(axis=1), inter / np.maximum(union, 1), np.nan)
-    pooled = float(inter.sum() / union.sum()) if union.sum() > 0 else float("nan")
-    return per, pooled
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ from repsim.cka_engine import NumericalError
 from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
 from repsim.json_output import jsonable, read_json_result, write_json_atomic
+from repsim.masks import cell_bounds
 
 __all__ = [
     "DEFAULT_IMAGES",
@@ -170,9 +171,8 @@ def layer_tokens(store: Any, layer: str, rows: np.ndarray) -> tuple[np.ndarray, 
     return np.ascontiguousarray(x), grid
 
 
-def _bounds(size: int, parts: int) -> list[tuple[int, int]]:
-    edges = [int(round(k * size / parts)) for k in range(parts + 1)]
-    return [(edges[k], edges[k + 1]) for k in range(parts)]
+# the cells of a grid on the input, shared with the object masks (repsim.masks)
+_bounds = cell_bounds
 
 
 def patch_pixels(inputs: np.ndarray, grid: tuple[int, int]) -> list[np.ndarray]:

@@ -691,9 +691,19 @@ def _gram_tip(a, b, batch_size: int) -> str:
                    "input, as a radius in pixels on the attention-distance axis. Rebuilds the model from the store.")
 @click.option("--erf-images", type=int, default=8, show_default=True, help="Images averaged for --erf.")
 @click.option("--device", default="cpu", show_default=True, help="Device for --erf (cpu, cuda, ...).")
+@click.option("--segmentation", is_flag=True,
+              help="Also attention as segmentation (DINO): per head, the CLS (or mean-query) attention map thresholded "
+                   "to --mass of its weight vs the object mask (Jaccard, all-foreground reference, spatial entropy); "
+                   "a 'segmentation' section in --out and <plot stem>_segmentation.png.")
+@click.option("--masks", "masks_dir", type=click.Path(), default=None,
+              help="With --segmentation, for data other than shapes: a folder with one single-channel PNG per sample "
+                   "id (image extension replaced by .png, original image size, 0 = background).")
+@click.option("--mass", type=float, default=None,
+              help="With --segmentation: fraction of the attention weight the thresholded map keeps (default 0.6).")
 @_TRUST_CODE_OPTION
 @_TRUST_PICKLE_OPTION
-def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images, device) -> None:
+def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images, device, segmentation=False,
+              masks_dir=None, mass=None) -> None:
     """Per-head attention statistics of a store extracted with --attention.
 
     \b
@@ -720,6 +730,10 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
 
     s = open_store(store)
     s.require_complete()  # unfinished or damaged: one line, before any number (--erf too)
+    if (masks_dir is not None or mass is not None) and not segmentation:
+        raise UsageError("--masks / --mass need --segmentation")
+    if erf and segmentation:
+        raise UsageError("--segmentation scores attention maps; --erf is for CNNs: use one of them")
     if erf:
         _erf(s, out, plot_path, erf_images, device)
         return
@@ -728,10 +742,20 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
                          "a model without attention layers (a CNN) has none: use --erf for its effective "
                          "receptive fields")
     report = attention_report(s, layers=_split_layers(layer_list))
+    seg = None
+    if segmentation:
+        from repsim.attention_segmentation import MASS, attention_segmentation
+
+        seg = attention_segmentation(s, _split_layers(layer_list), mass=MASS if mass is None else mass,
+                                     masks_dir=masks_dir, progress=True)
     if out is not None:
-        report.to_json(out)
+        from repsim.json_output import write_json_atomic
+
+        write_json_atomic(out, report.to_json() | ({"segmentation": seg.to_json()} if seg is not None else {}))
     if plot_path is not None:
         report.plot(plot_path, store=s, rollout_images=rollout_images)
+        if seg is not None:
+            seg.plot("{0}_segmentation{1}".format(*os.path.splitext(plot_path)))
     names = short_layer_names([ly.layer for ly in report.layers])
     width = max(len(x) for x in names)
     click.echo(f"{report.model}: {len(report.layers)} attention layers, n={report.n} images")
@@ -744,10 +768,14 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
         kind_text = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
         click.echo(f"{name:<{width}}  {min(d):7.1f} / {np.mean(d):7.1f} / {max(d):7.1f}"
                    f"{'':17}{np.mean([h.prefix_mass for h in ly.heads]):7.3f}      {kind_text}")
+    if seg is not None:
+        click.echo(seg.summary())
     if out is not None:
         click.echo(f"wrote {out}")
     if plot_path is not None:
         written = [p for p in figure_paths(plot_path).values() if os.path.exists(p)]
+        if seg is not None:
+            written.append("{0}_segmentation{1}".format(*os.path.splitext(plot_path)))
         click.echo("wrote " + ", ".join(written))
 
 

@@ -71,13 +71,21 @@ are CLS / register / distillation tokens, and the (gh, gw) patch grid of the res
 ``shape`` (per-sample shape).
 
 Attention (optional; root attribute ``attention`` = {layers: [...], attn_keep: K, info: {layer: {kind,
-num_heads, num_prefix_tokens, grid, patch_size (token stride in input pixels), window_size, shift_size}}})::
+num_heads, num_prefix_tokens, grid, patch_size (token stride in input pixels), window_size, shift_size,
+query_map}}})::
 
       attn/<layer>/distance     (n, heads) float32  mean attention distance in pixels
       attn/<layer>/prefix_mass  (n, heads) float32  attention on prefix tokens (mean over patch queries)
       attn/<layer>/entropy      (n, heads) float32  row entropy in nats (mean over patch queries)
       attn/<layer>/aligned      (n_chunks, heads, 2gh-1, 2gw-1) float32  per-sample-chunk sums of the
                                      aligned attention maps (Walmer et al. 2023); sum over axis 0 for the total
+      attn/<layer>/query_map    (n, heads, gh·gw) float32  per image: the CLS query's attention over the patch
+                                     keys renormalised over them, or without prefix tokens the mean patch
+                                     query's (info ``query_map``: "cls" | "mean"); for attention as
+                                     segmentation (:mod:`repsim.attention_segmentation`). Global-attention
+                                     layers only; float32 (4·heads·gh·gw bytes per image, 3 % of ViT-B/16's
+                                     float16 tokens) keeps the small weights that the mass rule sums. Stores
+                                     written before it existed lack it: re-extract with ``--attention``
       attn/<layer>/maps         (K, heads, N, N) float16  full probabilities of the first K images
                                      (global-attention layers only)
 
@@ -479,13 +487,17 @@ class ActivationStore:
 
     def read_attention(self, layer: str, stat: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """One attention statistic of ``layer``: ``distance`` | ``prefix_mass`` | ``entropy`` (rows, heads),
-        ``aligned`` (n_chunks, heads, 2gh-1, 2gw-1) per-chunk sums, or ``maps`` (first K images)."""
+        ``aligned`` (n_chunks, heads, 2gh-1, 2gw-1) per-chunk sums, ``query_map`` (rows, heads, gh·gw) or ``maps``
+        (first K images)."""
         self._check_attention_layer(layer)
         key = f"attn/{layer}/{stat}"
-        if stat not in ("distance", "prefix_mass", "entropy", "aligned", "maps"):
+        if stat not in ("distance", "prefix_mass", "entropy", "aligned", "query_map", "maps"):
             raise UsageError(f"unknown attention statistic {stat!r}")
         if stat == "maps" and key not in self._group:
             raise UsageError(f"{self.path} keeps no attention maps of {layer} (extract with --attn-keep K > 0)")
+        if stat == "query_map" and key not in self.extra_arrays:
+            raise UsageError(f"{self.path} keeps no query maps of {layer} (windowed attention, or a store written "
+                             "before repsim kept them: re-extract with --attention)")
         return self._read_checked(key, self._extra_checked(key), start, stop)
 
     def _check_attention_layer(self, layer: str) -> None:
