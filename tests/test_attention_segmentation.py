@@ -293,6 +293,25 @@ def test_query_map_equals_the_cls_row_of_the_kept_maps(vit_stores):
     np.testing.assert_allclose(q.sum(-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_query_maps_survive_a_killed_extraction(vit_stores, tmp_path):
+    """A resumed extraction writes the same query maps as one that ran through (the fixture's CLS store)."""
+    from conftest import run_killed_after_chunks
+    from hooks.extract import plan_extraction, run_extraction
+    from hooks.registry import load_model
+    from repsim.data import open_dataset
+
+    cls_store = vit_stores[0]
+    kw = dict(layers=["blocks.5"], batch_size=4, chunk_size=8, dtype="float32", attention=True, attn_keep=5)
+    model, shapes = load_model("ref_vit", random_init=True), open_dataset("shapes", n=10, seed=3, image_size=64)
+    out = str(tmp_path / "r.zarr")
+    run_killed_after_chunks(plan_extraction(model, shapes, out, **kw), 1)
+    resumed = run_extraction(plan_extraction(model, shapes, out, **kw))
+    for layer in cls_store.attention_layers:
+        np.testing.assert_array_equal(resumed.read_attention(layer, "query_map"),
+                                      cls_store.read_attention(layer, "query_map"))
+
+
 def test_query_maps_function():
     import torch
 
