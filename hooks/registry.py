@@ -1356,11 +1356,25 @@ def reload_model(attrs: dict[str, Any], *, offline: bool | None = None, trust_co
             raise UsageError(f"the store's weights file {path} is gone: the model cannot be rebuilt")
         if sha256_file(path) != w.get("sha256"):
             raise UsageError(f"{path} changed since the extraction (sha256 differs): the model cannot be rebuilt")
-        loaded = load_model(model["name"], weights=path, **kwargs)
+        if model.get("source") == "hf" and os.path.dirname(path) == model.get("source_id"):
+            # a transformers directory's own checkpoint: loaded as at extraction, by from_pretrained, which maps
+            # the file's keys to the installed transformers' module names (a plain state dict load does not)
+            loaded = load_model(model["name"], **kwargs)
+            if loaded.info.weights.get("sha256") != w["sha256"]:
+                raise UsageError(f"{model['source_id']} now holds other weights than {path} at extraction: the "
+                                 "model cannot be rebuilt")
+        else:
+            loaded = load_model(model["name"], weights=path, **kwargs)
     elif kind == "hub":
+        if not w.get("sha256"):  # nothing to check the rebuilt weights against: refuse before any download
+            raise UsageError(f"the store records no sha256 of the hub weights of {model['name']}: the weights "
+                             "cannot be checked and the model cannot be rebuilt; re-extract the store")
         loaded = load_model(model["name"], revision=w.get("revision"), **kwargs)
         now = loaded.info.weights
-        if w.get("sha256") and now.get("sha256") != w["sha256"]:
+        if w.get("revision") and now.get("revision") != w["revision"]:
+            raise UsageError(f"the hub weights of {model['name']} were found at revision {now.get('revision')}, the "
+                             f"store was extracted at {w['revision']}: the model cannot be rebuilt")
+        if now.get("sha256") != w["sha256"]:
             raise UsageError(f"the hub weights of {model['name']} ({now.get('cache_file')}) are not the ones the store "
                              f"was extracted with (sha256 {str(now.get('sha256'))[:12]}..., recorded "
                              f"{w['sha256'][:12]}...): the model cannot be rebuilt")
