@@ -53,6 +53,7 @@ from repsim.devices import tf32_off
 from repsim.errors import UsageError
 from repsim.formatting import human_bytes  # re-exported: hooks.extract.human_bytes stays importable
 from repsim.gram import MIN_UNBIASED, pack_triu, packed_size, unbiased_gram
+from repsim.perturbations import Perturbation
 from repsim.store import (
     FORMAT_VERSION,
     FP16_MAX_ERROR,
@@ -178,6 +179,7 @@ class ExtractionPlan:
     acts: bool = True  # store the activations (False: Grams only)
     layer_dtypes: dict[str, str] = field(default_factory=dict)  # stored dtype per tap
     fp16_probe: dict[str, float] = field(default_factory=dict)  # float16 error η per tap at planning
+    perturbation: Perturbation | None = None  # applied to every preprocessed batch (``--perturb``)
 
     @property
     def measure_fp16(self) -> bool:
@@ -248,8 +250,11 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _load_batch(source: ImageSource, transform: Callable, indices: range) -> torch.Tensor:
-    return torch.stack([transform(source.load(i)) for i in indices])
+def _load_batch(source: ImageSource, transform: Callable, indices: range,
+                perturbation: Perturbation | None = None) -> torch.Tensor:
+    """Preprocessed inputs (B, 3, H, W) of samples ``indices``, perturbed by sample id when asked (``--perturb``)."""
+    x = torch.stack([transform(source.load(i)) for i in indices])
+    return x if perturbation is None else perturbation.apply(x, [source.ids[i] for i in indices])
 
 
 def plan_extraction(
@@ -272,6 +277,7 @@ def plan_extraction(
     shard: tuple[int, int] | None = None,
     grams: bool = False,
     acts: bool = True,
+    perturbation: Perturbation | None = None,
 ) -> ExtractionPlan:
     """Resolve layers, probe output shapes with one small forward pass, and compare with any existing store.
 
@@ -284,7 +290,9 @@ def plan_extraction(
     capture) and store per image × head statistics (see :mod:`hooks.attention_reduce`); ``attn_keep``: keep
     the full maps of the first ``attn_keep`` images. ``shard=(k, N)``: this run writes only the k-th of N
     contiguous chunk ranges (independent processes or machines share one store; the first to arrive
-    creates it, the last to finish marks it complete).
+    creates it, the last to finish marks it complete). ``perturbation`` (:mod:`repsim.perturbations`) is applied
+    to every preprocessed batch, seeded by sample id; it is recorded in the root attribute ``perturbation`` and
+    in ``config_hash`` while the store keeps the clean data set's sample ids and fingerprint.
     """
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -314,6 +322,8 @@ def plan_extraction(
         if overwrite:
             raise UsageError("--overwrite cannot be combined with --shard (other shards may be writing)")
     module, info = model.module, model.info
+    if perturbation is not None:
+        perturbation.check_image(model.preprocessing.img_size)
     paths = select_layers(module, layers) if layers else default_layers(module, info.family)
     layouts = {p: layer_layout(info.family, p, module) for p in paths}
 
@@ -324,7 +334,7 @@ def plan_extraction(
     # Probe: one forward pass on a few real images fixes the taps (names, kinds, shapes, call counts) and
     # measures each layer's float16 storage error.
     transform = model.preprocessing.transform()
-    probe = _load_batch(source, transform, range(min(PROBE_ROWS, len(source))))
+    probe = _load_batch(source, transform, range(min(PROBE_ROWS, len(source))), perturbation)
     capture = ActivationCapture(
         module, paths, layouts=layouts, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid,
         pool=pool, spatial_pool=spatial_pool,
@@ -392,6 +402,8 @@ def plan_extraction(
         "taps": [t.attrs() | {"name": t.name} for t in taps],
         "libraries": {k: v for k, v in library_versions().items() if k in ("torch", "timm")},
     }
+    if perturbation is not None:  # only when set: clean stores keep the config_hash they always had
+        config["perturbation"] = perturbation.to_dict()
     attrs = {
         "format_version": FORMAT_VERSION,
         "repsim_version": repsim.__version__,
@@ -406,6 +418,8 @@ def plan_extraction(
     }
     if reducer is not None:
         attrs["attention"] = reducer.attrs()
+    if perturbation is not None:
+        attrs["perturbation"] = perturbation.to_dict()
     if grams:
         last = len(source) % chunk_size
         attrs["grams"] = {"batch_rows": chunk_size, "dtype": "float32", "tokens": "flatten",
@@ -434,7 +448,7 @@ def plan_extraction(
         save_inputs=save_inputs, resume=resume, already_complete=already_complete,
         bytes_per_image=bytes_per_image, skipped=skipped, attention_layers=attn_layers, attn_keep=attn_keep,
         extra_bytes=extra_bytes, shard=shard, grams=grams, acts=acts, layer_dtypes=layer_dtypes,
-        fp16_probe=fp16_probe,
+        fp16_probe=fp16_probe, perturbation=perturbation,
     )
 
 
@@ -550,7 +564,7 @@ def _attention_capture(module: torch.nn.Module, reducer: AttentionReducer | None
 
 
 def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
-    for key in ("model", "dataset", "preprocessing", "extraction", "layers"):
+    for key in ("model", "dataset", "preprocessing", "extraction", "layers", "perturbation"):
         if old.get(key) != new.get(key):
             if key == "dataset" and old.get(key, {}).get("fingerprint") != new[key].get("fingerprint"):
                 return "different samples"
@@ -666,14 +680,14 @@ def run_extraction(
                    disable=not progress, dynamic_ncols=True)
         with ThreadPoolExecutor(max_workers=2) as loader, capture, _attention_capture(module, reducer), \
                 torch.inference_mode():
-            futures = [loader.submit(_load_batch, source, transform, r) for _, r in batches[:2]]
+            futures = [loader.submit(_load_batch, source, transform, r, plan.perturbation) for _, r in batches[:2]]
             # one buffer per layer and chunk, in the stored dtype: each batch is converted once, in place
             buffers: dict[str, np.ndarray] | None = None
             inputs: list[np.ndarray] = []
             for k, (chunk, rows) in enumerate(batches):
                 x = futures[k].result()
                 if k + 2 < len(batches):
-                    futures.append(loader.submit(_load_batch, source, transform, batches[k + 2][1]))
+                    futures.append(loader.submit(_load_batch, source, transform, batches[k + 2][1], plan.perturbation))
                 if reducer is not None:
                     reducer.begin_batch(rows)
                 crow = writer.chunk_rows(chunk)
@@ -762,13 +776,14 @@ def extract(
     shard: tuple[int, int] | None = None,
     grams: bool = False,
     acts: bool = True,
+    perturbation: Perturbation | None = None,
 ) -> ActivationStore:
     """Plan, check the disk and run an extraction in one call (the Python mirror of ``repsim extract``)."""
     plan = plan_extraction(
         model, source, out, layers=layers, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
         batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, attention=attention,
         attn_keep=attn_keep, overwrite=overwrite, strict=strict, progress=progress, shard=shard,
-        grams=grams, acts=acts,
+        grams=grams, acts=acts, perturbation=perturbation,
     )
     plan.check_disk(force=force)
     return run_extraction(plan, device=device, progress=progress)

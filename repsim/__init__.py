@@ -27,6 +27,10 @@ _LAZY = {
     "similarity": "repsim.similarity_measures",
     "MEASURES": "repsim.similarity_measures",
     "compare_matrix": "repsim.compare",
+    "robustness_profile": "repsim.robustness",
+    "robustness_profiles": "repsim.robustness",
+    "RobustnessResult": "repsim.robustness",
+    "Perturbation": "repsim.perturbations",
 }
 
 __all__ = ["ActivationStore", "RepsimError", "UsageError", "open_store", "__version__", *_LAZY]

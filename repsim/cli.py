@@ -324,6 +324,17 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
 @click.option("--prefix-tokens", "geom_prefix", type=int, default=None,
               help="Token geometry: CLS / register tokens before the patch tokens (see --grid).")
 @click.option("--patch-size", "geom_patch", type=int, default=None, help="Token geometry: token stride in pixels (see --grid).")
+@click.option("--perturb", "perturb_spec", default=None, metavar="KIND:LEVEL",
+              help="Perturb every preprocessed input (after resize/crop/normalise; for `repsim robustness`): "
+                   "patch-drop:F (fraction F of the --perturb-patch patches set to 0, the normalisation mean "
+                   "colour), patch-shuffle:K (K x K pieces in random order), occlude-centre:F (centred "
+                   "rectangle of area share F set to 0), noise:S (Gaussian noise, std S in normalised units). "
+                   "Seeded per sample id; level 0 changes nothing. The store keeps the clean sample ids.")
+@click.option("--perturb-patch", type=int, default=None, metavar="PX",
+              help="patch-drop's patch grid in input pixels (default 16; must divide the input size): the same "
+                   "pixels for a ViT and a CNN at the same input size.")
+@click.option("--perturb-seed", type=int, default=None,
+              help="Seed of the per-sample perturbation draws, hashed with the kind and the sample id (default 0).")
 @_model_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store with another configuration.")
@@ -344,7 +355,8 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
 def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, dtype, batch_size, chunk_size,
             save_inputs, grams, no_acts, attention, attn_keep, weights, random_init, img_size, mean, std, interpolation, crop_pct,
             device, overwrite, force, strict, shard, workers, scheduler, gpus_per_task, quiet, offline,
-            geom_grid=None, geom_prefix=None, geom_patch=None) -> None:
+            geom_grid=None, geom_prefix=None, geom_patch=None, perturb_spec=None, perturb_patch=None,
+            perturb_seed=None) -> None:
     """Run MODEL over images and store per-layer activations in a Zarr store.
 
     \b
@@ -369,6 +381,13 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
 
     if n is not None and n < 1:
         raise UsageError(f"--n must be >= 1, got {n}")
+    from repsim.perturbations import Perturbation
+
+    if perturb_spec is None and (perturb_patch, perturb_seed) != (None, None):
+        raise UsageError(f"{'--perturb-patch' if perturb_patch is not None else '--perturb-seed'} needs --perturb "
+                         "KIND:LEVEL")
+    perturbation = (None if perturb_spec is None
+                    else Perturbation.parse(perturb_spec, patch_px=perturb_patch, seed=perturb_seed or 0))
     if workers is not None or scheduler is not None:
         if shard is not None or overwrite:
             raise UsageError("--workers / --scheduler choose the shards themselves: drop --shard / --overwrite")
@@ -388,7 +407,7 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
             plan=dict(layers=_split_layers(layer_patterns),
                       pool=pool, spatial_pool=spatial_pool, dtype=dtype, batch_size=batch_size,
                       chunk_size=chunk_size, save_inputs=save_inputs, attention=attention, attn_keep=attn_keep,
-                      strict=strict, grams=grams, acts=not no_acts),
+                      strict=strict, grams=grams, acts=not no_acts, perturbation=perturbation),
         )
         with _dask_client(workers, scheduler) as client:
             store = extract_distributed(client, spec, gpus_per_task=gpus_per_task, device=device,
@@ -406,7 +425,7 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
         loaded, source, out, layers=patterns, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
         batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, attention=attention,
         attn_keep=attn_keep, overwrite=overwrite, shard=_parse_shard(shard),
-        strict=strict, progress=not quiet, grams=grams, acts=not no_acts,
+        strict=strict, progress=not quiet, grams=grams, acts=not no_acts, perturbation=perturbation,
     )
     if plan.already_complete:
         click.echo(f"{out} is already complete ({plan.n} samples, {len(plan.taps)} layers); nothing to do")
@@ -417,6 +436,7 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
         f"{loaded.info.name}: {len(plan.taps)} layers, {plan.n} images, {human_bytes(plan.bytes_per_image)}/image "
         f"({kept}), up to {human_bytes(plan.total_bytes)} in all; {human_bytes(plan.free_bytes())} free"
         + ("; resuming" if plan.resume else "")
+        + (f"; perturbed by {perturbation.label}" if perturbation is not None else "")
     )
     if promoted:
         click.echo(f"stored as float32 (float16 would lose more than 1e-4 of their variation): {', '.join(promoted)}")
@@ -464,6 +484,11 @@ def info(store: str, as_json: bool) -> None:
     click.echo(f"data       {d['name']} {d.get('root') or ''}  n={s.n}, seed {d.get('seed')}, fingerprint {s.fingerprint[:16]}"
                + (f", {len(d.get('skipped', []))} corrupt images skipped" if d.get("skipped") else ""))
     click.echo(f"input      {p['img_size']} px, mean {p['mean']}, std {p['std']}, {p['interpolation']}, crop_pct {p['crop_pct']}")
+    if a.get("perturbation"):
+        pt = a["perturbation"]
+        click.echo(f"perturbed  {pt['kind']}:{pt['level']:g} on the preprocessed input"
+                   + (f", {pt['patch_px']} px patches" if pt.get("patch_px") else "")
+                   + (f", seed {pt['seed']}" if pt.get("seed") is not None else "") + " (clean sample ids kept)")
     e = a["extraction"]
     click.echo(f"extraction pool {e['pool']}, spatial_pool {e['spatial_pool']}, {e['dtype']}, batch {e['batch_size']}, "
                f"chunk {e['chunk_size']} rows" + (", inputs saved" if e.get("save_inputs") else "")
@@ -1047,6 +1072,57 @@ def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_
             write_json_atomic(path, {"kind": "repsim.pointing_game", "store": s.path, "model": s.model_name,
                                      "games": {m: {k: v for k, v in g.items() if k != "points"}
                                                for m, g in games.items()}})
+            click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the profiles (per layer CKA with intervals, accuracies, provenance) as JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw accuracy vs level and CKA vs relative depth (one line per level) to this image file.")
+@click.option("--layers", "layer_list", multiple=True,
+              help="Layers to compare (repeatable or comma-separated; default every layer of the clean store that "
+                   "all its perturbed stores hold).")
+@click.option("--tokens", type=click.Choice(["flatten", "mean", "cls"]), default="flatten", show_default=True,
+              help="How token / map layers become one row per image (as in `repsim cka`).")
+@click.option("--threshold", type=float, default=0.5, show_default=True,
+              help="Report the first layer whose clean/perturbed CKA falls below this.")
+@click.option("--resamples", type=int, default=200, show_default=True,
+              help="Half-samples of the 95% CKA interval (0: none).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the half-samples and the bootstrap.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def robustness(stores, out, plot_path, layer_list, tokens, threshold, resamples, seed, quiet) -> None:
+    """Where in a network an input perturbation is absorbed: per layer, CKA between the activations of
+    clean and perturbed images (the same images, row by row), and top-1 accuracy per perturbation level.
+
+    \b
+    Examples:
+      repsim extract --model ref_vit --data shapes --n 512 --out vit.zarr
+      repsim extract --model ref_vit --data shapes --n 512 --perturb patch-drop:0.4 --perturb-patch 8 --out vit_pd4.zarr
+      repsim robustness vit.zarr vit_pd*.zarr resnet.zarr resnet_pd*.zarr --out r.json --plot r.png
+
+    STORES are clean and perturbed stores in any order (`repsim extract --perturb KIND:LEVEL`). They are grouped
+    by model (name, source and weights) and samples (fingerprint): each group needs exactly one clean store
+    (no --perturb) and at least one perturbed store of the same model, preprocessing and images; several
+    groups give several models on one figure.
+
+    CKA is debiased linear CKA on all n images with a 95% half-sample interval; accuracy (when the last stored
+    layer is the class logits and the images are labelled) has a Wilson interval, and the drop against the
+    clean store a paired bootstrap interval.
+    """
+    from repsim.robustness import robustness_profiles
+
+    result = robustness_profiles(list(stores), layers=_split_layers(layer_list), tokens=tokens, threshold=threshold,
+                                 resamples=resamples, seed=seed, progress=not quiet)
+    if out is not None:
+        result.to_json(out)
+    if plot_path is not None:
+        result.plot(plot_path)
+    for line in result.summary_lines():
+        click.echo(line)
+    for path in (out, plot_path):
+        if path is not None:
             click.echo(f"wrote {path}")
 
 

@@ -49,6 +49,10 @@ Root attribute ``repsim`` (JSON)::
                     the Grams were computed from: the stored dtype, or float32 without activations),
                     rows_used}
     layers         [layer names in network order]
+    perturbation   optional (``--perturb``, :mod:`repsim.perturbations`): {kind, level, patch_px (patch-drop's
+                    grid in input pixels, else null), seed (null for the deterministic occlude-centre)}: every
+                    preprocessed input was perturbed, seeded per sample id. ``dataset`` (ids, fingerprint) stays
+                    the clean data set's, so a clean and a perturbed store compare row by row; absent: clean
     config_hash    sha256 of the canonical JSON of everything above that determines the arrays' contents
     libraries      {python, torch, timm, zarr, numpy, ...}
     complete       bool; completed (UTC ISO 8601) once complete
