@@ -21,9 +21,11 @@ Like :mod:`repsim.cli`, this module is an application layer over all three packa
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +60,52 @@ class DemoResult:
     summary: dict[str, Any]
     seconds: float
     sections: list[tuple[str, str, str]] = field(default_factory=list)  # (title, figure key, two sentences)
+
+
+class PhaseProgress:
+    """Progress of the demo: a timestamped line when each phase starts, and within a phase one bar over its steps
+    on a terminal, or one line per finished step otherwise (a log file, ``--quiet``); never nested bars (the
+    library calls inside a step run without their own bars, except extraction's, which replaces the phase bar).
+    ``seconds[phase]`` records each phase's wall time."""
+
+    def __init__(self, log: Callable[[str], None], bars: bool, t0: float | None = None):
+        self.log, self.bars = log, bars
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.seconds: dict[str, float] = {}
+
+    def line(self, msg: str) -> None:
+        self.log(f"[{time.perf_counter() - self.t0:5.0f} s] {msg}")
+
+    @contextlib.contextmanager
+    def phase(self, key: str, title: str, total: int, bar: bool = True) -> Iterator[Callable[[str], Any]]:
+        """``with progress.phase(key, title, total) as step: with step("what"): ...`` once per step; ``bar=False``:
+        no phase bar (the step draws its own), lines only when bars are off."""
+        from tqdm.auto import tqdm
+
+        start = time.perf_counter()
+        self.line(title)
+        pbar = tqdm(total=total, desc=key, unit="step", leave=False, dynamic_ncols=True) \
+            if self.bars and bar else None
+        done = [0]
+
+        @contextlib.contextmanager
+        def step(what: str) -> Iterator[None]:
+            t = time.perf_counter()
+            if pbar is not None:
+                pbar.set_postfix_str(what)  # what is running now
+            yield
+            done[0] += 1
+            if pbar is not None:
+                pbar.update(1)
+            else:
+                self.line(f"  {key} {done[0]}/{total}: {what} ({time.perf_counter() - t:.0f} s)")
+
+        try:
+            yield step
+        finally:
+            if pbar is not None:
+                pbar.close()
+            self.seconds[key] = round(time.perf_counter() - start, 1)
 
 
 def _fmt(v: float) -> str:
@@ -297,6 +345,53 @@ def _plot_probes(results: dict[str, Any], intervals: dict[str, list[dict[str, An
     fig.savefig(path, dpi=130)
 
 
+def _attention_analysis(m: str, store: ActivationStore, fig: Callable[[str], str], js: Callable[[str], str]
+                        ) -> tuple[dict[str, Any], list[tuple[str, str, str]], dict[str, str]]:
+    """One ViT's attention step: report, JSON and figures (distance, aligned maps, rollout), the statistics behind
+    its sentences. Returns (summary entry, report sections, figure paths by key)."""
+    from repsim.attention_plot import figure_paths, relative_to_uniform
+    from repsim.attention_summary import attention_report
+
+    figures: dict[str, str] = {}
+    sections: list[tuple[str, str, str]] = []
+    rep = attention_report(store)
+    rep.to_json(js(f"attention_{m}.json"))
+    figures[f"attention_{m}"] = fig(f"attention_{m}.png")
+    drawn = rep.plot(figures[f"attention_{m}"], store=store, rollout_images=2)
+    paths = figure_paths(figures[f"attention_{m}"])
+    figures[f"aligned_{m}"] = paths["aligned"]
+    if drawn.get("rollout") is not None:
+        figures[f"rollout_{m}"] = paths["rollout"]
+    kinds: dict[str, int] = {}
+    for ly in rep.layers:
+        for h in ly.heads:
+            kinds[h.kind] = kinds.get(h.kind, 0) + 1
+    st = _attention_statistics(store, rep)
+    summary = {"distance_px_per_layer": [[h.distance_px for h in ly.heads] for ly in rep.layers],
+               "head_kinds": kinds, **st}
+    sections.append((f"Attention distance: {m}", f"attention_{m}", _attention_sentence(m, st, kinds)))
+    centre = {(ly.layer, h): float(relative_to_uniform(rep.aligned[ly.layer])[h][
+        (rep.aligned[ly.layer].shape[1] - 1) // 2, (rep.aligned[ly.layer].shape[2] - 1) // 2])
+        for ly in rep.layers for h in range(ly.num_heads)}
+    (cl, ch), cmax = max(centre.items(), key=lambda kv: kv[1])
+    summary["centre_over_uniform_max"] = {"layer": cl, "head": ch, "value": cmax}
+    sections.append((f"Aligned attention maps: {m}", f"aligned_{m}", (
+        "Each panel is one head's attention re-centred on its query patch, averaged over queries and images and "
+        "divided, offset by offset, by what uniform attention would give there (uniform attention aligned "
+        "this way is a pyramid, the count of queries that reach each offset, so the raw map always peaks at "
+        "the centre): white is uniform (a global head is flat white), a red centre is a local head, a red spot "
+        f"off the + an offset head. The strongest centre is x{cmax:.2f} uniform ({cl} head {ch}); the colour "
+        "scale spans the maps' range, at least x1/2 to x2 (descriptive: no interval is computed for these "
+        "maps).")))
+    if f"rollout_{m}" in figures:
+        sections.append((f"Attention rollout: {m}", f"rollout_{m}", (
+            "Attention rollout (Abnar & Zuidema 2020) multiplies the layers' head-averaged attention (plus the "
+            f"identity for the residual stream) to estimate how much each input patch reaches {m}'s read-out "
+            "token, for the first two images, each map scaled to its maximum. It is an illustration of single "
+            "images, not a statistic: no claim in this report rests on it.")))
+    return summary, sections, figures
+
+
 def run_demo(
     out: str,
     *,
@@ -311,13 +406,14 @@ def run_demo(
 
     ``n``: held-out ``shapes`` images extracted per model (seed :data:`DEMO_SEED`); ``localize_images``: images
     for the token ↔ patch CKA (memory grows with its square). ``models``: a subset of :data:`DEMO_MODELS`
-    (the comparisons that need a missing model are skipped). ``log`` receives one line per step.
+    (the comparisons that need a missing model are skipped). ``log`` receives a timestamped line when each phase
+    starts; ``progress``: one bar per phase when stderr is a terminal, else (and with ``progress=False``) one
+    ``log`` line per finished step of a phase (:class:`PhaseProgress`). ``summary["phase_seconds"]`` keeps each
+    phase's wall time.
     """
     import probes
     from probes.foreground_probe import plot_object_localization
     from probes.localization import localisation_interval, plot_token_maps
-    from repsim.attention_plot import figure_paths
-    from repsim.attention_summary import attention_report
 
     t0 = time.perf_counter()
     unknown = [m for m in models if m not in REFERENCE_MODELS]
@@ -340,21 +436,27 @@ def run_demo(
                         "verdict": "'higher' / 'lower' only when the interval excludes 0, else 'not resolved'"}}
     sections: list[tuple[str, str, str]] = []
 
-    def step(msg: str) -> None:
-        log(f"[{time.perf_counter() - t0:5.0f} s] {msg}")
+    # one bar per phase on a terminal, one line per finished step in a log (issue 13: phases sat silent)
+    bars = progress and sys.stderr.isatty()
+    ph = PhaseProgress(log, bars, t0)
 
     # 1. extraction -----------------------------------------------------------------------------------------
     stores: dict[str, ActivationStore] = {}
+    loaded_models: dict[str, Any] = {}
+    with ph.phase("extraction", f"extracting {', '.join(models)} on {n} held-out shapes images", len(models),
+                  bar=False) as step:  # extraction's own bar (images) is the finer one
+        for name in models:
+            with step(name):
+                loaded = loaded_models[name] = load_model(name)
+                source = open_dataset("shapes", n=n, seed=DEMO_SEED, image_size=loaded.preprocessing.img_size[0])
+                is_vit = loaded.info.family == "vit"
+                # n in the name: a rerun with another --n in the same folder extracts anew instead of being refused
+                plan = plan_extraction(loaded, source, os.path.join(out, "stores", f"{name}-n{n}.zarr"),
+                                       batch_size=64, save_inputs=True, attention=is_vit,
+                                       attn_keep=4 if is_vit else 0, progress=bars)
+                stores[name] = run_extraction(plan, device=device, progress=bars)
     for name in models:
-        step(f"extracting {name} on {n} held-out shapes images")
-        loaded = load_model(name)
-        source = open_dataset("shapes", n=n, seed=DEMO_SEED, image_size=loaded.preprocessing.img_size[0])
-        is_vit = loaded.info.family == "vit"
-        # n in the name: a rerun with another --n in the same folder extracts anew instead of being refused
-        plan = plan_extraction(loaded, source, os.path.join(out, "stores", f"{name}-n{n}.zarr"), batch_size=64,
-                               save_inputs=True, attention=is_vit, attn_keep=4 if is_vit else 0,
-                               progress=progress)
-        stores[name] = run_extraction(plan, device=device, progress=progress)
+        loaded = loaded_models[name]
         acc = _accuracy(stores[name])
         lo, hi = wilson_interval(int(round(acc * n)), n)
         summary["models"][name] = {"accuracy": acc, "accuracy_low": lo, "accuracy_high": hi,
@@ -365,22 +467,26 @@ def run_demo(
     accs = ", ".join(f"{m} {ci_text(v['accuracy'], v['accuracy_low'], v['accuracy_high'], 1, 100, '%')}"
                      for m, v in summary["models"].items())
     chance = 100 / len(_classes(next(iter(stores.values()))))
-    step(f"held-out accuracy: {accs} (chance {chance:.1f}%)")
+    ph.line(f"held-out accuracy: {accs} (chance {chance:.1f}%)")
 
     # 2. CKA ----------------------------------------------------------------------------------------------
-    step("CKA maps within each model (debiased CKA on all images; half-sample intervals)")
-    within = {m: cka_matrix(s, estimator="debiased", device=device, progress=False) for m, s in stores.items()}
-    grams = {m: _grams(s, comparable_layers(s)) for m, s in stores.items()}
-    for m, res in within.items():
-        res.to_json(js(f"cka_{m}.json"))
+    within, grams = {}, {}
+    summary["cka_within"] = {}
+    with ph.phase("cka_within", "CKA maps within each model (debiased CKA on all images; half-sample intervals)",
+                  3 * len(stores)) as step:
+        for m, s in stores.items():
+            with step(f"{m}: map"):
+                within[m] = cka_matrix(s, estimator="debiased", device=device, progress=False)
+                within[m].to_json(js(f"cka_{m}.json"))
+            with step(f"{m}: Grams of the stem and blocks"):
+                grams[m] = _grams(s, comparable_layers(s))
+            with step(f"{m}: half-sample intervals ({N_RESAMPLES} splits)"):
+                stat = HalfSampleCKA(grams[m])
+                d = cka_within_statistics(stat)
+                d["max_abs_difference_to_map"] = _check_against_map(stat, within[m])
+                summary["cka_within"][m] = d
     figures["cka_within"] = fig("cka_within.png")
     _plot_cka_panels(list(within.values()), [f"{m}: CKA of its own layers" for m in within], figures["cka_within"])
-    summary["cka_within"] = {}
-    for m in within:
-        stat = HalfSampleCKA(grams[m])
-        d = cka_within_statistics(stat)
-        d["max_abs_difference_to_map"] = _check_against_map(stat, within[m])
-        summary["cka_within"][m] = d
     d = summary["cka_within"]
     diag = np.concatenate([np.diag(np.asarray(r.values)) for r in within.values()])
     sections.append(("CKA within each model", "cka_within", (
@@ -392,22 +498,25 @@ def run_demo(
 
     pairs = [(a, b) for a, b in (("ref_vit", "ref_resnet"), ("ref_vit", "ref_vit_gap")) if a in stores and b in stores]
     if pairs:
-        step("CKA maps across models: " + ", ".join(f"{a} vs {b}" for a, b in pairs))
-        across = {(a, b): cka_matrix(stores[a], stores[b], estimator="debiased", device=device, progress=False)
-                  for a, b in pairs}
-        for (a, b), res in across.items():
-            res.to_json(js(f"cka_{a}_vs_{b}.json"))
+        across = {}
+        summary["cka_across"] = {}
+        text = []
+        with ph.phase("cka_across", "CKA maps across models: " + ", ".join(f"{a} vs {b}" for a, b in pairs),
+                      2 * len(pairs)) as step:
+            for a, b in pairs:
+                with step(f"{a} vs {b}: map"):
+                    res = across[(a, b)] = cka_matrix(stores[a], stores[b], estimator="debiased", device=device,
+                                                      progress=False)
+                    res.to_json(js(f"cka_{a}_vs_{b}.json"))
+                with step(f"{a} vs {b}: half-sample intervals ({N_RESAMPLES} splits)"):
+                    stat = HalfSampleCKA(grams[a], grams[b])
+                    c = cka_correspondence_statistics(stat)
+                    c["max_abs_difference_to_map"] = _check_against_map(stat, res)
+                    summary["cka_across"][f"{a}_vs_{b}"] = c
+                    text.append(cka_correspondence_sentence(a, b, c))
         figures["cka_across"] = fig("cka_across.png")
         _plot_cka_panels(list(across.values()), [f"{a} (rows) vs {b} (columns)" for a, b in across],
                          figures["cka_across"])
-        summary["cka_across"] = {}
-        text = []
-        for (a, b), res in across.items():
-            stat = HalfSampleCKA(grams[a], grams[b])
-            c = cka_correspondence_statistics(stat)
-            c["max_abs_difference_to_map"] = _check_against_map(stat, res)
-            summary["cka_across"][f"{a}_vs_{b}"] = c
-            text.append(cka_correspondence_sentence(a, b, c))
         sections.append(("CKA across models", "cka_across", (
             "Rows are the first model's layers and columns the second's; a bright band along the diagonal would "
             "mean the two networks compute their features in the same order. The correspondence rests on the "
@@ -417,55 +526,28 @@ def run_demo(
     # 3. attention -----------------------------------------------------------------------------------------
     vits = [m for m in stores if stores[m].attention_layers]
     summary["attention"] = {}
-    for m in vits:
-        step(f"attention distances and head kinds of {m}")
-        rep = attention_report(stores[m])
-        rep.to_json(js(f"attention_{m}.json"))
-        figures[f"attention_{m}"] = fig(f"attention_{m}.png")
-        drawn = rep.plot(figures[f"attention_{m}"], store=stores[m], rollout_images=2)
-        paths = figure_paths(figures[f"attention_{m}"])
-        figures[f"aligned_{m}"] = paths["aligned"]
-        if drawn.get("rollout") is not None:
-            figures[f"rollout_{m}"] = paths["rollout"]
-        kinds: dict[str, int] = {}
-        for ly in rep.layers:
-            for h in ly.heads:
-                kinds[h.kind] = kinds.get(h.kind, 0) + 1
-        st = _attention_statistics(stores[m], rep)
-        summary["attention"][m] = {"distance_px_per_layer": [[h.distance_px for h in ly.heads] for ly in rep.layers],
-                                   "head_kinds": kinds, **st}
-        sections.append((f"Attention distance: {m}", f"attention_{m}", _attention_sentence(m, st, kinds)))
-        from repsim.attention_plot import relative_to_uniform
-
-        centre = {(ly.layer, h): float(relative_to_uniform(rep.aligned[ly.layer])[h][
-            (rep.aligned[ly.layer].shape[1] - 1) // 2, (rep.aligned[ly.layer].shape[2] - 1) // 2])
-            for ly in rep.layers for h in range(ly.num_heads)}
-        (cl, ch), cmax = max(centre.items(), key=lambda kv: kv[1])
-        summary["attention"][m]["centre_over_uniform_max"] = {"layer": cl, "head": ch, "value": cmax}
-        sections.append((f"Aligned attention maps: {m}", f"aligned_{m}", (
-            "Each panel is one head's attention re-centred on its query patch, averaged over queries and images and "
-            "divided, offset by offset, by what uniform attention would give there (uniform attention aligned "
-            "this way is a pyramid, the count of queries that reach each offset, so the raw map always peaks at "
-            "the centre): white is uniform (a global head is flat white), a red centre is a local head, a red spot "
-            f"off the + an offset head. The strongest centre is x{cmax:.2f} uniform ({cl} head {ch}); the colour "
-            "scale spans the maps' range, at least x1/2 to x2 (descriptive: no interval is computed for these "
-            "maps).")))
-        if f"rollout_{m}" in figures:
-            sections.append((f"Attention rollout: {m}", f"rollout_{m}", (
-                "Attention rollout (Abnar & Zuidema 2020) multiplies the layers' head-averaged attention (plus the "
-                f"identity for the residual stream) to estimate how much each input patch reaches {m}'s read-out "
-                "token, for the first two images, each map scaled to its maximum. It is an illustration of single "
-                "images, not a statistic: no claim in this report rests on it.")))
+    with ph.phase("attention", "attention distances and head kinds of " + ", ".join(vits), len(vits)) as step:
+        for m in vits:
+            with step(m):
+                summary["attention"][m], more_sections, more_figures = _attention_analysis(m, stores[m], fig, js)
+            sections += more_sections
+            figures.update(more_figures)
 
     # 4. localisation --------------------------------------------------------------------------------------
-    step("spatial localisation (token ↔ input-patch CKA, position probe)")
-    loc = {}
-    for m in stores:
-        loc[m] = probes.localize(stores[m], images=min(localize_images, n), device=device, progress=progress)
-        loc[m].to_json(js(f"localize_{m}.json"))
-    step(f"localisation: bootstrap of the last layer's score ({N_RESAMPLES} resamples per model)")
-    final = {m: localisation_interval(stores[m], r.rows[-1].layer, images=min(localize_images, n),
-                                      n_boot=N_RESAMPLES, seed=0, device=device) for m, r in loc.items()}
+    loc, final = {}, {}
+    with ph.phase("localisation", "spatial localisation (token ↔ input-patch CKA, position probe)",
+                  len(stores)) as step:
+        for m in stores:
+            with step(f"{m} ({len(comparable_layers(stores[m]))} layers)"):
+                loc[m] = probes.localize(stores[m], images=min(localize_images, n), device=device, progress=False)
+                loc[m].to_json(js(f"localize_{m}.json"))
+    with ph.phase("localisation_bootstrap",
+                  f"localisation: bootstrap of the last layer's score ({N_RESAMPLES} resamples per model)",
+                  len(loc)) as step:
+        for m, r in loc.items():
+            with step(f"{m} ({r.rows[-1].layer})"):
+                final[m] = localisation_interval(stores[m], r.rows[-1].layer, images=min(localize_images, n),
+                                                 n_boot=N_RESAMPLES, seed=0, device=device)
     figures["localization"] = fig("localization.png")
     _plot_localisation(loc, final, figures["localization"])
     summary["localization"] = {
@@ -520,11 +602,12 @@ def run_demo(
             "location; a flat map means its content has been mixed across the image; the row labels give the "
             "localisation score whose interval is in the previous section.")))
 
-    step("object-foreground probe")
-    obj = {m: probes.object_localization(s, images=min(512, n), device=device, progress=progress)
-           for m, s in stores.items()}
-    for m, r in obj.items():
-        r.to_json(js(f"objects_{m}.json"))
+    obj = {}
+    with ph.phase("objects", "object-foreground probe", len(stores)) as step:
+        for m, s in stores.items():
+            with step(f"{m} ({len(comparable_layers(s))} layers)"):
+                obj[m] = probes.object_localization(s, images=min(512, n), device=device, progress=False)
+                obj[m].to_json(js(f"objects_{m}.json"))
     summary["objects"] = {}
     for m, r in obj.items():
         iou = np.asarray(r.iou, dtype=float)
@@ -556,14 +639,15 @@ def run_demo(
             "the layer lost the object.") if dead else "Every layer's probe predicts some foreground."))))
 
     # 5. linear probes ------------------------------------------------------------------------------------
-    step("linear probes of every layer")
-    # 11 strengths in [1e-3, 1e2] instead of the default 45 in [1e-6, 1e5]: a tenth of the time (measured: 19 s
-    # vs 230 s on these stores), best-layer accuracies within 3 points of the default grid's; tiny strengths
-    # barely converge on a few hundred separable images.
-    pr = {m: probes.linear_probe(s, method="logreg", device=device, progress=False, lambdas=PROBE_LAMBDAS)
-          for m, s in stores.items()}
-    for m, r in pr.items():
-        r.to_json(js(f"probe_{m}.json"))
+    pr = {}
+    with ph.phase("probes", "linear probes of every layer", len(stores)) as step:
+        for m, s in stores.items():
+            with step(f"{m} ({len(s.layers)} layers)"):
+                # 11 strengths in [1e-3, 1e2] instead of the default 45 in [1e-6, 1e5]: a tenth of the time
+                # (measured: 19 s vs 230 s on these stores), best-layer accuracies within 3 points of the default
+                # grid's; tiny strengths barely converge on a few hundred separable images.
+                pr[m] = probes.linear_probe(s, method="logreg", device=device, progress=False, lambdas=PROBE_LAMBDAS)
+                pr[m].to_json(js(f"probe_{m}.json"))
     intervals = {m: _probe_intervals(r) for m, r in pr.items()}
     figures["probes"] = fig("probes.png")
     _plot_probes(pr, intervals, chance / 100, figures["probes"])
@@ -592,10 +676,11 @@ def run_demo(
     # report -------------------------------------------------------------------------------------------------
     seconds = time.perf_counter() - t0
     summary["seconds"] = seconds
+    summary["phase_seconds"] = dict(ph.seconds)  # wall time of each phase (figures and report writing not included)
     write_json_atomic(os.path.join(out, "summary.json"), jsonable(summary))
     report = os.path.join(out, "report.md")
     _write_report(report, out, summary, sections, figures, accs, chance)
-    step(f"done: {report}")
+    ph.line(f"done: {report}")
     return DemoResult(out=out, report=report, figures=figures, summary=summary, seconds=seconds, sections=sections)
 
 

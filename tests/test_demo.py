@@ -11,7 +11,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 import repsim
-from repsim.demo import cka_correspondence_sentence, cka_within_sentence
+from repsim.demo import PhaseProgress, cka_correspondence_sentence, cka_within_sentence
 from repsim.intervals import (HalfSampleCKA, bootstrap_mean, correspondence, newcombe_difference,
                               statistic, verdict, wilson_interval)
 
@@ -22,6 +22,7 @@ def demo_dir(tmp_path_factory):
     res = run_cli("demo", "--out", str(out), "--n", "128", "--localize-images", "64", "--quiet")
     assert res.exit_code == 0, res.output
     assert f"report: {out / 'report.md'}" in res.output
+    (out / "cli_output.log").write_text(res.output)  # what a log file of the run holds (not a terminal)
     return out
 
 
@@ -103,6 +104,55 @@ def test_demo_rerun_reuses_the_stores(demo_dir):
                   "--models", "ref_resnet")  # other settings, same folder: a new store, not a refusal
     assert res.exit_code == 0, res.output
     assert (demo_dir / "stores" / "ref_resnet-n64.zarr").is_dir()
+
+
+@pytest.mark.slow
+def test_every_phase_reports_progress_in_a_log(demo_dir):
+    """Issue 13: no phase sits silent. In a log (not a terminal) every phase prints its start and one line per
+    finished step, k/total with the step's time; no carriage-return bar updates; summary.json keeps each
+    phase's wall time."""
+    out = (demo_dir / "cli_output.log").read_text()
+    s = json.loads((demo_dir / "summary.json").read_text())
+    totals = {"extraction": 3, "cka_within": 9, "cka_across": 4, "attention": 2, "localisation": 3,
+              "localisation_bootstrap": 3, "objects": 3, "probes": 3}
+    assert set(s["phase_seconds"]) == set(totals)
+    for key, total in totals.items():
+        steps = re.findall(rf"^\[ *\d+ s\]   {key} (\d+)/{total}: .+ \(\d+ s\)$", out, flags=re.M)
+        assert steps == [str(k) for k in range(1, total + 1)], (key, out)
+    assert "\r" not in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+    stamps = [int(re.match(r"\[ *(\d+) s\]", ln).group(1)) for ln in lines]
+    assert stamps == sorted(stamps) and len(lines) >= sum(totals.values()) + len(totals)
+
+
+def test_phase_progress_lines_and_bars(capsys):
+    """Without a terminal: the phase line, then one line per finished step; with bars: the phase line only (the
+    bar goes to stderr). A step that raises prints no line and the phase's time is still kept."""
+    logged = []
+    ph = PhaseProgress(logged.append, bars=False)
+    with ph.phase("probes", "linear probes", 2) as step:
+        for m in ("a", "b"):
+            with step(m):
+                pass
+    assert [ln.split("] ", 1)[1] for ln in logged] == ["linear probes", "  probes 1/2: a (0 s)", "  probes 2/2: b (0 s)"]
+    with pytest.raises(RuntimeError, match="boom"):
+        with ph.phase("objects", "objects", 2) as step:
+            with step("a"):
+                raise RuntimeError("boom")
+    assert logged[-1].endswith("] objects") and set(ph.seconds) == {"probes", "objects"}
+
+    logged.clear()
+    ph = PhaseProgress(logged.append, bars=True)
+    with ph.phase("probes", "linear probes", 2) as step:
+        for m in ("a", "b"):
+            with step(m):
+                pass
+    assert [ln.split("] ", 1)[1] for ln in logged] == ["linear probes"]
+    assert "probes" in capsys.readouterr().err  # the bar, on stderr
+    with ph.phase("extraction", "extracting", 1, bar=False) as step:  # the step draws its own bar
+        with step("m"):
+            pass
+    assert logged[-1].split("] ", 1)[1] == "  extraction 1/1: m (0 s)"
 
 
 @pytest.mark.parametrize("args, pattern", [
