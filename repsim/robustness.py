@@ -520,7 +520,8 @@ def plot_robustness(result: RobustnessResult, path: str | os.PathLike | None) ->
         ax.set_xlim(-0.03, 1.03)
         names = layer_labels(m.layers)
         step = max(1, int(np.ceil(len(names) / 24)))
-        ax.set_xticks(m.relative_depth[::step], names[::step], rotation=90, fontsize=7)
+        ticks = sorted(set(range(0, len(names), step)) | {len(names) - 1})  # thinned, the last layer always named
+        ax.set_xticks([m.relative_depth[t] for t in ticks], [names[t] for t in ticks], rotation=90, fontsize=7)
         ax.set_xlabel("layer, at its relative depth (first compared layer 0, last 1)")
         ax.set_ylabel("CKA(clean, perturbed), same layer")
         ax.set_title(f"{model_label(m.model)}: {kind}\ndebiased linear CKA, tokens={result.tokens}, n={m.n}, "
