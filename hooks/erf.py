@@ -164,9 +164,12 @@ def effective_receptive_fields(
 
 
 def store_images(store: "ActivationStore", k: int, transform) -> torch.Tensor:
-    """The first ``k`` preprocessed images of a store: its saved inputs, else its data set reopened from
-    the recorded provenance (refused unless the sample fingerprint still matches)."""
+    """The first ``k`` model inputs of a store: its saved inputs, else its data set reopened from the recorded
+    provenance (refused unless the sample ids are found again), preprocessed, and perturbed as recorded in the
+    store's ``perturbation`` attribute (``extract --perturb``: the saved inputs are already perturbed), so the
+    ERF and attributions of a perturbed store see the pixels its activations came from."""
     from repsim.data import open_dataset
+    from repsim.perturbations import Perturbation
 
     k = min(k, store.n)
     if store.has_inputs:
@@ -181,7 +184,9 @@ def store_images(store: "ActivationStore", k: int, transform) -> torch.Tensor:
     if any(sid not in where for sid in ids):
         raise UsageError(f"the images of {store.path} cannot be found again from its provenance "
                          f"({d.get('root') or d['name']}): re-extract with --save-inputs")
-    return torch.stack([transform(source.load(where[sid])) for sid in ids])
+    x = torch.stack([transform(source.load(where[sid])) for sid in ids])
+    recorded = store.attrs.get("perturbation")
+    return x if recorded is None else Perturbation.from_dict(recorded).apply(x, list(ids))
 
 
 def store_erf(store: "ActivationStore", images: int = 8, device: str = "cpu") -> list[ERFResult]:

@@ -267,3 +267,20 @@ def test_several_models_cli_json_and_figure(stores, tmp_path, shapes):
     assert r.models[1].levels[0].cka == direct.models[0].levels[0].cka
     assert r.models[1].clean_path == c.path and r.models[1].fingerprint == c.fingerprint
     assert_one_line_error(run_cli("robustness", stores[0.5].path, "--quiet"), "no clean store")
+
+
+def test_erf_and_attribution_inputs_of_a_perturbed_store_are_perturbed(tmp_path, stores, shapes, ref_vit):
+    """hooks.erf.store_images (the inputs of ``attention --erf`` and the attribution probes) rebuilds a perturbed
+    store's images from its provenance and perturbs them as recorded: equal to the inputs the extraction saved,
+    not the clean ones."""
+    from hooks.erf import store_images
+
+    p = Perturbation.parse("patch-drop:0.5", patch_px=8)
+    bare = extract(ref_vit, shapes, str(tmp_path / "bare.zarr"), batch_size=8, chunk_size=8, perturbation=p)
+    assert not bare.has_inputs
+    rebuilt = store_images(bare, 4, ref_vit.preprocessing.transform()).numpy()
+    saved = stores[0.5].read_inputs(0, 4).astype(np.float32)
+    assert np.array_equal(rebuilt == 0, saved == 0)
+    np.testing.assert_allclose(rebuilt, saved, rtol=2e-3, atol=1e-6)  # saved inputs are float16
+    clean = stores["clean"].read_inputs(0, 4).astype(np.float32)
+    assert not np.allclose(rebuilt, clean, rtol=2e-3, atol=1e-6)
