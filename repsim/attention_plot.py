@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -212,8 +213,10 @@ def plot_rollout(maps: np.ndarray, images: np.ndarray | None, model: str) -> Any
             ax.set_yticks([])
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.7).set_label("rollout attention (max = 1)", fontsize=7)
-    fig.suptitle(f"{model_label(model)}: attention rollout (Abnar & Zuidema 2020) of the first {k} images\n"
-                 "where the input patches flow into the read-out token, each map scaled to its maximum", fontsize=9)
+    title = (f"{model_label(model)}: attention rollout (Abnar & Zuidema 2020) of the first {k} images: where the "
+             "input patches flow into the read-out token, each map scaled to its maximum")
+    # wrapped to the figure's width (about 13 characters per inch at 9 pt): a two-image figure is narrow
+    fig.suptitle(textwrap.fill(title, width=max(40, int(13 * fig.get_figwidth()))), fontsize=9)
     return fig
 
 

@@ -1163,7 +1163,8 @@ def _erf(s, out, plot_path, images: int, device: str) -> None:
 @click.option("--models", "model_list", default=",".join(("ref_vit", "ref_vit_gap", "ref_resnet")), show_default=True,
               help="Comma-separated subset of the bundled reference models.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
-@click.option("--quiet", is_flag=True, help="No progress bars (step lines are still printed).")
+@click.option("--quiet", is_flag=True, help="No progress bars: a line per phase and per finished step instead (as in "
+              "a log).")
 def demo(out, n, localize_images, model_list, device, quiet) -> None:
     """Run every analysis on the bundled reference models and write OUT/report.md.
 
@@ -1175,7 +1176,7 @@ def demo(out, n, localize_images, model_list, device, quiet) -> None:
       figures/        CKA maps (within and across models), attention distances, localisation, probes
       json/           every result with its provenance;  summary.json: the numbers the report quotes
       stores/         the activation stores: e.g. `repsim info OUT/stores/ref_vit-n512.zarr`
-    No network and no GPU needed; one to two minutes on 2 CPU cores.
+    No network and no GPU needed; about 6 minutes on a shared 2-core machine (README: measured phase times).
     """
     from repsim.demo import run_demo
 

@@ -69,6 +69,8 @@ def _expected(store) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
         want[f"attn/{layer}/aligned"] = (("chunk", "head", "dy", "dx"), (chunks, heads, 2 * gh - 1, 2 * gw - 1))
         tokens = int(info["num_prefix_tokens"]) + gh * gw
         want[f"attn/{layer}/maps"] = (("kept_sample", "head", "query", "key"), (2, heads, tokens, tokens))
+        if f"attn/{layer}/query_map" in store.extra_arrays:  # attention as segmentation (global layers)
+            want[f"attn/{layer}/query_map"] = (("sample", "head", "patch"), (n, heads, gh * gw))
     return want
 
 
