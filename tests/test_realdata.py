@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from repsim import cka_matrix, open_store
 
 REAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "realdata"
@@ -51,4 +51,5 @@ def test_real_resnet20_cka_structure(r20, tmp_path):
     assert v[0, 1] > v[0, -2] and v[-1, -2] == max(v[-1, :-1])
     res = run_cli("attention", r20.path, "--erf", "--trust-code", "--erf-images", "4", "--out", str(tmp_path / "e.json"))
     # gap-pooled layers have no maps: a clear refusal, not a number
-    assert res.exit_code == 2 and "map" in res.output
+    assert_one_line_error(res, "has no spatial-map layers (pooled with --pool, or a transformer)")
+    assert not (tmp_path / "e.json").exists()
