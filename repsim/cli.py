@@ -1178,7 +1178,7 @@ def demo(out, n, localize_images, model_list, device, quiet) -> None:
       stores/         the activation stores: e.g. `repsim info OUT/stores/ref_vit-n512.zarr`
     No network and no GPU needed; about 6 minutes on a shared 2-core machine (README: measured phase times).
     """
-    from repsim.demo import run_demo
+    from repsim.app.demo import run_demo
 
     models = [m.strip() for m in model_list.split(",") if m.strip()]
     result = run_demo(out, n=n, localize_images=localize_images, device=device, progress=not quiet,

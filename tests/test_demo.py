@@ -11,7 +11,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 import repsim
-from repsim.demo import PhaseProgress, cka_correspondence_sentence, cka_within_sentence
+from repsim.app.demo import PhaseProgress, cka_correspondence_sentence, cka_within_sentence
 from repsim.intervals import (HalfSampleCKA, bootstrap_mean, correspondence, newcombe_difference,
                               statistic, verdict, wilson_interval)
 
