@@ -31,7 +31,6 @@ and passed through the same preprocessing transform as the images (mean 0, std 1
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import numpy as np
@@ -47,7 +46,6 @@ __all__ = ["METHODS", "attribution_maps", "pointing_game", "pointing_hits", "sto
 
 METHODS = ("ig", "gradcam")
 BASELINES = ("zero", "mean")
-_ID = re.compile(r"^shapes/v(\d+)/seed=(\d+)/size=(\d+)/(\d+)$")
 
 
 class _ToGrid(nn.Module):
@@ -232,22 +230,15 @@ def store_masks(store: Any, k: int, preprocessing: Any) -> np.ndarray:
     re-rendered from its id and passed through ``preprocessing``'s transform (mean 0, std 1), threshold 0.5."""
     from PIL import Image
 
-    from repsim.shapes import GENERATOR_VERSION, render_shape_sample
+    from repsim.masks import shapes_masks
 
     if (store.attrs.get("dataset") or {}).get("name") != "shapes":
         raise UsageError(f"{store.path} was not extracted from the 'shapes' data set: the pointing game needs "
                          "its object masks (repsim extract --data shapes)")
     tf = dataclasses.replace(preprocessing, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)).transform()
     out = []
-    for sid in store.ids[: min(k, store.n)]:
-        m = _ID.match(sid)
-        if m is None:
-            raise UsageError(f"sample id {sid!r} is not a shapes id")
-        version, seed, size, index = (int(v) for v in m.groups())
-        if version != GENERATOR_VERSION:
-            raise UsageError(f"sample {sid!r} comes from shapes generator v{version}, this repsim has "
-                             f"v{GENERATOR_VERSION}: re-extract the store")
-        mask = render_shape_sample(seed, index, size)[1]
+    # id parsing, generator-version check and re-rendering: the shared ground truth of repsim.masks
+    for mask in shapes_masks(store.ids[: min(k, store.n)]):
         img = Image.fromarray(np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2))
         out.append(tf(img)[0].numpy() > 0.5)
     return np.stack(out)

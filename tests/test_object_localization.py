@@ -390,3 +390,25 @@ def test_gradcam_on_tokens_points_at_the_object():
         assert np.corrcoef(cells[k], frac[k])[0, 1] > 0.8
     with pytest.raises(UsageError, match="grid"):
         pointing_game(_TokenModel(), x, masks, method="gradcam", layer="block", num_prefix_tokens=1, grid=(4, 4))
+
+
+def test_store_masks_render_shapes_ids_and_refuse_other_generators():
+    """The pointing game's masks come from repsim.masks' shapes ids: at the model's size with crop_pct 1 the
+    transform is the identity, so they are the rendered masks; another generator version is refused."""
+    from types import SimpleNamespace
+
+    from hooks.attribution import store_masks
+    from hooks.preprocess import Preprocessing
+    from repsim.shapes import GENERATOR_VERSION
+
+    ids = ShapesDataset(3, seed=1, image_size=IMG).ids
+    prep = Preprocessing((IMG, IMG), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), crop_pct=1.0)
+    store = SimpleNamespace(attrs={"dataset": {"name": "shapes"}}, ids=ids, n=3, path="s.zarr")
+    truth = np.stack([render_shape_sample(1, i, IMG)[1] for i in range(2)])
+    np.testing.assert_array_equal(store_masks(store, 2, prep), truth)
+    old = SimpleNamespace(attrs=store.attrs, ids=[f"shapes/v{GENERATOR_VERSION + 1}/seed=1/size={IMG}/0"], n=1,
+                          path="o.zarr")
+    with pytest.raises(UsageError, match=f"shapes generator v{GENERATOR_VERSION + 1}, this repsim has"):
+        store_masks(old, 1, prep)
+    with pytest.raises(UsageError, match="'cat/1.png' is not a shapes id"):
+        store_masks(SimpleNamespace(attrs=store.attrs, ids=["cat/1.png"], n=1, path="c.zarr"), 1, prep)
