@@ -529,6 +529,9 @@ class ActivationStore:
             out["inputs/pixels"] = self.n
         for e in self.attrs.get("extra_arrays", []):
             out[e["name"]] = {"samples": self.n, "chunks": self.n_chunks()}.get(e["rows"])
+        if self.attrs.get("digest_arrays"):
+            # promised by the root attributes: without it exchanged chunks would go unnoticed
+            out["progress/chunk_digest"] = self.n_chunks()
         return out
 
     def require_complete(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -31,7 +32,12 @@ def test_extract_info_verify(store):
     data = json.loads(res.output)
     assert data["attrs"]["dataset"]["n"] == 24 and data["chunks_done"] == data["n_chunks"]
     res = run("verify", store, "--quiet")
-    assert res.exit_code == 0 and "ok" in res.output
+    # every array of the store and every chunk file on disk was checked (counted here from the files)
+    root = pathlib.Path(store)
+    arrays = [p.parent for p in root.rglob("zarr.json") if json.loads(p.read_text())["node_type"] == "array"]
+    chunks = sum(1 for a in arrays for f in (a / "c").rglob("*") if f.is_file())
+    assert res.exit_code == 0 and res.output.strip() == (
+        f"{store}: ok ({len(arrays)} arrays, {chunks} chunks, no NaN/Inf, fingerprint consistent)")
 
 
 def test_rerun_complete_store_is_a_noop(store):
@@ -66,10 +72,10 @@ def test_errors_are_one_line_exit_2(store, tmp_path):
 
 
 def test_console_script_no_traceback(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "repsim.cli", "info", str(tmp_path / "absent.zarr")],
+    res = subprocess.run([sys.executable, "-m", "repsim.app.cli", "info", str(tmp_path / "absent.zarr")],
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error:") and "Traceback" not in res.stderr
-    res = subprocess.run([sys.executable, "-m", "repsim.cli", "--debug", "info", str(tmp_path / "absent.zarr")],
+    res = subprocess.run([sys.executable, "-m", "repsim.app.cli", "--debug", "info", str(tmp_path / "absent.zarr")],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" in res.stderr

@@ -9,6 +9,7 @@ import pytest
 
 from repsim import cka as cka_arrays
 from repsim import cka_matrix, open_store
+from conftest import assert_drawn_png
 from conftest import assert_one_line_error as _one_line_error
 from conftest import run_cli as run
 
@@ -41,7 +42,7 @@ def test_self_map_symmetric_unit_diagonal_json_and_plot(stores, tmp_path):
     np.testing.assert_allclose(np.diag(v), 1.0, atol=1e-9)
     assert d["estimator"] == "minibatch" and d["tokens"] == "flatten" and d["n"] == 32 and d["batch_size"] == 16
     assert d["fingerprint_a"] == d["fingerprint_b"] == s.fingerprint and d["std"] is None
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert_drawn_png(png)
 
 
 def test_cross_model_equals_array_cka_on_the_stored_rows(stores, tmp_path):

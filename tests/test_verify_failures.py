@@ -124,6 +124,23 @@ def test_attention_values_replaced_by_nan_and_a_chunk_lost(copy):
     ], problems
 
 
+@pytest.mark.parametrize("loss", ["chunk", "metadata"])
+def test_lost_content_digests_are_named(copy, loss):
+    """Without progress/chunk_digest two intact chunks could be exchanged unnoticed: its loss is damage."""
+    digest = pathlib.Path(copy, "progress", "chunk_digest")
+    if loss == "chunk":
+        for f in [f for f in (digest / "c").rglob("*") if f.is_file()]:
+            f.unlink()
+        assert _problems(copy) == [f"progress/chunk_digest: chunk {c} (rows {c}..{c}) is missing on disk"
+                                   for c in range(2)]
+    else:
+        (digest / "zarr.json").unlink()
+        (problem,) = _problems(copy)
+        assert problem.startswith("progress/chunk_digest: its metadata (progress/chunk_digest/zarr.json) is "
+                                  "missing or damaged")
+        assert_one_line_error(run_cli("probe", copy, "--method", "ridge", "--quiet"), "progress/chunk_digest")
+
+
 def test_a_folder_that_is_not_a_store(tmp_path):
     folder = tmp_path / "plain"
     folder.mkdir()
