@@ -260,6 +260,29 @@ def _check_xy(X: Any, y: Any, name: str, d: int | None = None) -> tuple[np.ndarr
     return X, y.astype(np.int64)
 
 
+def _check_fit_args(X_train: Any, y_train: Any, X_val: Any, y_val: Any, lambdas: Any, metric: str, refit: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray, bool,
+                               np.ndarray]:
+    """The argument checks :func:`fit_logreg` and :func:`ridge_classify` share: checked (X_train, y_train,
+    X_val, y_val), the λ grid, whether there is a (non-empty) validation set, and the training classes."""
+    X_train, y_train = _check_xy(X_train, y_train, "training")
+    lam_grid = _lambdas(lambdas)
+    if metric not in METRICS:
+        raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    has_val = X_val is not None
+    if has_val:
+        X_val, y_val = _check_xy(X_val, y_val, "validation", X_train.shape[1])
+        has_val = X_val.shape[0] > 0
+    if not has_val and lam_grid.size > 1:
+        raise UsageError(f"choosing among {lam_grid.size} strengths needs a validation set (X_val, y_val)")
+    if refit and not has_val:
+        raise UsageError("refit=True needs a validation set to refit on")
+    classes = np.unique(y_train)
+    if classes.size < 2:
+        raise UsageError(f"the training labels hold {classes.size} class; a classifier needs at least 2")
+    return X_train, y_train, X_val, y_val, lam_grid, has_val, classes
+
+
 def _lambdas(lambdas: Any) -> np.ndarray:
     lam = np.atleast_1d(np.asarray(DEFAULT_LAMBDAS if lambdas is None else lambdas, dtype=np.float64))
     if lam.ndim != 1 or lam.size == 0 or not np.all(np.isfinite(lam)) or not np.all(lam > 0):
@@ -663,26 +686,12 @@ def fit_logreg(
     Returns a :class:`LinearFit`.
     """
     t_start = time.perf_counter()
-    X_train, y_train = _check_xy(X_train, y_train, "training")
+    X_train, y_train, X_val, y_val, lam_grid, has_val, classes = _check_fit_args(
+        X_train, y_train, X_val, y_val, lambdas, metric, refit)
     d = X_train.shape[1]
-    lam_grid = _lambdas(lambdas)
-    if metric not in METRICS:
-        raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    has_val = X_val is not None
-    if has_val:
-        X_val, y_val = _check_xy(X_val, y_val, "validation", d)
-        if X_val.shape[0] == 0:
-            has_val = False
-    if not has_val and lam_grid.size > 1:
-        raise UsageError(f"choosing among {lam_grid.size} strengths needs a validation set (X_val, y_val)")
-    if refit and not has_val:
-        raise UsageError("refit=True needs a validation set to refit on")
     if tol <= 0 or max_iter < 1 or history_size < 1 or not rtol >= 0:
         raise UsageError(f"need tol > 0, max_iter >= 1, history_size >= 1, rtol >= 0 (got {tol}, {max_iter}, "
                          f"{history_size}, {rtol})")
-    classes = np.unique(y_train)
-    if classes.size < 2:
-        raise UsageError(f"the training labels hold {classes.size} class; a classifier needs at least 2")
     c = classes.size
     dev = resolve_device(device)
     dt = _precision(precision, X_train.shape[0], d, c)
@@ -930,21 +939,9 @@ def ridge_classify(
     (``converged`` always true, ``n_iter`` 0; ``C`` does not apply, ``alpha = λ·n_fit``).
     """
     t_start = time.perf_counter()
-    X_train, y_train = _check_xy(X_train, y_train, "training")
+    X_train, y_train, X_val, y_val, lam_grid, has_val, classes_train = _check_fit_args(
+        X_train, y_train, X_val, y_val, lambdas, metric, refit)
     n, d = X_train.shape
-    lam_grid = _lambdas(lambdas)
-    if metric not in METRICS:
-        raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    has_val = X_val is not None and len(X_val) > 0
-    if has_val:
-        X_val, y_val = _check_xy(X_val, y_val, "validation", d)
-    if not has_val and lam_grid.size > 1:
-        raise UsageError(f"choosing among {lam_grid.size} strengths needs a validation set (X_val, y_val)")
-    if refit and not has_val:
-        raise UsageError("refit=True needs a validation set to refit on")
-    classes_train = np.unique(y_train)
-    if classes_train.size < 2:
-        raise UsageError(f"the training labels hold {classes_train.size} class; a classifier needs at least 2")
     classes = np.unique(np.concatenate([y_train, y_val])) if refit else classes_train
     c = classes.size
     dev = resolve_device(device)
