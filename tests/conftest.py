@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from click.testing import CliRunner, Result
 
-from repsim.cli import cli
+from repsim.app.cli import cli
 
 
 def run_cli(*args: str) -> Result:

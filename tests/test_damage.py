@@ -23,7 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from repsim.cli import cli
+from repsim.app.cli import cli
 
 MODEL = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--offline"]
 DATA = ["--data", "shapes", "--n", "24", "--batch-size", "8", "--chunk-size", "8"]

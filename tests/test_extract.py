@@ -118,7 +118,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, vit, shapes):
 @pytest.mark.slow
 def test_kill_and_resume_cli(tmp_path):
     """SIGKILL a real extraction mid-run; the same command finishes it with bit-identical arrays."""
-    args = [sys.executable, "-m", "repsim.cli", "extract", "--model", VIT, "--random-init", "--img-size", "32",
+    args = [sys.executable, "-m", "repsim.app.cli", "extract", "--model", VIT, "--random-init", "--img-size", "32",
             "--data", "shapes", "--n", "96", "--batch-size", "8", "--chunk-size", "8", "--quiet"]
     ref = tmp_path / "ref.zarr"
     subprocess.run(args + ["--out", str(ref)], check=True, capture_output=True)

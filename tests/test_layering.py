@@ -9,10 +9,15 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# package -> packages it must not import (repsim's application layer, the CLI and the demo, is the exception:
-# nothing in the library imports it)
+# package -> packages it must not import (repsim's application layer, repsim/app/: the CLI and the demo, is the
+# exception: nothing in the library imports it)
 FORBIDDEN = {"repsim": {"hooks", "probes"}, "hooks": {"probes"}, "probes": {"hooks"}}
-CLI_LAYER = {ROOT / "repsim" / "cli.py", ROOT / "repsim" / "app" / "demo.py"}
+APP = ROOT / "repsim" / "app"
+
+
+def _in_app(path: pathlib.Path) -> bool:
+    """Whether ``path`` is a file of the application layer (any file under repsim/app/)."""
+    return APP in path.parents
 
 
 def _imports(path: pathlib.Path) -> set[str]:
@@ -30,7 +35,7 @@ def test_no_forbidden_imports():
     bad = []
     for package, forbidden in FORBIDDEN.items():
         for path in (ROOT / package).rglob("*.py"):
-            if path in CLI_LAYER:
+            if _in_app(path):
                 continue
             hit = _imports(path) & forbidden
             if hit:
@@ -41,7 +46,7 @@ def test_no_forbidden_imports():
 def test_library_has_no_click():
     for package in ("repsim", "hooks", "probes"):
         for path in (ROOT / package).rglob("*.py"):
-            if path != ROOT / "repsim" / "cli.py":
+            if not _in_app(path):
                 assert "click" not in _imports(path), path
 
 
@@ -156,6 +161,17 @@ def test_no_two_modules_import_each_other():
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
+def _is_app(module: str) -> bool:
+    return module == "repsim.app" or module.startswith("repsim.app.")
+
+
+def test_library_does_not_import_the_application_layer():
+    """Nothing in repsim/, hooks/ or probes/ outside repsim/app/ imports repsim.app (``import repsim.app.cli``,
+    ``from repsim.app import demo``, ``from repsim import app``, relative, inside functions: all counted)."""
+    bad = {m: sorted(filter(_is_app, deps)) for m, deps in import_graph().items() if not _is_app(m)}
+    assert not any(bad.values()), {m: deps for m, deps in bad.items() if deps}
+
+
 def test_info_does_not_load_torch(tmp_path):
     """`repsim info` prints metadata: it must not import torch, timm or the extraction code (it took 10-20 s
     when it did). Checked in a fresh interpreter, on a store laid out by the store writer alone."""
@@ -174,7 +190,7 @@ def test_info_does_not_load_torch(tmp_path):
     path = str(tmp_path / "s.zarr")
     StoreWriter.create(path, attrs, [LayerSpec("blocks.0", (5, 3), {"kind": "tokens"})], [f"s{i}" for i in range(4)],
                        [0, 1, 2, 3], dtype="float16")
-    code = ("import sys\nfrom repsim.cli import cli\ntry:\n    cli(['info', sys.argv[1]], prog_name='repsim')\n"
+    code = ("import sys\nfrom repsim.app.cli import cli\ntry:\n    cli(['info', sys.argv[1]], prog_name='repsim')\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'timm', 'hooks', 'probes', "
             "'sklearn', 'matplotlib'}))")

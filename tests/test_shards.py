@@ -18,7 +18,7 @@ ARGS = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "
 
 
 def _cli_process(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "repsim.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "repsim.app.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
