@@ -41,6 +41,7 @@ import torch
 
 from repsim.devices import resolve_device, tf32_off  # re-exported for probes.linear / probes.knn
 from repsim.errors import UsageError
+from repsim.store import check_layer_names
 
 FEATURE_MODES = ("cls", "mean", "gap", "concat-last-K")
 SPLIT_STREAMS = {"test": 0, "val": 1}  # independent seeded streams of np.random.default_rng([seed, stream])
@@ -234,7 +235,8 @@ def load_feature_set(store: StoreLike, fs: FeatureSet) -> np.ndarray:
 
 
 def select_layers(store: StoreLike, layers: Sequence[str] | None) -> list[str]:
-    """``layers`` checked against the store and put in network order (default: all of its layers)."""
+    """``layers`` checked against the store and put in network order, each at most once (one feature block per
+    layer; default: all of its layers). :func:`repsim.cka_engine.select_layers` keeps the given order instead."""
     if layers is None:
         return list(store.layers)
     if isinstance(layers, str):
@@ -242,15 +244,7 @@ def select_layers(store: StoreLike, layers: Sequence[str] | None) -> list[str]:
     layers = list(layers)
     if not layers:
         raise UsageError("no layers selected")
-    missing = [lay for lay in layers if lay not in store.layers]
-    if missing:
-        from difflib import get_close_matches
-
-        hints = []
-        for lay in missing:
-            close = get_close_matches(lay, store.layers, n=1)
-            hints.append(f"{lay!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise UsageError(f"{store.path} has no layer {', '.join(hints)}")
+    check_layer_names(store.path, store.layers, layers)
     if len(set(layers)) != len(layers):
         raise UsageError("a layer is selected twice")
     order = {lay: i for i, lay in enumerate(store.layers)}

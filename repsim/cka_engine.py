@@ -71,6 +71,7 @@ from repsim.gram import check_finite as _check_finite
 from repsim.gram import from_numpy as _from_numpy
 from repsim.gram import resolve_gram_dtype as _gram_dtype
 from repsim.json_output import read_json_result, write_json_atomic
+from repsim.store import check_layer_names
 
 ESTIMATORS = ("minibatch", "exact", "debiased")
 KERNELS = ("linear", "rbf")
@@ -642,8 +643,19 @@ def aligned_positions(store_a: StoreLike, store_b: StoreLike | None, align: str 
 
 
 def select_layers(store: StoreLike, layers: Sequence[str] | None) -> list[str]:
-    """``layers`` checked against the store (default: all of its layers, in network order)."""
-    return _select_layers(store, layers)
+    """``layers`` checked against the store, in the order given (the axes of a CKA map; a layer may repeat;
+    default: all of the store's layers, in network order). :func:`probes.features.select_layers` differs: it
+    sorts into network order and refuses repeats (one feature block per layer)."""
+    if layers is None:
+        out = list(store.layers)
+    else:
+        if isinstance(layers, str):
+            layers = [layers]
+        out = list(layers)
+        check_layer_names(store.path, store.layers, out)
+    if not out:
+        raise UsageError(f"no layers selected from {store.path}")
+    return out
 
 
 def _first_difference(ids_a: list[str], ids_b: list[str]) -> str:
@@ -858,12 +870,12 @@ def cka_matrix(
         raise UsageError("repeats > 1 re-draw the batch plan: use plan='shuffled' (or 'auto')")
     gdt = _gram_dtype(gram_dtype)
 
-    la = _select_layers(store_a, layers_a)
+    la = select_layers(store_a, layers_a)
     if store_b is None and layers_b is not None and list(layers_b) != la:
         store_b = store_a  # two different layer lists of one store: a cross comparison
     within = store_b is None
     sb = store_a if within else store_b
-    lb = la if within else _select_layers(sb, layers_b)
+    lb = la if within else select_layers(sb, layers_b)
     for s in (store_a,) if within else (store_a, sb):
         if not s.complete:
             raise UsageError(f"{s.path} is incomplete (an extraction is unfinished or was killed): rerun the same "
@@ -996,26 +1008,6 @@ def _gram_tier_pass(a: _Side, b: _Side | None, dev: torch.device, progress: bool
     sizes = [rows[c] for c in used]
     return values, {"n_batches": len(used), "batch_rows": [int(min(sizes)), int(max(sizes))],
                     "rows_used": int(sum(sizes))}
-
-
-def _select_layers(store: StoreLike, layers: Sequence[str] | None) -> list[str]:
-    if layers is None:
-        out = list(store.layers)
-    else:
-        if isinstance(layers, str):
-            layers = [layers]
-        out = list(layers)
-        missing = [name for name in out if name not in store.layers]
-        if missing:
-            from difflib import get_close_matches
-
-            hints = [f"{name!r}" + (f" (did you mean {get_close_matches(name, store.layers, n=1)[0]!r}?)"
-                                    if get_close_matches(name, store.layers, n=1) else "") for name in missing]
-            raise UsageError(f"{store.path} has no layer {', '.join(hints)}; it has {len(store.layers)} layers "
-                             "(see `repsim info`)")
-    if not out:
-        raise UsageError(f"no layers selected from {store.path}")
-    return out
 
 
 @dataclass

@@ -231,6 +231,20 @@ def is_url(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+def check_layer_names(path: str, layers: Sequence[str], names: Sequence[str]) -> None:
+    """UsageError naming every one of ``names`` that is not among the store's ``layers``, each with the closest
+    stored name when there is one (the one check behind every layer selection from a store)."""
+    missing = [name for name in names if name not in layers]
+    if missing:
+        from difflib import get_close_matches
+
+        hints = []
+        for name in missing:
+            close = get_close_matches(name, layers, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise UsageError(f"{path} has no layer {', '.join(hints)}; it has {len(layers)} layers (see `repsim info`)")
+
+
 def is_store(path: str) -> bool:
     """True when ``path`` (a local path or an fsspec URL) holds a Zarr group carrying repsim attributes."""
     if is_url(path):
@@ -368,11 +382,7 @@ class ActivationStore:
     # -- data -----------------------------------------------------------------------------------------
     def _check_layer(self, layer: str) -> None:
         if layer not in self.layers:
-            from difflib import get_close_matches
-
-            close = get_close_matches(layer, self.layers, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; it has {len(self.layers)} layers (see `repsim info`)"
-            raise UsageError(f"layer {layer!r} is not in {self.path}{hint}")
+            check_layer_names(self.path, self.layers, [layer])
 
     def _array(self, layer: str) -> zarr.Array:
         self._check_layer(layer)

@@ -37,3 +37,37 @@ def test_both_linear_fitters_check_their_arguments_alike(fit):
     # the empty set is still checked: its feature width must match
     with pytest.raises(UsageError, match=r"validation features have 2 dimensions"):
         fit(X, y, X[:0, :2], y[:0], lambdas=[0.1])
+
+
+def _store(tmp_path, layers=("blocks.0", "blocks.1", "head")):
+    from repsim.store import ActivationStore, LayerSpec, StoreWriter, fingerprint_ids
+
+    ids = [f"s{i}" for i in range(4)]
+    attrs = {"format_version": 1, "model": {"name": "m"}, "dataset": {"name": "d", "n": 4,
+             "fingerprint": fingerprint_ids(ids)}, "extraction": {"chunk_size": 4, "dtype": "float32"}}
+    specs = [LayerSpec(name, (2,), {"kind": "vector"}) for name in layers]
+    w = StoreWriter.create(str(tmp_path / "s.zarr"), attrs, specs, ids, np.zeros(4, dtype=np.int64), dtype="float32")
+    w.write_chunk(0, {name: np.ones((4, 2), dtype=np.float32) for name in layers})
+    w.update_attrs(complete=True)
+    return ActivationStore(str(tmp_path / "s.zarr"))
+
+
+def test_every_store_layer_selection_names_missing_layers_alike(tmp_path):
+    """One check (repsim.store.check_layer_names) behind the CKA, probe and store layer lookups: the same line."""
+    from probes.features import select_layers as probe_layers
+    from repsim.cka_engine import select_layers as cka_layers
+
+    store = _store(tmp_path)
+    want = (r"s\.zarr has no layer 'block.1' \(did you mean 'blocks\.1'\?\), 'zzz'; it has 3 layers "
+            r"\(see `repsim info`\)$")
+    for select in (cka_layers, probe_layers):
+        with pytest.raises(UsageError, match=want):
+            select(store, ["head", "block.1", "zzz"])
+    with pytest.raises(UsageError, match=r"s\.zarr has no layer 'hed' \(did you mean 'head'\?\); it has 3 layers"):
+        store.read("hed")
+    # what differs, by design: CKA map axes keep the given order (repeats allowed); probe features go in
+    # network order, each layer once
+    assert cka_layers(store, ["head", "blocks.0", "head"]) == ["head", "blocks.0", "head"]
+    assert probe_layers(store, ["head", "blocks.0"]) == ["blocks.0", "head"]
+    with pytest.raises(UsageError, match="a layer is selected twice"):
+        probe_layers(store, ["head", "head"])
