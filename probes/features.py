@@ -41,7 +41,7 @@ import torch
 
 from repsim.devices import resolve_device, tf32_off  # re-exported for probes.linear / probes.knn
 from repsim.errors import UsageError
-from repsim.store import check_layer_names
+from repsim.store import check_layer_names, layer_kind
 
 FEATURE_MODES = ("cls", "mean", "gap", "concat-last-K")
 SPLIT_STREAMS = {"test": 0, "val": 1}  # independent seeded streams of np.random.default_rng([seed, stream])
@@ -124,33 +124,32 @@ def feature_reduction(info: dict[str, Any], layer: str, mode: str) -> tuple[str,
     ``num_prefix_tokens:``), ``spatial-mean`` (mean over H, W of a (C, H, W) map) or ``identity`` (vectors).
     ``cls-or-mean`` is the per-layer rule of concat-last-K. Raises UsageError where the mode does not apply.
     """
-    kind = info.get("kind")
+    kind = layer_kind(info, layer)
     shape = tuple(int(s) for s in info["shape"])
-    if kind == "vector" or (kind is None and len(shape) == 1):
+    if kind == "vector":
         if mode == "cls":
             raise UsageError(f"features='cls' does not apply to layer {layer!r}: it is a vector layer "
                              f"{shape} with no tokens; use features='mean'")
         return "identity", int(np.prod(shape))
-    if kind == "map" or (kind is None and len(shape) == 3):
+    if kind == "map":
         if mode == "cls":
             raise UsageError(f"features='cls' does not apply to layer {layer!r}: it is a feature map (C, H, W) "
                              "with no CLS token; use features='mean' or 'gap'")
         return "spatial-mean", shape[0]
-    if kind == "tokens" or (kind is None and len(shape) == 2):
-        npt = info.get("num_prefix_tokens")
-        if npt is None:
-            raise UsageError(f"layer {layer!r} does not record its number of prefix tokens, so CLS and patch "
-                             "tokens cannot be told apart; re-extract it with a model whose prefix tokens are known")
-        npt = int(npt)
-        if mode == "cls" and npt == 0:
-            raise UsageError(f"features='cls' but layer {layer!r} has no prefix (CLS) token "
-                             "(num_prefix_tokens = 0); use features='mean'")
-        if mode == "cls" or (mode == "cls-or-mean" and npt > 0):
-            return "cls", shape[1]
-        if shape[0] - npt < 1:
-            raise UsageError(f"layer {layer!r} has no patch tokens after its {npt} prefix tokens")
-        return "patch-mean", shape[1]
-    raise UsageError(f"layer {layer!r} has unknown kind {kind!r} (expected tokens, map or vector)")
+    # tokens
+    npt = info.get("num_prefix_tokens")
+    if npt is None:
+        raise UsageError(f"layer {layer!r} does not record its number of prefix tokens, so CLS and patch "
+                         "tokens cannot be told apart; re-extract it with a model whose prefix tokens are known")
+    npt = int(npt)
+    if mode == "cls" and npt == 0:
+        raise UsageError(f"features='cls' but layer {layer!r} has no prefix (CLS) token "
+                         "(num_prefix_tokens = 0); use features='mean'")
+    if mode == "cls" or (mode == "cls-or-mean" and npt > 0):
+        return "cls", shape[1]
+    if shape[0] - npt < 1:
+        raise UsageError(f"layer {layer!r} has no patch tokens after its {npt} prefix tokens")
+    return "patch-mean", shape[1]
 
 
 def _reduce(rows: np.ndarray, reduction: str, npt: int) -> np.ndarray:

@@ -66,6 +66,7 @@ from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
 from repsim.json_output import jsonable, read_json_result, write_json_atomic
 from repsim.masks import cell_bounds
+from repsim.store import layer_kind
 
 __all__ = [
     "DEFAULT_IMAGES",
@@ -99,18 +100,9 @@ SCORE_DEFINITION = ("score = mean_p CKA(p, own patch p) - mean_p mean_{q != p} C
 # ----------------------------------------------------------------------------------------------------
 
 
-def _kind(info: dict[str, Any], layer: str) -> str:
-    kind = info.get("kind")
-    if kind is None:
-        kind = {1: "vector", 2: "tokens", 3: "map"}.get(len(tuple(info.get("shape", ()))))
-    if kind not in ("tokens", "map", "vector"):
-        raise UsageError(f"layer {layer!r} has unknown kind {info.get('kind')!r} (expected tokens, map or vector)")
-    return kind
-
-
 def grid_positions(info: dict[str, Any], layer: str) -> tuple[str, tuple[int, int], int]:
     """``(kind, (gh, gw), num_prefix_tokens)`` of a token or map layer; UsageError for anything else."""
-    kind = _kind(info, layer)
+    kind = layer_kind(info, layer)
     shape = tuple(int(s) for s in info["shape"])
     if kind == "vector":
         raise UsageError(f"layer {layer!r} is a vector layer {shape}: it has no spatial positions to localise")

@@ -71,7 +71,7 @@ from repsim.gram import check_finite as _check_finite
 from repsim.gram import from_numpy as _from_numpy
 from repsim.gram import resolve_gram_dtype as _gram_dtype
 from repsim.json_output import read_json_result, write_json_atomic
-from repsim.store import check_layer_names
+from repsim.store import check_layer_names, layer_kind
 
 ESTIMATORS = ("minibatch", "exact", "debiased")
 KERNELS = ("linear", "rbf")
@@ -514,18 +514,9 @@ def _as_tensor_rows(x: Any, name: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _layer_kind(info: dict[str, Any], layer: str) -> str:
-    kind = info.get("kind")
-    if kind is None:
-        kind = "vector" if len(tuple(info.get("shape", ()))) == 1 else None
-    if kind not in ("tokens", "map", "vector"):
-        raise UsageError(f"layer {layer!r} has unknown kind {info.get('kind')!r} (expected tokens, map or vector)")
-    return kind
-
-
 def _check_tokens_mode(info: dict[str, Any], layer: str, tokens: str) -> int:
     """Validate ``tokens`` for this layer up front; return the feature dimension of one row."""
-    kind = _layer_kind(info, layer)
+    kind = layer_kind(info, layer)
     shape = tuple(int(s) for s in info["shape"])
     if kind == "vector" or tokens == "flatten":
         return int(np.prod(shape))
@@ -553,7 +544,7 @@ def _rows_to_features(x: np.ndarray, info: dict[str, Any], tokens: str, device: 
     cls → token 0. maps (r, C, H, W): flatten → (r, C·H·W); mean → average over H, W. vectors unchanged.
     """
     t = _from_numpy(x).to(device).to(dtype)
-    kind = _layer_kind(info, "?")
+    kind = layer_kind(info, "?")
     if kind == "tokens" and tokens == "mean":
         t = t[:, int(info["num_prefix_tokens"]):].mean(dim=1)
     elif kind == "tokens" and tokens == "cls":

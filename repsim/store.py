@@ -215,6 +215,19 @@ def dimension_names(name: str, ndim: int, *, rows: str = "samples", kind: str | 
     return (ROW_DIMENSIONS.get(rows, "row"), *(f"{parts[-1]}_{i}" for i in range(1, ndim)))[:ndim]
 
 
+def layer_kind(info: dict[str, Any], layer: str) -> str:
+    """``tokens`` | ``map`` | ``vector`` of a layer from its attributes (:meth:`ActivationStore.layer_info`): the
+    recorded ``kind``, else the one its per-sample shape implies ((T, D) tokens, (C, H, W) map, (D,) vector: the
+    store format has no other layouts); UsageError for anything else."""
+    kind = info.get("kind")
+    if kind is None:
+        ndim = len(tuple(info.get("shape", ())))
+        kind = next((k for k, axes in KIND_DIMENSIONS.items() if len(axes) == ndim), None)
+    if kind not in KIND_DIMENSIONS:
+        raise UsageError(f"layer {layer!r} has unknown kind {info.get('kind')!r} (expected tokens, map or vector)")
+    return kind
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of ``config`` (sorted keys, no whitespace)."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
