@@ -133,9 +133,9 @@ class RobustnessResult:
         return cls(models=models, **d)
 
     def plot(self, path: str | os.PathLike | None) -> Any:
-        """Accuracy vs level (one line per model, a panel per perturbation kind) above CKA(clean, perturbed) vs
-        relative depth (a panel per model and kind, one line per level, 95% bands); saved to ``path`` when
-        given; returns the Figure."""
+        """Accuracy vs level (one line per model, a panel per perturbation kind), then CKA(clean, perturbed) vs
+        relative depth (a panel per model and kind, one line per level, 95% bands), in one flow of up to 4
+        columns; saved to ``path`` when given; returns the Figure."""
         return plot_robustness(self, path)
 
     def summary_lines(self) -> list[str]:
@@ -471,16 +471,21 @@ def plot_robustness(result: RobustnessResult, path: str | os.PathLike | None) ->
     kinds = sorted({k for m in result.models for k in m.kinds()})
     acc_kinds = [k for k in kinds if any(m.accuracy and k in m.kinds() for m in result.models)]
     panels = [(m, k) for m in result.models for k in m.kinds()]
-    ncols = max(1, min(3, max(len(panels), len(acc_kinds))))
-    nrows_cka = -(-len(panels) // ncols)
-    nrows = nrows_cka + (1 if acc_kinds else 0)
+    # one flow of panels, the accuracy panels first, then the CKA panels: a separate accuracy row left most of
+    # its width empty; at most 4 columns (3 when that fills every row), so only the last row can have a gap
+    total = len(acc_kinds) + len(panels)
+    ncols = max(1, min(4, total))
+    if total > 4 and total % 4 and total % 3 == 0:
+        ncols = 3
+    nrows = -(-total // ncols)
     fig = Figure(figsize=(5.6 * ncols + 1.6, 4.2 * nrows + 0.4), layout="constrained")
     grid = fig.add_gridspec(nrows, ncols)
+    cells = iter((r, c) for r in range(nrows) for c in range(ncols))
     pct = 100.0
     model_colours = {m.model: colormaps["tab10"](i % 10) for i, m in enumerate(result.models)}
 
-    for c, kind in enumerate(acc_kinds):
-        ax = fig.add_subplot(grid[0, c])
+    for kind in acc_kinds:
+        ax = fig.add_subplot(grid[next(cells)])
         for m in result.models:
             if not m.accuracy or kind not in m.kinds():
                 continue
@@ -503,9 +508,8 @@ def plot_robustness(result: RobustnessResult, path: str | os.PathLike | None) ->
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
 
-    top = 1 if acc_kinds else 0
-    for idx, (m, kind) in enumerate(panels):
-        ax = fig.add_subplot(grid[top + idx // ncols, idx % ncols])
+    for m, kind in panels:
+        ax = fig.add_subplot(grid[next(cells)])
         lv = [x for x in m.levels if x.perturbation["kind"] == kind]
         cmap = colormaps["viridis"]
         for i, v in enumerate(lv):

@@ -93,6 +93,135 @@ def test_summary_backs_every_comparison_with_an_interval(demo_dir):
         assert "not resolved" in report
 
 
+def _logits_correct(store) -> np.ndarray:
+    """Per image: the argmax of the stored logits (the last layer) equals the label (numpy, from the store)."""
+    logits = np.asarray(store.read(store.layers[-1]), dtype=np.float64)
+    assert logits.shape == (store.n, 8)
+    return (logits.argmax(1) == np.asarray(store.labels)).astype(float)
+
+
+def _debiased_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Debiased linear CKA from Song et al.'s (2012) unbiased HSIC written out term by term (tests/test_cka.py)."""
+    from test_cka import _hsic_unbiased_song
+
+    x = x.reshape(len(x), -1) - x.reshape(len(x), -1).mean(0)
+    y = y.reshape(len(y), -1) - y.reshape(len(y), -1).mean(0)
+    k, l = x @ x.T, y @ y.T
+    return _hsic_unbiased_song(k, l) / np.sqrt(_hsic_unbiased_song(k, k) * _hsic_unbiased_song(l, l))
+
+
+@pytest.mark.slow
+def test_robustness_section_recomputes_from_the_stores(demo_dir):
+    """Issue 15: the robustness entries equal an argmax count on the perturbed stores' logits (Wilson interval),
+    the ViT − ResNet drop difference the mean of per-image drop differences, the first layer below 0.5 numpy
+    debiased CKA of clean vs perturbed activations; the report's sentences quote those numbers."""
+    from repsim.app.demo import ROBUSTNESS_LEVELS, ROBUSTNESS_PATCH_PX
+    from repsim.intervals import ci_text
+    from repsim.store import open_store
+
+    s = json.loads((demo_dir / "summary.json").read_text())["robustness"]
+    report = (demo_dir / "report.md").read_text()
+    section = report.split("## Robustness to patch drop", 1)[1].split("\n## ", 1)[0]
+    stores = demo_dir / "stores"
+    assert s["levels"] == list(ROBUSTNESS_LEVELS) and set(s["models"]) == {"ref_vit", "ref_vit_gap", "ref_resnet"}
+    drops = {}
+    for m, entry in s["models"].items():
+        clean = open_store(str(stores / f"{m}-n128.zarr"))
+        ok_clean = _logits_correct(clean)
+        for level in ROBUSTNESS_LEVELS:
+            pert = open_store(str(stores / f"{m}-n128-patch-drop{level:g}-p{ROBUSTNESS_PATCH_PX}.zarr"))
+            assert pert.attrs["perturbation"]["kind"] == "patch-drop" and list(pert.ids) == list(clean.ids)
+            ok = _logits_correct(pert)
+            e = entry["levels"][f"{level:g}"]
+            assert e["accuracy"]["value"] == pytest.approx(ok.mean(), abs=1e-12)
+            assert (e["accuracy"]["low"], e["accuracy"]["high"]) == pytest.approx(wilson_interval(int(ok.sum()), 128))
+            assert e["accuracy_drop"]["value"] == pytest.approx(ok_clean.mean() - ok.mean(), abs=1e-12)
+            assert ci_text(**{k: e["accuracy"][k] for k in ("value", "low", "high")}, digits=1, scale=100,
+                           unit="%") in section
+            drops[(m, level)] = ok_clean - ok
+            # the first layer below 0.5, against numpy CKA (float16 stores: a layer within 0.02 of 0.5 is skipped)
+            layers = entry["layers"]
+            stop = layers.index(e["first_below"]) if e["first_below"] else len(layers)
+            for layer in layers[: stop + 1][-3:]:
+                if layer not in clean.layers:
+                    continue
+                c = _debiased_cka(np.asarray(clean.read(layer), dtype=np.float64),
+                                  np.asarray(pert.read(layer), dtype=np.float64))
+                if abs(c - 0.5) > 0.02:
+                    assert (c < 0.5) == (layer == e["first_below"]), (m, level, layer, c)
+            if "first_below_cka" in e:
+                c = e["first_below_cka"]
+                assert c["verdict_against_threshold"] == verdict(c["low"], c["high"], 0.5)
+                assert ci_text(c["value"], c["low"], c["high"]) in section
+    for key, d in s["vit_minus_resnet_drop"].items():
+        v, level = key.split("@")
+        assert d["value"] == pytest.approx((drops[(v, float(level))] - drops[("ref_resnet", float(level))]).mean())
+        assert d["low"] <= d["value"] <= d["high"] and d["verdict"] == verdict(d["low"], d["high"])
+        assert ci_text(d["value"], d["low"], d["high"], digits=1, scale=100, unit=" points") in section
+        if d["verdict"] == "not resolved":
+            assert f"whether {v} or ref_resnet loses more is not resolved" in section
+    assert len(s["vit_minus_resnet_drop"]) == 2 * len(ROBUSTNESS_LEVELS)
+
+
+@pytest.mark.slow
+def test_segmentation_section_recomputes_from_the_stores(demo_dir):
+    """Issue 15: the best head's Jaccard and the all-foreground reference equal numpy on the stored query maps
+    (DINO's 60% mass rule) and the re-rendered shapes masks; the report quotes them with their intervals."""
+    from repsim.intervals import ci_text
+    from repsim.masks import store_input_masks
+    from repsim.store import open_store
+
+    s = json.loads((demo_dir / "summary.json").read_text())["segmentation"]
+    report = (demo_dir / "report.md").read_text()
+    assert set(s) == {"ref_vit", "ref_vit_gap"}
+    for m, e in s.items():
+        store = open_store(str(demo_dir / "stores" / f"{m}-n128.zarr"))
+        assert all(f"attn/{ly}/query_map" in store.extra_arrays for ly in store.attention_layers)
+        qmap = np.asarray(store.read_attention(e["best_layer"], "query_map"), dtype=np.float64)[:, e["best_head"]]
+        gh, gw = store.attention_info(e["best_layer"])["grid"]
+        cover = store_input_masks(store, np.arange(store.n))  # (n, H, W) coverage in [0, 1]
+        ph, pw = cover.shape[1] // gh, cover.shape[2] // gw
+        fg = cover.reshape(store.n, gh, ph, gw, pw).mean((2, 4)).reshape(store.n, -1) > 0.5
+        order = np.sort(qmap, axis=1)[:, ::-1]
+        k = (np.cumsum(order, axis=1) < 0.6 - 1e-9).sum(1)  # the k-th largest weight reaches 60% of the mass
+        keep = qmap >= order[np.arange(store.n), k][:, None]
+        scored = fg.any(1)
+        jac = (keep & fg).sum(1)[scored] / (keep | fg).sum(1)[scored]
+        assert e["n_scored"] == scored.sum()
+        assert e["best_jaccard"]["value"] == pytest.approx(jac.mean(), abs=1e-9)
+        assert e["all_foreground_jaccard"]["value"] == pytest.approx(fg.mean(1)[scored].mean(), abs=1e-9)
+        assert e["best_gain"]["value"] == pytest.approx(jac.mean() - fg.mean(1)[scored].mean(), abs=1e-9)
+        section = report.split(f"## Attention as segmentation: {m}", 1)[1].split("\n## ", 1)[0]
+        for key in ("best_jaccard", "all_foreground_jaccard", "best_gain", "held_out_gain",
+                    "best_head_spatial_entropy"):
+            st = e[key]
+            assert st["low"] <= st["value"] <= st["high"], key
+            assert ci_text(st["value"], st["low"], st["high"]) in section, key
+        assert e["held_out_gain"]["verdict"] == verdict(e["held_out_gain"]["low"], e["held_out_gain"]["high"])
+
+
+def test_segmentation_and_robustness_sentences_follow_the_intervals():
+    """A straddling interval is worded 'not resolved'; a resolved one names its direction (hand-built entries)."""
+    from repsim.app.demo import _first_below_words, segmentation_sentence
+
+    def st(v, lo, hi):
+        return statistic(v, lo, hi)
+
+    e = {"mass": 0.6, "n_scored": 10, "best_layer": "blocks.5.attn", "best_head": 2,
+         "best_jaccard": st(0.3, 0.25, 0.35), "all_foreground_jaccard": st(0.2, 0.18, 0.22),
+         "best_gain": st(0.1, 0.05, 0.15), "held_out_layer": "blocks.4.attn", "held_out_head": 1,
+         "held_out_gain": st(0.02, -0.01, 0.05), "best_head_spatial_entropy": st(0.4, 0.3, 0.5)}
+    text = segmentation_sentence("vit", e)
+    assert "gain 0.10 [0.05, 0.15]: above the reference" in text
+    assert "blocks.4.attn head 1 gains 0.02 [-0.01, 0.05]: not resolved against the reference" in text
+    names = {"b3": "b3", "b5": "b5"}
+    straddles = {"first_below": "b3", "first_below_resolved": "b5",
+                 "first_below_cka": {"value": 0.45, "low": 0.3, "high": 0.6, "verdict_against_threshold": "not resolved"}}
+    assert _first_below_words(straddles, 0.5, names) == ("CKA first below 0.5 at b3 (0.45 [0.30, 0.60], not resolved "
+                                                         "against 0.5; first resolved below at b5)")
+    assert _first_below_words({"first_below": None}, 0.5, names) == "CKA stays at or above 0.5 at every layer"
+
+
 @pytest.mark.slow
 def test_demo_rerun_reuses_the_stores(demo_dir):
     before = os.path.getmtime(demo_dir / "stores" / "ref_resnet-n128.zarr" / "zarr.json")
@@ -114,7 +243,7 @@ def test_every_phase_reports_progress_in_a_log(demo_dir):
     out = (demo_dir / "cli_output.log").read_text()
     s = json.loads((demo_dir / "summary.json").read_text())
     totals = {"extraction": 3, "cka_within": 9, "cka_across": 4, "attention": 2, "localisation": 3,
-              "localisation_bootstrap": 3, "objects": 3, "probes": 3}
+              "localisation_bootstrap": 3, "objects": 3, "probes": 3, "robustness": 7, "segmentation": 2}
     assert set(s["phase_seconds"]) == set(totals)
     for key, total in totals.items():
         steps = re.findall(rf"^\[ *\d+ s\]   {key} (\d+)/{total}: .+ \(\d+ s\)$", out, flags=re.M)
@@ -164,7 +293,7 @@ def test_demo_bad_input(tmp_path, args, pattern):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The statistics behind the report's sentences (repsim.intervals, repsim.demo), against independent references
+# The statistics behind the report's sentences (repsim.intervals, repsim.app.demo), against independent references
 # ---------------------------------------------------------------------------------------------------------
 
 

@@ -9,9 +9,15 @@ on held-out ``shapes`` images, then computes and draws
 4. spatial localisation: token ↔ input-patch CKA and a position probe per layer, CLS vs GAP ViT
    (Raghu et al. 2021, Fig. 10), and the object-foreground probe,
 5. linear probes of every layer (Kornblith et al. 2019 protocol),
+6. robustness to random patch drop (Naseer et al. 2021): top-1 per drop level and where CKA(clean,
+   perturbed) falls below 0.5, ViT vs ResNet (:mod:`repsim.robustness`),
+7. attention as segmentation (Caron et al. 2021; Peruzzo et al. 2022) of both ViTs
+   (:mod:`repsim.attention_segmentation`).
 
-and writes ``DIR/report.md``: every figure with two sentences on what it shows, sentences written *from the
-measured numbers* (a published effect the models do not show is reported as absent, not asserted).
+Each phase is one step function (``_extraction_step`` … ``_segmentation_step``, listed in :func:`run_demo`):
+it reads a :class:`DemoContext` and returns a :class:`StepOutput` (its ``summary.json`` entries, report sections
+and figures). The demo writes ``DIR/report.md``: every figure with two sentences on what it shows, sentences
+written *from the measured numbers* (a published effect the models do not show is reported as absent, not asserted).
 Every result is also kept as JSON with its provenance under ``DIR/json/``; ``DIR/summary.json`` holds the
 headline numbers the report quotes.
 
@@ -48,6 +54,10 @@ DEMO_MODELS = ("ref_vit", "ref_vit_gap", "ref_resnet")
 DEMO_SEED = 0
 #: L2 strengths searched by the demo's logistic-regression probes
 PROBE_LAMBDAS = np.logspace(-3, 2, 11)
+#: the robustness section's patch-drop fractions (a few, to keep the demo's time in check)
+ROBUSTNESS_LEVELS = (0.25, 0.5)
+#: patch grid of the drop in input pixels: the ViTs' token size on the 64 px images (one dropped patch = one token)
+ROBUSTNESS_PATCH_PX = 8
 
 
 @dataclass
@@ -116,13 +126,18 @@ def _classes(store: ActivationStore) -> list[str]:
     return list(store.attrs["dataset"]["classes"])
 
 
-def _accuracy(store: ActivationStore) -> float:
-    """Top-1 accuracy of the model's own logits (its last stored layer) against the store's labels."""
+def _correct(store: ActivationStore) -> np.ndarray:
+    """Per image, 1.0 where the argmax of the model's logits (its last stored layer) is the label, else 0.0."""
     logits = np.asarray(store.read(store.layers[-1]), dtype=np.float64)
     k = len(_classes(store))
     if logits.ndim != 2 or logits.shape[1] != k:
         raise UsageError(f"{store.path}: the last layer {store.layers[-1]} is not the {k}-way logits")
-    return float((logits.argmax(1) == store.labels).mean())
+    return (logits.argmax(1) == store.labels).astype(np.float64)
+
+
+def _accuracy(store: ActivationStore) -> float:
+    """Top-1 accuracy of the model's own logits (its last stored layer) against the store's labels."""
+    return float(_correct(store).mean())
 
 
 def comparable_layers(store: ActivationStore) -> list[str]:
@@ -392,6 +407,41 @@ def _attention_analysis(m: str, store: ActivationStore, fig: Callable[[str], str
     return summary, sections, figures
 
 
+@dataclass
+class DemoContext:
+    """What the demo's steps share: settings, where to write, the progress reporter, and what earlier steps
+    produced (the stores, the loaded models and image sources, the centred Grams of the CKA step)."""
+
+    out: str
+    n: int
+    localize_images: int
+    device: str
+    bars: bool  # draw progress bars (stderr is a terminal)
+    ph: PhaseProgress
+    stores: dict[str, ActivationStore] = field(default_factory=dict)
+    loaded_models: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, Any] = field(default_factory=dict)
+    grams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accs: str = ""  # the held-out accuracies as the report's first paragraph quotes them
+    chance: float = 0.0  # chance accuracy in percent
+
+    def fig(self, name: str) -> str:
+        return os.path.join(self.out, "figures", name)
+
+    def js(self, name: str) -> str:
+        return os.path.join(self.out, "json", name)
+
+
+@dataclass
+class StepOutput:
+    """One demo step's share of the output: top-level ``summary.json`` entries, report sections (title, figure
+    key, text) and figure paths by key."""
+
+    summary: dict[str, Any] = field(default_factory=dict)
+    sections: list[tuple[str, str, str]] = field(default_factory=list)
+    figures: dict[str, str] = field(default_factory=dict)
+
+
 def run_demo(
     out: str,
     *,
@@ -411,22 +461,18 @@ def run_demo(
     ``log`` line per finished step of a phase (:class:`PhaseProgress`). ``summary["phase_seconds"]`` keeps each
     phase's wall time.
     """
-    import probes
-    from probes.foreground_probe import plot_object_localization
-    from probes.localization import localisation_interval, plot_token_maps
-
     t0 = time.perf_counter()
     unknown = [m for m in models if m not in REFERENCE_MODELS]
     if unknown:
         raise UsageError(f"unknown demo model(s) {', '.join(unknown)}; choose from {', '.join(DEMO_MODELS)}")
     if n < 64:
         raise UsageError(f"the demo needs n >= 64 images, got {n}")
-    os.makedirs(os.path.join(out, "stores"), exist_ok=True)
-    os.makedirs(os.path.join(out, "json"), exist_ok=True)
-    os.makedirs(os.path.join(out, "figures"), exist_ok=True)
-    fig = lambda name: os.path.join(out, "figures", name)  # noqa: E731
-    js = lambda name: os.path.join(out, "json", name)  # noqa: E731
-    figures: dict[str, str] = {}
+    for folder in ("stores", "json", "figures"):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+    # one bar per phase on a terminal, one line per finished step in a log (issue 13: phases sat silent)
+    bars = progress and sys.stderr.isatty()
+    ctx = DemoContext(out=out, n=n, localize_images=localize_images, device=device, bars=bars,
+                      ph=PhaseProgress(log, bars, t0))
     summary: dict[str, Any] = {
         "n_images": n, "data": f"shapes seed {DEMO_SEED} (held out)", "models": {},
         "uncertainty": {"level": LEVEL, "cka": HALF_SAMPLE_METHOD.format(r=N_RESAMPLES),
@@ -434,123 +480,153 @@ def run_demo(
                         "localisation": f"percentile bootstrap over images ({N_RESAMPLES} resamples)",
                         "per-image means": "percentile bootstrap over images (1000 resamples)",
                         "verdict": "'higher' / 'lower' only when the interval excludes 0, else 'not resolved'"}}
+    figures: dict[str, str] = {}
     sections: list[tuple[str, str, str]] = []
 
-    # one bar per phase on a terminal, one line per finished step in a log (issue 13: phases sat silent)
-    bars = progress and sys.stderr.isatty()
-    ph = PhaseProgress(log, bars, t0)
+    # the plan: each step reads the context (and what earlier steps left in it) and returns its share
+    for step in (_extraction_step, _cka_within_step, _cka_across_step, _attention_step, _localisation_step,
+                 _objects_step, _probes_step, _robustness_step, _segmentation_step):
+        done = step(ctx, list(models))
+        summary.update(done.summary)
+        sections += done.sections
+        figures.update(done.figures)
 
-    # 1. extraction -----------------------------------------------------------------------------------------
-    stores: dict[str, ActivationStore] = {}
-    loaded_models: dict[str, Any] = {}
-    with ph.phase("extraction", f"extracting {', '.join(models)} on {n} held-out shapes images", len(models),
-                  bar=False) as step:  # extraction's own bar (images) is the finer one
+    seconds = time.perf_counter() - t0
+    summary["seconds"] = seconds
+    summary["phase_seconds"] = dict(ctx.ph.seconds)  # wall time of each phase (figures and report not included)
+    write_json_atomic(os.path.join(out, "summary.json"), jsonable(summary))
+    report = os.path.join(out, "report.md")
+    _write_report(report, out, summary, sections, figures, ctx.accs, ctx.chance)
+    ctx.ph.line(f"done: {report}")
+    return DemoResult(out=out, report=report, figures=figures, summary=summary, seconds=seconds, sections=sections)
+
+
+def _extraction_step(ctx: DemoContext, models: list[str]) -> StepOutput:
+    """Extract every model on the held-out images (ViTs with attention statistics); accuracy from the logits."""
+    with ctx.ph.phase("extraction", f"extracting {', '.join(models)} on {ctx.n} held-out shapes images",
+                      len(models), bar=False) as step:  # extraction's own bar (images) is the finer one
         for name in models:
             with step(name):
-                loaded = loaded_models[name] = load_model(name)
-                source = open_dataset("shapes", n=n, seed=DEMO_SEED, image_size=loaded.preprocessing.img_size[0])
+                loaded = ctx.loaded_models[name] = load_model(name)
+                source = ctx.sources[name] = open_dataset("shapes", n=ctx.n, seed=DEMO_SEED,
+                                                          image_size=loaded.preprocessing.img_size[0])
                 is_vit = loaded.info.family == "vit"
                 # n in the name: a rerun with another --n in the same folder extracts anew instead of being refused
-                plan = plan_extraction(loaded, source, os.path.join(out, "stores", f"{name}-n{n}.zarr"),
+                plan = plan_extraction(loaded, source, os.path.join(ctx.out, "stores", f"{name}-n{ctx.n}.zarr"),
                                        batch_size=64, save_inputs=True, attention=is_vit,
-                                       attn_keep=4 if is_vit else 0, progress=bars)
-                stores[name] = run_extraction(plan, device=device, progress=bars)
+                                       attn_keep=4 if is_vit else 0, progress=ctx.bars)
+                ctx.stores[name] = run_extraction(plan, device=ctx.device, progress=ctx.bars)
+    entries = {}
     for name in models:
-        loaded = loaded_models[name]
-        acc = _accuracy(stores[name])
-        lo, hi = wilson_interval(int(round(acc * n)), n)
-        summary["models"][name] = {"accuracy": acc, "accuracy_low": lo, "accuracy_high": hi,
-                                   "chance": 1 / len(_classes(stores[name])),
-                                   "weights_sha256": loaded.info.weights.get("sha256"),
-                                   "layers": list(stores[name].layers),
-                                   "comparable_layers": comparable_layers(stores[name])}
-    accs = ", ".join(f"{m} {ci_text(v['accuracy'], v['accuracy_low'], v['accuracy_high'], 1, 100, '%')}"
-                     for m, v in summary["models"].items())
-    chance = 100 / len(_classes(next(iter(stores.values()))))
-    ph.line(f"held-out accuracy: {accs} (chance {chance:.1f}%)")
+        store = ctx.stores[name]
+        acc = _accuracy(store)
+        lo, hi = wilson_interval(int(round(acc * ctx.n)), ctx.n)
+        entries[name] = {"accuracy": acc, "accuracy_low": lo, "accuracy_high": hi,
+                         "chance": 1 / len(_classes(store)),
+                         "weights_sha256": ctx.loaded_models[name].info.weights.get("sha256"),
+                         "layers": list(store.layers), "comparable_layers": comparable_layers(store)}
+    ctx.accs = ", ".join(f"{m} {ci_text(v['accuracy'], v['accuracy_low'], v['accuracy_high'], 1, 100, '%')}"
+                         for m, v in entries.items())
+    ctx.chance = 100 / len(_classes(next(iter(ctx.stores.values()))))
+    ctx.ph.line(f"held-out accuracy: {ctx.accs} (chance {ctx.chance:.1f}%)")
+    return StepOutput(summary={"models": entries})
 
-    # 2. CKA ----------------------------------------------------------------------------------------------
-    within, grams = {}, {}
-    summary["cka_within"] = {}
-    with ph.phase("cka_within", "CKA maps within each model (debiased CKA on all images; half-sample intervals)",
-                  3 * len(stores)) as step:
-        for m, s in stores.items():
+
+def _cka_within_step(ctx: DemoContext, models: list[str]) -> StepOutput:
+    """CKA map of each model's own layers; decay away from the diagonal with half-sample intervals."""
+    within, entries = {}, {}
+    with ctx.ph.phase("cka_within", "CKA maps within each model (debiased CKA on all images; half-sample intervals)",
+                      3 * len(ctx.stores)) as step:
+        for m, s in ctx.stores.items():
             with step(f"{m}: map"):
-                within[m] = cka_matrix(s, estimator="debiased", device=device, progress=False)
-                within[m].to_json(js(f"cka_{m}.json"))
+                within[m] = cka_matrix(s, estimator="debiased", device=ctx.device, progress=False)
+                within[m].to_json(ctx.js(f"cka_{m}.json"))
             with step(f"{m}: Grams of the stem and blocks"):
-                grams[m] = _grams(s, comparable_layers(s))
+                ctx.grams[m] = _grams(s, comparable_layers(s))
             with step(f"{m}: half-sample intervals ({N_RESAMPLES} splits)"):
-                stat = HalfSampleCKA(grams[m])
+                stat = HalfSampleCKA(ctx.grams[m])
                 d = cka_within_statistics(stat)
                 d["max_abs_difference_to_map"] = _check_against_map(stat, within[m])
-                summary["cka_within"][m] = d
-    figures["cka_within"] = fig("cka_within.png")
-    _plot_cka_panels(list(within.values()), [f"{m}: CKA of its own layers" for m in within], figures["cka_within"])
-    d = summary["cka_within"]
+                entries[m] = d
+    path = ctx.fig("cka_within.png")
+    _plot_cka_panels(list(within.values()), [f"{m}: CKA of its own layers" for m in within], path)
     diag = np.concatenate([np.diag(np.asarray(r.values)) for r in within.values()])
-    sections.append(("CKA within each model", "cka_within", (
-        f"Each cell is the debiased linear CKA of two layers of one model on the same {n} images (features "
-        f"flattened); the diagonal is {_fmt(diag.min())}–{_fmt(diag.max())} (a layer against itself), and the "
-        "statistics below use the stem and blocks only (pre-logits and logits left out). "
-        + "; ".join(cka_within_sentence(m, v) for m, v in d.items()) + ". Intervals: 95%, half-samples of the "
-        "images.")))
+    text = (f"Each cell is the debiased linear CKA of two layers of one model on the same {ctx.n} images (features "
+            f"flattened); the diagonal is {_fmt(diag.min())}–{_fmt(diag.max())} (a layer against itself), and the "
+            "statistics below use the stem and blocks only (pre-logits and logits left out). "
+            + "; ".join(cka_within_sentence(m, v) for m, v in entries.items()) + ". Intervals: 95%, half-samples of "
+            "the images.")
+    return StepOutput({"cka_within": entries}, [("CKA within each model", "cka_within", text)],
+                      {"cka_within": path})
 
+
+def _cka_across_step(ctx: DemoContext, models: list[str]) -> StepOutput:
+    """CKA maps across models (ViT vs ResNet, CLS vs GAP ViT) and the depth correspondence with its interval."""
+    stores = ctx.stores
     pairs = [(a, b) for a, b in (("ref_vit", "ref_resnet"), ("ref_vit", "ref_vit_gap")) if a in stores and b in stores]
-    if pairs:
-        across = {}
-        summary["cka_across"] = {}
-        text = []
-        with ph.phase("cka_across", "CKA maps across models: " + ", ".join(f"{a} vs {b}" for a, b in pairs),
+    if not pairs:
+        return StepOutput()
+    across, entries, text = {}, {}, []
+    with ctx.ph.phase("cka_across", "CKA maps across models: " + ", ".join(f"{a} vs {b}" for a, b in pairs),
                       2 * len(pairs)) as step:
-            for a, b in pairs:
-                with step(f"{a} vs {b}: map"):
-                    res = across[(a, b)] = cka_matrix(stores[a], stores[b], estimator="debiased", device=device,
-                                                      progress=False)
-                    res.to_json(js(f"cka_{a}_vs_{b}.json"))
-                with step(f"{a} vs {b}: half-sample intervals ({N_RESAMPLES} splits)"):
-                    stat = HalfSampleCKA(grams[a], grams[b])
-                    c = cka_correspondence_statistics(stat)
-                    c["max_abs_difference_to_map"] = _check_against_map(stat, res)
-                    summary["cka_across"][f"{a}_vs_{b}"] = c
-                    text.append(cka_correspondence_sentence(a, b, c))
-        figures["cka_across"] = fig("cka_across.png")
-        _plot_cka_panels(list(across.values()), [f"{a} (rows) vs {b} (columns)" for a, b in across],
-                         figures["cka_across"])
-        sections.append(("CKA across models", "cka_across", (
-            "Rows are the first model's layers and columns the second's; a bright band along the diagonal would "
-            "mean the two networks compute their features in the same order. The correspondence rests on the "
-            "stem and block layers only (the pre-logits and logits rows and columns, trained towards the same "
-            "labels, are left out): " + ". ".join(text) + ".")))
+        for a, b in pairs:
+            with step(f"{a} vs {b}: map"):
+                res = across[(a, b)] = cka_matrix(stores[a], stores[b], estimator="debiased", device=ctx.device,
+                                                  progress=False)
+                res.to_json(ctx.js(f"cka_{a}_vs_{b}.json"))
+            with step(f"{a} vs {b}: half-sample intervals ({N_RESAMPLES} splits)"):
+                stat = HalfSampleCKA(ctx.grams[a], ctx.grams[b])
+                c = cka_correspondence_statistics(stat)
+                c["max_abs_difference_to_map"] = _check_against_map(stat, res)
+                entries[f"{a}_vs_{b}"] = c
+                text.append(cka_correspondence_sentence(a, b, c))
+    path = ctx.fig("cka_across.png")
+    _plot_cka_panels(list(across.values()), [f"{a} (rows) vs {b} (columns)" for a, b in across], path)
+    return StepOutput({"cka_across": entries}, [("CKA across models", "cka_across", (
+        "Rows are the first model's layers and columns the second's; a bright band along the diagonal would "
+        "mean the two networks compute their features in the same order. The correspondence rests on the "
+        "stem and block layers only (the pre-logits and logits rows and columns, trained towards the same "
+        "labels, are left out): " + ". ".join(text) + "."))], {"cka_across": path})
 
-    # 3. attention -----------------------------------------------------------------------------------------
-    vits = [m for m in stores if stores[m].attention_layers]
-    summary["attention"] = {}
-    with ph.phase("attention", "attention distances and head kinds of " + ", ".join(vits), len(vits)) as step:
+
+def _attention_step(ctx: DemoContext, models: list[str]) -> StepOutput:
+    """Attention distances, aligned maps and rollout of every ViT (:func:`_attention_analysis`)."""
+    vits = [m for m in ctx.stores if ctx.stores[m].attention_layers]
+    done = StepOutput({"attention": {}})
+    with ctx.ph.phase("attention", "attention distances and head kinds of " + ", ".join(vits), len(vits)) as step:
         for m in vits:
             with step(m):
-                summary["attention"][m], more_sections, more_figures = _attention_analysis(m, stores[m], fig, js)
-            sections += more_sections
-            figures.update(more_figures)
+                done.summary["attention"][m], more_sections, more_figures = _attention_analysis(
+                    m, ctx.stores[m], ctx.fig, ctx.js)
+            done.sections += more_sections
+            done.figures.update(more_figures)
+    return done
 
-    # 4. localisation --------------------------------------------------------------------------------------
+
+def _localisation_step(ctx: DemoContext, models: list[str]) -> StepOutput:
+    """Token ↔ input-patch CKA and the position probe per layer; CLS vs GAP ViT with paired intervals; the
+    last block's token maps."""
+    import probes
+    from probes.localization import localisation_interval, plot_token_maps
+
+    stores, n, images = ctx.stores, ctx.n, min(ctx.localize_images, ctx.n)
     loc, final = {}, {}
-    with ph.phase("localisation", "spatial localisation (token ↔ input-patch CKA, position probe)",
-                  len(stores)) as step:
+    with ctx.ph.phase("localisation", "spatial localisation (token ↔ input-patch CKA, position probe)",
+                      len(stores)) as step:
         for m in stores:
             with step(f"{m} ({len(comparable_layers(stores[m]))} layers)"):
-                loc[m] = probes.localize(stores[m], images=min(localize_images, n), device=device, progress=False)
-                loc[m].to_json(js(f"localize_{m}.json"))
-    with ph.phase("localisation_bootstrap",
-                  f"localisation: bootstrap of the last layer's score ({N_RESAMPLES} resamples per model)",
-                  len(loc)) as step:
+                loc[m] = probes.localize(stores[m], images=images, device=ctx.device, progress=False)
+                loc[m].to_json(ctx.js(f"localize_{m}.json"))
+    with ctx.ph.phase("localisation_bootstrap",
+                      f"localisation: bootstrap of the last layer's score ({N_RESAMPLES} resamples per model)",
+                      len(loc)) as step:
         for m, r in loc.items():
             with step(f"{m} ({r.rows[-1].layer})"):
-                final[m] = localisation_interval(stores[m], r.rows[-1].layer, images=min(localize_images, n),
-                                                 n_boot=N_RESAMPLES, seed=0, device=device)
-    figures["localization"] = fig("localization.png")
-    _plot_localisation(loc, final, figures["localization"])
-    summary["localization"] = {
+                final[m] = localisation_interval(stores[m], r.rows[-1].layer, images=images,
+                                                 n_boot=N_RESAMPLES, seed=0, device=ctx.device)
+    done = StepOutput(figures={"localization": ctx.fig("localization.png")})
+    _plot_localisation(loc, final, done.figures["localization"])
+    entries: dict[str, Any] = {
         m: {"final_layer": r.rows[-1].layer,
             "final_score": statistic(final[m]["score"], final[m]["low"], final[m]["high"], n=final[m]["n"],
                                      method=final[m]["method"]),
@@ -558,8 +634,9 @@ def run_demo(
                                                  r.rows[-1].position_accuracy_high,
                                                  chance=r.rows[-1].position_chance),
             "scores": [row.score for row in r.rows]} for m, r in loc.items()}
+    done.summary["localization"] = entries
     text = "; ".join(f"{m} ({v['final_layer']}) {ci_text(**_v(v['final_score']), digits=3)}"
-                     for m, v in summary["localization"].items())
+                     for m, v in entries.items())
     if "ref_vit" in loc and "ref_vit_gap" in loc:
         same_rows = list(stores["ref_vit"].ids) == list(stores["ref_vit_gap"].ids)
         diff = final["ref_vit"]["samples"] - final["ref_vit_gap"]["samples"]  # same seed and n: paired resamples
@@ -571,7 +648,7 @@ def run_demo(
         pd = bootstrap_mean(pa, pb)
         pdiff = statistic(pd["value"], pd["low"], pd["high"], n=pd["n"],
                           method="paired percentile bootstrap over the test images")
-        summary["localization"]["cls_minus_gap"] = {"score": sdiff, "position_accuracy": pdiff}
+        entries["cls_minus_gap"] = {"score": sdiff, "position_accuracy": pdiff}
         verdict_s = {
             "higher": "the CLS-token ViT's last tokens stay tied to their own patches more than the GAP ViT's, as in "
                       "Raghu et al. Fig. 10",
@@ -582,106 +659,280 @@ def run_demo(
         verdict_p = {"higher": "higher for the CLS ViT", "lower": "higher for the GAP ViT",
                      "not resolved": "not resolved"}[pdiff["verdict"]]
         loc_text = (f"CLS − GAP score {ci_text(**_v(sdiff), digits=3)}: {verdict_s}. The position probe on the same "
-                   f"layer reads {100 * loc['ref_vit'].rows[-1].position_accuracy:.1f}% vs "
-                   f"{100 * loc['ref_vit_gap'].rows[-1].position_accuracy:.1f}% (difference "
-                   f"{ci_text(**_v(pdiff), digits=1, scale=100, unit=' points')}: {verdict_p}), so a token's position "
-                   "stays linearly decodable in both even where its CKA to its own patch differs")
+                    f"layer reads {100 * loc['ref_vit'].rows[-1].position_accuracy:.1f}% vs "
+                    f"{100 * loc['ref_vit_gap'].rows[-1].position_accuracy:.1f}% (difference "
+                    f"{ci_text(**_v(pdiff), digits=1, scale=100, unit=' points')}: {verdict_p}), so a token's "
+                    "position stays linearly decodable in both even where its CKA to its own patch differs")
     else:
         loc_text = "(the CLS vs GAP comparison needs both ViTs)"
-    sections.append(("Spatial localisation", "localization", (
+    done.sections.append(("Spatial localisation", "localization", (
         "Left: how much more a token resembles its own input patch than the other patches (biased CKA over "
-        f"{min(localize_images, n)} images, 0 = no localisation); right: how well a linear probe recovers each "
+        f"{images} images, 0 = no localisation); right: how well a linear probe recovers each "
         f"token's grid position (95% intervals over images). Last-layer scores: {text}. {loc_text}.")))
     pair = {m: loc[m].maps[loc[m].rows[-1].layer] for m in ("ref_vit", "ref_vit_gap") if m in loc and loc[m].maps}
     if pair:
-        figures["token_maps"] = fig("token_maps.png")
-        plot_token_maps(pair, figures["token_maps"])
-        sections.append(("Token ↔ patch maps of the last block", "token_maps", (
+        done.figures["token_maps"] = ctx.fig("token_maps.png")
+        plot_token_maps(pair, done.figures["token_maps"])
+        done.sections.append(("Token ↔ patch maps of the last block", "token_maps", (
             "CKA between the token at the outlined position of each ViT's last block and every input patch, both "
             "rows on one colour scale. A bright square only at the outline means the token still encodes its own "
             "location; a flat map means its content has been mixed across the image; the row labels give the "
             "localisation score whose interval is in the previous section.")))
+    return done
+
+
+def _objects_step(ctx: DemoContext, models: list[str]) -> StepOutput:
+    """The object-foreground probe per layer: best IoU and its gain over calling every cell foreground."""
+    import probes
+    from probes.foreground_probe import plot_object_localization
 
     obj = {}
-    with ph.phase("objects", "object-foreground probe", len(stores)) as step:
-        for m, s in stores.items():
+    with ctx.ph.phase("objects", "object-foreground probe", len(ctx.stores)) as step:
+        for m, s in ctx.stores.items():
             with step(f"{m} ({len(comparable_layers(s))} layers)"):
-                obj[m] = probes.object_localization(s, images=min(512, n), device=device, progress=False)
-                obj[m].to_json(js(f"objects_{m}.json"))
-    summary["objects"] = {}
+                obj[m] = probes.object_localization(s, images=min(512, ctx.n), device=ctx.device, progress=False)
+                obj[m].to_json(ctx.js(f"objects_{m}.json"))
+    entries = {}
     for m, r in obj.items():
         iou = np.asarray(r.iou, dtype=float)
         best = r.rows[int(np.nanargmax(iou))]
-        summary["objects"][m] = {
+        entries[m] = {
             "best_layer": best.layer, "best_iou": statistic(best.iou_mean, best.iou_low, best.iou_high,
                                                             n=best.n_scored_images),
             "best_gain_over_all_foreground": statistic(best.gain_over_all_foreground, best.gain_low,
                                                        best.gain_high, n=best.n_scored_images),
             "no_foreground_predicted": [row.layer for row in r.rows if row.predicted_foreground_share == 0],
             "baseline_iou": r.rows[0].baseline_iou}
-    figures["objects"] = fig("objects.png")
-    plot_object_localization(obj, figures["objects"])
+    path = ctx.fig("objects.png")
+    plot_object_localization(obj, path)
     parts = []
-    for m, v in summary["objects"].items():
+    for m, v in entries.items():
         g = v["best_gain_over_all_foreground"]
         word = {"higher": "above", "lower": "below", "not resolved": "not resolved against"}[g["verdict"]]
         parts.append(f"{m} {ci_text(**_v(v['best_iou']))} at {v['best_layer']} ({word} the all-foreground "
                      f"reference by {ci_text(**_v(g))})")
-    dead = [f"{m}: {', '.join(v['no_foreground_predicted'])}" for m, v in summary["objects"].items()
+    dead = [f"{m}: {', '.join(v['no_foreground_predicted'])}" for m, v in entries.items()
             if v["no_foreground_predicted"]]
-    sections.append(("Where is the object?", "objects", (
+    return StepOutput({"objects": entries}, [("Where is the object?", "objects", (
         "A linear probe per layer predicts, for each token or feature-map position, whether more than half of it "
         "lies on the shape; the curve is the IoU of the predicted with the true foreground on the test images "
         "(95% bootstrap intervals), the dotted lines the IoU of calling every cell foreground. Best IoU: "
         + "; ".join(parts) + ". "
         + (("Hollow points (" + "; ".join(dead) + ") are grids so coarse that almost no cell is more than half "
             "covered, so the probe predicts background everywhere and the IoU is 0 by construction, not because "
-            "the layer lost the object.") if dead else "Every layer's probe predicts some foreground."))))
+            "the layer lost the object.") if dead else "Every layer's probe predicts some foreground.")))],
+        {"objects": path})
 
-    # 5. linear probes ------------------------------------------------------------------------------------
+
+def _probes_step(ctx: DemoContext, models: list[str]) -> StepOutput:
+    """Logistic-regression probes of every layer; first tap vs pre-logits with a Newcombe interval."""
+    import probes
+
     pr = {}
-    with ph.phase("probes", "linear probes of every layer", len(stores)) as step:
-        for m, s in stores.items():
+    with ctx.ph.phase("probes", "linear probes of every layer", len(ctx.stores)) as step:
+        for m, s in ctx.stores.items():
             with step(f"{m} ({len(s.layers)} layers)"):
                 # 11 strengths in [1e-3, 1e2] instead of the default 45 in [1e-6, 1e5]: a tenth of the time
                 # (measured: 19 s vs 230 s on these stores), best-layer accuracies within 3 points of the default
                 # grid's; tiny strengths barely converge on a few hundred separable images.
-                pr[m] = probes.linear_probe(s, method="logreg", device=device, progress=False, lambdas=PROBE_LAMBDAS)
-                pr[m].to_json(js(f"probe_{m}.json"))
+                pr[m] = probes.linear_probe(s, method="logreg", device=ctx.device, progress=False,
+                                            lambdas=PROBE_LAMBDAS)
+                pr[m].to_json(ctx.js(f"probe_{m}.json"))
     intervals = {m: _probe_intervals(r) for m, r in pr.items()}
-    figures["probes"] = fig("probes.png")
-    _plot_probes(pr, intervals, chance / 100, figures["probes"])
-    summary["probes"] = {}
-    parts = []
+    path = ctx.fig("probes.png")
+    _plot_probes(pr, intervals, ctx.chance / 100, path)
+    entries, parts = {}, []
     for m, r in pr.items():
         iv = intervals[m]
         stem, pre = iv[0], iv[-2]  # the first tap and the pre-logits (the vector the classifier reads)
         d, lo, hi = newcombe_difference(pre["correct"], pre["n_test"], stem["correct"], stem["n_test"])
         best = max(iv, key=lambda row: row["top1"])
-        summary["probes"][m] = {"per_layer": iv, "first_layer": stem["layer"], "pre_logits_layer": pre["layer"],
-                                "first_top1": stem["top1"], "pre_logits_top1": pre["top1"],
-                                "pre_logits_minus_first": statistic(d, lo, hi, method="Newcombe hybrid score"),
-                                "best_layer": best["layer"], "best_top1": best["top1"]}
+        entries[m] = {"per_layer": iv, "first_layer": stem["layer"], "pre_logits_layer": pre["layer"],
+                      "first_top1": stem["top1"], "pre_logits_top1": pre["top1"],
+                      "pre_logits_minus_first": statistic(d, lo, hi, method="Newcombe hybrid score"),
+                      "best_layer": best["layer"], "best_top1": best["top1"]}
         word = {"higher": "rises", "lower": "falls", "not resolved": "has no resolved change"}[verdict(lo, hi)]
         parts.append(f"{m} {word} from {ci_text(stem['top1'], stem['low'], stem['high'], 0, 100, '%')} at "
                      f"{stem['layer']} to {ci_text(pre['top1'], pre['low'], pre['high'], 0, 100, '%')} at the "
                      f"pre-logits ({pre['layer']}; difference {ci_text(d, lo, hi, 0, 100, ' points')})")
-    sections.append(("Linear probes", "probes", (
+    protocol = pr[next(iter(pr))].protocol
+    return StepOutput({"probes": entries}, [("Linear probes", "probes", (
         "In-distribution probe accuracy: a logistic-regression probe on each layer's mean token / pooled "
-        f"features, trained on {pr[next(iter(pr))].protocol.get('n_train')} images of the same held-out shapes "
+        f"features, trained on {protocol.get('n_train')} images of the same held-out shapes "
         "set (strength chosen on a validation split) and tested on "
-        f"{pr[next(iter(pr))].protocol.get('n_test')} others, with 95% Wilson intervals. Accuracy "
-        + "; ".join(parts) + f" (chance {chance:.1f}%).")))
+        f"{protocol.get('n_test')} others, with 95% Wilson intervals. Accuracy "
+        + "; ".join(parts) + f" (chance {ctx.chance:.1f}%)."))], {"probes": path})
 
-    # report -------------------------------------------------------------------------------------------------
-    seconds = time.perf_counter() - t0
-    summary["seconds"] = seconds
-    summary["phase_seconds"] = dict(ph.seconds)  # wall time of each phase (figures and report writing not included)
-    write_json_atomic(os.path.join(out, "summary.json"), jsonable(summary))
-    report = os.path.join(out, "report.md")
-    _write_report(report, out, summary, sections, figures, accs, chance)
-    ph.line(f"done: {report}")
-    return DemoResult(out=out, report=report, figures=figures, summary=summary, seconds=seconds, sections=sections)
+
+
+
+def _robustness_step(ctx: DemoContext, models: list[str]) -> StepOutput:
+    """Robustness profiles under random patch drop (Naseer et al. 2021; :mod:`repsim.robustness`): each model
+    re-extracted on the same images at :data:`ROBUSTNESS_LEVELS`, top-1 per level, the first layer whose
+    CKA(clean, perturbed) falls below 0.5, and each ViT's accuracy drop against the ResNet's (paired bootstrap)."""
+    from hooks.extract import extract
+    from repsim.perturbations import Perturbation
+    from repsim.cka_plot import layer_labels
+    from repsim.robustness import robustness_profiles
+
+    levels, patch = ROBUSTNESS_LEVELS, ROBUSTNESS_PATCH_PX
+    perturbed: dict[tuple[str, float], ActivationStore] = {}
+    with ctx.ph.phase("robustness", f"robustness: patch-drop {', '.join(f'{v:g}' for v in levels)} "
+                      f"({patch} px patches) of {', '.join(models)}", len(models) * len(levels) + 1,
+                      bar=False) as step:  # extraction and the profile draw their own bars
+        for name in models:
+            for level in levels:
+                with step(f"{name} patch-drop {level:g}"):
+                    p = Perturbation.parse(f"patch-drop:{level:g}", patch_px=patch)
+                    path = os.path.join(ctx.out, "stores", f"{name}-n{ctx.n}-patch-drop{level:g}-p{patch}.zarr")
+                    # logits and CKA only: no inputs or attention statistics (a third of the clean extraction time)
+                    perturbed[(name, level)] = extract(ctx.loaded_models[name], ctx.sources[name], path, batch_size=64,
+                                                       perturbation=p, device=ctx.device, progress=ctx.bars)
+        with step(f"CKA(clean, perturbed) per layer ({N_RESAMPLES} half-samples)"):
+            result = robustness_profiles([ctx.stores[m] for m in models] + list(perturbed.values()),
+                                         resamples=N_RESAMPLES, seed=0, progress=ctx.bars)
+    result.to_json(ctx.js("robustness.json"))
+    path = ctx.fig("robustness.png")
+    result.plot(path)
+
+    entries: dict[str, Any] = {"kind": "patch-drop", "levels": list(levels), "patch_px": patch,
+                               "threshold": result.threshold, "models": {}, "vit_minus_resnet_drop": {}}
+    parts = []
+    for prof in result.models:
+        m = prof.model
+        # readable names (the figure's tick labels: timm's head_drop / head are the pre-logits / logits)
+        names = {layer: (label if label == layer else f"the {label} ({layer})")
+                 for layer, label in zip(prof.layers, layer_labels(prof.layers))}
+        per_level, words = {}, []
+        for lv in prof.levels:
+            level = float(lv.perturbation["level"])
+            acc, drop = lv.accuracy, lv.accuracy_drop
+            e: dict[str, Any] = {
+                "accuracy": statistic(acc["value"], acc["low"], acc["high"], n=acc["n"], correct=acc["correct"],
+                                      method="Wilson score interval"),
+                "accuracy_drop": statistic(drop["value"], drop["low"], drop["high"], n=drop["n"],
+                                           method="clean minus perturbed top-1, paired percentile bootstrap over "
+                                                  "images"),
+                "first_below": lv.first_below, "first_below_resolved": lv.first_below_resolved}
+            if lv.first_below is not None and lv.first_below not in lv.constant_layers:
+                i = prof.layers.index(lv.first_below)
+                e["first_below_cka"] = {"value": lv.cka[i], "low": lv.cka_low[i], "high": lv.cka_high[i],
+                                        "level": LEVEL, "relative_depth": prof.relative_depth[i],
+                                        "verdict_against_threshold": verdict(lv.cka_low[i], lv.cka_high[i],
+                                                                             result.threshold)}
+            per_level[f"{level:g}"] = e
+            words.append(f"at {level:g} top-1 {ci_text(**_v(e['accuracy']), digits=1, scale=100, unit='%')} (drop "
+                         f"{ci_text(**_v(e['accuracy_drop']), digits=1, scale=100, unit=' points')}), "
+                         + _first_below_words(e, result.threshold, names))
+        entries["models"][m] = {
+            "clean_accuracy": statistic(prof.accuracy["value"], prof.accuracy["low"], prof.accuracy["high"],
+                                        n=prof.accuracy["n"], method="Wilson score interval"),
+            "layers": prof.layers, "levels": per_level}
+        parts.append(f"{m}: " + "; ".join(words))
+    # ViT vs ResNet: the drop difference per image pair (the same images in every store), paired bootstrap
+    comparisons = []
+    vits = [m for m in models if m in ("ref_vit", "ref_vit_gap")]
+    if "ref_resnet" in models:
+        for v in vits:
+            if ctx.stores[v].fingerprint != ctx.stores["ref_resnet"].fingerprint:
+                continue
+            for level in levels:
+                drop_v = _correct(ctx.stores[v]) - _correct(perturbed[(v, level)])
+                drop_r = _correct(ctx.stores["ref_resnet"]) - _correct(perturbed[("ref_resnet", level)])
+                b = bootstrap_mean(drop_v, drop_r, n_boot=N_RESAMPLES * 5, seed=0)
+                s = statistic(b["value"], b["low"], b["high"], n=b["n"],
+                              method="paired percentile bootstrap over images of the per-image drop difference")
+                entries["vit_minus_resnet_drop"][f"{v}@{level:g}"] = s
+                word = {"lower": f"{v} loses *less* accuracy than ref_resnet",
+                        "higher": f"{v} loses *more* accuracy than ref_resnet",
+                        "not resolved": f"whether {v} or ref_resnet loses more is not resolved"}[s["verdict"]]
+                comparisons.append(f"at {level:g}, {v} − ref_resnet drop "
+                                   f"{ci_text(**_v(s), digits=1, scale=100, unit=' points')}: {word}")
+    compare = ("Accuracy drop, ViT minus ResNet (paired bootstrap over the same images): " + "; ".join(comparisons)
+               + " (Naseer et al. 2021 report smaller drops for ImageNet ViTs than for CNNs)"
+               if comparisons else "(the ViT vs ResNet comparison needs ref_resnet and a ViT)")
+    text = (f"Each model re-extracted on the same {ctx.n} images with "
+            f"{' and '.join(f'{100 * v:g}%' for v in levels)} of the {patch} px patches dropped at random (set to "
+            "the mean colour, seeded per image: the same pixels for every model). First panel: top-1 against the "
+            "drop level (95% Wilson intervals); the others: debiased CKA between each layer's clean and perturbed "
+            "activations of the same images (95% half-sample bands), 0.5 dashed. "
+            + ". ".join(parts) + ". " + compare + ".")
+    return StepOutput({"robustness": entries}, [("Robustness to patch drop", "robustness", text)],
+                      {"robustness": path})
+
+
+def _first_below_words(e: dict[str, Any], threshold: float, names: dict[str, str]) -> str:
+    """Where CKA(clean, perturbed) first falls below ``threshold``, worded from its interval (``names``: the
+    layers' readable names)."""
+    if e["first_below"] is None:
+        return f"CKA stays at or above {threshold:g} at every layer"
+    c = e.get("first_below_cka")
+    if c is None:  # a layer constant over the images: no CKA (repsim.robustness counts it as below)
+        return f"{names[e['first_below']]} no longer varies over the images (no CKA; counted as below {threshold:g})"
+    words = {"lower": "resolved below", "higher": "resolved above",
+             "not resolved": "not resolved against"}[c["verdict_against_threshold"]]
+    return (f"CKA first below {threshold:g} at {names[e['first_below']]} ({ci_text(**_v(c))}, {words} "
+            f"{threshold:g}" + (f"; first resolved below at {names[e['first_below_resolved']]}"
+                                if e["first_below_resolved"] not in (None, e["first_below"]) else "") + ")")
+
+
+def _segmentation_step(ctx: DemoContext, models: list[str]) -> StepOutput:
+    """Attention as segmentation (DINO's mass rule, Caron et al. 2021; :mod:`repsim.attention_segmentation`) for
+    every ViT: the best head's Jaccard against the object masks vs the all-foreground reference, the same with the
+    head chosen on other images, and the spatial entropy (Peruzzo et al. 2022) of its maps."""
+    from repsim.attention_segmentation import attention_segmentation
+
+    vits = [m for m in ctx.stores if ctx.stores[m].attention_layers]
+    for m in vits:  # the demo's ViT stores are extracted with --attention, which stores the query maps
+        missing = [ly for ly in ctx.stores[m].attention_layers
+                   if f"attn/{ly}/query_map" not in ctx.stores[m].extra_arrays]
+        if missing:
+            raise UsageError(f"{ctx.stores[m].path} keeps no query map for {', '.join(missing)}: delete the store "
+                             "and rerun the demo (it was extracted before repsim stored query maps)")
+    done = StepOutput({"segmentation": {}})
+    with ctx.ph.phase("segmentation", "attention as segmentation of " + ", ".join(vits), len(vits)) as step:
+        for m in vits:
+            with step(m):
+                seg = attention_segmentation(ctx.stores[m], seed=0)
+                seg.to_json(ctx.js(f"segmentation_{m}.json"))
+                done.figures[f"segmentation_{m}"] = ctx.fig(f"segmentation_{m}.png")
+                seg.plot(done.figures[f"segmentation_{m}"])
+            b, o = seg.best, seg.best_held_out
+            head = seg.layer(b["layer"]).heads[b["head"]]
+            e = {"mass": seg.mass, "n_scored": b["n_scored"], "best_layer": b["layer"], "best_head": b["head"],
+                 "best_jaccard": statistic(b["jaccard"], b["jaccard_low"], b["jaccard_high"], n=b["n_scored"]),
+                 "all_foreground_jaccard": statistic(b["baseline"], b["baseline_low"], b["baseline_high"],
+                                                     n=b["n_scored"]),
+                 "best_gain": statistic(b["gain"], b["gain_low"], b["gain_high"], n=b["n_scored"],
+                                        method="paired percentile bootstrap over images"),
+                 "held_out_layer": o.get("layer"), "held_out_head": o.get("head"),
+                 "held_out_gain": statistic(o["gain"], o["gain_low"], o["gain_high"], n=o["n_scored"],
+                                            method="head chosen on the even images, scored on the odd ones; paired "
+                                                   "percentile bootstrap") if o else None,
+                 "best_head_spatial_entropy": statistic(head.spatial_entropy, head.entropy_low, head.entropy_high,
+                                                        n=head.n_entropy, unit="nats")}
+            done.summary["segmentation"][m] = e
+            done.sections.append((f"Attention as segmentation: {m}", f"segmentation_{m}",
+                                  segmentation_sentence(m, e)))
+    return done
+
+
+def segmentation_sentence(name: str, e: dict[str, Any]) -> str:
+    """The segmentation section's text, every number from the summary entry ``e`` with its interval."""
+    word = {"higher": "above", "lower": "below", "not resolved": "not resolved against"}
+    g, h = e["best_gain"], e["held_out_gain"]
+    held = ("" if h is None else
+            f" Chosen on the even images and scored on the odd ones (the best head above is chosen and scored on "
+            f"the same images, which favours it), {e['held_out_layer']} head {e['held_out_head']} gains "
+            f"{ci_text(**_v(h))}: {word[h['verdict']]} the reference.")
+    ent = e["best_head_spatial_entropy"]
+    return (f"Each head's attention of the read-out query over the patches, thresholded to keep {e['mass']:.0%} of "
+            f"its mass (DINO's rule), against the object's patches on {e['n_scored']} images (Jaccard, 95% bootstrap "
+            f"intervals over images); the overlays show the best heads. {name}'s best head, {e['best_layer']} head "
+            f"{e['best_head']}, reaches Jaccard {ci_text(**_v(e['best_jaccard']))} against "
+            f"{ci_text(**_v(e['all_foreground_jaccard']))} for calling every patch foreground (gain "
+            f"{ci_text(**_v(g))}: {word[g['verdict']]} the reference).{held} Its maps' spatial entropy (Peruzzo "
+            f"et al. 2022; 0 = one blob) is {ci_text(**_v(ent))} nats.")
 
 
 def _write_report(path: str, out: str, summary: dict[str, Any], sections: list[tuple[str, str, str]],
@@ -709,4 +960,5 @@ def _write_report(path: str, out: str, summary: dict[str, Any], sections: list[t
     os.replace(path + ".tmp", path)
 
 
-__all__ = ["DEMO_MODELS", "DEMO_SEED", "DemoResult", "comparable_layers", "run_demo"]
+__all__ = ["DEMO_MODELS", "DEMO_SEED", "ROBUSTNESS_LEVELS", "ROBUSTNESS_PATCH_PX", "DemoContext", "DemoResult",
+           "StepOutput", "comparable_layers", "run_demo", "segmentation_sentence"]
