@@ -66,7 +66,7 @@ from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
 from repsim.json_output import jsonable, read_json_result, write_json_atomic
 from repsim.masks import cell_bounds
-from repsim.store import layer_kind
+from repsim.store import gather_rows, layer_kind
 
 __all__ = [
     "DEFAULT_IMAGES",
@@ -136,24 +136,21 @@ def _select_images(store: Any, images: int | Sequence[int] | np.ndarray | None) 
     return idx
 
 
-def _gather(read: Any, rows: np.ndarray, chunk: int) -> np.ndarray:
-    """Rows ``rows`` (sorted) through ``read(lo, hi)``, one block per run of at most ``chunk`` rows."""
-    parts, i = [], 0
-    while i < rows.size:
-        lo = int(rows[i])
-        j = int(np.searchsorted(rows, lo + chunk, side="left"))
-        block = read(lo, int(rows[j - 1]) + 1)
-        parts.append(block[rows[i:j] - lo])
-        i = j
-    return np.concatenate(parts, axis=0)
+def _gather(store: Any, read: Any, rows: np.ndarray, what: str) -> np.ndarray:
+    """Rows ``rows`` (sorted) of a store array through ``read(lo, hi)``, whole chunks at a time
+    (:func:`repsim.store.gather_rows`)."""
+    chunk = max(int(getattr(store, "chunk_size", 0) or 256), 1)
+    blocks = [b for _, b in gather_rows(read, rows, n=int(store.n), chunk_size=chunk, max_read_rows=chunk,
+                                        what=what)]
+    return np.concatenate(blocks, axis=0)  # ascending chunks of sorted rows: already in the order asked
 
 
 def layer_tokens(store: Any, layer: str, rows: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     """Per-position representations of ``rows``: float32 (n, P, D) with P = gh·gw row-major, and the grid."""
     info = store.layer_info(layer)
     kind, grid, npt = grid_positions(info, layer)
-    chunk = max(int(getattr(store, "chunk_size", 0) or 256), 1)
-    x = np.asarray(_gather(lambda a, b: store.read(layer, a, b), rows, chunk), dtype=np.float32)
+    x = np.asarray(_gather(store, lambda a, b: store.read(layer, a, b), rows, f"{store.path}: layer {layer!r}"),
+                   dtype=np.float32)
     if kind == "tokens":
         x = x[:, npt:, :]
     else:  # (n, C, h, w) -> (n, h·w, C)
@@ -185,8 +182,7 @@ def _read_inputs(store: Any, rows: np.ndarray) -> np.ndarray:
     if not getattr(store, "has_inputs", False):
         raise UsageError(f"{store.path} has no saved input pixels, which token-vs-patch localisation needs: "
                          "re-extract with `repsim extract --save-inputs`")
-    chunk = max(int(getattr(store, "chunk_size", 0) or 256), 1)
-    return np.asarray(_gather(store.read_inputs, rows, chunk), dtype=np.float32)
+    return np.asarray(_gather(store, store.read_inputs, rows, f"{store.path}: inputs"), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ from repsim.gram import check_finite as _check_finite
 from repsim.gram import from_numpy as _from_numpy
 from repsim.gram import resolve_gram_dtype as _gram_dtype
 from repsim.json_output import read_json_result, write_json_atomic
-from repsim.store import check_layer_names, layer_kind
+from repsim.store import check_layer_names, consecutive_slice, gather_rows, layer_kind
 
 ESTIMATORS = ("minibatch", "exact", "debiased")
 KERNELS = ("linear", "rbf")
@@ -556,38 +556,12 @@ def _rows_to_features(x: np.ndarray, info: dict[str, Any], tokens: str, device: 
 
 def _gather(store: StoreLike, layer: str, positions: np.ndarray, max_read_rows: int
             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(idx, rows)`` with ``rows = store rows positions[idx]``, covering every position once.
-
-    Reads whole chunks in ascending order, each touched chunk exactly once, in runs of consecutive chunks
-    of at most ``max_read_rows`` rows (at least one chunk): never row-by-row random access. (Batch plans
-    follow store A's chunks; store B is read with the same rows, so when B's chunk size differs, or B is
-    aligned by id in another order, a B chunk touched by two groups is read twice.)
-    """
-    cs = int(store.chunk_size)
-    order = np.argsort(positions, kind="stable")
-    sp = positions[order]
-    chunks = np.unique(sp // cs)
-    max_chunks = max(1, max_read_rows // cs)
-    runs: list[tuple[int, int]] = []
-    start = prev = int(chunks[0])
-    for c in chunks[1:]:
-        c = int(c)
-        if c == prev + 1 and c - start < max_chunks:
-            prev = c
-            continue
-        runs.append((start, prev))
-        start = prev = c
-    runs.append((start, prev))
-    for c0, c1 in runs:
-        lo, hi = c0 * cs, min((c1 + 1) * cs, int(store.n))
-        block = store.read(layer, lo, hi)
-        if block.shape[0] != hi - lo:
-            raise RepsimError(f"{store.path}: reading rows {lo}..{hi} of layer {layer!r} returned "
-                              f"{block.shape[0]} rows")
-        i0, i1 = np.searchsorted(sp, [lo, hi])
-        idx = sp[i0:i1] - lo
-        run = _as_slice(idx)  # consecutive rows: a view, no gather
-        yield order[i0:i1], block[idx if run is None else run]
+    """:func:`repsim.store.gather_rows` of ``layer``. (Batch plans follow store A's chunks; store B is read with
+    the same rows, so when B's chunk size differs, or B is aligned by id in another order, a B chunk touched by
+    two groups is read twice.)"""
+    return gather_rows(lambda lo, hi: store.read(layer, lo, hi), positions, n=int(store.n),
+                       chunk_size=int(store.chunk_size), max_read_rows=max_read_rows,
+                       what=f"{store.path}: layer {layer!r}")
 
 
 def _read_features(store: StoreLike, layer: str, positions: np.ndarray, info: dict[str, Any], tokens: str,
@@ -595,17 +569,10 @@ def _read_features(store: StoreLike, layer: str, positions: np.ndarray, info: di
     """Features (len(positions), f) of ``layer`` at store rows ``positions``, in that order."""
     out = torch.empty((len(positions), feat_dim), dtype=dtype, device=device)
     for idx, rows in _gather(store, layer, positions, max_read_rows):
-        run = _as_slice(idx)
+        run = consecutive_slice(idx)
         out[torch.from_numpy(idx).to(device) if run is None else run] = _rows_to_features(rows, info, tokens,
                                                                                           device, dtype)
     return out
-
-
-def _as_slice(idx: np.ndarray) -> slice | None:
-    """``idx`` as a slice when it is a non-empty run of consecutive ascending integers, else None."""
-    if len(idx) == 0 or not bool((np.diff(idx) == 1).all()):
-        return None
-    return slice(int(idx[0]), int(idx[-1]) + 1)
 
 
 def layer_features(store: StoreLike, layer: str, *, tokens: str = "flatten", positions: np.ndarray | None = None,

@@ -141,7 +141,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +149,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from repsim.errors import NewerFormatError, UsageError
+from repsim.errors import NewerFormatError, RepsimError, UsageError
 
 FORMAT_VERSION = 1
 ATTR_KEY = "repsim"
@@ -226,6 +226,51 @@ def layer_kind(info: dict[str, Any], layer: str) -> str:
     if kind not in KIND_DIMENSIONS:
         raise UsageError(f"layer {layer!r} has unknown kind {info.get('kind')!r} (expected tokens, map or vector)")
     return kind
+
+
+def consecutive_slice(idx: np.ndarray) -> slice | None:
+    """``idx`` as a slice when it is a non-empty run of consecutive ascending integers, else None (a view
+    instead of a gather)."""
+    if len(idx) == 0 or not bool((np.diff(idx) == 1).all()):
+        return None
+    return slice(int(idx[0]), int(idx[-1]) + 1)
+
+
+def gather_rows(read: Callable[[int, int], np.ndarray], positions: np.ndarray, *, n: int, chunk_size: int,
+                max_read_rows: int, what: str = "store") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(idx, rows)`` with ``rows = `` the rows ``positions[idx]`` of a chunked array read through
+    ``read(lo, hi)`` (n rows, chunks of ``chunk_size``), covering every position once.
+
+    Reads whole chunks in ascending order, each touched chunk exactly once, in runs of consecutive chunks of
+    at most ``max_read_rows`` rows (at least one chunk): never row-by-row random access. ``what`` names the
+    array in the error raised when a read returns the wrong number of rows.
+    """
+    cs = int(chunk_size)
+    order = np.argsort(positions, kind="stable")
+    sp = np.asarray(positions)[order]
+    if sp.size == 0:
+        return
+    chunks = np.unique(sp // cs)
+    max_chunks = max(1, max_read_rows // cs)
+    runs: list[tuple[int, int]] = []
+    start = prev = int(chunks[0])
+    for c in chunks[1:]:
+        c = int(c)
+        if c == prev + 1 and c - start < max_chunks:
+            prev = c
+            continue
+        runs.append((start, prev))
+        start = prev = c
+    runs.append((start, prev))
+    for c0, c1 in runs:
+        lo, hi = c0 * cs, min((c1 + 1) * cs, int(n))
+        block = read(lo, hi)
+        if block.shape[0] != hi - lo:
+            raise RepsimError(f"{what}: reading rows {lo}..{hi} returned {block.shape[0]} rows")
+        i0, i1 = np.searchsorted(sp, [lo, hi])
+        idx = sp[i0:i1] - lo
+        run = consecutive_slice(idx)  # consecutive rows: a view, no gather
+        yield order[i0:i1], block[idx if run is None else run]
 
 
 def config_hash(config: dict[str, Any]) -> str:

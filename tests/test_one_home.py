@@ -93,3 +93,30 @@ def test_layer_kind_is_read_alike_by_cka_probes_and_localisation():
                      lambda i: feature_reduction(i, "x", "mean"), lambda i: grid_positions(i, "x")):
             with pytest.raises(UsageError, match=r"layer 'x' has unknown kind .* \(expected tokens, map or vector\)"):
                 read(bad)
+
+
+@pytest.mark.parametrize("chunk_size,max_read_rows", [(4, 4), (4, 12), (5, 3), (64, 64)])
+def test_gather_rows_returns_the_asked_rows_reading_each_chunk_once(chunk_size, max_read_rows):
+    """repsim.store.gather_rows (the CKA engine's and localisation's row reader) against numpy indexing."""
+    from repsim.errors import RepsimError
+    from repsim.store import gather_rows
+
+    n = 23
+    data = np.arange(n * 2).reshape(n, 2)
+    positions = np.random.default_rng(chunk_size).permutation(n)[:11]
+    reads = []
+
+    def read(lo, hi):
+        reads.append((lo, hi))
+        return data[lo:hi]
+
+    out = np.full((positions.size, 2), -1)
+    for idx, rows in gather_rows(read, positions, n=n, chunk_size=chunk_size, max_read_rows=max_read_rows):
+        out[idx] = rows
+    np.testing.assert_array_equal(out, data[positions])
+    touched = [c for lo, hi in reads for c in range(lo // chunk_size, -(-hi // chunk_size))]
+    assert sorted(touched) == sorted(set(touched)) == sorted(set(positions // chunk_size))  # each once
+    assert all(lo % chunk_size == 0 and hi - lo <= max(max_read_rows, chunk_size) for lo, hi in reads)
+    with pytest.raises(RepsimError, match=r"^arr: reading rows 0\.\.\d+ returned 1 rows$"):
+        list(gather_rows(lambda lo, hi: data[lo:lo + 1], np.array([0, 1]), n=n, chunk_size=chunk_size,
+                         max_read_rows=max_read_rows, what="arr"))
