@@ -64,6 +64,7 @@ import torch
 from repsim.cka_engine import NumericalError
 from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
+from repsim.gram import centred_feature_grams, unit_centred_grams
 from repsim.json_output import jsonable, read_json_result, write_json_atomic
 from repsim.masks import cell_bounds
 from repsim.store import gather_rows, layer_kind
@@ -192,19 +193,10 @@ def _read_inputs(store: Any, rows: np.ndarray) -> np.ndarray:
 
 def _normalised_centred_grams(feats: Sequence[np.ndarray] | np.ndarray, dev: torch.device, what: str,
                               block: int = 16) -> torch.Tensor:
-    """(K, n²) float64: for each feature set (n, d), vec(H X Xᵀ H) / ‖H X Xᵀ H‖_F (features centred first)."""
-    out = []
-    for lo in range(0, len(feats), block):
-        grp = [torch.as_tensor(np.asarray(f), dtype=torch.float64, device=dev) for f in feats[lo:lo + block]]
-        for k, f in enumerate(grp):
-            f = f - f.mean(dim=0, keepdim=True)  # H X; then (HX)(HX)ᵀ = H K H
-            g = f @ f.T
-            nrm = torch.linalg.norm(g)
-            if not torch.isfinite(nrm) or float(nrm) == 0.0:
-                raise NumericalError(f"{what} {lo + k}: self-HSIC is {float(nrm) ** 2} (constant across images?): "
-                                     "CKA is undefined")
-            out.append((g / nrm).reshape(-1))
-    return torch.stack(out)
+    """(K, n²) float64: for each feature set (n, d), vec(H X Xᵀ H) / ‖H X Xᵀ H‖_F (repsim.gram), ``block`` n × n
+    Grams at a time."""
+    return torch.cat([unit_centred_grams(centred_feature_grams(feats[lo:lo + block], dev), what, lo)
+                      for lo in range(0, len(feats), block)])
 
 
 def patch_token_cka_matrix(tokens: np.ndarray, patches: Sequence[np.ndarray], *, positions: np.ndarray | None = None,
@@ -241,26 +233,6 @@ def localisation_scores(matrix: np.ndarray, positions: np.ndarray | None = None)
             "argmax_fraction": float(np.mean(np.argmax(m, axis=1) == pos))}
 
 
-def _raw_grams(feats: Sequence[np.ndarray], dev: torch.device) -> torch.Tensor:
-    """(K, n, n) float64 Grams of each feature set (n, d), features centred over all n images first."""
-    out = []
-    for f in feats:
-        t = torch.as_tensor(np.asarray(f), dtype=torch.float64, device=dev)
-        t = t - t.mean(dim=0, keepdim=True)
-        out.append(t @ t.T)
-    return torch.stack(out)
-
-
-def _centred_unit(g: torch.Tensor, what: str) -> torch.Tensor:
-    """Double-centre a stack of Grams (K, m, m) (H K H) and scale each to unit Frobenius norm: (K, m²)."""
-    g = g - g.mean(dim=-1, keepdim=True) - g.mean(dim=-2, keepdim=True) + g.mean(dim=(-2, -1), keepdim=True)
-    flat = g.reshape(g.shape[0], -1)
-    nrm = torch.linalg.norm(flat, dim=1, keepdim=True)
-    if not bool(torch.isfinite(nrm).all()) or bool((nrm == 0).any()):
-        raise NumericalError(f"{what}: a resample has zero self-HSIC (constant across its images)")
-    return flat / nrm
-
-
 def localisation_bootstrap(tokens: np.ndarray, patches: Sequence[np.ndarray], *, positions: np.ndarray | None = None,
                            n_boot: int = 200, seed: int = 0, level: float = 0.95,
                            device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -282,10 +254,10 @@ def localisation_bootstrap(tokens: np.ndarray, patches: Sequence[np.ndarray], *,
     rng = np.random.default_rng(seed)
     samples = np.empty(int(n_boot), dtype=np.float64)
     with tf32_off(), torch.no_grad():
-        K = _raw_grams([tokens[:, int(p)] for p in positions], dev)
-        L = _raw_grams(list(patches), dev)
-        observed = localisation_scores((_centred_unit(K, "token") @ _centred_unit(L, "patch").T).cpu().numpy(),
-                                       positions)
+        K = centred_feature_grams([tokens[:, int(p)] for p in positions], dev)
+        L = centred_feature_grams(list(patches), dev)
+        observed = localisation_scores((unit_centred_grams(K, "token position")
+                                        @ unit_centred_grams(L, "input patch").T).cpu().numpy(), positions)
         # A resample with repeated rows is the full set with multiplicities w (sum n). Its centred HSIC is
         # tr(M K M L) with M = W - w w'/n (W = diag w), and M K M = K o ww' - (u w' + w u')/n + c ww' with
         # u = w o (K w), c = w'K w / n², so <MKM, L> = <K, L o ww'> - 2 u'(L w)/n + c w'L w: one (P x n²)(n² x Q)

@@ -13,11 +13,16 @@ float32 rounding of the stored Grams.
 Numerics: features are up-cast (float16 → float32) and centred per column *before* the product, products in
 float32 with TF32 off (or float64), U-centring in float64. A U-centred Gram has a zero diagonal and is
 symmetric, so it is stored as its strict upper triangle (:func:`pack_triu`): ``⟨K̃, L̃⟩ = 2·⟨triu K̃, triu L̃⟩``.
+
+Whole-set biased Grams (``H K H``, :func:`centred_feature_grams`, :func:`unit_centred_grams`) live here too: the
+token ↔ input-patch CKA of :mod:`probes.localization` multiplies stacks of them.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,6 +111,35 @@ def unbiased_gram(
     g = (g + g.T) * 0.5  # float32 products are not bitwise symmetric
     view = None if out is None else out.view(m, m)
     return u_centre(g, out=view).reshape(-1)
+
+
+def centred_feature_grams(feats: Sequence[Any], device: str | torch.device = "cpu") -> torch.Tensor:
+    """Linear Grams ``X̃X̃ᵀ`` (K, n, n) float64 of K feature sets (n, d_k), each centred per column over its n rows
+    first: ``X̃X̃ᵀ = H K H`` (Kornblith et al. 2019, Sec. 3, biased HSIC), centring before the product so that a
+    large common offset cannot cancel (module docstring). Call under TF32-off."""
+    out = []
+    for f in feats:
+        t = torch.as_tensor(np.asarray(f), dtype=torch.float64, device=device)
+        t = t - t.mean(dim=0, keepdim=True)
+        out.append(t @ t.T)
+    return torch.stack(out)
+
+
+def unit_centred_grams(grams: torch.Tensor, what: str, first: int = 0) -> torch.Tensor:
+    """Double-centre each Gram of a stack (K, m, m) (``H K H``) and scale it to unit Frobenius norm: (K, m²)
+    float64. Rows of two such stacks multiply to biased linear CKA, ``⟨HKH, HLH⟩ / (‖HKH‖ ‖HLH‖)`` (Kornblith
+    et al. 2019, Eq. 4-5). A zero or non-finite self-HSIC raises :class:`NumericalError` naming ``what`` and the
+    set's index (``first`` + its place in the stack)."""
+    g = grams - grams.mean(dim=-1, keepdim=True) - grams.mean(dim=-2, keepdim=True) \
+        + grams.mean(dim=(-2, -1), keepdim=True)
+    flat = g.reshape(g.shape[0], -1)
+    nrm = torch.linalg.norm(flat, dim=1, keepdim=True)
+    bad = ~torch.isfinite(nrm[:, 0]) | (nrm[:, 0] == 0)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0, 0])
+        raise NumericalError(f"{what} {first + k}: self-HSIC is {float(nrm[k, 0]) ** 2} (constant across images?): "
+                             "CKA is undefined")
+    return flat / nrm
 
 
 def packed_size(m: int) -> int:

@@ -120,3 +120,24 @@ def test_gather_rows_returns_the_asked_rows_reading_each_chunk_once(chunk_size, 
     with pytest.raises(RepsimError, match=r"^arr: reading rows 0\.\.\d+ returned 1 rows$"):
         list(gather_rows(lambda lo, hi: data[lo:lo + 1], np.array([0, 1]), n=n, chunk_size=chunk_size,
                          max_read_rows=max_read_rows, what="arr"))
+
+
+def test_whole_set_grams_of_repsim_gram_give_biased_cka():
+    """repsim.gram's H K H stacks (used by localisation) multiply to cka_engine.cka (numpy, biased, float64)."""
+    import torch
+
+    from repsim.cka_engine import cka
+    from repsim.errors import NumericalError
+    from repsim.gram import centred_feature_grams, unit_centred_grams
+
+    rng = np.random.default_rng(3)
+    xs = [1e6 + rng.normal(size=(9, d)) for d in (2, 5)]  # a large offset: centring must come first
+    ys = [rng.normal(size=(9, 3)) ** 2, rng.normal(size=(9, 7))]
+    m = (unit_centred_grams(centred_feature_grams(xs), "x") @ unit_centred_grams(centred_feature_grams(ys), "y").T)
+    want = np.array([[cka(x, y) for y in ys] for x in xs])
+    np.testing.assert_allclose(m.numpy(), want, rtol=0, atol=1e-12)
+    # a constant set has no self-HSIC: named by its place (first + index)
+    grams = centred_feature_grams([xs[0], np.ones((9, 2))])
+    with pytest.raises(NumericalError, match=r"^patch 11: self-HSIC is 0\.0 \(constant across images\?\)"):
+        unit_centred_grams(grams, "patch", first=10)
+    assert torch.allclose(unit_centred_grams(grams[:1], "x"), unit_centred_grams(grams[:1] + 5.0, "x"))
