@@ -34,14 +34,14 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from repsim.devices import resolve_device, tf32_off  # re-exported for probes.linear / probes.knn
 from repsim.errors import UsageError
-from repsim.store import check_layer_names, layer_kind
+from repsim.store import StoreLike, check_layer_names, layer_kind
 
 FEATURE_MODES = ("cls", "mean", "gap", "concat-last-K")
 SPLIT_STREAMS = {"test": 0, "val": 1}  # independent seeded streams of np.random.default_rng([seed, stream])
@@ -62,29 +62,6 @@ __all__ = [
     "resolve_device",
     "stratified_holdout",
 ]
-
-
-class StoreLike(Protocol):
-    """What the probes read from a store (:class:`repsim.store.ActivationStore` implements it)."""
-
-    path: str
-    layers: list[str]
-    n: int
-    chunk_size: int
-    attrs: dict[str, Any]
-
-    @property
-    def labels(self) -> np.ndarray: ...
-
-    @property
-    def ids(self) -> list[str]: ...
-
-    @property
-    def fingerprint(self) -> str: ...
-
-    def layer_info(self, layer: str) -> dict[str, Any]: ...
-
-    def read(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray: ...
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ from repsim.gram import check_finite as _check_finite
 from repsim.gram import from_numpy as _from_numpy
 from repsim.gram import resolve_gram_dtype as _gram_dtype
 from repsim.json_output import read_json_result, write_json_atomic
-from repsim.store import check_layer_names, consecutive_slice, gather_rows, layer_kind
+from repsim.store import StoreLike, check_layer_names, consecutive_slice, gather_rows, layer_kind
 
 ESTIMATORS = ("minibatch", "exact", "debiased")
 KERNELS = ("linear", "rbf")
@@ -99,22 +99,6 @@ __all__ = [
     "u_centre_np",
     "unbiased_gram",
 ]
-
-
-class StoreLike(Protocol):
-    """What :func:`cka_matrix` needs from a store (``repsim.store.ActivationStore`` implements it)."""
-
-    layers: list[str]
-    n: int
-    ids: list[str]
-    fingerprint: str
-    complete: bool
-    chunk_size: int
-    path: str
-
-    def layer_info(self, layer: str) -> dict[str, Any]: ...
-
-    def read(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray: ...
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ import shutil
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zarr
@@ -316,6 +316,33 @@ def is_store(path: str) -> bool:
         return ATTR_KEY in zarr.open_group(path, mode="r").attrs
     except Exception:  # noqa: BLE001 - anything unreadable is simply "not a store"
         return False
+
+
+class StoreLike(Protocol):
+    """What the analyses read from a store (:class:`ActivationStore` implements it; tests pass small fakes):
+    the one read interface of the CKA engine (:mod:`repsim.cka_engine`) and the probes (:mod:`probes.features`)."""
+
+    path: str
+    layers: list[str]
+    n: int
+    chunk_size: int
+    attrs: dict[str, Any]
+
+    @property
+    def ids(self) -> list[str]: ...
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+    def layer_info(self, layer: str) -> dict[str, Any]: ...
+
+    def read(self, layer: str, start: int | None = None, stop: int | None = None) -> np.ndarray: ...
 
 
 class ActivationStore:

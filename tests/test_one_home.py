@@ -141,3 +141,16 @@ def test_whole_set_grams_of_repsim_gram_give_biased_cka():
     with pytest.raises(NumericalError, match=r"^patch 11: self-HSIC is 0\.0 \(constant across images\?\)"):
         unit_centred_grams(grams, "patch", first=10)
     assert torch.allclose(unit_centred_grams(grams[:1], "x"), unit_centred_grams(grams[:1] + 5.0, "x"))
+
+
+def test_one_store_protocol_that_the_store_implements(tmp_path):
+    """CKA and probes type their stores with the one repsim.store.StoreLike; ActivationStore has all of it."""
+    import probes.features
+    import repsim.cka_engine
+    from repsim.store import StoreLike
+
+    assert repsim.cka_engine.StoreLike is StoreLike and probes.features.StoreLike is StoreLike
+    members = set(StoreLike.__annotations__) | {k for k in vars(StoreLike) if not k.startswith("_")}
+    assert {"path", "layers", "n", "ids", "labels", "fingerprint", "complete", "read", "layer_info"} <= members
+    store = _store(tmp_path)
+    assert [m for m in sorted(members) if not hasattr(store, m)] == []
