@@ -65,7 +65,7 @@ from repsim.json_output import jsonable, write_json_atomic
 from repsim.masks import (FOREGROUND_THRESHOLD, foreground_fractions, input_masks, parse_shapes_id, shapes_masks,
                           token_iou)
 
-from probes.localization import _image_split, _select_images, grid_positions, layer_tokens
+from probes.localization import _image_split, _select_images, layer_grid, layer_tokens
 
 __all__ = [
     "FOREGROUND_THRESHOLD",
@@ -313,7 +313,7 @@ def object_localization(store: Any, layers: Sequence[str] | None = None, *,
         chosen = []
         for lay in store.layers:
             try:
-                grid_positions(store.layer_info(lay), lay)
+                layer_grid(store.layer_info(lay), lay)
             except UsageError:
                 continue
             chosen.append(lay)
@@ -322,7 +322,7 @@ def object_localization(store: Any, layers: Sequence[str] | None = None, *,
     else:
         chosen = list(layers)
         for lay in chosen:
-            grid_positions(store.layer_info(lay), lay)  # raises for vector layers / unknown grids
+            layer_grid(store.layer_info(lay), lay)  # raises for vector layers / unknown grids
     rows_idx = _select_images(store, images)
     ids = store.ids
     H, W, crop_pct = _prep_geometry((store.attrs.get("preprocessing") or {}))
@@ -338,7 +338,7 @@ def object_localization(store: Any, layers: Sequence[str] | None = None, *,
         it = tqdm(chosen, desc="object localisation")
     for lay in it:
         t1 = time.perf_counter()
-        kind = grid_positions(store.layer_info(lay), lay)[0]
+        kind = layer_grid(store.layer_info(lay), lay)[0]
         tokens, grid = layer_tokens(store, lay, rows_idx)
         labels = (foreground_fractions(masks, grid) > FOREGROUND_THRESHOLD).astype(np.int64)
         r = _probe_layer(tokens, labels, split, method, lam, dev, seed)

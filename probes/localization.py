@@ -76,6 +76,7 @@ __all__ = [
     "PositionProbe",
     "TokenPatchCKA",
     "grid_positions",
+    "layer_grid",
     "layer_tokens",
     "localisation_bootstrap",
     "localisation_interval",
@@ -101,8 +102,9 @@ SCORE_DEFINITION = ("score = mean_p CKA(p, own patch p) - mean_p mean_{q != p} C
 # ----------------------------------------------------------------------------------------------------
 
 
-def grid_positions(info: dict[str, Any], layer: str) -> tuple[str, tuple[int, int], int]:
-    """``(kind, (gh, gw), num_prefix_tokens)`` of a token or map layer; UsageError for anything else."""
+def layer_grid(info: dict[str, Any], layer: str) -> tuple[str, tuple[int, int], int]:
+    """``(kind, (gh, gw), num_prefix_tokens)`` of a token or map layer; UsageError for anything else. (Not
+    :func:`repsim.attention.grid_positions`, the (P, 2) cell coordinates of a grid.)"""
     kind = layer_kind(info, layer)
     shape = tuple(int(s) for s in info["shape"])
     if kind == "vector":
@@ -119,6 +121,9 @@ def grid_positions(info: dict[str, Any], layer: str) -> tuple[str, tuple[int, in
         raise UsageError(f"layer {layer!r} has {shape[0]} tokens = {npt} prefix + {shape[0] - npt} patch tokens, "
                          f"which does not match its grid {gh}x{gw}")
     return kind, (gh, gw), npt
+
+
+grid_positions = layer_grid  # the name this had first; kept for callers of the public API
 
 
 def _select_images(store: Any, images: int | Sequence[int] | np.ndarray | None) -> np.ndarray:
@@ -149,7 +154,7 @@ def _gather(store: Any, read: Any, rows: np.ndarray, what: str) -> np.ndarray:
 def layer_tokens(store: Any, layer: str, rows: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     """Per-position representations of ``rows``: float32 (n, P, D) with P = gh·gw row-major, and the grid."""
     info = store.layer_info(layer)
-    kind, grid, npt = grid_positions(info, layer)
+    kind, grid, npt = layer_grid(info, layer)
     x = np.asarray(_gather(store, lambda a, b: store.read(layer, a, b), rows, f"{store.path}: layer {layer!r}"),
                    dtype=np.float32)
     if kind == "tokens":
@@ -422,7 +427,7 @@ def token_patch_cka(store: Any, layer: str, *, images: int | Sequence[int] | Non
     """
     t0 = time.perf_counter()
     info = store.layer_info(layer)
-    kind, grid, _ = grid_positions(info, layer)
+    kind, grid, _ = layer_grid(info, layer)
     if not getattr(store, "has_inputs", False):
         _read_inputs(store, np.zeros(0, dtype=np.int64))  # raises the UsageError naming --save-inputs
     rows = _select_images(store, images) if _rows is None else _rows
@@ -643,7 +648,7 @@ def _positioned_layers(store: Any) -> list[str]:
     chosen = []
     for lay in store.layers:
         try:
-            grid_positions(store.layer_info(lay), lay)
+            layer_grid(store.layer_info(lay), lay)
         except UsageError:
             continue
         chosen.append(lay)
@@ -676,7 +681,7 @@ def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | S
         order = {lay: i for i, lay in enumerate(store.layers)}
         chosen = sorted(dict.fromkeys(chosen), key=order.__getitem__)
         for lay in chosen:
-            grid_positions(store.layer_info(lay), lay)
+            layer_grid(store.layer_info(lay), lay)
     if not (cka or position):
         raise UsageError("nothing to do: both cka and position are off")
     if cka and not getattr(store, "has_inputs", False):
@@ -688,7 +693,7 @@ def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | S
     rows, maps, probes_ = [], {}, {}
     for lay in tqdm(chosen, desc="localize", unit="layer", disable=not progress):
         toks = layer_tokens(store, lay, rows_idx)
-        kind, grid, _ = grid_positions(store.layer_info(lay), lay)
+        kind, grid, _ = layer_grid(store.layer_info(lay), lay)
         tp = pp = None
         if cka:
             tp = token_patch_cka(store, lay, max_positions=max_positions, device=device, _inputs=inputs,
@@ -718,7 +723,9 @@ def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | S
 # Per-token class probe
 # ----------------------------------------------------------------------------------------------------
 
-TOKEN_MODES = ("centre", "cls", "mean")
+# which single token (or the patch-token mean) a class probe reads; not repsim.cka_engine.TOKEN_MODES, which
+# says how a whole token layer becomes one CKA feature row (flatten | mean | cls)
+TOKEN_READOUTS = ("centre", "cls", "mean")
 
 
 @dataclass
@@ -769,10 +776,10 @@ class TokenClassProbe:
 def _token_readouts(store: Any, layer: str) -> dict[str, np.ndarray | None]:
     """float32 (n, D) per read-out, read chunk by chunk (never n × T × D at once)."""
     info = store.layer_info(layer)
-    kind, (gh, gw), npt = grid_positions(info, layer)
+    kind, (gh, gw), npt = layer_grid(info, layer)
     centre = (gh // 2) * gw + gw // 2
     n, cs = int(store.n), max(int(getattr(store, "chunk_size", 0) or 256), 1)
-    out: dict[str, list[np.ndarray]] = {m: [] for m in TOKEN_MODES}
+    out: dict[str, list[np.ndarray]] = {m: [] for m in TOKEN_READOUTS}
     for lo in range(0, n, cs):
         x = np.asarray(store.read(layer, lo, min(lo + cs, n)), dtype=np.float32)
         if kind == "map":
@@ -802,7 +809,7 @@ def token_class_probe(store: Any, layers: Sequence[str] | None = None, *, method
     else:
         chosen = [layers] if isinstance(layers, str) else list(layers)
         for lay in chosen:
-            grid_positions(store.layer_info(lay), lay)
+            layer_grid(store.layer_info(lay), lay)
     if not chosen:
         raise UsageError(f"{store.path} has no token or map layer with known positions")
     keep, test = stratified_holdout(y, split, seed, 0)
@@ -810,10 +817,10 @@ def token_class_probe(store: Any, layers: Sequence[str] | None = None, *, method
     tr, va = keep[tr_rel], keep[va_rel]
     lam = np.asarray(DEFAULT_LAMBDAS if lambdas is None else lambdas, dtype=np.float64)
     dev = resolve_device(device)
-    acc: dict[str, list[float | None]] = {m: [] for m in TOKEN_MODES}
+    acc: dict[str, list[float | None]] = {m: [] for m in TOKEN_READOUTS}
     for lay in chosen:
         feats = _token_readouts(store, lay)
-        for mode in TOKEN_MODES:
+        for mode in TOKEN_READOUTS:
             X = feats[mode]
             if X is None:
                 acc[mode].append(None)

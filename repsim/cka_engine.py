@@ -75,7 +75,7 @@ from repsim.store import StoreLike, check_layer_names, consecutive_slice, gather
 
 ESTIMATORS = ("minibatch", "exact", "debiased")
 KERNELS = ("linear", "rbf")
-TOKEN_MODES = ("flatten", "mean", "cls")
+TOKEN_MODES = ("flatten", "mean", "cls")  # how a token / map layer becomes one CKA feature row per sample
 ALIGN_MODES = ("fingerprint", "ids")
 PLANS = ("auto", "contiguous", "shuffled")
 SOURCES = ("auto", "grams", "activations")

@@ -154,3 +154,17 @@ def test_one_store_protocol_that_the_store_implements(tmp_path):
     assert {"path", "layers", "n", "ids", "labels", "fingerprint", "complete", "read", "layer_info"} <= members
     store = _store(tmp_path)
     assert [m for m in sorted(members) if not hasattr(store, m)] == []
+
+
+def test_names_that_meant_two_things_now_say_which():
+    """grid_positions (repsim.attention: cell coordinates) vs layer_grid (probes.localization: a layer's kind, grid and
+    prefix count, old name kept as an alias); TOKEN_MODES (CKA feature rows) vs TOKEN_READOUTS (class probe)."""
+    import probes.localization as loc
+    from repsim.attention import grid_positions
+    from repsim.cka_engine import TOKEN_MODES
+
+    info = {"kind": "tokens", "shape": [1 + 6, 8], "grid": [2, 3], "num_prefix_tokens": 1}
+    assert loc.layer_grid(info, "t") == ("tokens", (2, 3), 1) and loc.grid_positions is loc.layer_grid
+    assert grid_positions((2, 3)).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert TOKEN_MODES == ("flatten", "mean", "cls") and loc.TOKEN_READOUTS == ("centre", "cls", "mean")
+    assert not hasattr(loc, "TOKEN_MODES")
