@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from repsim.app.options import (dask_client, floats3, load_model_from_options, model_options, parse_shard,
                                 split_layers)
 from repsim.errors import UsageError
+
+if TYPE_CHECKING:
+    from repsim.perturbations import Perturbation
 
 
 @click.command()
@@ -69,6 +74,78 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
         mark = "*" if path in preset else " "
         extra = f"  (called {calls}x)" if calls > 1 else ""
         click.echo(f"{mark} {path:<40} {type_name:<24} {shape}{extra}")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """The options of ``repsim extract`` as click parsed them; the field names are the command's parameter
+    names (``--model`` is ``model_name``, ``--layers`` ``layer_patterns``, ``--perturb`` ``perturb_spec``,
+    ``--grid`` / ``--prefix-tokens`` / ``--patch-size`` ``geom_*``)."""
+
+    # what runs on which images, written where
+    model_name: str
+    data: str
+    out: str
+    n: int | None
+    seed: int
+    # building the model (the shared model options, see repsim.app.options.model_options)
+    weights: str | None
+    random_init: bool
+    offline: bool
+    img_size: int | None
+    mean: str | None
+    std: str | None
+    interpolation: str | None
+    crop_pct: float | None
+    # what is stored
+    layer_patterns: tuple[str, ...]
+    pool: str
+    spatial_pool: int | None
+    dtype: str
+    batch_size: int
+    chunk_size: int | None
+    save_inputs: bool
+    grams: bool
+    no_acts: bool
+    attention: bool
+    attn_keep: int
+    strict: bool
+    # token geometry of a py: ViT repsim cannot read
+    geom_grid: str | None
+    geom_prefix: int | None
+    geom_patch: int | None
+    # input perturbation (for `repsim robustness`)
+    perturb_spec: str | None
+    perturb_patch: int | None
+    perturb_seed: int | None
+    # how and where it runs
+    device: str
+    overwrite: bool
+    force: bool
+    shard: str | None
+    workers: int | None
+    scheduler: str | None
+    gpus_per_task: int
+    quiet: bool
+
+    def perturbation(self) -> Perturbation | None:
+        """The parsed --perturb KIND:LEVEL (None without it); --perturb-patch / --perturb-seed alone are refused."""
+        from repsim.perturbations import Perturbation
+
+        if self.perturb_spec is None:
+            if (self.perturb_patch, self.perturb_seed) != (None, None):
+                raise UsageError(f"{'--perturb-patch' if self.perturb_patch is not None else '--perturb-seed'} "
+                                 "needs --perturb KIND:LEVEL")
+            return None
+        return Perturbation.parse(self.perturb_spec, patch_px=self.perturb_patch, seed=self.perturb_seed or 0)
+
+    def plan_kwargs(self, perturbation: Perturbation | None) -> dict[str, Any]:
+        """The :func:`hooks.extract.plan_extraction` keywords of what is stored, the same for a run here and for
+        every Dask shard (each shard adds its own ``shard``)."""
+        return dict(layers=split_layers(self.layer_patterns), pool=self.pool, spatial_pool=self.spatial_pool,
+                    dtype=self.dtype, batch_size=self.batch_size, chunk_size=self.chunk_size,
+                    save_inputs=self.save_inputs, attention=self.attention, attn_keep=self.attn_keep,
+                    strict=self.strict, grams=self.grams, acts=not self.no_acts, perturbation=perturbation)
 
 
 @click.command()
@@ -133,11 +210,7 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
               help="With --scheduler: each shard asks for this many of the workers' GPU resources "
                    "(start workers with --resources GPU=1).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, dtype, batch_size, chunk_size,
-            save_inputs, grams, no_acts, attention, attn_keep, weights, random_init, img_size, mean, std, interpolation, crop_pct,
-            device, overwrite, force, strict, shard, workers, scheduler, gpus_per_task, quiet, offline,
-            geom_grid=None, geom_prefix=None, geom_patch=None, perturb_spec=None, perturb_patch=None,
-            perturb_seed=None) -> None:
+def extract(**params: Any) -> None:
     """Run MODEL over images and store per-layer activations in a Zarr store.
 
     \b
@@ -157,63 +230,60 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
     Scale out: --shard K/N writes one of N disjoint parts (run one per GPU box, by hand), or
     --workers N / --scheduler ADDRESS runs one shard per Dask worker.
     """
+    opts = ExtractOptions(**params)
+    if opts.n is not None and opts.n < 1:
+        raise UsageError(f"--n must be >= 1, got {opts.n}")
+    perturbation = opts.perturbation()
+    if opts.workers is not None or opts.scheduler is not None:
+        _extract_on_dask(opts, perturbation)
+    else:
+        _extract_here(opts, perturbation)
+
+
+def _extract_on_dask(opts: ExtractOptions, perturbation: Perturbation | None) -> None:
+    """--workers N / --scheduler ADDRESS: one shard per Dask worker (:mod:`hooks.distributed_extract`)."""
+    from hooks.distributed_extract import ExtractionSpec, extract_distributed
+    from hooks.extract import human_bytes
+
+    if opts.shard is not None or opts.overwrite:
+        raise UsageError("--workers / --scheduler choose the shards themselves: drop --shard / --overwrite")
+    if (opts.geom_grid, opts.geom_prefix, opts.geom_patch) != (None, None, None):
+        raise UsageError("--grid/--prefix-tokens/--patch-size do not reach --workers / --scheduler: declare "
+                         "`repsim_geometry` on the model instead (see hooks/geometry.py)")
+    if opts.weights and opts.random_init:
+        raise UsageError("--weights and --random-init exclude each other")
+    spec = ExtractionSpec(
+        model=opts.model_name, data=opts.data, out=opts.out, n=opts.n, seed=opts.seed,
+        load=dict(weights=os.path.abspath(opts.weights) if opts.weights else None, random_init=opts.random_init,
+                  offline=True if opts.offline else None,
+                  img_size=opts.img_size, mean=floats3(opts.mean, "mean"), std=floats3(opts.std, "std"),
+                  interpolation=opts.interpolation, crop_pct=opts.crop_pct),
+        plan=opts.plan_kwargs(perturbation),
+    )
+    with dask_client(opts.workers, opts.scheduler) as client:
+        store = extract_distributed(client, spec, gpus_per_task=opts.gpus_per_task, device=opts.device,
+                                    progress=not opts.quiet)
+    click.echo(f"wrote {store.path}: {store.n} samples x {len(store.layers)} layers, "
+               f"{human_bytes(store.nbytes_on_disk())} on disk")
+
+
+def _extract_here(opts: ExtractOptions, perturbation: Perturbation | None) -> None:
+    """One process (or one --shard K/N of the store): plan, check the disk, run, report."""
     from hooks.extract import human_bytes, plan_extraction, run_extraction
+    from hooks.geometry import apply_geometry, parse_grid  # a py: ViT's declared / flagged token geometry
     from repsim.data import open_dataset
 
-    if n is not None and n < 1:
-        raise UsageError(f"--n must be >= 1, got {n}")
-    from repsim.perturbations import Perturbation
-
-    if perturb_spec is None and (perturb_patch, perturb_seed) != (None, None):
-        raise UsageError(f"{'--perturb-patch' if perturb_patch is not None else '--perturb-seed'} needs --perturb "
-                         "KIND:LEVEL")
-    perturbation = (None if perturb_spec is None
-                    else Perturbation.parse(perturb_spec, patch_px=perturb_patch, seed=perturb_seed or 0))
-    if workers is not None or scheduler is not None:
-        if shard is not None or overwrite:
-            raise UsageError("--workers / --scheduler choose the shards themselves: drop --shard / --overwrite")
-        from hooks.distributed_extract import ExtractionSpec, extract_distributed
-
-        if (geom_grid, geom_prefix, geom_patch) != (None, None, None):
-            raise UsageError("--grid/--prefix-tokens/--patch-size do not reach --workers / --scheduler: declare "
-                             "`repsim_geometry` on the model instead (see hooks/geometry.py)")
-        if weights and random_init:
-            raise UsageError("--weights and --random-init exclude each other")
-        spec = ExtractionSpec(
-            model=model_name, data=data, out=out, n=n, seed=seed,
-            load=dict(weights=os.path.abspath(weights) if weights else None, random_init=random_init,
-                      offline=True if offline else None,
-                      img_size=img_size, mean=floats3(mean, "mean"), std=floats3(std, "std"),
-                      interpolation=interpolation, crop_pct=crop_pct),
-            plan=dict(layers=split_layers(layer_patterns),
-                      pool=pool, spatial_pool=spatial_pool, dtype=dtype, batch_size=batch_size,
-                      chunk_size=chunk_size, save_inputs=save_inputs, attention=attention, attn_keep=attn_keep,
-                      strict=strict, grams=grams, acts=not no_acts, perturbation=perturbation),
-        )
-        with dask_client(workers, scheduler) as client:
-            store = extract_distributed(client, spec, gpus_per_task=gpus_per_task, device=device,
-                                        progress=not quiet)
-        click.echo(f"wrote {store.path}: {store.n} samples x {len(store.layers)} layers, "
-                   f"{human_bytes(store.nbytes_on_disk())} on disk")
-        return
-    loaded = load_model_from_options(model_name, weights, random_init, img_size, mean, std, interpolation,
-                                     crop_pct, offline)
-    from hooks.geometry import apply_geometry, parse_grid  # a py: ViT's declared / flagged token geometry
-
-    apply_geometry(loaded, parse_grid(geom_grid), geom_prefix, geom_patch)
-    source = open_dataset(data, n=n, seed=seed, image_size=loaded.preprocessing.img_size[0])
-    patterns = split_layers(layer_patterns)
-    plan = plan_extraction(
-        loaded, source, out, layers=patterns, pool=pool, spatial_pool=spatial_pool, dtype=dtype,
-        batch_size=batch_size, chunk_size=chunk_size, save_inputs=save_inputs, attention=attention,
-        attn_keep=attn_keep, overwrite=overwrite, shard=parse_shard(shard),
-        strict=strict, progress=not quiet, grams=grams, acts=not no_acts, perturbation=perturbation,
-    )
+    loaded = load_model_from_options(opts.model_name, opts.weights, opts.random_init, opts.img_size, opts.mean,
+                                     opts.std, opts.interpolation, opts.crop_pct, opts.offline)
+    apply_geometry(loaded, parse_grid(opts.geom_grid), opts.geom_prefix, opts.geom_patch)
+    source = open_dataset(opts.data, n=opts.n, seed=opts.seed, image_size=loaded.preprocessing.img_size[0])
+    plan = plan_extraction(loaded, source, opts.out, overwrite=opts.overwrite, shard=parse_shard(opts.shard),
+                           progress=not opts.quiet, **opts.plan_kwargs(perturbation))
     if plan.already_complete:
-        click.echo(f"{out} is already complete ({plan.n} samples, {len(plan.taps)} layers); nothing to do")
+        click.echo(f"{opts.out} is already complete ({plan.n} samples, {len(plan.taps)} layers); nothing to do")
         return
     promoted = plan.attrs["extraction"]["float32_layers"]
-    kept = ("Grams only" if not plan.acts else dtype + (" + Grams" if plan.grams else ""))
+    kept = ("Grams only" if not plan.acts else opts.dtype + (" + Grams" if plan.grams else ""))
     click.echo(
         f"{loaded.info.name}: {len(plan.taps)} layers, {plan.n} images, {human_bytes(plan.bytes_per_image)}/image "
         f"({kept}), up to {human_bytes(plan.total_bytes)} in all; {human_bytes(plan.free_bytes())} free"
@@ -222,8 +292,8 @@ def extract(model_name, data, out, n, seed, layer_patterns, pool, spatial_pool, 
     )
     if promoted:
         click.echo(f"stored as float32 (float16 would lose more than 1e-4 of their variation): {', '.join(promoted)}")
-    plan.check_disk(force=force)
-    store = run_extraction(plan, device=device, progress=not quiet)
+    plan.check_disk(force=opts.force)
+    store = run_extraction(plan, device=opts.device, progress=not opts.quiet)
     if plan.shard is not None:
         chunks = plan.shard_chunks()
         done = store.chunks_done()
