@@ -65,7 +65,7 @@ from repsim.json_output import jsonable, write_json_atomic
 from repsim.masks import (FOREGROUND_THRESHOLD, foreground_fractions, input_masks, parse_shapes_id, shapes_masks,
                           token_iou)
 
-from probes.localization import _image_split, _select_images, layer_grid, layer_tokens
+from probes.localization import _image_split, _positioned_layers, _select_images, layer_grid, layer_tokens
 
 __all__ = [
     "FOREGROUND_THRESHOLD",
@@ -309,20 +309,7 @@ def object_localization(store: Any, layers: Sequence[str] | None = None, *,
     _check_shapes_store(store)
     if method not in ("ridge", "logreg"):
         raise UsageError(f"method must be ridge or logreg, got {method!r}")
-    if layers is None:
-        chosen = []
-        for lay in store.layers:
-            try:
-                layer_grid(store.layer_info(lay), lay)
-            except UsageError:
-                continue
-            chosen.append(lay)
-        if not chosen:
-            raise UsageError(f"{store.path} has no token or map layer with a known grid to probe")
-    else:
-        chosen = list(layers)
-        for lay in chosen:
-            layer_grid(store.layer_info(lay), lay)  # raises for vector layers / unknown grids
+    chosen = _positioned_layers(store, layers, "to probe")
     rows_idx = _select_images(store, images)
     ids = store.ids
     H, W, crop_pct = _prep_geometry((store.attrs.get("preprocessing") or {}))

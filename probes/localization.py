@@ -67,7 +67,7 @@ from repsim.errors import UsageError
 from repsim.gram import centred_feature_grams, unit_centred_grams
 from repsim.json_output import jsonable, read_json_result, write_json_atomic
 from repsim.masks import cell_bounds
-from repsim.store import gather_rows, layer_kind
+from repsim.store import check_layer_names, gather_rows, layer_kind
 
 __all__ = [
     "DEFAULT_IMAGES",
@@ -643,15 +643,25 @@ class LocalizeResult:
         return fig
 
 
-def _positioned_layers(store: Any) -> list[str]:
-    """The store's token / map layers whose token positions are known (vector layers and unknown grids skipped)."""
-    chosen = []
-    for lay in store.layers:
-        try:
-            layer_grid(store.layer_info(lay), lay)
-        except UsageError:
-            continue
-        chosen.append(lay)
+def _positioned_layers(store: Any, layers: Sequence[str] | str | None, purpose: str) -> list[str]:
+    """The layers that localisation, the token class probe and the foreground probe read, in the order given:
+    by default the store's token / map layers whose token positions are known (vector layers and unknown grids
+    skipped; none is an error naming ``purpose``); named ``layers`` must be in the store and have positions."""
+    if layers is None:
+        chosen = []
+        for lay in store.layers:
+            try:
+                layer_grid(store.layer_info(lay), lay)
+            except UsageError:
+                continue
+            chosen.append(lay)
+        if not chosen:
+            raise UsageError(f"{store.path} has no token or map layer with known positions {purpose}")
+        return chosen
+    chosen = [layers] if isinstance(layers, str) else list(layers)
+    check_layer_names(store.path, store.layers, chosen)
+    for lay in chosen:
+        layer_grid(store.layer_info(lay), lay)  # raises for vector layers / unknown grids
     return chosen
 
 
@@ -669,19 +679,10 @@ def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | S
     t0 = time.perf_counter()
     if hasattr(store, "require_complete"):
         store.require_complete()  # an unfinished or damaged store: one UsageError, never numbers that change later
-    if layers is None:
-        chosen = _positioned_layers(store)
-        if not chosen:
-            raise UsageError(f"{store.path} has no token or map layer with known positions to localise")
-    else:
-        chosen = [layers] if isinstance(layers, str) else list(layers)
-        missing = [lay for lay in chosen if lay not in store.layers]
-        if missing:
-            raise UsageError(f"{store.path} has no layer {', '.join(map(repr, missing))}")
+    chosen = _positioned_layers(store, layers, "to localise")
+    if layers is not None:  # rows in network order, each layer once
         order = {lay: i for i, lay in enumerate(store.layers)}
         chosen = sorted(dict.fromkeys(chosen), key=order.__getitem__)
-        for lay in chosen:
-            layer_grid(store.layer_info(lay), lay)
     if not (cka or position):
         raise UsageError("nothing to do: both cka and position are off")
     if cka and not getattr(store, "has_inputs", False):
@@ -804,14 +805,7 @@ def token_class_probe(store: Any, layers: Sequence[str] | None = None, *, method
         raise UsageError(f"method must be ridge or logreg, got {method!r}")
     t0 = time.perf_counter()
     y = check_labels(store)
-    if layers is None:
-        chosen = _positioned_layers(store)
-    else:
-        chosen = [layers] if isinstance(layers, str) else list(layers)
-        for lay in chosen:
-            layer_grid(store.layer_info(lay), lay)
-    if not chosen:
-        raise UsageError(f"{store.path} has no token or map layer with known positions")
+    chosen = _positioned_layers(store, layers, "to probe")
     keep, test = stratified_holdout(y, split, seed, 0)
     tr_rel, va_rel = stratified_holdout(y[keep], val_fraction, seed, 1)
     tr, va = keep[tr_rel], keep[va_rel]

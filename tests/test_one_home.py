@@ -168,3 +168,31 @@ def test_names_that_meant_two_things_now_say_which():
     assert grid_positions((2, 3)).tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
     assert TOKEN_MODES == ("flatten", "mean", "cls") and loc.TOKEN_READOUTS == ("centre", "cls", "mean")
     assert not hasattr(loc, "TOKEN_MODES")
+
+
+def test_localisation_and_token_probes_pick_positioned_layers_alike(tmp_path):
+    """probes.localization._positioned_layers: the default and the checks of localize / token_class_probe /
+    foreground_probe (a vector layer is skipped by default, refused by name; a missing name gets the store hint)."""
+    from probes.localization import _positioned_layers, localize
+    from repsim.store import ActivationStore, LayerSpec, StoreWriter, fingerprint_ids
+
+    ids = [f"s{i}" for i in range(4)]
+    attrs = {"format_version": 1, "model": {"name": "m"}, "dataset": {"name": "d", "n": 4,
+             "fingerprint": fingerprint_ids(ids)}, "extraction": {"chunk_size": 4, "dtype": "float32"}}
+    specs = [LayerSpec("tok", (5, 2), {"kind": "tokens", "grid": [2, 2], "num_prefix_tokens": 1}),
+             LayerSpec("vec", (3,), {"kind": "vector"}), LayerSpec("map", (2, 2, 2), {"kind": "map"})]
+    w = StoreWriter.create(str(tmp_path / "p.zarr"), attrs, specs, ids, np.zeros(4, dtype=np.int64), dtype="float32")
+    w.write_chunk(0, {"tok": np.ones((4, 5, 2), np.float32), "vec": np.ones((4, 3), np.float32),
+                      "map": np.ones((4, 2, 2, 2), np.float32)})
+    w.update_attrs(complete=True)
+    store = ActivationStore(str(tmp_path / "p.zarr"))
+    assert _positioned_layers(store, None, "to probe") == ["tok", "map"]
+    assert _positioned_layers(store, ["map", "tok"], "to probe") == ["map", "tok"]
+    assert _positioned_layers(store, "map", "to probe") == ["map"]
+    with pytest.raises(UsageError, match=r"layer 'vec' is a vector layer \(3,\): it has no spatial positions"):
+        _positioned_layers(store, ["tok", "vec"], "to probe")
+    with pytest.raises(UsageError, match=r"p\.zarr has no layer 'mapp' \(did you mean 'map'\?\); it has 3 layers"):
+        localize(store, ["mapp"])
+    vec_only = _store(tmp_path)
+    with pytest.raises(UsageError, match=r"s\.zarr has no token or map layer with known positions to localise$"):
+        localize(vec_only)
