@@ -93,13 +93,19 @@ def _resnet(modules: dict[str, nn.Module]) -> list[str] | None:
     return [*([stem] if stem else []), *blocks, *([pool] if pool else []), *([fc] if fc else [])]
 
 
-def _convnext(modules: dict[str, nn.Module]) -> list[str] | None:
-    blocks = _numbered(modules, r"stages\.\d+\.blocks\.\d+")
-    if "stem" not in modules or not blocks:
+def _stem_blocks_head(modules: dict[str, nn.Module], blocks: str, pre: tuple[str, ...], logits: tuple[str, ...]
+                      ) -> list[str] | None:
+    """``stem``, every block whose path matches ``blocks``, then the first existing of ``pre`` (pre-logits) and of
+    ``logits``: the preset of the staged timm CNNs (ConvNeXt, NFNet); None when the model is not one."""
+    found = _numbered(modules, blocks)
+    if "stem" not in modules or not found:
         return None
-    pre = _first(modules, "head.drop", "head.pre_logits")
-    logits = _first(modules, "head.fc")
-    return ["stem", *blocks, *([pre] if pre else []), *([logits] if logits else [])]
+    tail = [_first(modules, *pre), _first(modules, *logits)]
+    return ["stem", *found, *[p for p in tail if p]]
+
+
+def _convnext(modules: dict[str, nn.Module]) -> list[str] | None:
+    return _stem_blocks_head(modules, r"stages\.\d+\.blocks\.\d+", ("head.drop", "head.pre_logits"), ("head.fc",))
 
 
 def _mixer(modules: dict[str, nn.Module]) -> list[str] | None:
@@ -110,12 +116,7 @@ def _mixer(modules: dict[str, nn.Module]) -> list[str] | None:
 
 
 def _nfnet(modules: dict[str, nn.Module]) -> list[str] | None:
-    blocks = _numbered(modules, r"stages\.\d+\.\d+")
-    if "stem" not in modules or not blocks:
-        return None
-    pre = _first(modules, "head.drop", "head.global_pool")
-    logits = _first(modules, "head.fc")
-    return ["stem", *blocks, *([pre] if pre else []), *([logits] if logits else [])]
+    return _stem_blocks_head(modules, r"stages\.\d+\.\d+", ("head.drop", "head.global_pool"), ("head.fc",))
 
 
 def _levit(modules: dict[str, nn.Module]) -> list[str] | None:
