@@ -138,7 +138,8 @@ def test_lost_content_digests_are_named(copy, loss):
         (problem,) = _problems(copy)
         assert problem.startswith("progress/chunk_digest: its metadata (progress/chunk_digest/zarr.json) is "
                                   "missing or damaged")
-        assert_one_line_error(run_cli("probe", copy, "--method", "ridge", "--quiet"), "progress/chunk_digest")
+        for args in (("probe", copy, "--method", "ridge", "--quiet"), ("cka", copy, "--quiet")):
+            assert_one_line_error(run_cli(*args), "progress/chunk_digest")
 
 
 def test_a_folder_that_is_not_a_store(tmp_path):
