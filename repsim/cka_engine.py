@@ -819,7 +819,9 @@ def cka_matrix(
     sb = store_a if within else store_b
     lb = la if within else select_layers(sb, layers_b)
     for s in (store_a,) if within else (store_a, sb):
-        if not s.complete:
+        if hasattr(s, "require_complete"):
+            s.require_complete()  # unfinished, or damaged metadata (e.g. lost chunk digests): one line, no number
+        elif not s.complete:
             raise UsageError(f"{s.path} is incomplete (an extraction is unfinished or was killed): rerun the same "
                              "`repsim extract` command to finish it")
     pos_a, pos_b, align_info = _align(store_a, None if within else sb, align)
