@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from repsim.errors import UsageError
-from repsim.json_output import jsonable, write_json_atomic
+from repsim.json_output import finish_result, jsonable
 # the ground truth lives in the library (attention segmentation scores against the same cells); re-exported
 from repsim.masks import (FOREGROUND_THRESHOLD, foreground_fractions, input_masks, parse_shapes_id, shapes_masks,
                           token_iou)
@@ -173,12 +173,9 @@ class ObjectLocalizationResult:
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """JSON-ready dict (kind ``repsim.object_localization``); written atomically to ``path`` when given."""
-        d = jsonable({"kind": "repsim.object_localization", "rows": [asdict(r) for r in self.rows],
-                       "protocol": self.protocol, "store": self.store, "seconds": self.seconds,
-                       "definition": self.definition})
-        if path is not None:
-            write_json_atomic(path, d)
-        return d
+        d = jsonable({"rows": [asdict(r) for r in self.rows], "protocol": self.protocol, "store": self.store,
+                      "seconds": self.seconds, "definition": self.definition})
+        return finish_result(d, "repsim.object_localization", path)
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Test IoU against depth with its 95 % bootstrap interval and the all-foreground reference; see

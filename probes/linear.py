@@ -89,7 +89,7 @@ from probes.features import (
     tf32_off,
 )
 from repsim.errors import UsageError
-from repsim.json_output import jsonable, read_json_result, write_json_atomic
+from repsim.json_output import finish_result, jsonable, result_fields
 
 DEFAULT_LAMBDAS: np.ndarray = np.logspace(-6, 5, 45)
 METHODS = ("logreg", "ridge")
@@ -1119,19 +1119,13 @@ class ProbeResult:
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """The result as a JSON-ready dict (kind ``repsim.probe``); written atomically to ``path`` when given."""
         d = asdict(self)
-        d["kind"] = "repsim.probe"
         d["best_layer"] = self.best_layer
-        d = jsonable(d)
-        if path is not None:
-            write_json_atomic(path, d)
-        return d
+        return finish_result(jsonable(d), "repsim.probe", path)
 
     @classmethod
     def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> "ProbeResult":
         """Inverse of :meth:`to_json` (a dict or a path to the JSON file)."""
-        source = read_json_result(source, "repsim.probe")
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in source.items() if k in known}
+        d = result_fields(cls, source, "repsim.probe")
         row_fields = {f.name for f in fields(ProbeRow)}
         d["rows"] = [ProbeRow(**{k: v for k, v in r.items() if k in row_fields}) for r in d["rows"]]
         return cls(**d)

@@ -55,7 +55,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -65,7 +65,7 @@ from repsim.cka_engine import NumericalError
 from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
 from repsim.gram import centred_feature_grams, unit_centred_grams
-from repsim.json_output import jsonable, read_json_result, write_json_atomic
+from repsim.json_output import finish_result, jsonable, read_json_result, result_fields
 from repsim.masks import cell_bounds
 from repsim.store import check_layer_names, gather_rows, layer_kind
 
@@ -341,17 +341,14 @@ class TokenPatchCKA:
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """JSON-ready dict (kind ``repsim.token_patch_cka``); written atomically to ``path`` when given."""
-        d = jsonable(dict(asdict(self), kind_result="repsim.token_patch_cka"))
-        d["kind"], d["layer_kind"] = "repsim.token_patch_cka", self.kind
-        d.pop("kind_result")
-        if path is not None:
-            write_json_atomic(path, d)
-        return d
+        d = jsonable(asdict(self))
+        d["layer_kind"] = self.kind  # the field "kind" is the layer's; the JSON "kind" tags the result
+        return finish_result(d, "repsim.token_patch_cka", path)
 
     @classmethod
     def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> "TokenPatchCKA":
         source = read_json_result(source, "repsim.token_patch_cka")
-        d = {k: v for k, v in source.items() if k in {f.name for f in fields(cls)} and k != "kind"}
+        d = result_fields(cls, source, "repsim.token_patch_cka")
         d["kind"] = source["layer_kind"]
         d["matrix"] = np.asarray(d["matrix"], dtype=np.float64)
         return cls(**d)
@@ -477,10 +474,7 @@ class PositionProbe:
     image_accuracy: list[float] = field(default_factory=list)
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        d = jsonable(dict(asdict(self), kind="repsim.position_probe"))
-        if path is not None:
-            write_json_atomic(path, d)
-        return d
+        return finish_result(jsonable(asdict(self)), "repsim.position_probe", path)
 
 
 def _image_split(n: int, test_fraction: float, val_fraction: float, seed: int
@@ -590,15 +584,11 @@ class LocalizeResult:
 
     def to_json(self, path: str | os.PathLike | None = None, *, with_maps: bool = False) -> dict[str, Any]:
         """JSON-ready dict (kind ``repsim.localize``); written atomically to ``path`` when given."""
-        d = {"kind": "repsim.localize", "rows": [asdict(r) for r in self.rows], "protocol": self.protocol,
-             "store": self.store, "seconds": self.seconds,
-             "probes": {k: v.to_json() for k, v in self.probes.items()}}
+        d = {"rows": [asdict(r) for r in self.rows], "protocol": self.protocol, "store": self.store,
+             "seconds": self.seconds, "probes": {k: v.to_json() for k, v in self.probes.items()}}
         if with_maps:
             d["maps"] = {k: v.to_json() for k, v in self.maps.items()}
-        d = jsonable(d)
-        if path is not None:
-            write_json_atomic(path, d)
-        return d
+        return finish_result(jsonable(d), "repsim.localize", path)
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Localisation score (left) and position-probe accuracy with chance (right) against depth; saved to
@@ -742,10 +732,7 @@ class TokenClassProbe:
     seconds: float = 0.0
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        d = jsonable(dict(asdict(self), kind="repsim.token_class_probe"))
-        if path is not None:
-            write_json_atomic(path, d)
-        return d
+        return finish_result(jsonable(asdict(self)), "repsim.token_class_probe", path)
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Accuracy (%) against depth, one curve per token read-out, chance dotted; returns the Figure."""

@@ -71,7 +71,7 @@ import torch
 from repsim.attention import _as_float, _grid, _prefix, _renormalised_patch_block, class_attention_statistics
 from repsim.errors import UsageError
 from repsim.intervals import LEVEL, bootstrap_mean, ci_text, verdict
-from repsim.json_output import jsonable, write_json_atomic
+from repsim.json_output import finish_result, jsonable
 from repsim.masks import FOREGROUND_THRESHOLD, patch_foreground, store_input_masks, token_iou
 
 __all__ = [
@@ -316,13 +316,11 @@ class AttentionSegmentation:
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """JSON-ready dict (kind ``repsim.attention_segmentation``); written atomically to ``path`` when given."""
-        d = jsonable({"kind": "repsim.attention_segmentation", "model": self.model, "store": self.store,
-                      "mass": self.mass, "n_images": self.n_images, "masks": self.masks,
-                      "layers": [asdict(ly) for ly in self.layers], "skipped": self.skipped, "best": self.best,
-                      "best_held_out": self.best_held_out, "seconds": self.seconds, "definitions": self.definitions})
-        if path is not None:
-            write_json_atomic(os.fspath(path), d)
-        return d
+        d = jsonable({"model": self.model, "store": self.store, "mass": self.mass, "n_images": self.n_images,
+                      "masks": self.masks, "layers": [asdict(ly) for ly in self.layers], "skipped": self.skipped,
+                      "best": self.best, "best_held_out": self.best_held_out, "seconds": self.seconds,
+                      "definitions": self.definitions})
+        return finish_result(d, "repsim.attention_segmentation", path)
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Jaccard heat map and best-head overlays (:func:`plot_attention_segmentation`); returns the Figure."""

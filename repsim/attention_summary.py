@@ -19,7 +19,7 @@ import torch
 
 from repsim.attention import attention_distance, attention_rollout, centroid_offset, classify_heads, rollout_map
 from repsim.errors import UsageError
-from repsim.json_output import write_json_atomic
+from repsim.json_output import finish_result, write_json_atomic
 from repsim.store import ActivationStore
 
 
@@ -68,10 +68,7 @@ class AttentionReport:
         """JSON-ready dict; written atomically to ``path`` when given."""
         d = asdict(self)
         d.pop("aligned")
-        d["kind"] = "repsim.attention"
-        if path is not None:
-            write_json_atomic(os.fspath(path), d)
-        return d
+        return finish_result(d, "repsim.attention", path)
 
     def plot(self, path: str | os.PathLike | None, store: ActivationStore | None = None,
              rollout_images: int = 4) -> dict[str, Any]:

@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,7 @@ from repsim.gram import GRAM_DTYPES, MIN_UNBIASED, u_centre, unbiased_gram
 from repsim.gram import check_finite as _check_finite
 from repsim.gram import from_numpy as _from_numpy
 from repsim.gram import resolve_gram_dtype as _gram_dtype
-from repsim.json_output import read_json_result, write_json_atomic
+from repsim.json_output import finish_result, result_fields
 from repsim.store import StoreLike, check_layer_names, consecutive_slice, gather_rows, layer_kind
 
 ESTIMATORS = ("minibatch", "exact", "debiased")
@@ -711,17 +711,12 @@ class CKAResult:
         d = asdict(self)
         d["values"] = np.asarray(self.values, dtype=float).tolist()
         d["std"] = None if self.std is None else np.asarray(self.std, dtype=float).tolist()
-        d["kind"] = "repsim.cka"
-        if path is not None:
-            write_json_atomic(path, d)
-        return d
+        return finish_result(d, "repsim.cka", path)
 
     @classmethod
     def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> "CKAResult":
         """Inverse of :meth:`to_json` (a dict or a path to the JSON file)."""
-        source = read_json_result(source, "repsim.cka")
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in source.items() if k in known}  # ignore keys added by later versions
+        d = result_fields(cls, source, "repsim.cka")
         d["values"] = np.asarray(d["values"], dtype=np.float64)
         d["std"] = None if d.get("std") is None else np.asarray(d["std"], dtype=np.float64)
         return cls(**d)

@@ -31,7 +31,7 @@ import torch
 from repsim.cka_engine import aligned_positions, cka_matrix, layer_features, select_layers
 from repsim.errors import UsageError
 from repsim.gram import MIN_UNBIASED
-from repsim.json_output import write_json_atomic
+from repsim.json_output import finish_result
 from repsim.similarity_measures import MEASURES, SimilarityWarning, bootstrap_interval, permutation_null, similarity_details
 
 
@@ -170,10 +170,7 @@ class CompareResult:
         for key in ("values", "p_values", "ci_low", "ci_high"):
             v = getattr(self, key)
             d[key] = None if v is None else np.asarray(v, dtype=float).tolist()
-        d["kind"] = "repsim.compare"
-        if path is not None:
-            write_json_atomic(path, d)
-        return d
+        return finish_result(d, "repsim.compare", path)
 
     def plot(self, path: str | os.PathLike | None, ax: Any = None) -> Any:
         """Layer × layer heat map; for distances the colour map is reversed so bright always means alike.

@@ -51,6 +51,25 @@ def read_json_result(source: str | os.PathLike | dict[str, Any], kind: str) -> d
     return source
 
 
+def finish_result(d: dict[str, Any], kind: str, path: str | os.PathLike | None) -> dict[str, Any]:
+    """The last step of every result's ``to_json``: ``d`` tagged with its ``kind`` (e.g. ``"repsim.cka"``, the tag
+    :func:`read_json_result` checks), written atomically to ``path`` when given (:func:`write_json_atomic`)."""
+    d["kind"] = kind
+    if path is not None:
+        write_json_atomic(path, d)
+    return d
+
+
+def result_fields(cls: type, source: str | os.PathLike | dict[str, Any], kind: str) -> dict[str, Any]:
+    """The first step of every result's ``from_json``: the entries of a ``kind`` result (:func:`read_json_result`)
+    that are fields of the dataclass ``cls`` (keys added by later versions, and ``kind`` itself unless ``cls`` has
+    a field of that name, are left out)."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in read_json_result(source, kind).items() if k in known}
+
+
 def jsonable(x: Any) -> Any:
     """``x`` with numpy arrays / scalars turned into lists and Python numbers, dict keys into strings, and
     non-finite floats into None (JSON has no NaN; a missing value stays visible as null)."""

@@ -36,7 +36,7 @@ import numpy as np
 from repsim.errors import UsageError
 from repsim.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, bootstrap_mean, centred_gram,
                               verdict, wilson_interval)
-from repsim.json_output import jsonable, read_json_result, write_json_atomic
+from repsim.json_output import finish_result, jsonable, result_fields
 from repsim.store import ActivationStore, open_store
 
 KIND = "repsim.robustness"
@@ -114,17 +114,12 @@ class RobustnessResult:
 
     def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
         """The result as a JSON-ready dict (kind ``repsim.robustness``); written atomically to ``path`` if given."""
-        d = jsonable(asdict(self))
-        d["kind"] = KIND
-        if path is not None:
-            write_json_atomic(path, d)
-        return d
+        return finish_result(jsonable(asdict(self)), KIND, path)
 
     @classmethod
     def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> RobustnessResult:
         """Inverse of :meth:`to_json` (a dict or a path to the JSON file)."""
-        d = dict(read_json_result(source, KIND))
-        d.pop("kind", None)
+        d = result_fields(cls, source, KIND)
         models = []
         for m in d.pop("models"):
             m = dict(m)

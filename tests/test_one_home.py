@@ -196,3 +196,28 @@ def test_localisation_and_token_probes_pick_positioned_layers_alike(tmp_path):
     vec_only = _store(tmp_path)
     with pytest.raises(UsageError, match=r"s\.zarr has no token or map layer with known positions to localise$"):
         localize(vec_only)
+
+
+def test_results_tag_write_and_read_back_through_one_pair_of_helpers(tmp_path):
+    """repsim.json_output.finish_result / result_fields: the kind tag, the atomic file, later keys ignored, a
+    wrong kind refused; TokenPatchCKA (whose own field is called kind) round-trips through them."""
+    import json
+
+    from probes.localization import TokenPatchCKA
+    from repsim.json_output import finish_result, result_fields
+    from repsim.robustness import RobustnessResult
+
+    d = finish_result({"layers": ["a"], "n": 3}, "repsim.x", tmp_path / "r.json")
+    assert d == {"layers": ["a"], "n": 3, "kind": "repsim.x"} and json.loads((tmp_path / "r.json").read_text()) == d
+    res = TokenPatchCKA(layer="t", kind="map", grid=[1, 2], patch_px=[4, 4], positions=[0, 1],
+                        matrix=np.array([[0.9, 0.1], [0.2, 0.8]]), own=0.85, other=0.15, score=0.7,
+                        argmax_fraction=1.0, n_images=5)
+    j = res.to_json(tmp_path / "t.json")
+    assert j["kind"] == "repsim.token_patch_cka" and j["layer_kind"] == "map"
+    back = TokenPatchCKA.from_json(dict(json.loads((tmp_path / "t.json").read_text()), added_later=1))
+    assert back.kind == "map" and back.score == 0.7 and np.array_equal(back.matrix, res.matrix)
+    assert result_fields(TokenPatchCKA, j, "repsim.token_patch_cka")["layer"] == "t"
+    assert "added_later" not in result_fields(RobustnessResult, {"kind": "repsim.robustness", "added_later": 1,
+                                                                 "models": []}, "repsim.robustness")
+    with pytest.raises(UsageError, match=r"not a repsim.probe result \(kind 'repsim.token_patch_cka'\)"):
+        result_fields(TokenPatchCKA, j, "repsim.probe")
