@@ -62,8 +62,8 @@ import numpy as np
 from repsim.errors import UsageError
 from repsim.json_output import finish_result, jsonable
 # the ground truth lives in the library (attention segmentation scores against the same cells); re-exported
-from repsim.masks import (FOREGROUND_THRESHOLD, foreground_fractions, input_masks, parse_shapes_id, shapes_masks,
-                          token_iou)
+from repsim.masks import (FOREGROUND_THRESHOLD, _preprocessing_geometry, foreground_fractions, input_masks,
+                          parse_shapes_id, shapes_masks, store_input_masks, token_iou)
 
 from probes.localization import _image_split, _positioned_layers, _select_images, layer_grid, layer_tokens
 
@@ -97,15 +97,6 @@ def _check_shapes_store(store: Any) -> None:
         raise UsageError(f"{getattr(store, 'path', 'the store')} was extracted from the {d.get('name')!r} data set: "
                          "object localisation needs the ground-truth masks of the 'shapes' data set "
                          "(repsim extract --data shapes)")
-
-
-def _prep_geometry(prep: dict[str, Any]) -> tuple[int, int, float]:
-    size = prep.get("img_size")
-    if size is None:
-        raise UsageError("the store records no preprocessing img_size: token cells cannot be placed on the input")
-    H, W = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
-    crop_pct = float(prep.get("crop_pct") or 1.0)
-    return H, W, crop_pct
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,9 +299,8 @@ def object_localization(store: Any, layers: Sequence[str] | None = None, *,
         raise UsageError(f"method must be ridge or logreg, got {method!r}")
     chosen = _positioned_layers(store, layers, "to probe")
     rows_idx = _select_images(store, images)
-    ids = store.ids
-    H, W, crop_pct = _prep_geometry((store.attrs.get("preprocessing") or {}))
-    masks = input_masks(shapes_masks([ids[int(r)] for r in rows_idx]), (H, W), crop_pct)
+    (H, W), crop_pct, _ = _preprocessing_geometry(store.attrs.get("preprocessing") or {})
+    masks = store_input_masks(store, rows_idx)  # the ground truth attention segmentation scores against
     split = _image_split(rows_idx.size, test_fraction, val_fraction, seed)
     lam = np.asarray(DEFAULT_LAMBDAS if lambdas is None else lambdas, dtype=np.float64)
     dev = resolve_device(device)

@@ -412,3 +412,25 @@ def test_store_masks_render_shapes_ids_and_refuse_other_generators():
         store_masks(old, 1, prep)
     with pytest.raises(UsageError, match="'cat/1.png' is not a shapes id"):
         store_masks(SimpleNamespace(attrs=store.attrs, ids=["cat/1.png"], n=1, path="c.zarr"), 1, prep)
+
+
+def test_probe_labels_follow_the_recorded_crop(tmp_path):
+    """crop_pct 0.5: the foreground labels are the masks carried through the recorded preprocessing (resize the
+    mask to 2x, keep the centre), built here by hand with PIL; features that encode those fractions probe well."""
+    from PIL import Image
+
+    n, D = 120, 4
+    big = 2 * IMG
+    crop = []
+    for i in range(n):
+        m = render_shape_sample(0, i, IMG)[1].astype(np.float32)
+        up = np.asarray(Image.fromarray(m, mode="F").resize((big, big), Image.Resampling.BILINEAR))
+        crop.append(np.clip(up[IMG // 2: IMG // 2 + IMG, IMG // 2: IMG // 2 + IMG], 0, 1))
+    frac = np.stack(crop).reshape(n, GRID, PATCH, GRID, PATCH).mean(axis=(2, 4)).reshape(n, P)
+    rng = np.random.default_rng(1)
+    good = rng.normal(size=(n, 1 + P, D)).astype(np.float32) * 0.05
+    good[:, 1:, 0] = frac
+    store = make_store(tmp_path / "c.zarr", {"good": good}, crop_pct=0.5)
+    res = object_localization(store, device="cpu")
+    g = res.row("good")
+    assert res.protocol["crop_pct"] == 0.5 and g.iou_mean > 0.9 and g.accuracy > 0.97
