@@ -280,6 +280,8 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 
 def select_layers(module: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Module paths matching any of ``patterns`` (exact paths or globs), in registration order, no duplicates.
+    (Selection from a model's modules before extraction; picking among a store's layers is
+    :func:`repsim.cka_engine.select_layers` / :func:`probes.features.select_layers`.)
 
     A pattern that matches nothing raises UsageError with the closest module names.
     """
