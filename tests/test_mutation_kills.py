@@ -441,6 +441,10 @@ def test_attention_defaults_and_shapes_by_hand():
 
     a = _uniform(2, 9)
     np.testing.assert_allclose(attention_entropy(a).numpy(), np.log(9.0), rtol=1e-12)
+    b = a.clone()
+    b[..., 0, :] = 0.0
+    b[..., 0, 0] = 1.0  # query 0 attends to itself only: its row has entropy 0, and it is a patch query
+    np.testing.assert_allclose(attention_entropy(b).numpy(), 8.0 / 9.0 * np.log(9.0), rtol=1e-12)
     stats = head_statistics(a, (3, 3), 4)
     np.testing.assert_allclose(stats["entropy"].numpy(), np.log(9.0), rtol=1e-12)
     np.testing.assert_allclose(stats["prefix_mass"].numpy(), 0.0, atol=0)
@@ -456,13 +460,15 @@ def test_class_attention_statistics_by_hand():
     renormalised per head, zeros (not NaN) for a head with no patch mass; (H, 1, S) without a batch axis works."""
     from repsim.attention import class_attention_statistics
 
-    rows = torch.tensor([[[[0.2, 0.4, 0.2, 0.2, 0.0]], [[1.0, 0.0, 0.0, 0.0, 0.0]]]], dtype=torch.float64)
+    rows = torch.tensor([[[[0.2, 0.4, 0.2, 0.2, 0.0]], [[1.0, 0.0, 0.0, 0.0, 0.0]], [[0.5, 0.0, 0.0, 0.0, 0.5]]]],
+                        dtype=torch.float64)
     s = class_attention_statistics(rows, (2, 2))
-    np.testing.assert_allclose(s["prefix_mass"].numpy(), [[0.2, 1.0]])
-    np.testing.assert_allclose(s["entropy"].numpy(), [[-(0.2 * np.log(0.2) * 3 + 0.4 * np.log(0.4)), 0.0]])
+    np.testing.assert_allclose(s["prefix_mass"].numpy(), [[0.2, 1.0, 0.5]])
+    np.testing.assert_allclose(s["entropy"].numpy(), [[-(0.2 * np.log(0.2) * 3 + 0.4 * np.log(0.4)), 0.0, np.log(2)]])
     np.testing.assert_allclose(s["cls_map"][0, 0].numpy(), [[0.5, 0.25], [0.25, 0.0]])
     np.testing.assert_array_equal(s["cls_map"][0, 1].numpy(), np.zeros((2, 2)))
-    np.testing.assert_allclose(class_attention_statistics(rows[0], (2, 2))["prefix_mass"].numpy(), [0.2, 1.0])
+    np.testing.assert_allclose(s["cls_map"][0, 2].numpy(), [[0.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(class_attention_statistics(rows[0], (2, 2))["prefix_mass"].numpy(), [0.2, 1.0, 0.5])
 
 
 def test_rollout_defaults_by_hand():
@@ -508,7 +514,7 @@ def test_ridge_validation_curve_matches_scikit_learn(d):
     rng = np.random.default_rng(12)
     n, c = 40, 3
     y = rng.integers(0, c, size=n + 30)
-    X = rng.standard_normal((n + 30, d)) * rng.uniform(0.1, 20.0, d) + rng.uniform(-50, 50, d)
+    X = rng.standard_normal((n + 30, d)) * np.geomspace(0.05, 20.0, d) + rng.uniform(-50, 50, d)  # sd < 1 and > 1
     X[:, :3] += 3.0 * np.eye(c)[y] * X[:, :3].std(0)
     Xt, yt, Xv, yv = X[:n], y[:n], X[n:], y[n:]
     lambdas = [1e-3, 0.1, 3.0]
