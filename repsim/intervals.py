@@ -128,25 +128,37 @@ def statistic(value: float, low: float, high: float, **extra: Any) -> dict[str, 
 # ----------------------------------------------------------------------------------------------------
 
 
-def _u_centre(k: torch.Tensor) -> torch.Tensor:
-    """U-centring (Székely–Rizzo 2014) of a batch of symmetric Grams (..., m, m), float64."""
+def _u_centre(k: np.ndarray) -> np.ndarray:
+    """U-centring (Székely–Rizzo 2014, Sec. 2), in place, of a stack (L, m, m) of symmetric float64 Grams.
+
+    numpy, not torch: these are many small O(m²) steps, which torch spreads over its thread pool at a cost far
+    above the work (a 64 × 64 half-sample block took 13 ms with 2 threads on a busy 2-core machine, 0.2 ms
+    with one).
+    """
     m = k.shape[-1]
-    k = k.clone()
-    k.diagonal(dim1=-2, dim2=-1).zero_()
-    means = k.sum(dim=-2) / (m - 2)
-    means = means - means.sum(dim=-1, keepdim=True) / (2 * (m - 1))
-    k = k - means[..., :, None] - means[..., None, :]
-    k.diagonal(dim1=-2, dim2=-1).zero_()
+    d = np.arange(m)
+    k[:, d, d] = 0.0
+    means = k.sum(axis=-2) / (m - 2)
+    means -= means.sum(axis=-1, keepdims=True) / (2 * (m - 1))
+    k -= means[:, :, None]
+    k -= means[:, None, :]
+    k[:, d, d] = 0.0
     return k
 
 
-def _cka_from(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+def _cka_from(ka: np.ndarray, kb: np.ndarray) -> np.ndarray:
     """Debiased CKA matrix (La, Lb) from stacks of U-centred Grams (La, m, m), (Lb, m, m)."""
     fa, fb = ka.reshape(ka.shape[0], -1), kb.reshape(kb.shape[0], -1)
     hab = fa @ fb.T
-    na = (fa * fa).sum(-1).clamp_min(0).sqrt()
-    nb = (fb * fb).sum(-1).clamp_min(0).sqrt()
+    na = np.sqrt(np.maximum(np.einsum("ij,ij->i", fa, fa), 0.0))
+    nb = np.sqrt(np.maximum(np.einsum("ij,ij->i", fb, fb), 0.0))
     return hab / (na[:, None] * nb[None, :])
+
+
+def _gram_stack(grams: Mapping[str, Any]) -> np.ndarray:
+    """(L, n, n) float64 stack of the Grams (numpy arrays or CPU tensors)."""
+    return np.stack([np.asarray(g.detach().cpu() if isinstance(g, torch.Tensor) else g, dtype=np.float64)
+                     for g in grams.values()])
 
 
 def centred_gram(x: Any) -> torch.Tensor:
@@ -169,9 +181,8 @@ class HalfSampleCKA:
                  resamples: int = N_RESAMPLES, seed: int = 0):
         self.layers_a = list(grams_a)
         self.layers_b = list(grams_b if grams_b is not None else grams_a)
-        self._ka = torch.stack([torch.as_tensor(g, dtype=torch.float64) for g in grams_a.values()])
-        self._kb = self._ka if grams_b is None else torch.stack(
-            [torch.as_tensor(g, dtype=torch.float64) for g in grams_b.values()])
+        self._ka = _gram_stack(grams_a)
+        self._kb = self._ka if grams_b is None else _gram_stack(grams_b)
         self.n = int(self._ka.shape[-1])
         if self._kb.shape[-1] != self.n:
             raise ValueError("both models' Grams must be over the same n images")
@@ -193,15 +204,12 @@ class HalfSampleCKA:
         return cls(ga, gb, **kwargs)
 
     def _matrix(self, rows: np.ndarray | None) -> np.ndarray:
-        def sub(k: torch.Tensor) -> torch.Tensor:
-            if rows is None:
-                return k
-            r = torch.as_tensor(rows)
-            return k[:, r][:, :, r]
+        def sub(k: np.ndarray) -> np.ndarray:  # a new array: U-centring works in place
+            return k.copy() if rows is None else k[:, rows[:, None], rows[None, :]]
 
         ua = _u_centre(sub(self._ka))
         ub = ua if self._kb is self._ka else _u_centre(sub(self._kb))
-        return _cka_from(ua, ub).numpy()
+        return _cka_from(ua, ub)
 
     def interval(self, fn: Callable[[np.ndarray], float], level: float = LEVEL) -> dict[str, Any]:
         """``fn`` (a statistic of a CKA matrix) on all images and its percentile interval over the halves."""
