@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -223,16 +224,20 @@ def test_segmentation_and_robustness_sentences_follow_the_intervals():
 
 
 @pytest.mark.slow
-def test_demo_rerun_reuses_the_stores(demo_dir):
-    before = os.path.getmtime(demo_dir / "stores" / "ref_resnet-n128.zarr" / "zarr.json")
-    res = run_cli("demo", "--out", str(demo_dir), "--n", "128", "--localize-images", "64", "--quiet",
+def test_demo_rerun_reuses_the_stores(demo_dir, tmp_path):
+    # a copy of the first run's ResNet store (file times kept), so the shared demo_dir's report and
+    # summary.json stay those of the full run for the other tests
+    out = tmp_path / "rerun"
+    shutil.copytree(demo_dir / "stores" / "ref_resnet-n128.zarr", out / "stores" / "ref_resnet-n128.zarr")
+    before = os.path.getmtime(out / "stores" / "ref_resnet-n128.zarr" / "zarr.json")
+    res = run_cli("demo", "--out", str(out), "--n", "128", "--localize-images", "64", "--quiet",
                   "--models", "ref_resnet")
     assert res.exit_code == 0, res.output
-    assert os.path.getmtime(demo_dir / "stores" / "ref_resnet-n128.zarr" / "zarr.json") == before
-    res = run_cli("demo", "--out", str(demo_dir), "--n", "64", "--localize-images", "32", "--quiet",
+    assert os.path.getmtime(out / "stores" / "ref_resnet-n128.zarr" / "zarr.json") == before
+    res = run_cli("demo", "--out", str(out), "--n", "64", "--localize-images", "32", "--quiet",
                   "--models", "ref_resnet")  # other settings, same folder: a new store, not a refusal
     assert res.exit_code == 0, res.output
-    assert (demo_dir / "stores" / "ref_resnet-n64.zarr").is_dir()
+    assert (out / "stores" / "ref_resnet-n64.zarr").is_dir()
 
 
 @pytest.mark.slow
