@@ -160,8 +160,24 @@ def test_robustness_section_recomputes_from_the_stores(demo_dir):
         assert d["low"] <= d["value"] <= d["high"] and d["verdict"] == verdict(d["low"], d["high"])
         assert ci_text(d["value"], d["low"], d["high"], digits=1, scale=100, unit=" points") in section
         if d["verdict"] == "not resolved":
-            assert f"whether {v} or ref_resnet loses more is not resolved" in section
+            assert f"whether {v} or ref_resnet loses more points is not resolved" in section
     assert len(s["vit_minus_resnet_drop"]) == 2 * len(ROBUSTNESS_LEVELS)
+    # the share of the above-chance accuracy kept, (acc_p - chance) / (acc_clean - chance), recomputed by hand
+    chance = json.loads((demo_dir / "summary.json").read_text())["models"]["ref_resnet"]["chance"]
+    for key, d in s["vit_minus_resnet_kept_share"].items():
+        v, level = key.split("@")
+        kept = {}
+        for m in (v, "ref_resnet"):
+            clean = _logits_correct(open_store(str(stores / f"{m}-n128.zarr")))
+            pert = _logits_correct(open_store(str(stores / f"{m}-n128-patch-drop{level}-p{ROBUSTNESS_PATCH_PX}.zarr")))
+            kept[m] = (pert.mean() - chance) / (clean.mean() - chance)
+        assert d["chance"] == pytest.approx(chance) and d["value"] == pytest.approx(kept[v] - kept["ref_resnet"])
+        assert d["low"] <= d["value"] <= d["high"] and d["verdict"] == verdict(d["low"], d["high"])
+        assert ci_text(d["value"], d["low"], d["high"]) in section
+        word = {"higher": f"{v} keeps a larger share", "lower": f"{v} keeps a smaller share",
+                "not resolved": "which keeps more is not resolved"}[d["verdict"]]
+        assert word in section
+    assert len(s["vit_minus_resnet_kept_share"]) == 2 * len(ROBUSTNESS_LEVELS)
 
 
 @pytest.mark.slow
@@ -308,6 +324,22 @@ def test_wilson_and_newcombe_match_published_values():
     assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
     d, lo, hi = newcombe_difference(56, 70, 48, 80)
     assert (d, lo, hi) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+
+
+def test_bootstrap_paired_resamples_images_jointly():
+    """Every replicate draws the same image indices in all arrays: a statistic of two identical arrays' difference
+    is 0 in every replicate; the interval of a ratio of means matches a hand loop with the same generator."""
+    from repsim.intervals import bootstrap_paired
+
+    rng = np.random.default_rng(3)
+    a, b = rng.random(50), rng.random(50)
+    same = bootstrap_paired(lambda x, y: x.mean() - y.mean(), a, a.copy(), n_boot=200)
+    assert (same["value"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    ratio = bootstrap_paired(lambda x, y: x.mean() / y.mean(), a, b, n_boot=300, seed=7)
+    gen = np.random.default_rng(7)
+    reps = [a[i].mean() / b[i].mean() for i in gen.integers(0, 50, size=(300, 50))]
+    assert ratio["value"] == pytest.approx(a.mean() / b.mean(), abs=1e-15)
+    assert (ratio["low"], ratio["high"]) == pytest.approx(tuple(np.quantile(reps, [0.025, 0.975])), abs=1e-15)
 
 
 def test_half_sample_cka_is_debiased_cka_on_all_images_and_on_each_half():

@@ -44,7 +44,7 @@ from repsim.cka_engine import CKAResult, cka_matrix
 from repsim.data import open_dataset
 from repsim.errors import UsageError
 from repsim.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, adjacent_minus_far,
-                              bootstrap_mean, centred_gram, ci_text, correspondence, newcombe_difference,
+                              bootstrap_mean, bootstrap_paired, centred_gram, ci_text, correspondence, newcombe_difference,
                               percentile_interval, statistic, verdict, wilson_interval)
 from repsim.json_output import jsonable, write_json_atomic
 from repsim.store import ActivationStore
@@ -796,7 +796,9 @@ def _robustness_step(ctx: DemoContext, models: list[str]) -> StepOutput:
     result.plot(path)
 
     entries: dict[str, Any] = {"kind": "patch-drop", "levels": list(levels), "patch_px": patch,
-                               "threshold": result.threshold, "models": {}, "vit_minus_resnet_drop": {}}
+                               "threshold": result.threshold, "models": {}, "vit_minus_resnet_drop": {},
+                               "vit_minus_resnet_kept_share": {}}
+    chance = ctx.chance / 100
     parts = []
     for prof in result.models:
         m = prof.model
@@ -843,13 +845,31 @@ def _robustness_step(ctx: DemoContext, models: list[str]) -> StepOutput:
                 s = statistic(b["value"], b["low"], b["high"], n=b["n"],
                               method="paired percentile bootstrap over images of the per-image drop difference")
                 entries["vit_minus_resnet_drop"][f"{v}@{level:g}"] = s
-                word = {"lower": f"{v} loses *less* accuracy than ref_resnet",
-                        "higher": f"{v} loses *more* accuracy than ref_resnet",
-                        "not resolved": f"whether {v} or ref_resnet loses more is not resolved"}[s["verdict"]]
-                comparisons.append(f"at {level:g}, {v} − ref_resnet drop "
-                                   f"{ci_text(**_v(s), digits=1, scale=100, unit=' points')}: {word}")
-    compare = ("Accuracy drop, ViT minus ResNet (paired bootstrap over the same images): " + "; ".join(comparisons)
-               + " (Naseer et al. 2021 report smaller drops for ImageNet ViTs than for CNNs)"
+                word = {"lower": f"{v} loses fewer points than ref_resnet",
+                        "higher": f"{v} loses more points than ref_resnet",
+                        "not resolved": f"whether {v} or ref_resnet loses more points is not resolved"}[s["verdict"]]
+                # Points lost depend on where a model starts: one far above chance has more to lose. The share of
+                # its above-chance accuracy a model keeps, (acc_perturbed - chance) / (acc_clean - chance), compares
+                # models that start at different accuracies; paired bootstrap over the same images.
+                r = bootstrap_paired(
+                    lambda cv, pv, cr, pr: _kept(cv, pv, chance) - _kept(cr, pr, chance),
+                    _correct(ctx.stores[v]), _correct(perturbed[(v, level)]),
+                    _correct(ctx.stores["ref_resnet"]), _correct(perturbed[("ref_resnet", level)]),
+                    n_boot=N_RESAMPLES * 5, seed=0)
+                kept = statistic(r["value"], r["low"], r["high"], n=r["n"], chance=chance,
+                                 method="difference of (top-1 perturbed - chance) / (top-1 clean - chance), paired "
+                                        "percentile bootstrap over images")
+                entries["vit_minus_resnet_kept_share"][f"{v}@{level:g}"] = kept
+                kept_word = {"higher": f"{v} keeps a larger share", "lower": f"{v} keeps a smaller share",
+                             "not resolved": "which keeps more is not resolved"}[kept["verdict"]]
+                comparisons.append(
+                    f"at {level:g}, {v} − ref_resnet drop {ci_text(**_v(s), digits=1, scale=100, unit=' points')}: "
+                    f"{word}; share of the above-chance accuracy kept, {v} − ref_resnet "
+                    f"{ci_text(**_v(kept))}: {kept_word}")
+    compare = ("ViT minus ResNet (paired bootstrap over the same images; the models start at different accuracies, "
+               "so the share of the above-chance accuracy kept, (perturbed − chance) / (clean − chance), is the "
+               "comparison that does not favour the model with less to lose): " + "; ".join(comparisons)
+               + " (Naseer et al. 2021 report that ImageNet ViTs keep more of their accuracy than CNNs)"
                if comparisons else "(the ViT vs ResNet comparison needs ref_resnet and a ViT)")
     text = (f"Each model re-extracted on the same {ctx.n} images with "
             f"{' and '.join(f'{100 * v:g}%' for v in levels)} of the {patch} px patches dropped at random (set to "
@@ -859,6 +879,13 @@ def _robustness_step(ctx: DemoContext, models: list[str]) -> StepOutput:
             + ". ".join(parts) + ". " + compare + ".")
     return StepOutput({"robustness": entries}, [("Robustness to patch drop", "robustness", text)],
                       {"robustness": path})
+
+
+def _kept(correct_clean: np.ndarray, correct_perturbed: np.ndarray, chance: float) -> float:
+    """Share of a model's above-chance top-1 kept under a perturbation: (acc_perturbed − chance) /
+    (acc_clean − chance) over the same images (1: nothing lost, 0: down to chance); NaN at chance when clean."""
+    above = float(np.mean(correct_clean)) - chance
+    return (float(np.mean(correct_perturbed)) - chance) / above if above > 0 else float("nan")
 
 
 def _first_below_words(e: dict[str, Any], threshold: float, names: dict[str, str]) -> str:
