@@ -498,8 +498,9 @@ def _as_tensor_rows(x: Any, name: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_tokens_mode(info: dict[str, Any], layer: str, tokens: str) -> int:
-    """Validate ``tokens`` for this layer up front; return the feature dimension of one row."""
+def feature_width(info: dict[str, Any], layer: str, tokens: str) -> int:
+    """Features per sample row of ``layer`` (its store ``layer_info``) read with ``tokens`` (flatten | mean |
+    cls); a ``tokens`` mode the layer cannot serve raises UsageError (validated up front)."""
     kind = layer_kind(info, layer)
     shape = tuple(int(s) for s in info["shape"])
     if kind == "vector" or tokens == "flatten":
@@ -569,7 +570,7 @@ def layer_features(store: StoreLike, layer: str, *, tokens: str = "flatten", pos
     if tokens not in TOKEN_MODES:
         raise UsageError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {tokens!r}")
     info = store.layer_info(layer)
-    dim = _check_tokens_mode(info, layer, tokens)
+    dim = feature_width(info, layer, tokens)
     pos = np.arange(int(store.n), dtype=np.int64) if positions is None else np.asarray(positions, dtype=np.int64)
     return _read_features(store, layer, pos, info, tokens, _resolve_device(device), dtype, dim,
                           max(int(store.chunk_size), 1024))
@@ -653,7 +654,7 @@ def _repsim_version() -> str | None:
         return None
 
 
-def _default_memory_budget() -> int:
+def default_memory_budget() -> int:
     """Half the memory available now (bytes)."""
     try:
         import psutil
@@ -839,8 +840,8 @@ def cka_matrix(
 
     infos_a = {layer: store_a.layer_info(layer) for layer in la}
     infos_b = infos_a if within else {layer: sb.layer_info(layer) for layer in lb}
-    dims_a = {layer: _check_tokens_mode(infos_a[layer], layer, tokens) for layer in la}
-    dims_b = dims_a if within else {layer: _check_tokens_mode(infos_b[layer], layer, tokens) for layer in lb}
+    dims_a = {layer: feature_width(infos_a[layer], layer, tokens) for layer in la}
+    dims_b = dims_a if within else {layer: feature_width(infos_b[layer], layer, tokens) for layer in lb}
     dev = _resolve_device(device)
     side_a = _Side(store_a, la, pos_a, infos_a, dims_a)
     side_b = None if within else _Side(sb, lb, pos_b, infos_b, dims_b)
@@ -865,7 +866,7 @@ def cka_matrix(
             values = np.mean(passes, axis=0)
             std = np.std(passes, axis=0, ddof=1) if repeats > 1 else None
         else:
-            budget = _default_memory_budget() if memory_budget is None else int(memory_budget)
+            budget = default_memory_budget() if memory_budget is None else int(memory_budget)
             if estimator == "exact" and kernel == "linear" and _feature_form_fits(side_a, side_b, m, gdt, budget):
                 exact_form = "feature"
                 values = _exact_feature_form(side_a, side_b, tokens, dev, gdt, progress, batch_size)

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.cka_engine import aligned_positions, cka_matrix, layer_features, select_layers
+from repsim.cka_engine import (aligned_positions, cka_matrix, default_memory_budget, feature_width, layer_features,
+                               select_layers)
 from repsim.errors import UsageError
 from repsim.gram import MIN_UNBIASED
 from repsim.json_output import finish_result
@@ -242,12 +243,23 @@ def compare_matrix(
     la = select_layers(store_a, layers_a)
     lb = la if within and layers_b is None else select_layers(sb, layers_b)
     for s in (store_a,) if within else (store_a, sb):
-        if not s.complete:
+        if hasattr(s, "require_complete"):
+            s.require_complete()  # unfinished, or damaged metadata (e.g. lost chunk digests): one line, no number
+        elif not s.complete:
             raise UsageError(f"{s.path} is incomplete: rerun the same `repsim extract` command to finish it")
     pos_a, pos_b, align_info = aligned_positions(store_a, None if within else sb, align)
     n = len(pos_a)
     if n < spec.min_samples:
         raise UsageError(f"{measure} needs at least {spec.min_samples} samples, got {n}")
+    # A's layers are held whole in float64 while B's stream: refuse in one line what would not fit (a ViT's
+    # flattened tokens are ~150k features per image) rather than be killed for memory
+    widths_a = [feature_width(store_a.layer_info(ly), ly, tokens) for ly in la]
+    width_b = max(feature_width(sb.layer_info(ly), ly, tokens) for ly in lb)
+    need, budget = 8 * n * (sum(widths_a) + width_b), default_memory_budget()
+    if need > budget:
+        raise UsageError(f"{measure} on all n={n} samples with tokens={tokens} holds {need / 2**30:.1f} GiB of "
+                         f"features, more than half the free memory ({budget / 2**30:.1f} GiB): use --tokens mean, "
+                         "fewer --layers-a, fewer images, or `repsim cka` (minibatch, streams every layer)")
 
     def feats(store: Any, layer: str, pos: np.ndarray) -> np.ndarray:
         return layer_features(store, layer, tokens=tokens, positions=pos, dtype=torch.float64).numpy()

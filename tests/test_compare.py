@@ -12,6 +12,7 @@ from conftest import assert_one_line_error, run_cli
 from repsim import open_store
 from repsim.cka_engine import layer_features
 from repsim.compare import compare_matrix
+from repsim.errors import UsageError
 from repsim.similarity_measures import MEASURES, bootstrap_interval, permutation_null, similarity
 
 ARGS = ["--random-init", "--img-size", "32", "--data", "shapes", "--batch-size", "8", "--quiet"]
@@ -133,3 +134,29 @@ def test_errors(stores):
     res = run_cli("compare", a.path, c.path, "--align", "ids", "--layers-a", "blocks.0", "--layers-b", "blocks.0",
                   "--quiet")
     assert res.exit_code == 0 and "n=24" in res.output
+
+
+def test_all_sample_measures_refuse_what_would_not_fit_in_memory(stores, monkeypatch):
+    """A's layers are held whole: with tokens=flatten two token layers of vit (40 images, 5 x 192 each) and
+    B's widest need 40 x 3 x 960 x 8 B = 0.9 MB, refused in one line naming the way out under a 256 KiB
+    budget; tokens=mean (40 x 3 x 192 x 8 B = 184 kB) fits."""
+    import repsim.compare as compare
+
+    monkeypatch.setattr(compare, "default_memory_budget", lambda: 2**18)
+    a = stores["vit"]
+    layers = [ly for ly in a.layers if ly.startswith("blocks.")][:2]
+    with pytest.raises(UsageError, match=r"cka_biased on all n=40 samples with tokens=flatten holds .* GiB .*--tokens mean"):
+        compare_matrix(a, measure="cka_biased", tokens="flatten", layers_a=layers, progress=False)
+    assert compare_matrix(a, measure="cka_biased", tokens="mean", layers_a=layers, progress=False).n == 40
+
+
+def test_python_api_refuses_a_store_with_damaged_metadata(stores, tmp_path):
+    """compare_matrix (not only the CLI) refuses a store whose chunk digests are lost: no numbers."""
+    import pathlib
+    import shutil
+
+    copy = tmp_path / "vit.zarr"
+    shutil.copytree(stores["vit"].path, copy)
+    (pathlib.Path(copy) / "progress" / "chunk_digest" / "zarr.json").unlink()
+    with pytest.raises(UsageError, match="progress/chunk_digest"):
+        compare_matrix(open_store(str(copy)), measure="procrustes", progress=False)

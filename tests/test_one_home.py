@@ -77,7 +77,7 @@ def test_layer_kind_is_read_alike_by_cka_probes_and_localisation():
     """repsim.store.layer_kind: recorded kind, else the store format's layout for the shape; every reader agrees."""
     from probes.features import feature_reduction
     from probes.localization import grid_positions
-    from repsim.cka_engine import _check_tokens_mode
+    from repsim.cka_engine import feature_width
     from repsim.store import layer_kind
 
     assert layer_kind({"kind": "map", "shape": [5]}, "x") == "map"  # recorded kind wins
@@ -85,11 +85,11 @@ def test_layer_kind_is_read_alike_by_cka_probes_and_localisation():
     for kind, shape in kindless.items():
         assert layer_kind({"shape": shape}, "x") == kind
     cmap = {"shape": kindless["map"]}  # a (C, H, W) map without a recorded kind, read by each analysis
-    assert _check_tokens_mode(cmap, "x", "mean") == 4  # CKA: channel means
+    assert feature_width(cmap, "x", "mean") == 4  # CKA: channel means
     assert feature_reduction(cmap, "x", "mean") == ("spatial-mean", 4)  # probes: spatial mean
     assert grid_positions(cmap, "x") == ("map", (2, 3), 0)  # localisation: its H x W positions
     for bad in ({"kind": "graph", "shape": [3]}, {"shape": [1, 2, 3, 4]}):
-        for read in (lambda i: layer_kind(i, "x"), lambda i: _check_tokens_mode(i, "x", "mean"),
+        for read in (lambda i: layer_kind(i, "x"), lambda i: feature_width(i, "x", "mean"),
                      lambda i: feature_reduction(i, "x", "mean"), lambda i: grid_positions(i, "x")):
             with pytest.raises(UsageError, match=r"layer 'x' has unknown kind .* \(expected tokens, map or vector\)"):
                 read(bad)

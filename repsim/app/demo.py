@@ -21,7 +21,7 @@ written *from the measured numbers* (a published effect the models do not show i
 Every result is also kept as JSON with its provenance under ``DIR/json/``; ``DIR/summary.json`` holds the
 headline numbers the report quotes.
 
-Like :mod:`repsim.cli`, this module is an application layer over all three packages (``repsim``,
+Like :mod:`repsim.app.cli`, this module is an application layer over all three packages (``repsim``,
 ``hooks``, ``probes``): nothing in the library imports it.
 """
 
@@ -133,11 +133,6 @@ def _correct(store: ActivationStore) -> np.ndarray:
     if logits.ndim != 2 or logits.shape[1] != k:
         raise UsageError(f"{store.path}: the last layer {store.layers[-1]} is not the {k}-way logits")
     return (logits.argmax(1) == store.labels).astype(np.float64)
-
-
-def _accuracy(store: ActivationStore) -> float:
-    """Top-1 accuracy of the model's own logits (its last stored layer) against the store's labels."""
-    return float(_correct(store).mean())
 
 
 def comparable_layers(store: ActivationStore) -> list[str]:
@@ -519,8 +514,9 @@ def _extraction_step(ctx: DemoContext, models: list[str]) -> StepOutput:
     entries = {}
     for name in models:
         store = ctx.stores[name]
-        acc = _accuracy(store)
-        lo, hi = wilson_interval(int(round(acc * ctx.n)), ctx.n)
+        correct = _correct(store)
+        acc = float(correct.mean())
+        lo, hi = wilson_interval(int(correct.sum()), int(correct.size))
         entries[name] = {"accuracy": acc, "accuracy_low": lo, "accuracy_high": hi,
                          "chance": 1 / len(_classes(store)),
                          "weights_sha256": ctx.loaded_models[name].info.weights.get("sha256"),

@@ -243,7 +243,7 @@ def extract(**params: Any) -> None:
 def _extract_on_dask(opts: ExtractOptions, perturbation: Perturbation | None) -> None:
     """--workers N / --scheduler ADDRESS: one shard per Dask worker (:mod:`hooks.distributed_extract`)."""
     from hooks.distributed_extract import ExtractionSpec, extract_distributed
-    from hooks.extract import human_bytes
+    from repsim.formatting import human_bytes
 
     if opts.shard is not None or opts.overwrite:
         raise UsageError("--workers / --scheduler choose the shards themselves: drop --shard / --overwrite")
@@ -269,7 +269,8 @@ def _extract_on_dask(opts: ExtractOptions, perturbation: Perturbation | None) ->
 
 def _extract_here(opts: ExtractOptions, perturbation: Perturbation | None) -> None:
     """One process (or one --shard K/N of the store): plan, check the disk, run, report."""
-    from hooks.extract import human_bytes, plan_extraction, run_extraction
+    from hooks.extract import plan_extraction, run_extraction
+    from repsim.formatting import human_bytes
     from hooks.geometry import apply_geometry, parse_grid  # a py: ViT's declared / flagged token geometry
     from repsim.data import open_dataset
 
