@@ -186,7 +186,25 @@ def _open(store: ActivationStore | str | os.PathLike) -> ActivationStore:
 
 
 def _canonical(d: Any) -> str:
+    """One string per JSON-able record (sorted keys), for equality tests and grouping."""
     return json.dumps(d, sort_keys=True, default=str)
+
+
+#: where a weights record says the file lay on the extracting machine: not part of which model it is
+_LOCAL_WEIGHT_KEYS = ("file", "cache_file")
+
+
+def model_identity(model: dict[str, Any]) -> str:
+    """The store's ``model`` record as the identity of the network: everything but the machine-local paths of
+    its weights file (``weights.file`` / ``weights.cache_file``) when the record has the file's sha256, so the
+    same weights extracted on two machines, or from two caches, are the same model; other weights are not."""
+    record = dict(model)
+    weights = dict(record.get("weights") or {})
+    if weights.get("sha256"):
+        for key in _LOCAL_WEIGHT_KEYS:
+            weights.pop(key, None)
+    record["weights"] = weights
+    return _canonical(record)
 
 
 def perturbation_of(store: ActivationStore) -> dict[str, Any] | None:
@@ -200,7 +218,7 @@ def _check_pair(clean: ActivationStore, pert: ActivationStore) -> None:
     if perturbation_of(pert) is None:
         raise UsageError(f"{pert.path} is not perturbed (extracted without --perturb): give one clean store per "
                          "model and perturbed stores of the same model")
-    if _canonical(clean.attrs["model"]) != _canonical(pert.attrs["model"]):
+    if model_identity(clean.attrs["model"]) != model_identity(pert.attrs["model"]):
         raise UsageError(f"{pert.path} holds another model than the clean store {clean.path} "
                          f"({pert.model_name} vs {clean.model_name}, or other weights)")
     if clean.fingerprint != pert.fingerprint or clean.n != pert.n:
@@ -407,7 +425,7 @@ def group_by_model(stores: Sequence[ActivationStore | str | os.PathLike]
     opened = [_open(s) for s in stores]
     groups: dict[tuple[str, str], list[ActivationStore]] = {}
     for s in opened:
-        groups.setdefault((_canonical(s.attrs["model"]), s.fingerprint), []).append(s)
+        groups.setdefault((model_identity(s.attrs["model"]), s.fingerprint), []).append(s)
     out = []
     for (model_key, fp), members in groups.items():
         clean = [s for s in members if perturbation_of(s) is None]

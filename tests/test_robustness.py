@@ -284,3 +284,20 @@ def test_erf_and_attribution_inputs_of_a_perturbed_store_are_perturbed(tmp_path,
     np.testing.assert_allclose(rebuilt, saved, rtol=2e-3, atol=1e-6)  # saved inputs are float16
     clean = stores["clean"].read_inputs(0, 4).astype(np.float32)
     assert not np.allclose(rebuilt, clean, rtol=2e-3, atol=1e-6)
+
+
+def test_model_identity_ignores_where_the_weights_lay_not_what_they_are():
+    """The same weights (same sha256) from another cache or install are the same model; other weights, or a
+    file without a hash, are not."""
+    from repsim.robustness import model_identity
+
+    rec = {"name": "ref_vit", "source": "reference", "weights": {"kind": "bundled", "file": "/a/w.safetensors",
+                                                                 "sha256": "ab"}}
+    moved = {**rec, "weights": {**rec["weights"], "file": "/b/w.safetensors"}}
+    cached = {**rec, "weights": {**rec["weights"], "cache_file": "/c/x"}}
+    other = {**rec, "weights": {**rec["weights"], "sha256": "cd"}}
+    unhashed = [{**rec, "weights": {"kind": "file", "file": f}} for f in ("/a/w.pt", "/b/w.pt")]
+    assert model_identity(rec) == model_identity(moved) == model_identity(cached)
+    assert model_identity(rec) != model_identity(other)
+    assert model_identity(unhashed[0]) != model_identity(unhashed[1])
+    assert rec["weights"]["file"] == "/a/w.safetensors"  # the store's record is not changed
