@@ -25,10 +25,13 @@ def demo(out, n, localize_images, model_list, device, quiet) -> None:
     classifying from the mean of its tokens) and ref_resnet (a small ResNet), all trained on repsim's own
     shapes data set. The demo extracts them on held-out shapes images and writes, under OUT:
       report.md       every figure with two sentences on what it shows, written from the measured numbers
-      figures/        CKA maps (within and across models), attention distances, localisation, probes
+      figures/        CKA maps (within and across models), attention distances, localisation, probes,
+                      robustness to patch drop, attention as segmentation
       json/           every result with its provenance;  summary.json: the numbers the report quotes
-      stores/         the activation stores: e.g. `repsim info OUT/stores/ref_vit-n512.zarr`
-    No network and no GPU needed; about 6 minutes on a shared 2-core machine (README: measured phase times).
+      stores/         the activation stores: e.g. `repsim info OUT/stores/ref_vit-n512.zarr`, and the
+                      patch-drop stores of the robustness section (*-patch-drop0.25-p8.zarr, ...)
+    No network and no GPU needed; about 80 s on an idle 2-core machine, 6-10 minutes on a busy one (README:
+    measured phase times).
     """
     from repsim.app.demo import run_demo
 
