@@ -77,7 +77,7 @@ def probe(stores, method, features, split, test_store, layer_list, k, temperatur
         click.echo(f"wrote {plot_path}")
 
 
-@click.command()
+@click.command(short_help="Spatial localisation per layer: token-vs-input-patch CKA, position probe, objects.")
 @click.argument("store", type=click.Path())
 @click.option("--layers", "layer_list", multiple=True, help="Token / map layers (comma-separated ok; default all).")
 @click.option("--images", type=int, default=512, show_default=True,
