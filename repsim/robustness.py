@@ -298,7 +298,8 @@ def logits_of(store: ActivationStore) -> tuple[str | None, str]:
     return last, f"argmax of {last} against the data set's {k} class labels"
 
 
-def _correct(store: ActivationStore, layer: str) -> np.ndarray:
+def top1_correct(store: ActivationStore, layer: str) -> np.ndarray:
+    """Per image (n,), 1.0 where the argmax of the logits ``layer`` is the image's label, else 0.0."""
     logits = np.asarray(store.read(layer), dtype=np.float64)
     return (logits.argmax(axis=1) == store.labels).astype(np.float64)
 
@@ -389,7 +390,7 @@ def _profile_model(clean_in: Any, perturbed_in: Sequence[Any], *, layers: Sequen
     bar.close()
 
     logits, note = logits_of(clean)
-    correct_clean = _correct(clean, logits) if logits else None
+    correct_clean = top1_correct(clean, logits) if logits else None
     depth = [j / max(len(compared) - 1, 1) for j in range(len(compared))]
     levels = []
     for i, p in enumerate(perturbed):
@@ -398,7 +399,7 @@ def _profile_model(clean_in: Any, perturbed_in: Sequence[Any], *, layers: Sequen
         resolved = [layer for j, layer in enumerate(compared) if high[j] < threshold or layer in constant[i]]
         accuracy = drop = None
         if logits is not None:
-            correct = _correct(p, logits)
+            correct = top1_correct(p, logits)
             accuracy = _accuracy(correct)
             drop = bootstrap_mean(correct_clean, correct, seed=seed)
         levels.append(LevelProfile(

@@ -44,10 +44,11 @@ from repsim.cka_engine import CKAResult, cka_matrix
 from repsim.data import open_dataset
 from repsim.errors import UsageError
 from repsim.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, adjacent_minus_far,
-                              bootstrap_mean, bootstrap_paired, centred_gram, ci_text, correspondence, newcombe_difference,
-                              percentile_interval, statistic, verdict, wilson_interval)
+                              bootstrap_mean, bootstrap_paired, centred_gram, ci_text, correspondence,
+                              newcombe_difference, percentile_interval, statistic, verdict, wilson_interval)
 from repsim.json_output import jsonable, write_json_atomic
-from repsim.store import ActivationStore
+from repsim.robustness import logits_of, robustness_profiles, top1_correct
+from repsim.store import ActivationStore, layer_kind
 
 DEMO_MODELS = ("ref_vit", "ref_vit_gap", "ref_resnet")
 #: the held-out data: shapes seed 0 (the reference models were trained on another seed)
@@ -128,11 +129,10 @@ def _classes(store: ActivationStore) -> list[str]:
 
 def _correct(store: ActivationStore) -> np.ndarray:
     """Per image, 1.0 where the argmax of the model's logits (its last stored layer) is the label, else 0.0."""
-    logits = np.asarray(store.read(store.layers[-1]), dtype=np.float64)
-    k = len(_classes(store))
-    if logits.ndim != 2 or logits.shape[1] != k:
-        raise UsageError(f"{store.path}: the last layer {store.layers[-1]} is not the {k}-way logits")
-    return (logits.argmax(1) == store.labels).astype(np.float64)
+    layer, why = logits_of(store)
+    if layer is None:
+        raise UsageError(f"{store.path}: no class logits to score ({why})")
+    return top1_correct(store, layer)
 
 
 def comparable_layers(store: ActivationStore) -> list[str]:
@@ -142,13 +142,7 @@ def comparable_layers(store: ActivationStore) -> list[str]:
     and output, trained towards the same labels in every model, so their mutual similarity says nothing about
     whether two networks compute their features in the same order.
     """
-    out = []
-    for layer in store.layers:
-        info = store.layer_info(layer)
-        kind = info.get("kind") or {1: "vector", 2: "tokens", 3: "map"}.get(len(tuple(info.get("shape", ()))))
-        if kind in ("tokens", "map"):
-            out.append(layer)
-    return out
+    return [layer for layer in store.layers if layer_kind(store.layer_info(layer), layer) in ("tokens", "map")]
 
 
 def _grams(store: ActivationStore, layers: Sequence[str]) -> dict[str, Any]:
@@ -769,7 +763,6 @@ def _robustness_step(ctx: DemoContext, models: list[str]) -> StepOutput:
     from hooks.extract import extract
     from repsim.perturbations import Perturbation
     from repsim.cka_plot import layer_labels
-    from repsim.robustness import robustness_profiles
 
     levels, patch = ROBUSTNESS_LEVELS, ROBUSTNESS_PATCH_PX
     perturbed: dict[tuple[str, float], ActivationStore] = {}
@@ -835,9 +828,9 @@ def _robustness_step(ctx: DemoContext, models: list[str]) -> StepOutput:
             if ctx.stores[v].fingerprint != ctx.stores["ref_resnet"].fingerprint:
                 continue
             for level in levels:
-                drop_v = _correct(ctx.stores[v]) - _correct(perturbed[(v, level)])
-                drop_r = _correct(ctx.stores["ref_resnet"]) - _correct(perturbed[("ref_resnet", level)])
-                b = bootstrap_mean(drop_v, drop_r, n_boot=N_RESAMPLES * 5, seed=0)
+                cv, pv = _correct(ctx.stores[v]), _correct(perturbed[(v, level)])
+                cr, pr = _correct(ctx.stores["ref_resnet"]), _correct(perturbed[("ref_resnet", level)])
+                b = bootstrap_mean(cv - pv, cr - pr, n_boot=N_RESAMPLES * 5, seed=0)
                 s = statistic(b["value"], b["low"], b["high"], n=b["n"],
                               method="paired percentile bootstrap over images of the per-image drop difference")
                 entries["vit_minus_resnet_drop"][f"{v}@{level:g}"] = s
@@ -847,11 +840,8 @@ def _robustness_step(ctx: DemoContext, models: list[str]) -> StepOutput:
                 # Points lost depend on where a model starts: one far above chance has more to lose. The share of
                 # its above-chance accuracy a model keeps, (acc_perturbed - chance) / (acc_clean - chance), compares
                 # models that start at different accuracies; paired bootstrap over the same images.
-                r = bootstrap_paired(
-                    lambda cv, pv, cr, pr: _kept(cv, pv, chance) - _kept(cr, pr, chance),
-                    _correct(ctx.stores[v]), _correct(perturbed[(v, level)]),
-                    _correct(ctx.stores["ref_resnet"]), _correct(perturbed[("ref_resnet", level)]),
-                    n_boot=N_RESAMPLES * 5, seed=0)
+                r = bootstrap_paired(lambda a, b, c, d: _kept(a, b, chance) - _kept(c, d, chance), cv, pv, cr, pr,
+                                     n_boot=N_RESAMPLES * 5, seed=0)
                 kept = statistic(r["value"], r["low"], r["high"], n=r["n"], chance=chance,
                                  method="difference of (top-1 perturbed - chance) / (top-1 clean - chance), paired "
                                         "percentile bootstrap over images")
