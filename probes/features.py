@@ -41,7 +41,8 @@ import torch
 
 from repsim.devices import resolve_device, tf32_off  # re-exported for probes.linear / probes.knn
 from repsim.errors import UsageError
-from repsim.store import StoreLike, check_layer_names, layer_kind
+from repsim.store.format import layer_kind
+from repsim.store.reader import StoreLike, check_layer_names
 
 FEATURE_MODES = ("cls", "mean", "gap", "concat-last-K")
 SPLIT_STREAMS = {"test": 0, "val": 1}  # independent seeded streams of np.random.default_rng([seed, stream])
@@ -212,7 +213,7 @@ def load_feature_set(store: StoreLike, fs: FeatureSet) -> np.ndarray:
 
 def select_layers(store: StoreLike, layers: Sequence[str] | None) -> list[str]:
     """``layers`` checked against the store and put in network order, each at most once (one feature block per
-    layer; default: all of its layers). :func:`repsim.cka_engine.select_layers` keeps the given order instead."""
+    layer; default: all of its layers). :func:`repsim.measures.cka_engine.select_layers` keeps the given order instead."""
     if layers is None:
         return list(store.layers)
     if isinstance(layers, str):

@@ -1,13 +1,13 @@
 """Object-localisation probe: does a layer's token / map position know whether it lies on *the object*?
 
-Only for stores extracted from repsim's procedural ``shapes`` data set (:mod:`repsim.shapes`), whose every
+Only for stores extracted from repsim's procedural ``shapes`` data set (:mod:`repsim.data.shapes`), whose every
 image has an exact ground-truth object mask.
 
 Ground truth per token
 ----------------------
 Each sample id ``shapes/v{V}/seed={S}/size={Z}/{i}`` names its scene; the mask is re-rendered with
-:func:`repsim.shapes.render_shape_sample` ``(S, i, Z)`` (``V`` must equal the installed
-:data:`repsim.shapes.GENERATOR_VERSION`, else the pixels could differ and the store is refused). The mask
+:func:`repsim.data.shapes.render_shape_sample` ``(S, i, Z)`` (``V`` must equal the installed
+:data:`repsim.data.shapes.GENERATOR_VERSION`, else the pixels could differ and the store is refused). The mask
 (bool Z × Z) is carried into model-input coordinates by the geometry of the store's recorded preprocessing:
 resized (PIL bilinear, on the float mask) to ``floor(H / crop_pct) × floor(W / crop_pct)`` and centre-cropped
 to the input ``H × W`` (timm's evaluation transform; for the square shapes images the ``center``, ``squash``
@@ -62,7 +62,7 @@ import numpy as np
 from repsim.errors import UsageError
 from repsim.json_output import finish_result, jsonable
 # the ground truth lives in the library (attention segmentation scores against the same cells); re-exported
-from repsim.masks import (FOREGROUND_THRESHOLD, _preprocessing_geometry, foreground_fractions, input_masks,
+from repsim.data.masks import (FOREGROUND_THRESHOLD, _preprocessing_geometry, foreground_fractions, input_masks,
                           parse_shapes_id, shapes_masks, store_input_masks, token_iou)
 
 from probes.localization import _image_split, _positioned_layers, _select_images, layer_grid, layer_tokens
@@ -188,7 +188,7 @@ def plot_object_localization(results: dict[str, "ObjectLocalizationResult"],
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from repsim.cka_plot import short_layer_names
+    from repsim.plotting.cka_map import short_layer_names
 
     several = len(results) > 1
     width = 7.5 if several else min(5 + 0.45 * max(len(r.rows) for r in results.values()), 14)
@@ -244,7 +244,7 @@ def plot_object_localization(results: dict[str, "ObjectLocalizationResult"],
 def _probe_layer(tokens: np.ndarray, labels: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray],
                  method: str, lambdas: np.ndarray, device: str, seed: int = 0) -> dict[str, Any]:
     from probes.linear import fit_logreg, ridge_classify
-    from repsim.intervals import bootstrap_mean
+    from repsim.measures.intervals import bootstrap_mean
 
     n, P, D = tokens.shape
     tr, va, te = split

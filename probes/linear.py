@@ -1084,7 +1084,7 @@ class ProbeResult:
     @property
     def label(self) -> str:
         """Legend text: model · method · features."""
-        from repsim.cka_plot import model_label
+        from repsim.plotting.cka_map import model_label
 
         model = model_label(self.store.get("model")) or os.path.basename(str(self.store.get("path", "")))
         return f"{model} · {self.method} · {self.features}"
@@ -1136,13 +1136,13 @@ class ProbeResult:
         PDF, … by extension) when given; returns the Axes.
 
         When every result has the same rows the x axis is the layer (short names, see
-        :func:`repsim.cka_plot.short_layer_names`); otherwise each curve is placed on relative depth
+        :func:`repsim.plotting.cka_map.short_layer_names`); otherwise each curve is placed on relative depth
         (row index / (rows − 1)). concat-last-K sets are drawn as dashed horizontal lines; the dotted grey
         line is chance (1 / classes of this result). ``metric``: top1 | mean_per_class.
         """
         from matplotlib.figure import Figure
 
-        from repsim.cka_plot import short_layer_names
+        from repsim.plotting.cka_map import short_layer_names
 
         if metric not in METRICS:
             raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")

@@ -15,7 +15,7 @@ receptive field. Patch features are the 3·ph·pw pixels, flattened.
 ``matrix[p, q]`` = linear CKA, *biased* (HSIC with the centring matrix H, as in Raghu et al.), across the n
 images between the representation at position p (n × D) and the pixels of patch q (n × 3·ph·pw). It is
 computed in float64 in the Gram form, ``⟨H K_p H, H L_q H⟩ / (‖H K_p H‖ ‖H L_q H‖)``, identical to
-:func:`repsim.cka_engine.cka` (``kernel="linear", debiased=False``) for every pair, but with one Gram per
+:func:`repsim.measures.cka_engine.cka` (``kernel="linear", debiased=False``) for every pair, but with one Gram per
 position and one (P × n²)·(n² × Q) product instead of P·Q separate calls. Biased CKA is inflated when n is
 not ≫ the feature dimension (every pair gets a positive floor), which is why the score below is a
 *difference*; the estimator and n are recorded with every result.
@@ -61,13 +61,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.cka_engine import NumericalError
+from repsim.measures.cka_engine import NumericalError
 from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
-from repsim.gram import centred_feature_grams, unit_centred_grams
+from repsim.measures.gram import centred_feature_grams, unit_centred_grams
 from repsim.json_output import finish_result, jsonable, read_json_result, result_fields
-from repsim.masks import cell_bounds
-from repsim.store import check_layer_names, gather_rows, layer_kind
+from repsim.data.masks import cell_bounds
+from repsim.store.format import layer_kind
+from repsim.store.reader import check_layer_names, gather_rows
 
 __all__ = [
     "DEFAULT_IMAGES",
@@ -104,7 +105,7 @@ SCORE_DEFINITION = ("score = mean_p CKA(p, own patch p) - mean_p mean_{q != p} C
 
 def layer_grid(info: dict[str, Any], layer: str) -> tuple[str, tuple[int, int], int]:
     """``(kind, (gh, gw), num_prefix_tokens)`` of a token or map layer; UsageError for anything else. (Not
-    :func:`repsim.attention.grid_positions`, the (P, 2) cell coordinates of a grid.)"""
+    :func:`repsim.attention.statistics.grid_positions`, the (P, 2) cell coordinates of a grid.)"""
     kind = layer_kind(info, layer)
     shape = tuple(int(s) for s in info["shape"])
     if kind == "vector":
@@ -144,7 +145,7 @@ def _select_images(store: Any, images: int | Sequence[int] | np.ndarray | None) 
 
 def _gather(store: Any, read: Any, rows: np.ndarray, what: str) -> np.ndarray:
     """Rows ``rows`` (sorted) of a store array through ``read(lo, hi)``, whole chunks at a time
-    (:func:`repsim.store.gather_rows`)."""
+    (:func:`repsim.store.reader.gather_rows`)."""
     chunk = max(int(getattr(store, "chunk_size", 0) or 256), 1)
     blocks = [b for _, b in gather_rows(read, rows, n=int(store.n), chunk_size=chunk, max_read_rows=chunk,
                                         what=what)]
@@ -166,7 +167,7 @@ def layer_tokens(store: Any, layer: str, rows: np.ndarray) -> tuple[np.ndarray, 
     return np.ascontiguousarray(x), grid
 
 
-# the cells of a grid on the input, shared with the object masks (repsim.masks)
+# the cells of a grid on the input, shared with the object masks (repsim.data.masks)
 _bounds = cell_bounds
 
 
@@ -198,7 +199,7 @@ def _read_inputs(store: Any, rows: np.ndarray) -> np.ndarray:
 
 def _normalised_centred_grams(feats: Sequence[np.ndarray] | np.ndarray, dev: torch.device, what: str,
                               block: int = 16) -> torch.Tensor:
-    """(K, n²) float64: for each feature set (n, d), vec(H X Xᵀ H) / ‖H X Xᵀ H‖_F (repsim.gram), ``block`` n × n
+    """(K, n²) float64: for each feature set (n, d), vec(H X Xᵀ H) / ‖H X Xᵀ H‖_F (repsim.measures.gram), ``block`` n × n
     Grams at a time."""
     return torch.cat([unit_centred_grams(centred_feature_grams(feats[lo:lo + block], dev), what, lo)
                       for lo in range(0, len(feats), block)])
@@ -207,7 +208,7 @@ def _normalised_centred_grams(feats: Sequence[np.ndarray] | np.ndarray, dev: tor
 def patch_token_cka_matrix(tokens: np.ndarray, patches: Sequence[np.ndarray], *, positions: np.ndarray | None = None,
                            device: str | torch.device = "cpu") -> np.ndarray:
     """Biased linear CKA (float64) between tokens[:, p] (n, D) for p in ``positions`` (default all) and every
-    patch q (n, d_q): (len(positions), Q). Equal to ``repsim.cka_engine.cka(tokens[:, p], patches[q])``."""
+    patch q (n, d_q): (len(positions), Q). Equal to ``repsim.measures.cka_engine.cka(tokens[:, p], patches[q])``."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 3:
         raise UsageError(f"tokens must be (n, P, D), got shape {tokens.shape}")
@@ -244,7 +245,7 @@ def localisation_bootstrap(tokens: np.ndarray, patches: Sequence[np.ndarray], *,
     """Percentile bootstrap over images of the localisation ``score`` (and ``own``, ``other``).
 
     Resample ``b`` draws n image indices with replacement from ``numpy.random.default_rng(seed)`` (the draw
-    of :func:`repsim.similarity_measures.bootstrap_interval`), and recomputes the token ↔ patch CKA matrix on
+    of :func:`repsim.measures.beyond_cka.bootstrap_interval`), and recomputes the token ↔ patch CKA matrix on
     those rows exactly as :func:`patch_token_cka_matrix` would (biased CKA; copies of an image are repeated
     rows, the usual bootstrap of a plug-in statistic), then :func:`localisation_scores`. Two calls with the
     same ``seed`` and n draw the same rows, so their ``samples`` are paired by image: the interval of a
@@ -520,7 +521,7 @@ def position_probe(store: Any, layer: str, *, images: int | Sequence[int] | None
         fit = ridge_classify(Xtr, ytr, Xv, yv, lam, refit=True, device=dev)
     else:
         fit = fit_logreg(Xtr, ytr, Xv, yv, lam, refit=True, device=dev)
-    from repsim.intervals import bootstrap_mean
+    from repsim.measures.intervals import bootstrap_mean
 
     pred = np.asarray(fit.predict(Xte))
     acc = accuracy_scores(yte, pred)[0]
@@ -595,7 +596,7 @@ class LocalizeResult:
         ``path`` when given; returns the Figure."""
         from matplotlib.figure import Figure
 
-        from repsim.cka_plot import short_layer_names
+        from repsim.plotting.cka_map import short_layer_names
 
         x = np.arange(len(self.rows))
         fig = Figure(figsize=(min(5 + 0.5 * len(x), 16), 3.8))
@@ -714,7 +715,7 @@ def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | S
 # Per-token class probe
 # ----------------------------------------------------------------------------------------------------
 
-# which single token (or the patch-token mean) a class probe reads; not repsim.cka_engine.TOKEN_MODES, which
+# which single token (or the patch-token mean) a class probe reads; not repsim.measures.cka_engine.TOKEN_MODES, which
 # says how a whole token layer becomes one CKA feature row (flatten | mean | cls)
 TOKEN_READOUTS = ("centre", "cls", "mean")
 
@@ -738,7 +739,7 @@ class TokenClassProbe:
         """Accuracy (%) against depth, one curve per token read-out, chance dotted; returns the Figure."""
         from matplotlib.figure import Figure
 
-        from repsim.cka_plot import short_layer_names
+        from repsim.plotting.cka_map import short_layer_names
 
         x = np.arange(len(self.layers))
         fig = Figure(figsize=(min(4 + 0.4 * len(x), 14), 4.0), layout="constrained")

@@ -10,27 +10,27 @@ The analysis entry points (``repsim.cka``, ``repsim.cka_matrix``, ...) are impor
 from typing import Any
 
 from repsim.errors import RepsimError, UsageError
-from repsim.store import ActivationStore, open_store
+from repsim.store.reader import ActivationStore, open_store
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it (PEP 562 lazy attributes)
 _LAZY = {
-    "cka": "repsim.cka_engine",
-    "cka_matrix": "repsim.cka_engine",
-    "CKAResult": "repsim.cka_engine",
-    "attention_distance": "repsim.attention",
-    "aligned_attention": "repsim.attention",
-    "classify_heads": "repsim.attention",
-    "attention_rollout": "repsim.attention",
-    "attention_report": "repsim.attention_summary",
-    "similarity": "repsim.similarity_measures",
-    "MEASURES": "repsim.similarity_measures",
-    "compare_matrix": "repsim.compare",
+    "cka": "repsim.measures.cka_engine",
+    "cka_matrix": "repsim.measures.cka_engine",
+    "CKAResult": "repsim.measures.cka_engine",
+    "attention_distance": "repsim.attention.statistics",
+    "aligned_attention": "repsim.attention.statistics",
+    "classify_heads": "repsim.attention.statistics",
+    "attention_rollout": "repsim.attention.statistics",
+    "attention_report": "repsim.attention.report",
+    "similarity": "repsim.measures.beyond_cka",
+    "MEASURES": "repsim.measures.beyond_cka",
+    "compare_matrix": "repsim.measures.compare",
     "robustness_profile": "repsim.robustness",
     "robustness_profiles": "repsim.robustness",
     "RobustnessResult": "repsim.robustness",
-    "Perturbation": "repsim.perturbations",
+    "Perturbation": "repsim.data.perturbations",
 }
 
 __all__ = ["ActivationStore", "RepsimError", "UsageError", "open_store", "__version__", *_LAZY]

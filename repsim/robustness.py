@@ -3,13 +3,13 @@
 Naseer et al. 2021 ("Intriguing properties of vision transformers") show that ViTs keep much of their accuracy
 when most patches are dropped, shuffled or occluded, and CNNs do not; Raghu et al. 2021 compare
 representations layer by layer. A profile compares a *clean* store with stores of the same model and the same
-images extracted with ``repsim extract --perturb KIND:LEVEL`` (:mod:`repsim.perturbations`):
+images extracted with ``repsim extract --perturb KIND:LEVEL`` (:mod:`repsim.data.perturbations`):
 
 - per layer, debiased linear CKA (U-centred HSIC, Székely & Rizzo 2014; Kornblith et al. 2019 Eq. 5 with
   the unbiased HSIC estimator of Song et al. 2012) between the clean and the perturbed activations of the same
   images, rows paired by sample id (the stores' fingerprints must agree). Token and map layers are flattened
   per image, as ``repsim cka --tokens flatten``. A 95% interval comes from half-samples
-  (:class:`repsim.intervals.HalfSampleCKA`: the same seeded halves for every layer and level);
+  (:class:`repsim.measures.intervals.HalfSampleCKA`: the same seeded halves for every layer and level);
 - the layer's relative depth (its position among the compared layers, 0 = first, 1 = last, network order);
 - the first layer, in network order, whose CKA falls below ``threshold`` (0.5), or none; and the first whose
   whole interval lies below it ("resolved"). A layer that does not vary over the images in one of the two
@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from repsim.errors import UsageError
-from repsim.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, bootstrap_mean, centred_gram,
+from repsim.measures.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, bootstrap_mean, centred_gram,
                               verdict, wilson_interval)
 from repsim.json_output import finish_result, jsonable, result_fields
-from repsim.store import ActivationStore, open_store
+from repsim.store.reader import ActivationStore, open_store
 
 KIND = "repsim.robustness"
 THRESHOLD = 0.5
@@ -269,7 +269,7 @@ def _layer_gram(store: ActivationStore, layer: str, tokens: str) -> tuple[np.nda
     (equal inputs give equal features up to rounding)."""
     import torch
 
-    from repsim.cka_engine import layer_features
+    from repsim.measures.cka_engine import layer_features
 
     x = layer_features(store, layer, tokens=tokens, dtype=torch.float32).numpy()
     gram = np.zeros((x.shape[0], x.shape[0]), dtype=np.float64)
@@ -480,7 +480,7 @@ def plot_robustness(result: RobustnessResult, path: str | os.PathLike | None) ->
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    from repsim.cka_plot import layer_labels, model_label
+    from repsim.plotting.cka_map import layer_labels, model_label
 
     kinds = sorted({k for m in result.models for k in m.kinds()})
     acc_kinds = [k for k in kinds if any(m.accuracy and k in m.kinds() for m in result.models)]

@@ -80,7 +80,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from repsim.cka_engine import MinibatchCKA, batch_plan, cka, cka_matrix, minibatch_cka  # noqa: E402
+from repsim.measures.cka_engine import MinibatchCKA, batch_plan, cka, cka_matrix, minibatch_cka  # noqa: E402
 
 CHUNK = 64  # rows per chunk of the in-memory store (a typical store layout)
 
@@ -120,7 +120,7 @@ def pairwise_plan(n: int, batch: int, seed: int) -> list[np.ndarray]:
 
 
 class ArrayStore:
-    """In-memory object with the store interface ``cka_matrix`` reads (``repsim.cka_engine.StoreLike``)."""
+    """In-memory object with the store interface ``cka_matrix`` reads (``repsim.measures.cka_engine.StoreLike``)."""
 
     def __init__(self, feats: list[np.ndarray]):
         self.acts = {f"blocks.{i}": f for i, f in enumerate(feats)}

@@ -35,10 +35,10 @@ import time
 import numpy as np
 import torch
 
-from hooks.extract import extract
-from hooks.registry import load_model
+from hooks.extract.loop import extract
+from hooks.models.registry import load_model
 from repsim import cka_matrix
-from repsim.data import open_dataset
+from repsim.data.sources import open_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "realdata"

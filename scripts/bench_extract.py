@@ -25,15 +25,15 @@ import time
 
 import torch
 
-from hooks.extract import extract
-from hooks.registry import load_model
-from repsim.data import open_dataset
+from hooks.extract.loop import extract
+from hooks.models.registry import load_model
+from repsim.data.sources import open_dataset
 
 _RSS_CHILD = r"""
 import json, resource, sys, tempfile, os
-from hooks.extract import extract
-from hooks.registry import load_model
-from repsim.data import open_dataset
+from hooks.extract.loop import extract
+from hooks.models.registry import load_model
+from repsim.data.sources import open_dataset
 model, size, n, bs, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 m = load_model(model, random_init=True, img_size=size)
 src = open_dataset("shapes", n=n, seed=0, image_size=size)

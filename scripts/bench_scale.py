@@ -25,10 +25,10 @@ import time
 import numpy as np
 import torch
 
-from hooks.extract import extract, plan_extraction
-from hooks.registry import load_model
+from hooks.extract.loop import extract, plan_extraction
+from hooks.models.registry import load_model
 from repsim import cka_matrix
-from repsim.data import open_dataset
+from repsim.data.sources import open_dataset
 
 
 def _stores(tmp: str, n: int) -> tuple:
@@ -79,9 +79,9 @@ def _per_image(name: str, images: int) -> dict[str, float]:
 
 
 def _gram_flops() -> float:
-    """Measured float32 Gram throughput (FLOP/s) of :func:`repsim.gram.unbiased_gram` on a ViT-B/16 token layer."""
+    """Measured float32 Gram throughput (FLOP/s) of :func:`repsim.measures.gram.unbiased_gram` on a ViT-B/16 token layer."""
     from repsim.devices import tf32_off
-    from repsim.gram import unbiased_gram
+    from repsim.measures.gram import unbiased_gram
 
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((256, 197 * 768)).astype(np.float16))
     with tf32_off():
@@ -95,7 +95,7 @@ def _gram_flops() -> float:
 def _write_rate() -> float:
     import zarr
 
-    from repsim.store import _compressor
+    from repsim.store.format import _compressor
 
     a = np.random.default_rng(0).standard_normal((64, 197, 768)).astype(np.float16)
     with tempfile.TemporaryDirectory() as tmp:

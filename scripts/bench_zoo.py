@@ -22,10 +22,10 @@ import time
 
 import numpy as np
 
-from hooks.extract import extract, plan_extraction
-from hooks.registry import load_model
+from hooks.extract.loop import extract, plan_extraction
+from hooks.models.registry import load_model
 from repsim import cka_matrix
-from repsim.data import open_dataset
+from repsim.data.sources import open_dataset
 
 
 def _du(path: str) -> int:

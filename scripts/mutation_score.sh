@@ -6,9 +6,9 @@
 #   scripts/mutation_score.sh GROUP NAME...      # re-test the named mutants (after new tests); NAME may be a glob
 #
 # GROUP (each scores named functions only; the lists and the reasons for what is left out are in the case below):
-#   cka        repsim/gram.py, the estimators of repsim/cka_engine.py    tests/test_cka.py tests/test_gram_tier.py
-#   measures   the kernels of repsim/similarity_measures.py               tests/test_similarity.py
-#   attention  statistics of repsim/attention.py, the Swin reducer path   tests/test_attention_stats.py + one family test
+#   cka        repsim/measures/gram.py, the estimators of repsim/measures/cka_engine.py    tests/test_cka.py tests/test_gram_tier.py
+#   measures   the kernels of repsim/measures/beyond_cka.py               tests/test_similarity.py
+#   attention  statistics of repsim/attention/statistics.py, the Swin reducer path   tests/test_attention_stats.py + one family test
 #   probes     objective, gradient and ridge solver of probes/linear.py    tests/test_probes_linear.py
 # Every group's tests also include tests/test_mutation_kills.py.
 #
@@ -31,21 +31,21 @@ work="${MUTATION_DIR:-${TMPDIR:-/tmp}/repsim-mutation}/$group"
 
 case "$group" in
   cka)
-    files='"repsim/gram.py", "repsim/cka_engine.py"'
+    files='"repsim/measures/gram.py", "repsim/measures/cka_engine.py"'
     tests='"tests/test_cka.py", "tests/test_gram_tier.py"'
     # cka_engine.py also holds store reading, alignment, the minibatch/Dask/Gram-tier drivers (which feed
     # MinibatchCKA), results and plotting: only the estimators are scored
     globs=(
-      'repsim.gram.*'
-      'repsim.cka_engine.x_gram_linear__*' 'repsim.cka_engine.x_gram_rbf__*' 'repsim.cka_engine.x_u_centre_np__*'
-      'repsim.cka_engine.x_center_gram__*' 'repsim.cka_engine.x_cka_from_grams__*' 'repsim.cka_engine.x__cosine__*'
-      'repsim.cka_engine.x_feature_space_linear_cka__*' 'repsim.cka_engine.x_cka__*'
-      'repsim.cka_engine.xǁMinibatchCKAǁ*' 'repsim.cka_engine.x_batch_plan__*'
-      'repsim.cka_engine.x_contiguous_plan__*' 'repsim.cka_engine.x_minibatch_cka__*'
-      'repsim.cka_engine.x__exact_feature_form__*' 'repsim.cka_engine.x__exact_matrix__*'
+      'repsim.measures.gram.*'
+      'repsim.measures.cka_engine.x_gram_linear__*' 'repsim.measures.cka_engine.x_gram_rbf__*' 'repsim.measures.cka_engine.x_u_centre_np__*'
+      'repsim.measures.cka_engine.x_center_gram__*' 'repsim.measures.cka_engine.x_cka_from_grams__*' 'repsim.measures.cka_engine.x__cosine__*'
+      'repsim.measures.cka_engine.x_feature_space_linear_cka__*' 'repsim.measures.cka_engine.x_cka__*'
+      'repsim.measures.cka_engine.xǁMinibatchCKAǁ*' 'repsim.measures.cka_engine.x_batch_plan__*'
+      'repsim.measures.cka_engine.x_contiguous_plan__*' 'repsim.measures.cka_engine.x_minibatch_cka__*'
+      'repsim.measures.cka_engine.x__exact_feature_form__*' 'repsim.measures.cka_engine.x__exact_matrix__*'
     ) ;;
   measures)
-    files='"repsim/similarity_measures.py"'
+    files='"repsim/measures/beyond_cka.py"'
     tests='"tests/test_similarity.py"'
     # the kernels of every measure: Procrustes ν, the CCA sides / reduction / correlations, PWCCA weights, RDMs and
     # their correlation, k-NN neighbourhoods and scores, the p-value's "at least as extreme". Not scored (time box):
@@ -55,32 +55,32 @@ case "$group" in
     # _permuter, _cca_impl / _permuter, _knn_impl / _permuter / _resampler, _cka_impl / _permuter, whose
     # closures _registry() builds at import, before mutmut's per-call switch can select a mutant
     globs=(
-      'repsim.similarity_measures.x__centre__*' 'repsim.similarity_measures.x__shape_factor__*'
-      'repsim.similarity_measures.x__nu__*' 'repsim.similarity_measures.x__side__*'
-      'repsim.similarity_measures.x__n_keep__*' 'repsim.similarity_measures.x__cap__*'
-      'repsim.similarity_measures.x__n_distinct_rows__*' 'repsim.similarity_measures.x__collapse__*'
-      'repsim.similarity_measures.x__cca_sides__*' 'repsim.similarity_measures.x__rhos__*'
-      'repsim.similarity_measures.x__clip_rho__*' 'repsim.similarity_measures.x__pwcca_from__*'
-      'repsim.similarity_measures.x__rdm__*' 'repsim.similarity_measures.x__pearson__*'
-      'repsim.similarity_measures.x__rsa_compare__*' 'repsim.similarity_measures.x__triangle__*'
-      'repsim.similarity_measures.x__cosine__*' 'repsim.similarity_measures.x__neighbours__*'
-      'repsim.similarity_measures.x__overlap__*' 'repsim.similarity_measures.x__knn_score__*'
-      'repsim.similarity_measures.x__extreme__*'
+      'repsim.measures.beyond_cka.x__centre__*' 'repsim.measures.beyond_cka.x__shape_factor__*'
+      'repsim.measures.beyond_cka.x__nu__*' 'repsim.measures.beyond_cka.x__side__*'
+      'repsim.measures.beyond_cka.x__n_keep__*' 'repsim.measures.beyond_cka.x__cap__*'
+      'repsim.measures.beyond_cka.x__n_distinct_rows__*' 'repsim.measures.beyond_cka.x__collapse__*'
+      'repsim.measures.beyond_cka.x__cca_sides__*' 'repsim.measures.beyond_cka.x__rhos__*'
+      'repsim.measures.beyond_cka.x__clip_rho__*' 'repsim.measures.beyond_cka.x__pwcca_from__*'
+      'repsim.measures.beyond_cka.x__rdm__*' 'repsim.measures.beyond_cka.x__pearson__*'
+      'repsim.measures.beyond_cka.x__rsa_compare__*' 'repsim.measures.beyond_cka.x__triangle__*'
+      'repsim.measures.beyond_cka.x__cosine__*' 'repsim.measures.beyond_cka.x__neighbours__*'
+      'repsim.measures.beyond_cka.x__overlap__*' 'repsim.measures.beyond_cka.x__knn_score__*'
+      'repsim.measures.beyond_cka.x__extreme__*'
     ) ;;
   attention)
-    files='"hooks/attention_reduce.py", "repsim/attention.py"'
+    files='"hooks/capture/attention_reduce.py", "repsim/attention/statistics.py"'
     tests='"tests/test_attention_stats.py", "tests/test_vit_families.py::test_family_capture_is_exact_and_stats_equal_recomputation"'
     # scored: attention distance, prefix mass, entropy, the per-head and class-attention statistics, rollout, and
     # the online reducer's windowed (Swin) path. Not scored (time box): head kinds (aligned maps, offsets,
     # head_features, classify_heads), cross-attention grids, AttentionReducer.__call__, store-level drivers
     globs=(
-      'hooks.attention_reduce.xǁAttentionReducerǁ_windowed*'
-      'repsim.attention.x__renormalised_patch_block__*' 'repsim.attention.x__distance_from_block__*'
-      'repsim.attention.x__pixel_distances__*' 'repsim.attention.x_grid_positions__*'
-      'repsim.attention.x_attention_distance__*' 'repsim.attention.x_prefix_mass__*'
-      'repsim.attention.x_attention_entropy__*' 'repsim.attention.x_head_statistics__*'
-      'repsim.attention.x_class_attention_statistics__*' 'repsim.attention.x_attention_rollout__*'
-      'repsim.attention.x_rollout_map__*'
+      'hooks.capture.attention_reduce.xǁAttentionReducerǁ_windowed*'
+      'repsim.attention.statistics.x__renormalised_patch_block__*' 'repsim.attention.statistics.x__distance_from_block__*'
+      'repsim.attention.statistics.x__pixel_distances__*' 'repsim.attention.statistics.x_grid_positions__*'
+      'repsim.attention.statistics.x_attention_distance__*' 'repsim.attention.statistics.x_prefix_mass__*'
+      'repsim.attention.statistics.x_attention_entropy__*' 'repsim.attention.statistics.x_head_statistics__*'
+      'repsim.attention.statistics.x_class_attention_statistics__*' 'repsim.attention.statistics.x_attention_rollout__*'
+      'repsim.attention.statistics.x_rollout_map__*'
     ) ;;
   probes)
     files='"probes/linear.py"'

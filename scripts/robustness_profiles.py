@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from hooks.extract import extract
-from hooks.registry import load_model
+from hooks.extract.loop import extract
+from hooks.models.registry import load_model
 from repsim import robustness_profiles
-from repsim.data import open_dataset
-from repsim.perturbations import Perturbation
+from repsim.data.sources import open_dataset
+from repsim.data.perturbations import Perturbation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "realdata"

@@ -1,11 +1,11 @@
 """Train the bundled reference models (``ref_vit``, ``ref_vit_gap``, ``ref_resnet``) on the ``shapes`` data set.
 
-    python scripts/train_reference_models.py                       # all three, into hooks/reference_weights/
+    python scripts/train_reference_models.py                       # all three, into hooks/models/reference_weights/
     python scripts/train_reference_models.py --models ref_resnet --out /tmp/w --steps 20   # a quick try
 
 Recipe (the same for every model; see :data:`RECIPES` for the per-model step count and learning rate):
 
-- data: ``steps x batch`` *distinct* training images, ``shapes`` seed :data:`hooks.reference_models.TRAIN_SEED`
+- data: ``steps x batch`` *distinct* training images, ``shapes`` seed :data:`hooks.models.reference_models.TRAIN_SEED`
   indices 0.., rendered once at the model's input size; one pass, so no image is seen twice and nothing
   can be memorised. Augmentation: random horizontal and vertical flips (every shape class is closed under
   flips). Inputs are normalised with the model's mean / std.
@@ -19,7 +19,7 @@ Recipe (the same for every model; see :data:`RECIPES` for the per-model step cou
 
 Each model writes ``<out>/<name>.safetensors`` (float16 state dict) and ``<out>/<name>.json``, its model card:
 architecture, recipe, held-out accuracy, the training-loss curve, wall time, and the sha256 of the weights
-file, which :func:`hooks.registry.load_model` checks on every load.
+file, which :func:`hooks.models.registry.load_model` checks on every load.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hooks.reference_models import REFERENCE_MODELS, TRAIN_SEED, WEIGHTS_DIR, build_reference  # noqa: E402
-from hooks.weights import sha256_file  # noqa: E402
-from repsim.shapes import GENERATOR_VERSION, SHAPE_CLASSES, render_shape_sample  # noqa: E402
+from hooks.models.reference_models import REFERENCE_MODELS, TRAIN_SEED, WEIGHTS_DIR, build_reference  # noqa: E402
+from hooks.models.weights import sha256_file  # noqa: E402
+from repsim.data.shapes import GENERATOR_VERSION, SHAPE_CLASSES, render_shape_sample  # noqa: E402
 
 #: per model: optimisation steps and peak learning rate (chosen so each trains in < 10 min on 2 CPU cores)
 RECIPES: dict[str, dict[str, float]] = {

@@ -28,7 +28,7 @@ class Killed(BaseException):
 
 
 def run_killed_after_chunks(plan, chunks: int, **kwargs):
-    """Run ``hooks.extract.run_extraction(plan)`` and 'kill' it once ``chunks`` chunks are on disk.
+    """Run ``hooks.extract.loop.run_extraction(plan)`` and 'kill' it once ``chunks`` chunks are on disk.
 
     Fault injection lives here, not in the library: ``StoreWriter.write_chunk`` is wrapped so that the write
     after the ``chunks``-th raises :class:`Killed` (nothing of that chunk is written; the background writer
@@ -37,8 +37,9 @@ def run_killed_after_chunks(plan, chunks: int, **kwargs):
     """
     import pytest
 
-    from hooks.extract import run_extraction
-    from repsim.store import ActivationStore, StoreWriter
+    from hooks.extract.loop import run_extraction
+    from repsim.store.reader import ActivationStore
+    from repsim.store.writer import StoreWriter
 
     real = StoreWriter.write_chunk
     written = []

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from repsim.attention import aligned_attention
-from repsim.attention_plot import relative_to_uniform, uniform_aligned_map
-from repsim.cka_plot import layer_labels
+from repsim.attention.statistics import aligned_attention
+from repsim.plotting.attention import relative_to_uniform, uniform_aligned_map
+from repsim.plotting.cka_map import layer_labels
 
 
 def _aligned(attn: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Attention as segmentation (repsim.attention_segmentation): the mass rule, Jaccard against hand-made answers,
+"""Attention as segmentation (repsim.attention.segmentation): the mass rule, Jaccard against hand-made answers,
 spatial entropy on hand-built maps, the stored query maps against the kept full maps, masks and the CLI."""
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import pytest
 from PIL import Image
 
 from conftest import assert_drawn_png, assert_one_line_error, run_cli
-from repsim.attention_segmentation import attention_segmentation, mass_threshold, query_maps, spatial_entropy
+from repsim.attention.segmentation import attention_segmentation, mass_threshold, query_maps, spatial_entropy
 from repsim.errors import UsageError
-from repsim.masks import folder_masks, input_masks, mask_file_name
-from repsim.shapes import ShapesDataset, render_shape_sample
-from repsim.store import ActivationStore, ArraySpec, LayerSpec, StoreWriter, fingerprint_ids
+from repsim.data.masks import folder_masks, input_masks, mask_file_name
+from repsim.data.shapes import ShapesDataset, render_shape_sample
+from repsim.store.format import fingerprint_ids
+from repsim.store.reader import ActivationStore
+from repsim.store.writer import ArraySpec, LayerSpec, StoreWriter
 
 IMG, PATCH = 32, 4
 GRID = IMG // PATCH
@@ -188,7 +190,7 @@ def test_windowed_layers_are_skipped_and_old_stores_refused(tmp_path):
                                                      ("border", 1.0, (40, 28)), ("center", 1.0, (28, 40))])
 def test_input_masks_follow_the_timm_eval_geometry(crop_mode, crop_pct, size):
     """The mask lands where timm's evaluation transform puts the image (independent reference)."""
-    from hooks.preprocess import Preprocessing
+    from hooks.models.preprocess import Preprocessing
 
     rng = np.random.default_rng(1)
     mask = np.zeros(size, dtype=bool)
@@ -261,9 +263,9 @@ def test_masks_folder_validation_exits_2(tmp_path):
 def vit_stores(tmp_path_factory):
     """Random-init tiny ViTs (the bundled architectures, 64 px, 8 x 8 patches, 6 blocks of 4 heads) extracted with
     --attention on shapes: a CLS ViT and a GAP ViT (no prefix token)."""
-    from hooks.extract import extract
-    from hooks.registry import load_model
-    from repsim.data import open_dataset
+    from hooks.extract.loop import extract
+    from hooks.models.registry import load_model
+    from repsim.data.sources import open_dataset
 
     root = tmp_path_factory.mktemp("seg")
     shapes = open_dataset("shapes", n=10, seed=3, image_size=64)
@@ -297,9 +299,9 @@ def test_query_map_equals_the_cls_row_of_the_kept_maps(vit_stores):
 def test_query_maps_survive_a_killed_extraction(vit_stores, tmp_path):
     """A resumed extraction writes the same query maps as one that ran through (the fixture's CLS store)."""
     from conftest import run_killed_after_chunks
-    from hooks.extract import plan_extraction, run_extraction
-    from hooks.registry import load_model
-    from repsim.data import open_dataset
+    from hooks.extract.loop import plan_extraction, run_extraction
+    from hooks.models.registry import load_model
+    from repsim.data.sources import open_dataset
 
     cls_store = vit_stores[0]
     kw = dict(layers=["blocks.5"], batch_size=4, chunk_size=8, dtype="float32", attention=True, attn_keep=5)

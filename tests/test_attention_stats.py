@@ -1,4 +1,4 @@
-"""Tests of repsim.attention: attention distance, prefix mass, entropy, aligned maps, head kinds, rollout."""
+"""Tests of repsim.attention.statistics: attention distance, prefix mass, entropy, aligned maps, head kinds, rollout."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repsim.attention import (
+from repsim.attention.statistics import (
     AXIAL_EXCESS_MIN,
     LOCAL_MASS_MIN,
     aligned_attention,
@@ -538,7 +538,7 @@ def test_bad_shapes_raise_usage_error():
 # queries and keys on different grids (LeViT subsampling, Twins global sub-sampled keys); class attention
 # ---------------------------------------------------------------------------------------------------------
 def test_cross_grid_distance_is_between_query_and_key_centres_in_pixels():
-    from repsim.attention import aligned_attention, attention_distance, query_cells
+    from repsim.attention.statistics import aligned_attention, attention_distance, query_cells
 
     # Twins-like: 4 x 4 queries of 8 px, keys = 2 x 2 cells of a stride-2 conv (16 px); query r at (r - 0.5) / 2
     qpos = (grid_positions((4, 4)).double() - 0.5) / 2
@@ -556,7 +556,7 @@ def test_cross_grid_distance_is_between_query_and_key_centres_in_pixels():
 
 
 def test_cross_grid_with_query_positions_of_the_keys_is_self_attention():
-    from repsim.attention import head_statistics
+    from repsim.attention.statistics import head_statistics
 
     a = torch.rand(2, 3, 17, 17, generator=torch.Generator().manual_seed(0)).softmax(-1)
     s1 = head_statistics(a, (4, 4), (16, 8), 1)
@@ -566,7 +566,7 @@ def test_cross_grid_with_query_positions_of_the_keys_is_self_attention():
 
 
 def test_levit_subsampled_queries_sit_on_their_key_token():
-    from repsim.attention import attention_distance
+    from repsim.attention.statistics import attention_distance
 
     qpos = grid_positions((2, 2)).double() * 2  # query (r, c) = key (2r, 2c) of a 4 x 4 grid
     attn = torch.zeros(1, 1, 4, 16, dtype=torch.float64)
@@ -576,7 +576,7 @@ def test_levit_subsampled_queries_sit_on_their_key_token():
 
 
 def test_class_attention_statistics():
-    from repsim.attention import class_attention_statistics
+    from repsim.attention.statistics import class_attention_statistics
 
     a = torch.tensor([0.5, 0.25, 0.25, 0.0, 0.0]).view(1, 1, 1, 5)
     st = class_attention_statistics(a, (2, 2), 1)

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from hooks.extract import extract, plan_extraction, run_extraction
-from hooks.registry import load_model
-from repsim.attention import aligned_attention, attention_distance, attention_entropy, prefix_mass
-from repsim.attention_summary import attention_report, store_rollout
+from hooks.extract.loop import extract, plan_extraction, run_extraction
+from hooks.models.registry import load_model
+from repsim.attention.statistics import aligned_attention, attention_distance, attention_entropy, prefix_mass
+from repsim.attention.report import attention_report, store_rollout
 from conftest import run_cli as _cli, run_killed_after_chunks
-from repsim.data import open_dataset
+from repsim.data.sources import open_dataset
 from repsim.errors import UsageError
-from repsim.verify import verify_store
+from repsim.store.verify import verify_store
 
 VIT = "timm:vit_tiny_patch16_224"
 IMG = 64  # grid 4 x 4, 17 tokens
@@ -174,8 +174,8 @@ def test_cli_attention_and_erf(store, tmp_path):
 def test_random_vit_b16_at_224_attends_uniformly():
     """Random init (timm's trunc-normal, std 0.02) gives near-zero logits: every head's distance is the
     uniform value, 116.5 px on 14 x 14 patches of 16 px (the reference of the ViT paper's Fig. 7)."""
-    from hooks.attention_capture import AttentionCapture
-    from repsim.attention import head_statistics
+    from hooks.capture.attention import AttentionCapture
+    from repsim.attention.statistics import head_statistics
 
     model = load_model("vit_b16", random_init=True)
     assert model.info.grid == (14, 14) and model.info.num_prefix_tokens == 1

@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from hooks.capture import ActivationCapture, probe_output_shapes, select_tensor
+from hooks.capture.activations import ActivationCapture, probe_output_shapes, select_tensor
 from repsim.errors import UsageError
 
 torch.manual_seed(0)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repsim.cka_engine import (
+from repsim.measures.cka_engine import (
     CKAResult,
     MinibatchCKA,
     NumericalError,
@@ -27,7 +27,7 @@ from repsim.cka_engine import (
     minibatch_cka,
     unbiased_gram,
 )
-from repsim.cka_plot import short_layer_names
+from repsim.plotting.cka_map import short_layer_names
 from repsim.errors import RepsimError, UsageError
 
 FAST = settings(max_examples=25, deadline=None)
@@ -201,7 +201,7 @@ def test_large_offset_float32_matches_float64():
     assert minibatch_cka(x32, y32, batch_size=200, device="cpu")[0] == pytest.approx(ref, abs=1e-5)
     # The trap is real on this data: forming the float32 Gram before centring is visibly wrong.
     xt, yt = torch.from_numpy(x32), torch.from_numpy(y32)
-    from repsim.cka_engine import u_centre
+    from repsim.measures.cka_engine import u_centre
 
     kb, lb = u_centre(xt @ xt.T).reshape(-1), u_centre(yt @ yt.T).reshape(-1)
     wrong = float(kb @ lb / kb.norm() / lb.norm())

@@ -137,7 +137,7 @@ def test_localize_cli(tmp_path):
     game = json.loads((tmp_path / "o_pointing.json").read_text())["games"]["ig"]
     # the CLI reports the library's pointing game (tested against IG by hand in test_object_localization) on
     # the store's first 4 images, and its accuracy is the share of hits
-    from hooks.attribution import store_pointing_game
+    from hooks.gradients.attribution import store_pointing_game
 
     lib = store_pointing_game(s, "ig", n=4)
     assert game["n"] == 4 and (game["targets"], game["hits"]) == (lib["targets"], lib["hits"])

@@ -1,4 +1,4 @@
-"""`repsim compare`: any measure of repsim.similarity_measures between the layers of stores."""
+"""`repsim compare`: any measure of repsim.measures.beyond_cka between the layers of stores."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 
 from conftest import assert_one_line_error, run_cli
 from repsim import open_store
-from repsim.cka_engine import layer_features
-from repsim.compare import compare_matrix
+from repsim.measures.cka_engine import layer_features
+from repsim.measures.compare import compare_matrix
 from repsim.errors import UsageError
-from repsim.similarity_measures import MEASURES, bootstrap_interval, permutation_null, similarity
+from repsim.measures.beyond_cka import MEASURES, bootstrap_interval, permutation_null, similarity
 
 ARGS = ["--random-init", "--img-size", "32", "--data", "shapes", "--batch-size", "8", "--quiet"]
 
@@ -140,7 +140,7 @@ def test_all_sample_measures_refuse_what_would_not_fit_in_memory(stores, monkeyp
     """A's layers are held whole: with tokens=flatten two token layers of vit (40 images, 5 x 192 each) and
     B's widest need 40 x 3 x 960 x 8 B = 0.9 MB, refused in one line naming the way out under a 256 KiB
     budget; tokens=mean (40 x 3 x 192 x 8 B = 184 kB) fits."""
-    import repsim.compare as compare
+    import repsim.measures.compare as compare
 
     monkeypatch.setattr(compare, "default_memory_budget", lambda: 2**18)
     a = stores["vit"]

@@ -205,7 +205,7 @@ def test_verify_names_every_damaged_array_and_chunk(healthy, tmp_path):
 def test_python_api_refuses_damage(healthy, tmp_path):
     import probes
     from repsim.errors import UsageError
-    from repsim.store import open_store
+    from repsim.store.reader import open_store
 
     s = str(tmp_path / "api.zarr")
     shutil.copytree(healthy, s)
@@ -251,9 +251,9 @@ def _crafted_store(healthy: str, tmp_path, marker: pathlib.Path, *, record_hash:
 
 
 def test_store_code_needs_trust_code(healthy, tmp_path):
-    from hooks.registry import reload_model
+    from hooks.models.registry import reload_model
     from repsim.errors import UsageError
-    from repsim.store import open_store
+    from repsim.store.reader import open_store
 
     marker = tmp_path / "MARKER"
     s, _ = _crafted_store(healthy, tmp_path, marker)
@@ -265,9 +265,9 @@ def test_store_code_needs_trust_code(healthy, tmp_path):
 
 
 def test_store_code_hash_checked_before_import(healthy, tmp_path):
-    from hooks.registry import reload_model
+    from hooks.models.registry import reload_model
     from repsim.errors import UsageError
-    from repsim.store import open_store
+    from repsim.store.reader import open_store
 
     marker = tmp_path / "MARKER"
     s, code = _crafted_store(healthy, tmp_path, marker)
@@ -296,7 +296,7 @@ class _Payload:
 
 
 def test_pickle_payload_needs_trust_pickle(tmp_path):
-    from hooks.weights import load_state_dict_file, trust_pickle
+    from hooks.models.weights import load_state_dict_file, trust_pickle
     from repsim.errors import UsageError
 
     marker = tmp_path / "MARKER"
@@ -321,7 +321,7 @@ def test_pickle_payload_needs_trust_pickle(tmp_path):
 # -- point 4: faults outside repsim's own checks -----------------------------------------------------------
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG])
 def test_disk_full_or_file_too_large_mid_extraction_then_resume(tmp_path, monkeypatch, code):
-    from repsim.store import StoreWriter
+    from repsim.store.writer import StoreWriter
 
     out = str(tmp_path / "f.zarr")
     real = StoreWriter.write_chunk
@@ -344,7 +344,7 @@ def test_disk_full_or_file_too_large_mid_extraction_then_resume(tmp_path, monkey
 
 
 def test_read_only_file_system(healthy, monkeypatch):
-    from repsim.store import WriterLock
+    from repsim.store.locks import WriterLock
 
     def refuse(self, wait=0.0):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), self.path)
@@ -410,7 +410,7 @@ def test_user_forward_error_and_erf_without_gradient(tmp_path):
 
 
 def test_overwrite_takes_the_writer_lock(healthy, tmp_path):
-    from repsim.store import WriterLock
+    from repsim.store.locks import WriterLock
 
     s = str(tmp_path / "busy.zarr")
     shutil.copytree(healthy, s)

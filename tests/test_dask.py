@@ -62,7 +62,7 @@ def test_cli_workers(stores, tmp_path):
 
 
 class _KillFirstTask(distributed.WorkerPlugin):
-    """Fault injection from the test, not the library: on each worker, wrap ``repsim.cka_engine._group_sums`` so
+    """Fault injection from the test, not the library: on each worker, wrap ``repsim.measures.cka_engine._group_sums`` so
     that the first task anywhere to claim ``marker`` (an exclusive create) kills its worker process, as a crashed
     machine would. Workers started later (the nanny's replacement) get the same wrapper; the marker is taken."""
 
@@ -72,7 +72,7 @@ class _KillFirstTask(distributed.WorkerPlugin):
     def setup(self, worker):
         import os
 
-        import repsim.cka_engine as engine
+        import repsim.measures.cka_engine as engine
 
         real, marker = engine._group_sums, self.marker
 

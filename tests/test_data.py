@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from repsim.data import CorruptImageError, ImageSource, fingerprint_ids, open_dataset
+from repsim.data.sources import CorruptImageError, ImageSource, fingerprint_ids, open_dataset
 from repsim.errors import UsageError
 
 

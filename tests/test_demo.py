@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 import repsim
 from repsim.app.demo import PhaseProgress, cka_correspondence_sentence, cka_within_sentence
-from repsim.intervals import (HalfSampleCKA, bootstrap_mean, correspondence, newcombe_difference,
+from repsim.measures.intervals import (HalfSampleCKA, bootstrap_mean, correspondence, newcombe_difference,
                               statistic, verdict, wilson_interval)
 
 
@@ -117,8 +117,8 @@ def test_robustness_section_recomputes_from_the_stores(demo_dir):
     the ViT − ResNet drop difference the mean of per-image drop differences, the first layer below 0.5 numpy
     debiased CKA of clean vs perturbed activations; the report's sentences quote those numbers."""
     from repsim.app.demo import ROBUSTNESS_LEVELS, ROBUSTNESS_PATCH_PX
-    from repsim.intervals import ci_text
-    from repsim.store import open_store
+    from repsim.measures.intervals import ci_text
+    from repsim.store.reader import open_store
 
     s = json.loads((demo_dir / "summary.json").read_text())["robustness"]
     report = (demo_dir / "report.md").read_text()
@@ -184,9 +184,9 @@ def test_robustness_section_recomputes_from_the_stores(demo_dir):
 def test_segmentation_section_recomputes_from_the_stores(demo_dir):
     """Issue 15: the best head's Jaccard and the all-foreground reference equal numpy on the stored query maps
     (DINO's 60% mass rule) and the re-rendered shapes masks; the report quotes them with their intervals."""
-    from repsim.intervals import ci_text
-    from repsim.masks import store_input_masks
-    from repsim.store import open_store
+    from repsim.measures.intervals import ci_text
+    from repsim.data.masks import store_input_masks
+    from repsim.store.reader import open_store
 
     s = json.loads((demo_dir / "summary.json").read_text())["segmentation"]
     report = (demo_dir / "report.md").read_text()
@@ -314,7 +314,7 @@ def test_demo_bad_input(tmp_path, args, pattern):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The statistics behind the report's sentences (repsim.intervals, repsim.app.demo), against independent references
+# The statistics behind the report's sentences (repsim.measures.intervals, repsim.app.demo), against independent references
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -329,7 +329,7 @@ def test_wilson_and_newcombe_match_published_values():
 def test_bootstrap_paired_resamples_images_jointly():
     """Every replicate draws the same image indices in all arrays: a statistic of two identical arrays' difference
     is 0 in every replicate; the interval of a ratio of means matches a hand loop with the same generator."""
-    from repsim.intervals import bootstrap_paired
+    from repsim.measures.intervals import bootstrap_paired
 
     rng = np.random.default_rng(3)
     a, b = rng.random(50), rng.random(50)

@@ -1,4 +1,4 @@
-"""Effective receptive fields (hooks.erf) against hand-computed receptive fields."""
+"""Effective receptive fields (hooks.gradients.erf) against hand-computed receptive fields."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hooks.erf import effective_receptive_fields, erf_centroid, erf_radius
+from hooks.gradients.erf import effective_receptive_fields, erf_centroid, erf_radius
 from repsim.errors import UsageError
 
 

@@ -14,13 +14,13 @@ import torch
 import zarr
 
 from conftest import run_killed_after_chunks
-from hooks.extract import extract, plan_extraction, run_extraction
-from hooks.registry import load_model
+from hooks.extract.loop import extract, plan_extraction, run_extraction
+from hooks.models.registry import load_model
 from repsim import open_store
-from repsim.data import open_dataset
+from repsim.data.sources import open_dataset
 from repsim.errors import UsageError
-from repsim.store import WriterLock
-from repsim.verify import verify_store
+from repsim.store.locks import WriterLock
+from repsim.store.verify import verify_store
 
 VIT = "timm:vit_tiny_patch16_224"
 

@@ -14,13 +14,13 @@ import torch
 import zarr
 
 from conftest import assert_one_line_error, run_cli
-from hooks.extract import extract
-from hooks.registry import load_model
+from hooks.extract.loop import extract
+from hooks.models.registry import load_model
 from repsim import cka_matrix, open_store
-from repsim.cka_engine import MinibatchCKA, NumericalError, contiguous_plan, gram_linear, u_centre_np
-from repsim.data import open_dataset
+from repsim.measures.cka_engine import MinibatchCKA, NumericalError, contiguous_plan, gram_linear, u_centre_np
+from repsim.data.sources import open_dataset
 from repsim.errors import UsageError
-from repsim.gram import pack_triu, unpack_triu
+from repsim.measures.gram import pack_triu, unpack_triu
 
 CS = 16  # chunk rows = Gram batch
 

@@ -32,7 +32,7 @@ import timm
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from hooks.registry import load_model, reload_model
+from hooks.models.registry import load_model, reload_model
 from repsim import open_store
 from repsim.errors import UsageError
 

@@ -175,7 +175,7 @@ def test_library_does_not_import_the_application_layer():
 def test_info_does_not_load_torch(tmp_path):
     """`repsim info` prints metadata: it must not import torch, timm or the extraction code (it took 10-20 s
     when it did). Checked in a fresh interpreter, on a store laid out by the store writer alone."""
-    from repsim.store import StoreWriter
+    from repsim.store.writer import StoreWriter
 
     attrs = {
         "format_version": 1, "repsim_version": "0", "model": {"name": "m", "source": "timm", "source_id": "m",
@@ -185,7 +185,7 @@ def test_info_does_not_load_torch(tmp_path):
                           "crop_pct": 1.0},
         "extraction": {"pool": "none", "spatial_pool": None, "dtype": "float16", "batch_size": 4, "chunk_size": 4},
     }
-    from repsim.store import LayerSpec
+    from repsim.store.writer import LayerSpec
 
     path = str(tmp_path / "s.zarr")
     StoreWriter.create(path, attrs, [LayerSpec("blocks.0", (5, 3), {"kind": "tokens"})], [f"s{i}" for i in range(4)],
@@ -198,3 +198,62 @@ def test_info_does_not_load_torch(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "blocks.0" in res.stdout and "disk" in res.stdout, res.stdout  # it did print the store
     assert res.stdout.strip().splitlines()[-1] == "LOADED []", res.stdout
+
+
+# The layout of issue 18, in the order data flows. Top-level modules and subpackages each package may have:
+LAYOUT = {
+    "repsim": {"modules": {"errors", "formatting", "devices", "json_output", "robustness"},
+               "packages": {"app", "store", "data", "measures", "attention", "plotting"}},
+    "hooks": {"modules": set(), "packages": {"models", "capture", "extract", "gradients"}},
+    "probes": {"modules": {"features", "linear", "knn", "localization", "foreground_probe"}, "packages": set()},
+}
+# Rank of each part of the library: a module may import only modules of its own rank or below (the package
+# faces ``repsim``/``hooks``/``probes`` and the application layer are outside the ranking). So the store
+# never reads data sets or analyses, plots take results as data, and analyses sit on the store.
+RANK = {"repsim.errors": 0, "repsim.formatting": 0, "repsim.devices": 0, "repsim.json_output": 0,
+        "repsim.store": 1, "repsim.data": 2, "repsim.plotting": 2, "repsim.measures": 3,
+        "repsim.attention": 4, "repsim.robustness": 4, "hooks": 5, "probes": 5}
+
+
+def _rank(module: str) -> int | None:
+    """The rank of ``module`` from the longest ``RANK`` key it falls under; None for the package faces and
+    for modules the table does not place."""
+    if module in ("repsim", "hooks", "probes"):
+        return None
+    keys = [k for k in RANK if module == k or module.startswith(k + ".")]
+    return RANK[max(keys, key=len)] if keys else None
+
+
+def test_layout_is_the_documented_one():
+    """repsim/, hooks/ and probes/ hold exactly the top-level modules and subpackages of ``LAYOUT`` (a module
+    added at the top instead of into its subpackage fails here), and every subpackage has an ``__init__``."""
+    for package, allowed in LAYOUT.items():
+        root = ROOT / package
+        modules = {p.stem for p in root.glob("*.py")} - {"__init__"}
+        packages = {p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.py"))}
+        assert modules == allowed["modules"], (package, modules ^ allowed["modules"])
+        assert packages == allowed["packages"], (package, packages ^ allowed["packages"])
+        for sub in packages:
+            assert (root / sub / "__init__.py").exists(), f"{package}/{sub} has no __init__.py"
+
+
+def test_imports_run_down_the_ranks():
+    """store → data/plotting → measures → attention/robustness → hooks/probes: no module imports a module of a
+    higher rank (e.g. the store importing a data set, a plot importing the analysis it draws)."""
+    bad = []
+    for module, deps in import_graph().items():
+        mine = _rank(module)
+        if mine is None or _is_app(module):
+            continue
+        for dep in deps:
+            theirs = _rank(dep)
+            if theirs is not None and theirs > mine:
+                bad.append(f"{module} (rank {mine}) imports {dep} (rank {theirs})")
+    assert not bad, bad
+
+
+def test_rank_table_covers_every_library_module():
+    """Every module of the library has a rank (a new top-level part must be placed in the table)."""
+    unranked = [m for m in import_graph() if _rank(m) is None and not _is_app(m)
+                and m not in ("repsim", "hooks", "probes")]
+    assert not unranked, unranked

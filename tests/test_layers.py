@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from hooks.layers import FAMILIES, default_layers, infer_family, layer_layout, select_layers
+from hooks.capture.layers import FAMILIES, default_layers, infer_family, layer_layout, select_layers
 from repsim.errors import UsageError
 
 # (timm id, create kwargs, input side, family); small variants / sizes so the whole file stays fast

@@ -17,9 +17,11 @@ from probes.localization import (
     position_probe,
     token_patch_cka,
 )
-from repsim.cka_engine import cka
+from repsim.measures.cka_engine import cka
 from repsim.errors import UsageError
-from repsim.store import ActivationStore, LayerSpec, StoreWriter, fingerprint_ids
+from repsim.store.format import fingerprint_ids
+from repsim.store.reader import ActivationStore
+from repsim.store.writer import LayerSpec, StoreWriter
 from conftest import assert_drawn_png
 
 IMG, PATCH, D = 16, 4, 24  # 4x4 grid of 4x4-pixel patches, 48 pixel features per patch
@@ -183,14 +185,14 @@ def test_localize_all_layers(synthetic, tmp_path):
 
 
 def test_end_to_end_tiny_vit(tmp_path):
-    """A random-init timm ViT-Tiny/16 at 64 px (4x4 grid) through hooks.extract --save-inputs: the patch
+    """A random-init timm ViT-Tiny/16 at 64 px (4x4 grid) through hooks.extract.loop --save-inputs: the patch
     embedding is a linear function of its own patch (plus a fixed position embedding), so early blocks are
     strongly localised and the position embedding makes position decodable."""
     import torch
 
-    from hooks.extract import extract
-    from hooks.registry import load_model
-    from repsim.data import open_dataset
+    from hooks.extract.loop import extract
+    from hooks.models.registry import load_model
+    from repsim.data.sources import open_dataset
 
     torch.manual_seed(0)
     vit = load_model("timm:vit_tiny_patch16_224", random_init=True, img_size=64)

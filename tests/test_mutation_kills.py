@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_cka import FakeStore, _data, _model_acts, _naive_minibatch
 
-from repsim.cka_engine import (
+from repsim.measures.cka_engine import (
     MinibatchCKA,
     NumericalError,
     batch_plan,
@@ -29,7 +29,7 @@ from repsim.cka_engine import (
 )
 from repsim.errors import UsageError
 
-# --- Gram and CKA estimators (repsim/gram.py, repsim/cka_engine.py) -------------------------------------------
+# --- Gram and CKA estimators (repsim/measures/gram.py, repsim/measures/cka_engine.py) -------------------------------------------
 
 
 def _pairwise_sq_dist(x: np.ndarray) -> np.ndarray:
@@ -226,9 +226,9 @@ def test_minibatch_accumulator_counts_and_float64_sums():
     np.testing.assert_allclose(acc.self_b.numpy(), ref.self_b.numpy(), rtol=1e-13)
 
 
-# --- similarity measures (repsim/similarity_measures.py) -------------------------------------------------------
+# --- similarity measures (repsim/measures/beyond_cka.py) -------------------------------------------------------
 
-from repsim.similarity_measures import (  # noqa: E402
+from repsim.measures.beyond_cka import (  # noqa: E402
     MEASURES,
     _clip_rho,
     _extreme,
@@ -408,7 +408,7 @@ def test_p_value_counts_ties_and_uses_a_relative_tolerance():
     np.testing.assert_array_equal(_extreme(sim, np.array([100.0 - 5e-9, 100.0 - 2e-8]), 100.0), [True, False])
 
 
-# --- attention statistics (repsim/attention.py, hooks/attention_reduce.py) --------------------------------------
+# --- attention statistics (repsim/attention/statistics.py, hooks/capture/attention_reduce.py) --------------------------------------
 
 
 @pytest.mark.slow  # builds and runs a (tiny) Swin: several seconds on a busy 2-core machine
@@ -417,8 +417,8 @@ def test_reducer_refuses_padded_swin_windows():
     windows; the online reducer refuses instead of averaging over padding tokens, which have no image position."""
     import timm
 
-    from hooks.attention_capture import AttentionCapture, find_attention_layers
-    from hooks.attention_reduce import AttentionReducer
+    from hooks.capture.attention import AttentionCapture, find_attention_layers
+    from hooks.capture.attention_reduce import AttentionReducer
 
     torch.manual_seed(0)
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64, depths=(2, 2),
@@ -437,7 +437,7 @@ def _uniform(n_heads: int, n: int, batch: int = 1) -> torch.Tensor:
 def test_attention_defaults_and_shapes_by_hand():
     """Defaults: no prefix tokens (entropy of uniform attention over N tokens is log N, prefix mass 0); a
     (H, N, N) input without a batch axis is accepted; a non-square patch weighs rows and columns differently."""
-    from repsim.attention import attention_distance, attention_entropy, head_statistics
+    from repsim.attention.statistics import attention_distance, attention_entropy, head_statistics
 
     a = _uniform(2, 9)
     np.testing.assert_allclose(attention_entropy(a).numpy(), np.log(9.0), rtol=1e-12)
@@ -458,7 +458,7 @@ def test_attention_defaults_and_shapes_by_hand():
 def test_class_attention_statistics_by_hand():
     """One CLS query over 1 prefix key (the default) and a 2 × 2 grid: per-head prefix mass and entropy, the map
     renormalised per head, zeros (not NaN) for a head with no patch mass; (H, 1, S) without a batch axis works."""
-    from repsim.attention import class_attention_statistics
+    from repsim.attention.statistics import class_attention_statistics
 
     rows = torch.tensor([[[[0.2, 0.4, 0.2, 0.2, 0.0]], [[1.0, 0.0, 0.0, 0.0, 0.0]], [[0.5, 0.0, 0.0, 0.0, 0.5]]]],
                         dtype=torch.float64)
@@ -474,7 +474,7 @@ def test_class_attention_statistics_by_hand():
 def test_rollout_defaults_by_hand():
     """Abnar & Zuidema's rollout with the defaults (residual 0.5·A + 0.5·I, later layer on the left, dtype of the
     input), against a hand product on 2 tokens; a non-square attention is refused."""
-    from repsim.attention import attention_rollout
+    from repsim.attention.statistics import attention_rollout
 
     a1 = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]], dtype=torch.float64)
     a2 = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]], dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Object-localisation probe (probes.foreground_probe) and pointing game (hooks.attribution)."""
+"""Object-localisation probe (probes.foreground_probe) and pointing game (hooks.gradients.attribution)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from probes.foreground_probe import (
     token_iou,
 )
 from repsim.errors import UsageError
-from repsim.shapes import MIN_CONTRAST, ShapesDataset, render_shape_sample
-from repsim.store import ActivationStore, LayerSpec, StoreWriter, fingerprint_ids
+from repsim.data.shapes import MIN_CONTRAST, ShapesDataset, render_shape_sample
+from repsim.store.format import fingerprint_ids
+from repsim.store.reader import ActivationStore
+from repsim.store.writer import LayerSpec, StoreWriter
 from conftest import assert_drawn_png
 
 IMG, PATCH = 32, 4
@@ -101,7 +103,7 @@ def test_fractions_and_crop_geometry():
     # crop_pct < 1 agrees with the real preprocessing transform applied to the mask image
     from PIL import Image
 
-    from hooks.preprocess import Preprocessing
+    from hooks.models.preprocess import Preprocessing
 
     prep = Preprocessing((IMG, IMG), (0, 0, 0), (1, 1, 1), "bilinear", 0.875, "center")
     tf = prep.transform()
@@ -217,7 +219,7 @@ def _pointing_by_hand(maps, masks):
 
 
 def test_pointing_game_ig_finds_the_object():
-    from hooks.attribution import attribution_maps, pointing_game
+    from hooks.gradients.attribution import attribution_maps, pointing_game
 
     torch.manual_seed(0)
     x, masks = _object_images()
@@ -244,7 +246,7 @@ def test_pointing_game_ig_finds_the_object():
 
 
 def test_pointing_game_tolerance_and_degenerate():
-    from hooks.attribution import pointing_hits
+    from hooks.gradients.attribution import pointing_hits
 
     maps = torch.zeros(2, 8, 8)
     maps[0, 0, 0] = 1.0
@@ -287,7 +289,7 @@ def test_gradcam_on_tiny_timm_models_equals_a_hand_computation(arch, layer):
     wrong layer would not), and the pointing game scores the arg-max of exactly those maps."""
     import timm
 
-    from hooks.attribution import attribution_maps, pointing_game
+    from hooks.gradients.attribution import attribution_maps, pointing_game
 
     torch.manual_seed(0)
     kw = {"depth": 2, "img_size": 32, "patch_size": 8, "embed_dim": 48, "num_heads": 2} if "vit" in arch else {}
@@ -315,7 +317,7 @@ def test_gradcam_on_tiny_timm_models_equals_a_hand_computation(arch, layer):
 
 
 def test_gradcam_maps_have_input_shape():
-    from hooks.attribution import attribution_maps
+    from hooks.gradients.attribution import attribution_maps
 
     x, _ = _object_images(n=2)
     maps = attribution_maps(_ObjectSum(), x, torch.zeros(2, dtype=torch.long), method="gradcam", layer="conv")
@@ -326,9 +328,9 @@ def test_gradcam_maps_have_input_shape():
 
 def test_store_pointing_game_end_to_end(tmp_path):
     """A random-init resnet18 store of shapes images: masks follow the preprocessing, both methods run."""
-    from hooks.attribution import store_masks, store_pointing_game
-    from hooks.extract import extract
-    from hooks.registry import load_model
+    from hooks.gradients.attribution import store_masks, store_pointing_game
+    from hooks.extract.loop import extract
+    from hooks.models.registry import load_model
 
     model = load_model("timm:resnet18", random_init=True, img_size=32)
     store = extract(model, ShapesDataset(12, seed=0, image_size=32), str(tmp_path / "r.zarr"),
@@ -375,7 +377,7 @@ class _TokenModel(nn.Module):
 
 def test_gradcam_on_tokens_points_at_the_object():
     """Prefix tokens dropped and the patch tokens laid out row-major: a transposed grid would miss."""
-    from hooks.attribution import attribution_maps, pointing_game
+    from hooks.gradients.attribution import attribution_maps, pointing_game
 
     torch.manual_seed(0)
     x, masks = _object_images(n=8)
@@ -393,13 +395,13 @@ def test_gradcam_on_tokens_points_at_the_object():
 
 
 def test_store_masks_render_shapes_ids_and_refuse_other_generators():
-    """The pointing game's masks come from repsim.masks' shapes ids: at the model's size with crop_pct 1 the
+    """The pointing game's masks come from repsim.data.masks' shapes ids: at the model's size with crop_pct 1 the
     transform is the identity, so they are the rendered masks; another generator version is refused."""
     from types import SimpleNamespace
 
-    from hooks.attribution import store_masks
-    from hooks.preprocess import Preprocessing
-    from repsim.shapes import GENERATOR_VERSION
+    from hooks.gradients.attribution import store_masks
+    from hooks.models.preprocess import Preprocessing
+    from repsim.data.shapes import GENERATOR_VERSION
 
     ids = ShapesDataset(3, seed=1, image_size=IMG).ids
     prep = Preprocessing((IMG, IMG), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), crop_pct=1.0)

@@ -40,7 +40,9 @@ def test_both_linear_fitters_check_their_arguments_alike(fit):
 
 
 def _store(tmp_path, layers=("blocks.0", "blocks.1", "head")):
-    from repsim.store import ActivationStore, LayerSpec, StoreWriter, fingerprint_ids
+    from repsim.store.format import fingerprint_ids
+    from repsim.store.reader import ActivationStore
+    from repsim.store.writer import LayerSpec, StoreWriter
 
     ids = [f"s{i}" for i in range(4)]
     attrs = {"format_version": 1, "model": {"name": "m"}, "dataset": {"name": "d", "n": 4,
@@ -53,9 +55,9 @@ def _store(tmp_path, layers=("blocks.0", "blocks.1", "head")):
 
 
 def test_every_store_layer_selection_names_missing_layers_alike(tmp_path):
-    """One check (repsim.store.check_layer_names) behind the CKA, probe and store layer lookups: the same line."""
+    """One check (repsim.store.reader.check_layer_names) behind the CKA, probe and store layer lookups: the same line."""
     from probes.features import select_layers as probe_layers
-    from repsim.cka_engine import select_layers as cka_layers
+    from repsim.measures.cka_engine import select_layers as cka_layers
 
     store = _store(tmp_path)
     want = (r"s\.zarr has no layer 'block.1' \(did you mean 'blocks\.1'\?\), 'zzz'; it has 3 layers "
@@ -74,11 +76,11 @@ def test_every_store_layer_selection_names_missing_layers_alike(tmp_path):
 
 
 def test_layer_kind_is_read_alike_by_cka_probes_and_localisation():
-    """repsim.store.layer_kind: recorded kind, else the store format's layout for the shape; every reader agrees."""
+    """repsim.store.format.layer_kind: recorded kind, else the store format's layout for the shape; every reader agrees."""
     from probes.features import feature_reduction
     from probes.localization import grid_positions
-    from repsim.cka_engine import feature_width
-    from repsim.store import layer_kind
+    from repsim.measures.cka_engine import feature_width
+    from repsim.store.format import layer_kind
 
     assert layer_kind({"kind": "map", "shape": [5]}, "x") == "map"  # recorded kind wins
     kindless = {"tokens": [5, 4], "map": [4, 2, 3], "vector": [6]}
@@ -97,9 +99,9 @@ def test_layer_kind_is_read_alike_by_cka_probes_and_localisation():
 
 @pytest.mark.parametrize("chunk_size,max_read_rows", [(4, 4), (4, 12), (5, 3), (64, 64)])
 def test_gather_rows_returns_the_asked_rows_reading_each_chunk_once(chunk_size, max_read_rows):
-    """repsim.store.gather_rows (the CKA engine's and localisation's row reader) against numpy indexing."""
+    """repsim.store.reader.gather_rows (the CKA engine's and localisation's row reader) against numpy indexing."""
     from repsim.errors import RepsimError
-    from repsim.store import gather_rows
+    from repsim.store.reader import gather_rows
 
     n = 23
     data = np.arange(n * 2).reshape(n, 2)
@@ -123,12 +125,12 @@ def test_gather_rows_returns_the_asked_rows_reading_each_chunk_once(chunk_size, 
 
 
 def test_whole_set_grams_of_repsim_gram_give_biased_cka():
-    """repsim.gram's H K H stacks (used by localisation) multiply to cka_engine.cka (numpy, biased, float64)."""
+    """repsim.measures.gram's H K H stacks (used by localisation) multiply to cka_engine.cka (numpy, biased, float64)."""
     import torch
 
-    from repsim.cka_engine import cka
+    from repsim.measures.cka_engine import cka
     from repsim.errors import NumericalError
-    from repsim.gram import centred_feature_grams, unit_centred_grams
+    from repsim.measures.gram import centred_feature_grams, unit_centred_grams
 
     rng = np.random.default_rng(3)
     xs = [1e6 + rng.normal(size=(9, d)) for d in (2, 5)]  # a large offset: centring must come first
@@ -144,12 +146,12 @@ def test_whole_set_grams_of_repsim_gram_give_biased_cka():
 
 
 def test_one_store_protocol_that_the_store_implements(tmp_path):
-    """CKA and probes type their stores with the one repsim.store.StoreLike; ActivationStore has all of it."""
+    """CKA and probes type their stores with the one repsim.store.reader.StoreLike; ActivationStore has all of it."""
     import probes.features
-    import repsim.cka_engine
-    from repsim.store import StoreLike
+    import repsim.measures.cka_engine
+    from repsim.store.reader import StoreLike
 
-    assert repsim.cka_engine.StoreLike is StoreLike and probes.features.StoreLike is StoreLike
+    assert repsim.measures.cka_engine.StoreLike is StoreLike and probes.features.StoreLike is StoreLike
     members = set(StoreLike.__annotations__) | {k for k in vars(StoreLike) if not k.startswith("_")}
     assert {"path", "layers", "n", "ids", "labels", "fingerprint", "complete", "read", "layer_info"} <= members
     store = _store(tmp_path)
@@ -157,11 +159,11 @@ def test_one_store_protocol_that_the_store_implements(tmp_path):
 
 
 def test_names_that_meant_two_things_now_say_which():
-    """grid_positions (repsim.attention: cell coordinates) vs layer_grid (probes.localization: a layer's kind, grid and
+    """grid_positions (repsim.attention.statistics: cell coordinates) vs layer_grid (probes.localization: a layer's kind, grid and
     prefix count, old name kept as an alias); TOKEN_MODES (CKA feature rows) vs TOKEN_READOUTS (class probe)."""
     import probes.localization as loc
-    from repsim.attention import grid_positions
-    from repsim.cka_engine import TOKEN_MODES
+    from repsim.attention.statistics import grid_positions
+    from repsim.measures.cka_engine import TOKEN_MODES
 
     info = {"kind": "tokens", "shape": [1 + 6, 8], "grid": [2, 3], "num_prefix_tokens": 1}
     assert loc.layer_grid(info, "t") == ("tokens", (2, 3), 1) and loc.grid_positions is loc.layer_grid
@@ -174,7 +176,9 @@ def test_localisation_and_token_probes_pick_positioned_layers_alike(tmp_path):
     """probes.localization._positioned_layers: the default and the checks of localize / token_class_probe /
     foreground_probe (a vector layer is skipped by default, refused by name; a missing name gets the store hint)."""
     from probes.localization import _positioned_layers, localize
-    from repsim.store import ActivationStore, LayerSpec, StoreWriter, fingerprint_ids
+    from repsim.store.format import fingerprint_ids
+    from repsim.store.reader import ActivationStore
+    from repsim.store.writer import LayerSpec, StoreWriter
 
     ids = [f"s{i}" for i in range(4)]
     attrs = {"format_version": 1, "model": {"name": "m"}, "dataset": {"name": "d", "n": 4,

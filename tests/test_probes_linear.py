@@ -33,7 +33,9 @@ from probes.linear import (
     ridge_classify,
 )
 from repsim.errors import UsageError
-from repsim.store import ActivationStore, LayerSpec, StoreWriter, fingerprint_ids
+from repsim.store.format import fingerprint_ids
+from repsim.store.reader import ActivationStore
+from repsim.store.writer import LayerSpec, StoreWriter
 from conftest import assert_drawn_png
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -597,10 +599,10 @@ def test_incomplete_store_and_bad_arguments_are_refused(class_store, tmp_path):
 
 
 def test_probe_on_an_extracted_vit_store(tmp_path):
-    """A real store from hooks.extract (random tiny ViT, shapes data): every mode runs and is recorded."""
-    from hooks.extract import extract
-    from hooks.registry import load_model
-    from repsim.data import open_dataset
+    """A real store from hooks.extract.loop (random tiny ViT, shapes data): every mode runs and is recorded."""
+    from hooks.extract.loop import extract
+    from hooks.models.registry import load_model
+    from repsim.data.sources import open_dataset
 
     torch.manual_seed(0)
     model = load_model("timm:vit_tiny_patch16_224", random_init=True, img_size=32)

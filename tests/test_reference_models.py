@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from hooks import reference_models as rm
-from hooks.registry import load_model, reload_model, resolve_name
-from hooks.weights import sha256_file
+from hooks.models import reference_models as rm
+from hooks.models.registry import load_model, reload_model, resolve_name
+from hooks.models.weights import sha256_file
 from repsim.errors import UsageError
-from repsim.shapes import SHAPE_CLASSES, render_shape_sample
+from repsim.data.shapes import SHAPE_CLASSES, render_shape_sample
 from conftest import assert_one_line_error, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +116,7 @@ def test_store_provenance_and_reload(tmp_path):
     out = str(tmp_path / "r.zarr")
     res = run_cli("extract", "--model", "ref_resnet", "--data", "shapes", "--n", "64", "--out", out, "--quiet")
     assert res.exit_code == 0, res.output
-    from repsim.store import open_store
+    from repsim.store.reader import open_store
 
     s = open_store(out)
     w = s.attrs["model"]["weights"]

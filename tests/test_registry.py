@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hooks.layers import default_layers, infer_family
-from hooks.preprocess import Preprocessing, crop_pct_for
-from hooks.registry import REGISTRY, list_models, load_model, resolve_name
-from hooks.weights import apply_weights, load_state_dict_file
+from hooks.capture.layers import default_layers, infer_family
+from hooks.models.preprocess import Preprocessing, crop_pct_for
+from hooks.models.registry import REGISTRY, list_models, load_model, resolve_name
+from hooks.models.weights import apply_weights, load_state_dict_file
 from repsim.errors import UsageError
 
 REQUIRED = ["vit_s16", "vit_b16", "vit_b32", "vit_l16", "deit_t16", "deit_s16", "deit_b16", "deit_b16_distilled",
@@ -129,7 +129,7 @@ def test_prefixed_specs_parse():
 
 def test_list_models_rows():
     rows = list_models()
-    from hooks.reference_models import REFERENCE_MODELS
+    from hooks.models.reference_models import REFERENCE_MODELS
 
     assert [r["name"] for r in rows] == [*REGISTRY, *REFERENCE_MODELS]
     for r in rows:
@@ -239,7 +239,7 @@ RESNET_TAPS = ["maxpool", *(f"layer{s}.{b}" for s in (1, 2, 3, 4) for b in (0, 1
 
 def test_random_init_resnet_blocks_are_not_identities():
     """timm zero-initialises each block's last BN scale: untouched, layer1.0 == maxpool bit for bit, CKA 1."""
-    from repsim.data import open_dataset
+    from repsim.data.sources import open_dataset
 
     m = load_model("resnet18", random_init=True, img_size=64)
     src = open_dataset("shapes", n=32, seed=0, image_size=64)
@@ -297,7 +297,7 @@ def test_random_init_leaves_timm_vit_and_weight_files_alone(tmp_path):
 
 
 def test_reload_model_rebuilds_the_recorded_random_init():
-    from hooks.registry import reload_model
+    from hooks.models.registry import reload_model
 
     m = load_model("resnet18", random_init=True, img_size=32, init_seed=5)
     attrs = {"model": json.loads(json.dumps(m.info.to_dict())), "preprocessing": m.preprocessing.to_dict()}
@@ -464,7 +464,7 @@ def test_unreadable_or_odd_files(tmp_path):
         torch.save({"epoch": 3, "note": "nothing"}, str(tmp_path / "empty.pt"))
         load_state_dict_file(str(tmp_path / "empty.pt"))
     # non-tensor objects: refused in a zip checkpoint and a legacy one alike, loaded only under trust_pickle
-    from hooks.weights import trust_pickle
+    from hooks.models.weights import trust_pickle
 
     obj = {"state_dict": {"w": torch.ones(2)}, "acc": np.float64(0.9)}
     torch.save(obj, str(tmp_path / "obj_zip.pt"))

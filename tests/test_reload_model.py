@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from hooks.erf import store_images
-from hooks.registry import reload_model
+from hooks.gradients.erf import store_images
+from hooks.models.registry import reload_model
 from repsim import open_store
 from repsim.errors import UsageError
 

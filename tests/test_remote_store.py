@@ -8,7 +8,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli, run_killed_after_chunks
 from repsim import cka_matrix, open_store
-from repsim.verify import verify_store
+from repsim.store.verify import verify_store
 
 ARGS = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--data", "shapes",
         "--n", "24", "--batch-size", "8", "--quiet"]
@@ -59,10 +59,10 @@ def test_remote_errors(tmp_path, monkeypatch):
 
 def test_extract_to_url_stages_resumes_and_uploads(stores, tmp_path, monkeypatch):
     """--out URL: staged locally (a kill resumes there), uploaded data-first once complete, bit-identical."""
-    from hooks.extract import plan_extraction
-    from hooks.registry import load_model
-    from hooks.remote_output import staging_path
-    from repsim.data import open_dataset
+    from hooks.extract.loop import plan_extraction
+    from hooks.models.registry import load_model
+    from repsim.store.remote import staging_path
+    from repsim.data.sources import open_dataset
 
     local, _ = stores
     monkeypatch.setenv("REPSIM_STAGING_DIR", str(tmp_path / "staging"))
@@ -84,7 +84,7 @@ def test_extract_to_url_stages_resumes_and_uploads(stores, tmp_path, monkeypatch
 
 
 def test_interrupted_upload_is_not_a_store_and_reuploads(stores, tmp_path, monkeypatch):
-    from hooks import remote_output
+    from repsim.store import remote as remote_output
 
     monkeypatch.setenv("REPSIM_STAGING_DIR", str(tmp_path / "staging"))
     url = "memory://repsim-out/interrupted.zarr"

@@ -1,7 +1,7 @@
-"""Perturbations (repsim.perturbations), perturbed extraction, and robustness profiles (repsim.robustness).
+"""Perturbations (repsim.data.perturbations), perturbed extraction, and robustness profiles (repsim.robustness).
 
 References are independent of the code under test: hand-built tensors with known answers, the clean store's
-own inputs with patches zeroed by hand, repsim.cka_engine.cka (Gram-form debiased CKA, a separate
+own inputs with patches zeroed by hand, repsim.measures.cka_engine.cka (Gram-form debiased CKA, a separate
 implementation from the half-sample Grams), and accuracies counted with numpy.
 """
 
@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import assert_drawn_png, assert_one_line_error, run_cli, run_killed_after_chunks
-from hooks.extract import extract, plan_extraction, run_extraction
-from hooks.registry import load_model
+from hooks.extract.loop import extract, plan_extraction, run_extraction
+from hooks.models.registry import load_model
 from repsim import open_store
-from repsim.cka_engine import cka, layer_features
-from repsim.data import open_dataset
+from repsim.measures.cka_engine import cka, layer_features
+from repsim.data.sources import open_dataset
 from repsim.errors import UsageError
-from repsim.perturbations import Perturbation
+from repsim.data.perturbations import Perturbation
 from repsim.robustness import RobustnessResult, group_by_model, robustness_profile, robustness_profiles
 
 N = 16  # images of the module's stores: 64 px shapes, the bundled models
@@ -270,10 +270,10 @@ def test_several_models_cli_json_and_figure(stores, tmp_path, shapes):
 
 
 def test_erf_and_attribution_inputs_of_a_perturbed_store_are_perturbed(tmp_path, stores, shapes, ref_vit):
-    """hooks.erf.store_images (the inputs of ``attention --erf`` and the attribution probes) rebuilds a perturbed
+    """hooks.gradients.erf.store_images (the inputs of ``attention --erf`` and the attribution probes) rebuilds a perturbed
     store's images from its provenance and perturbs them as recorded: equal to the inputs the extraction saved,
     not the clean ones."""
-    from hooks.erf import store_images
+    from hooks.gradients.erf import store_images
 
     p = Perturbation.parse("patch-drop:0.5", patch_px=8)
     bare = extract(ref_vit, shapes, str(tmp_path / "bare.zarr"), batch_size=8, chunk_size=8, perturbation=p)

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 from repsim import open_store
-from repsim.store import WriterLock, shard_lock_name
-from repsim.verify import verify_store
+from repsim.store.locks import WriterLock, shard_lock_name
+from repsim.store.verify import verify_store
 
 ARGS = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--data", "shapes",
         "--n", "40", "--batch-size", "4", "--chunk-size", "8", "--dtype", "float32", "--quiet"]

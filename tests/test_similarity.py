@@ -1,5 +1,5 @@
 """Similarity measures beyond CKA: hand-derived references, reference packages, invariances, validation,
-the degenerate-CCA reduction, permutation nulls and bootstrap intervals (repsim.similarity_measures)."""
+the degenerate-CCA reduction, permutation nulls and bootstrap intervals (repsim.measures.beyond_cka)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from scipy.spatial.distance import pdist
 from scipy.stats import pearsonr, spearmanr
 
-from repsim import cka_engine
+from repsim.measures import cka_engine
 from repsim.errors import UsageError
-from repsim.similarity_measures import (
+from repsim.measures.beyond_cka import (
     MEASURES,
     MeasureSpec,
     NumericalError,

@@ -1,4 +1,4 @@
-"""Stores open in xarray: every array carries Zarr v3 dimension names (repsim/store.py, "Dimension names"), every
+"""Stores open in xarray: every array carries Zarr v3 dimension names (repsim/store/, "Dimension names"), every
 group of a store opens with `xr.open_zarr`, and stores written without names still read in repsim."""
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def _swin_statistics_by_hand(model, x: torch.Tensor) -> dict[str, dict[str, np.n
     has ws^2 queries, so the per-image value is the mean over all queries of all windows. Aligned maps: p_qk
     summed at canvas cell (pos_k - pos_q) + (gh - 1, gw - 1) over queries, windows and images.
     """
-    from hooks.attention_capture import AttentionCapture
+    from hooks.capture.attention import AttentionCapture
 
     with torch.no_grad(), AttentionCapture(model) as cap:
         model(x)
@@ -60,8 +60,8 @@ def _swin_statistics_by_hand(model, x: torch.Tensor) -> dict[str, dict[str, np.n
 
 @pytest.mark.slow
 def test_swin_attention_statistics_in_the_store_equal_numpy_on_the_captured_windows(tmp_path):
-    from hooks.erf import store_images
-    from hooks.registry import reload_model
+    from hooks.gradients.erf import store_images
+    from hooks.models.registry import reload_model
 
     out = str(tmp_path / "swin.zarr")
     res = run_cli("extract", "--model", f"py:{TINY}:swin", "--random-init", "--img-size", "56", *DATA, "--n", "6",
@@ -244,7 +244,7 @@ def test_scheduler_runs_cka_on_that_cluster(cnn, tmp_path):
 
 # -- extract --force, --strict --------------------------------------------------------------------------------
 def test_extract_force_skips_only_the_disk_check(tmp_path, monkeypatch):
-    from hooks.extract import ExtractionPlan
+    from hooks.extract.loop import ExtractionPlan
 
     monkeypatch.setattr(ExtractionPlan, "free_bytes", lambda self: 1000)  # a nearly full disk
     out = str(tmp_path / "f.zarr")

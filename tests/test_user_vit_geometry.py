@@ -1,5 +1,5 @@
 """A user ViT built from nn.TransformerEncoder / nn.MultiheadAttention declares its token geometry
-(hooks.geometry): `repsim extract --attention` and `repsim localize` then work on it from the CLI."""
+(hooks.models.geometry): `repsim extract --attention` and `repsim localize` then work on it from the CLI."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from conftest import run_cli as _cli
-from hooks.attention_capture import AttentionCapture, find_attention_layers
-from hooks.geometry import GEOMETRY_ATTR, TokenGeometry, declared_geometry, parse_geometry, parse_grid
+from hooks.capture.attention import AttentionCapture, find_attention_layers
+from hooks.models.geometry import GEOMETRY_ATTR, TokenGeometry, declared_geometry, parse_geometry, parse_grid
 from repsim.errors import UsageError
-from repsim.store import open_store
+from repsim.store.reader import open_store
 
 IMG, PATCH, GRID = 32, 8, 4  # 4 x 4 patch tokens of 8 px, one CLS token
 

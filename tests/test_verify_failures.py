@@ -17,7 +17,8 @@ import pytest
 import zarr
 
 from conftest import assert_one_line_error, run_cli
-from repsim.store import FORMAT_VERSION, fingerprint_ids, open_store
+from repsim.store.format import FORMAT_VERSION, fingerprint_ids
+from repsim.store.reader import open_store
 
 ATTN = "attn/blocks.0.attn"
 

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 timm = pytest.importorskip("timm")
 
-from hooks.attention_capture import AttentionCapture, find_attention_layers, no_attention_reason  # noqa: E402
-from hooks.attention_reduce import AttentionReducer  # noqa: E402
-from repsim.attention import class_attention_statistics, grid_positions, head_statistics  # noqa: E402
+from hooks.capture.attention import AttentionCapture, find_attention_layers, no_attention_reason  # noqa: E402
+from hooks.capture.attention_reduce import AttentionReducer  # noqa: E402
+from repsim.attention.statistics import class_attention_statistics, grid_positions, head_statistics  # noqa: E402
 from repsim.errors import UsageError  # noqa: E402
 
 # name -> (timm kwargs, input size, what the capture reports)
@@ -266,10 +266,10 @@ REGISTRY = [("timm:pit_ti_224", 64, True), ("timm:levit_128s", 64, True), ("timm
 
 @pytest.mark.parametrize("spec,img,attention", REGISTRY, ids=[r[0].split(":")[1] for r in REGISTRY])
 def test_family_extracts_at_a_small_size(spec, img, attention, tmp_path):
-    from hooks.extract import extract
-    from hooks.registry import load_model
-    from repsim.attention_summary import attention_report
-    from repsim.data import open_dataset
+    from hooks.extract.loop import extract
+    from hooks.models.registry import load_model
+    from repsim.attention.report import attention_report
+    from repsim.data.sources import open_dataset
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -288,7 +288,7 @@ def test_family_extracts_at_a_small_size(spec, img, attention, tmp_path):
 
 def test_pit_builds_at_224_without_a_size_complaint():
     """Issue 17: "pit_ti_224.in1k was built for 432x432 px" (kernel 16 read as the stride 8)."""
-    from hooks.registry import load_model
+    from hooks.models.registry import load_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -56,10 +56,10 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
     """
     import numpy as np
 
-    from repsim.attention_plot import figure_paths
-    from repsim.attention_summary import attention_report
-    from repsim.cka_plot import short_layer_names
-    from repsim.store import open_store
+    from repsim.plotting.attention import figure_paths
+    from repsim.attention.report import attention_report
+    from repsim.plotting.cka_map import short_layer_names
+    from repsim.store.reader import open_store
 
     s = open_store(store)
     s.require_complete()  # unfinished or damaged: one line, before any number (--erf too)
@@ -77,7 +77,7 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
     report = attention_report(s, layers=split_layers(layer_list))
     seg = None
     if segmentation:
-        from repsim.attention_segmentation import MASS, attention_segmentation
+        from repsim.attention.segmentation import MASS, attention_segmentation
 
         seg = attention_segmentation(s, split_layers(layer_list), mass=MASS if mass is None else mass,
                                      masks_dir=masks_dir, progress=True)
@@ -113,9 +113,9 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
 
 
 def _erf(s, out, plot_path, images: int, device: str) -> None:
-    from hooks.erf import store_erf
-    from repsim.attention_plot import plot_erf
-    from repsim.attention_summary import erf_json
+    from hooks.gradients.erf import store_erf
+    from repsim.plotting.attention import plot_erf
+    from repsim.attention.report import erf_json
 
     try:
         with trusted():

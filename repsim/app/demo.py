@@ -1,6 +1,6 @@
 """``repsim demo``: the whole toolkit on the bundled reference models, offline, in a few minutes on a CPU.
 
-:func:`run_demo` extracts ``ref_vit``, ``ref_vit_gap`` and ``ref_resnet`` (see :mod:`hooks.reference_models`)
+:func:`run_demo` extracts ``ref_vit``, ``ref_vit_gap`` and ``ref_resnet`` (see :mod:`hooks.models.reference_models`)
 on held-out ``shapes`` images, then computes and draws
 
 1. each model's accuracy on those images (from the stored logits),
@@ -12,7 +12,7 @@ on held-out ``shapes`` images, then computes and draws
 6. robustness to random patch drop (Naseer et al. 2021): top-1 per drop level and where CKA(clean,
    perturbed) falls below 0.5, ViT vs ResNet (:mod:`repsim.robustness`),
 7. attention as segmentation (Caron et al. 2021; Peruzzo et al. 2022) of both ViTs
-   (:mod:`repsim.attention_segmentation`).
+   (:mod:`repsim.attention.segmentation`).
 
 Each phase is one step function (``_extraction_step`` … ``_segmentation_step``, listed in :func:`run_demo`):
 it reads a :class:`DemoContext` and returns a :class:`StepOutput` (its ``summary.json`` entries, report sections
@@ -37,18 +37,19 @@ from typing import Any
 
 import numpy as np
 
-from hooks.extract import plan_extraction, run_extraction
-from hooks.reference_models import REFERENCE_MODELS
-from hooks.registry import load_model
-from repsim.cka_engine import CKAResult, cka_matrix
-from repsim.data import open_dataset
+from hooks.extract.loop import plan_extraction, run_extraction
+from hooks.models.reference_models import REFERENCE_MODELS
+from hooks.models.registry import load_model
+from repsim.measures.cka_engine import CKAResult, cka_matrix
+from repsim.data.sources import open_dataset
 from repsim.errors import UsageError
-from repsim.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, adjacent_minus_far,
+from repsim.measures.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, adjacent_minus_far,
                               bootstrap_mean, bootstrap_paired, centred_gram, ci_text, correspondence,
                               newcombe_difference, percentile_interval, statistic, verdict, wilson_interval)
 from repsim.json_output import jsonable, write_json_atomic
 from repsim.robustness import logits_of, robustness_profiles, top1_correct
-from repsim.store import ActivationStore, layer_kind
+from repsim.store.format import layer_kind
+from repsim.store.reader import ActivationStore
 
 DEMO_MODELS = ("ref_vit", "ref_vit_gap", "ref_resnet")
 #: the held-out data: shapes seed 0 (the reference models were trained on another seed)
@@ -149,7 +150,7 @@ def _grams(store: ActivationStore, layers: Sequence[str]) -> dict[str, Any]:
     """Centred float64 Grams (n, n) of each layer's flattened features (the rows of ``tokens="flatten"``)."""
     import torch
 
-    from repsim.cka_engine import layer_features
+    from repsim.measures.cka_engine import layer_features
 
     return {layer: centred_gram(layer_features(store, layer, tokens="flatten", dtype=torch.float32).numpy())
             for layer in layers}
@@ -259,7 +260,7 @@ def _attention_sentence(name: str, st: dict[str, Any], kinds: dict[str, int]) ->
             f"{ci_text(**_v(f['spread_px']), digits=1)} px; the most local head at "
             f"{ci_text(**_v(f['shortest_over_uniform']), digits=2)} of uniform), in the last ({la['layer']}) "
             f"{min(la['distance_px']):.1f}–{max(la['distance_px']):.1f} px: {verdict}. Head kinds (rule-based labels "
-            "of repsim.attention.classify_heads on the aligned maps, not estimates): "
+            "of repsim.attention.statistics.classify_heads on the aligned maps, not estimates): "
             + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) + ".")
 
 
@@ -353,8 +354,8 @@ def _attention_analysis(m: str, store: ActivationStore, fig: Callable[[str], str
                         ) -> tuple[dict[str, Any], list[tuple[str, str, str]], dict[str, str]]:
     """One ViT's attention step: report, JSON and figures (distance, aligned maps, rollout), the statistics behind
     its sentences. Returns (summary entry, report sections, figure paths by key)."""
-    from repsim.attention_plot import figure_paths, relative_to_uniform
-    from repsim.attention_summary import attention_report
+    from repsim.plotting.attention import figure_paths, relative_to_uniform
+    from repsim.attention.report import attention_report
 
     figures: dict[str, str] = {}
     sections: list[tuple[str, str, str]] = []
@@ -760,9 +761,9 @@ def _robustness_step(ctx: DemoContext, models: list[str]) -> StepOutput:
     """Robustness profiles under random patch drop (Naseer et al. 2021; :mod:`repsim.robustness`): each model
     re-extracted on the same images at :data:`ROBUSTNESS_LEVELS`, top-1 per level, the first layer whose
     CKA(clean, perturbed) falls below 0.5, and each ViT's accuracy drop against the ResNet's (paired bootstrap)."""
-    from hooks.extract import extract
-    from repsim.perturbations import Perturbation
-    from repsim.cka_plot import layer_labels
+    from hooks.extract.loop import extract
+    from repsim.data.perturbations import Perturbation
+    from repsim.plotting.cka_map import layer_labels
 
     levels, patch = ROBUSTNESS_LEVELS, ROBUSTNESS_PATCH_PX
     perturbed: dict[tuple[str, float], ActivationStore] = {}
@@ -890,10 +891,10 @@ def _first_below_words(e: dict[str, Any], threshold: float, names: dict[str, str
 
 
 def _segmentation_step(ctx: DemoContext, models: list[str]) -> StepOutput:
-    """Attention as segmentation (DINO's mass rule, Caron et al. 2021; :mod:`repsim.attention_segmentation`) for
+    """Attention as segmentation (DINO's mass rule, Caron et al. 2021; :mod:`repsim.attention.segmentation`) for
     every ViT: the best head's Jaccard against the object masks vs the all-foreground reference, the same with the
     head chosen on other images, and the spatial entropy (Peruzzo et al. 2022) of its maps."""
-    from repsim.attention_segmentation import attention_segmentation
+    from repsim.attention.segmentation import attention_segmentation
 
     vits = [m for m in ctx.stores if ctx.stores[m].attention_layers]
     for m in vits:  # the demo's ViT stores are extracted with --attention, which stores the query maps

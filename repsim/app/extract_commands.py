@@ -1,5 +1,5 @@
 """``repsim models``, ``repsim layers`` and ``repsim extract``: which models there are, their modules,
-and running one over images into an activation store (:mod:`hooks.extract`)."""
+and running one over images into an activation store (:mod:`hooks.extract.loop`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from repsim.app.options import (dask_client, floats3, load_model_from_options, m
 from repsim.errors import UsageError
 
 if TYPE_CHECKING:
-    from repsim.perturbations import Perturbation
+    from repsim.data.perturbations import Perturbation
 
 
 @click.command()
@@ -26,7 +26,7 @@ def models(as_json: bool) -> None:
     Besides these names, --model accepts timm:<any timm id>, hf:<hub id or local directory>,
     torchvision:<name> and py:<file.py>:<factory> (a function returning your own nn.Module).
     """
-    from hooks.registry import list_models
+    from hooks.models.registry import list_models
 
     rows = list_models()
     if as_json:
@@ -56,8 +56,8 @@ def layers(model: str, weights, random_init, img_size, mean, std, interpolation,
     """
     import torch
 
-    from hooks.capture import probe_output_shapes
-    from hooks.layers import default_layers
+    from hooks.capture.activations import probe_output_shapes
+    from hooks.capture.layers import default_layers
 
     # Module paths and shapes do not depend on the weights: random init avoids a download of up to a GB.
     loaded = load_model_from_options(model, weights, random_init or not weights, img_size, mean, std,
@@ -130,7 +130,7 @@ class ExtractOptions:
 
     def perturbation(self) -> Perturbation | None:
         """The parsed --perturb KIND:LEVEL (None without it); --perturb-patch / --perturb-seed alone are refused."""
-        from repsim.perturbations import Perturbation
+        from repsim.data.perturbations import Perturbation
 
         if self.perturb_spec is None:
             if (self.perturb_patch, self.perturb_seed) != (None, None):
@@ -140,7 +140,7 @@ class ExtractOptions:
         return Perturbation.parse(self.perturb_spec, patch_px=self.perturb_patch, seed=self.perturb_seed or 0)
 
     def plan_kwargs(self, perturbation: Perturbation | None) -> dict[str, Any]:
-        """The :func:`hooks.extract.plan_extraction` keywords of what is stored, the same for a run here and for
+        """The :func:`hooks.extract.loop.plan_extraction` keywords of what is stored, the same for a run here and for
         every Dask shard (each shard adds its own ``shard``)."""
         return dict(layers=split_layers(self.layer_patterns), pool=self.pool, spatial_pool=self.spatial_pool,
                     dtype=self.dtype, batch_size=self.batch_size, chunk_size=self.chunk_size,
@@ -241,15 +241,15 @@ def extract(**params: Any) -> None:
 
 
 def _extract_on_dask(opts: ExtractOptions, perturbation: Perturbation | None) -> None:
-    """--workers N / --scheduler ADDRESS: one shard per Dask worker (:mod:`hooks.distributed_extract`)."""
-    from hooks.distributed_extract import ExtractionSpec, extract_distributed
+    """--workers N / --scheduler ADDRESS: one shard per Dask worker (:mod:`hooks.extract.distributed`)."""
+    from hooks.extract.distributed import ExtractionSpec, extract_distributed
     from repsim.formatting import human_bytes
 
     if opts.shard is not None or opts.overwrite:
         raise UsageError("--workers / --scheduler choose the shards themselves: drop --shard / --overwrite")
     if (opts.geom_grid, opts.geom_prefix, opts.geom_patch) != (None, None, None):
         raise UsageError("--grid/--prefix-tokens/--patch-size do not reach --workers / --scheduler: declare "
-                         "`repsim_geometry` on the model instead (see hooks/geometry.py)")
+                         "`repsim_geometry` on the model instead (see hooks/models/geometry.py)")
     if opts.weights and opts.random_init:
         raise UsageError("--weights and --random-init exclude each other")
     spec = ExtractionSpec(
@@ -269,10 +269,10 @@ def _extract_on_dask(opts: ExtractOptions, perturbation: Perturbation | None) ->
 
 def _extract_here(opts: ExtractOptions, perturbation: Perturbation | None) -> None:
     """One process (or one --shard K/N of the store): plan, check the disk, run, report."""
-    from hooks.extract import plan_extraction, run_extraction
+    from hooks.extract.loop import plan_extraction, run_extraction
     from repsim.formatting import human_bytes
-    from hooks.geometry import apply_geometry, parse_grid  # a py: ViT's declared / flagged token geometry
-    from repsim.data import open_dataset
+    from hooks.models.geometry import apply_geometry, parse_grid  # a py: ViT's declared / flagged token geometry
+    from repsim.data.sources import open_dataset
 
     loaded = load_model_from_options(opts.model_name, opts.weights, opts.random_init, opts.img_size, opts.mean,
                                      opts.std, opts.interpolation, opts.crop_pct, opts.offline)

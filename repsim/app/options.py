@@ -84,8 +84,8 @@ TRUST_CODE_OPTION = click.option(
 @contextlib.contextmanager
 def trusted() -> Iterator[None]:
     """What --trust-code / --trust-pickle allow, for the model loads inside this block."""
-    from hooks.registry import trust_code
-    from hooks.weights import trust_pickle
+    from hooks.models.registry import trust_code
+    from hooks.models.weights import trust_pickle
 
     meta = click.get_current_context().meta
     with trust_code(meta.get("trust_code", False)), trust_pickle(meta.get("trust_pickle", False)):
@@ -120,9 +120,9 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def load_model_from_options(model: str, weights: str | None, random_init: bool, img_size: int | None,
                             mean: str | None, std: str | None, interpolation: str | None, crop_pct: float | None,
                             offline: bool = False) -> Any:
-    """The model of --model / MODEL with the shared options (a ``hooks.registry.LoadedModel``); ``--offline``
+    """The model of --model / MODEL with the shared options (a ``hooks.models.registry.LoadedModel``); ``--offline``
     forces offline, else the environment (HF_HUB_OFFLINE) decides."""
-    from hooks.registry import load_model
+    from hooks.models.registry import load_model
 
     if weights and random_init:
         raise UsageError("--weights and --random-init exclude each other")

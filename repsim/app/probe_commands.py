@@ -48,7 +48,7 @@ def probe(stores, method, features, split, test_store, layer_list, k, temperatur
       repsim probe vit.zarr resnet.zarr --plot both.png        # several models on one axis
     """
     import probes
-    from repsim.store import open_store
+    from repsim.store.reader import open_store
 
     if test_store is not None and len(stores) > 1:
         raise UsageError("--test-store applies to one store; probe the others separately")
@@ -119,12 +119,12 @@ def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_
     position probe = accuracy of a linear classifier predicting each token's grid position (chance 1/P).
     """
     import probes
-    from repsim.store import open_store
+    from repsim.store.reader import open_store
 
     s = open_store(store)
     s.require_complete()  # every mode: an unfinished or damaged store gives other numbers after the resume
     if pointing:
-        from hooks.registry import check_rebuild_allowed
+        from hooks.models.registry import check_rebuild_allowed
 
         with trusted():
             check_rebuild_allowed(s.attrs)  # before any number is printed
@@ -161,7 +161,7 @@ def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_
                 write(path)
                 click.echo(f"wrote {path}")
     if pointing:
-        from hooks.attribution import store_pointing_game
+        from hooks.gradients.attribution import store_pointing_game
         from repsim.json_output import write_json_atomic
 
         with trusted():

@@ -72,9 +72,9 @@ def cka(store_a, store_b, out, plot_path, estimator, kernel, threshold, tokens, 
     permutation) unless --repeats > 1 or --plan shuffled. When both stores were extracted with --grams (same
     samples, --batch-size equal to their Gram batch), the map is computed from the stored Grams alone.
     """
-    from repsim.cka_engine import cka_matrix
-    from repsim.cka_plot import short_layer_names
-    from repsim.store import open_store
+    from repsim.measures.cka_engine import cka_matrix
+    from repsim.plotting.cka_map import short_layer_names
+    from repsim.store.reader import open_store
 
     if out is None and plot_path is None and not quiet:
         click.echo("(no --out or --plot: printing the matrix only)", err=True)
@@ -182,9 +182,9 @@ def compare(store_a, store_b, measures, out, plot_path, tokens, null, bootstrap,
       cka_rbf      = repsim cka --estimator exact --kernel rbf --tokens flatten --gram-dtype float64
     --null / --bootstrap resample all n images, so they take the all-sample CKA measures, not cka.
     """
-    from repsim.cka_plot import short_layer_names
-    from repsim.compare import check_measure, cka_equivalent, compare_matrix
-    from repsim.store import open_store
+    from repsim.plotting.cka_map import short_layer_names
+    from repsim.measures.compare import check_measure, cka_equivalent, compare_matrix
+    from repsim.store.reader import open_store
 
     names = [m.strip() for m in measures.split(",") if m.strip()]
     if not names:

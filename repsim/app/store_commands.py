@@ -16,8 +16,8 @@ from repsim.errors import NewerFormatError, UsageError
 @click.option("--json", "as_json", is_flag=True, help="Print the root attributes and layer table as JSON.")
 def info(store: str, as_json: bool) -> None:
     """Show a store's provenance, layers with shapes, dtype, size on disk, and whether it is complete."""
-    from repsim.formatting import human_bytes  # not hooks.extract: info must not load torch (issue 13)
-    from repsim.store import open_store
+    from repsim.formatting import human_bytes  # not hooks.extract.loop: info must not load torch (issue 13)
+    from repsim.store.reader import open_store
 
     s = open_store(store)
     table = [{"layer": layer, **s.layer_info(layer)} for layer in s.layers]
@@ -89,8 +89,8 @@ def verify(store: str, quiet: bool) -> None:
 
     Exits with code 1 when a problem is found (each one is listed).
     """
-    from repsim.store import open_store
-    from repsim.verify import verify_store
+    from repsim.store.reader import open_store
+    from repsim.store.verify import verify_store
 
     try:
         opened = open_store(store)
