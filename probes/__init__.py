@@ -8,7 +8,7 @@ Linear transfer (:mod:`probes.linear`, :mod:`probes.knn`, :mod:`probes.features`
     res = probes.linear_probe(store, features="cls", method="logreg", split=0.2, seed=0)
     print(res.summary()); res.to_json("probe.json"); res.plot("probe.png", others=[probes.knn_probe(store)])
 
-Spatial localisation (:mod:`probes.localization`, Raghu et al. 2021 Sec. 7): ``probes.localize(store)`` gives
+Spatial localisation (:mod:`probes.localisation`, Raghu et al. 2021 Sec. 7): ``probes.localise(store)`` gives
 per layer the token ↔ input-patch CKA localisation score (needs ``--save-inputs``) and a linear position-probe
 accuracy; :func:`token_patch_cka` / :func:`position_probe` do one layer.
 
@@ -33,20 +33,30 @@ _LAZY = {
     "FEATURE_MODES": "probes.features",
     "read_layer_features": "probes.features",
     "stratified_holdout": "probes.features",
-    "localize": "probes.localization",
-    "token_patch_cka": "probes.localization",
-    "position_probe": "probes.localization",
-    "LocalizeResult": "probes.localization",
-    "TokenPatchCKA": "probes.localization",
-    "PositionProbe": "probes.localization",
-    "token_class_probe": "probes.localization",
-    "TokenClassProbe": "probes.localization",
-    "object_localization": "probes.foreground_probe",
-    "ObjectLocalizationResult": "probes.foreground_probe",
-    "ObjectLocalizationRow": "probes.foreground_probe",
+    "localise": "probes.localisation",
+    "token_patch_cka": "probes.localisation",
+    "position_probe": "probes.localisation",
+    "LocalisationResult": "probes.localisation",
+    "TokenPatchCKA": "probes.localisation",
+    "PositionProbe": "probes.localisation",
+    "token_class_probe": "probes.localisation",
+    "TokenClassProbe": "probes.localisation",
+    "object_localisation": "probes.foreground_probe",
+    "ObjectLocalisationResult": "probes.foreground_probe",
+    "ObjectLocalisationRow": "probes.foreground_probe",
     "shapes_masks": "probes.foreground_probe",
     "foreground_fractions": "probes.foreground_probe",
     "token_iou": "probes.foreground_probe",
+}
+
+# US spellings of earlier releases -> the UK names the code now uses (issue 18): still resolved, with a
+# FutureWarning, so scripts keep working while they are updated
+_RENAMED = {
+    "localize": "localise",
+    "LocalizeResult": "LocalisationResult",
+    "object_localization": "object_localisation",
+    "ObjectLocalizationResult": "ObjectLocalisationResult",
+    "ObjectLocalizationRow": "ObjectLocalisationRow",
 }
 
 __all__ = list(_LAZY)
@@ -59,6 +69,12 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"probes.{name} is now probes.{_RENAMED[name]} (UK spelling); the old name will be removed",
+                      FutureWarning, stacklevel=2)
+        return __getattr__(_RENAMED[name])
     raise AttributeError(f"module 'probes' has no attribute {name!r}")
 
 

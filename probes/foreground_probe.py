@@ -14,13 +14,13 @@ to the input ``H × W`` (timm's evaluation transform; for the square shapes imag
 and ``border`` crop modes agree). With ``crop_pct = 1`` and ``Z = H`` this is the identity. The *foreground
 fraction* of grid cell (i, j) is the mean of that mask over the cell's input pixels, rows
 ``round(i·H/gh) … round((i+1)·H/gh)`` and columns likewise (a ViT's patch, a CNN map position's stride cell:
-the same cells as :mod:`probes.localization`). A token is *foreground* when its fraction is > 0.5.
+the same cells as :mod:`probes.localisation`). A token is *foreground* when its fraction is > 0.5.
 
 Probe
 -----
 Per layer, a linear classifier (``ridge``: :func:`probes.linear.ridge_classify`, default; or ``logreg``:
 :func:`probes.linear.fit_logreg`) maps one token's representation (D,) to foreground / background. Images,
-not tokens, are split with a seeded permutation (the split of :mod:`probes.localization`): the first
+not tokens, are split with a seeded permutation (the split of :mod:`probes.localisation`): the first
 ``1 − test_fraction`` (80 %) of the images give the training tokens, of those ``val_fraction`` of the images
 pick the regularisation strength, then the probe is refit on train + val. On the test images:
 
@@ -43,10 +43,10 @@ Coarse grids: on a 2 × 2 map (a ResNet's last stage at 64 px) a cell is a quart
 more than half covered by the shape, so only a few percent of the cells are foreground. The least-squares
 probe then predicts *background everywhere* (``predicted_foreground_share`` = 0), its accuracy equals the
 always-background baseline and its IoU is exactly 0: this says the grid is too coarse for the 0.5 rule, not that
-the layer has lost the object. :func:`plot_object_localization` draws such layers as hollow markers and says so.
+the layer has lost the object. :func:`plot_object_localisation` draws such layers as hollow markers and says so.
 
-:func:`object_localization` runs the probe on every token / map layer (vector layers skipped) and
-:meth:`ObjectLocalizationResult.plot` draws IoU against depth.
+:func:`object_localisation` runs the probe on every token / map layer (vector layers skipped) and
+:meth:`ObjectLocalisationResult.plot` draws IoU against depth.
 """
 
 from __future__ import annotations
@@ -65,17 +65,17 @@ from repsim.json_output import finish_result, jsonable
 from repsim.data.masks import (FOREGROUND_THRESHOLD, _preprocessing_geometry, foreground_fractions, input_masks,
                           parse_shapes_id, shapes_masks, store_input_masks, token_iou)
 
-from probes.localization import _image_split, _positioned_layers, _select_images, layer_grid, layer_tokens
+from probes.localisation import _image_split, _positioned_layers, _select_images, layer_grid, layer_tokens
 
 __all__ = [
     "FOREGROUND_THRESHOLD",
-    "ObjectLocalizationResult",
-    "ObjectLocalizationRow",
+    "ObjectLocalisationResult",
+    "ObjectLocalisationRow",
     "foreground_fractions",
     "input_masks",
-    "object_localization",
+    "object_localisation",
     "parse_shapes_id",
-    "plot_object_localization",
+    "plot_object_localisation",
     "shapes_masks",
     "token_iou",
 ]
@@ -105,7 +105,7 @@ def _check_shapes_store(store: Any) -> None:
 
 
 @dataclass
-class ObjectLocalizationRow:
+class ObjectLocalisationRow:
     layer: str
     kind: str
     grid: list[int]
@@ -132,10 +132,10 @@ class ObjectLocalizationRow:
 
 
 @dataclass
-class ObjectLocalizationResult:
+class ObjectLocalisationResult:
     """Foreground-probe IoU per layer, in network order."""
 
-    rows: list[ObjectLocalizationRow]
+    rows: list[ObjectLocalisationRow]
     protocol: dict[str, Any]
     store: dict[str, Any]
     seconds: float
@@ -149,7 +149,7 @@ class ObjectLocalizationResult:
     def iou(self) -> np.ndarray:
         return np.array([r.iou_mean for r in self.rows])
 
-    def row(self, layer: str) -> ObjectLocalizationRow:
+    def row(self, layer: str) -> ObjectLocalisationRow:
         for r in self.rows:
             if r.layer == layer:
                 return r
@@ -170,12 +170,12 @@ class ObjectLocalizationResult:
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Test IoU against depth with its 95 % bootstrap interval and the all-foreground reference; see
-        :func:`plot_object_localization`. Saved to ``path`` when given; returns the Figure."""
+        :func:`plot_object_localisation`. Saved to ``path`` when given; returns the Figure."""
         label = (self.store.get("model") or "model") if isinstance(self.store, dict) else "model"
-        return plot_object_localization({label: self}, path)
+        return plot_object_localisation({label: self}, path)
 
 
-def plot_object_localization(results: dict[str, "ObjectLocalizationResult"],
+def plot_object_localisation(results: dict[str, "ObjectLocalisationResult"],
                              path: str | os.PathLike | None = None) -> Any:
     """IoU of the foreground-token probe against depth, one curve per result (label → result).
 
@@ -279,11 +279,11 @@ def _probe_layer(tokens: np.ndarray, labels: np.ndarray, split: tuple[np.ndarray
             "n_test_images": int(te.size)}
 
 
-def object_localization(store: Any, layers: Sequence[str] | None = None, *,
+def object_localisation(store: Any, layers: Sequence[str] | None = None, *,
                         images: int | Sequence[int] | None = None, method: str = "ridge",
                         test_fraction: float = 0.2, val_fraction: float = 0.2, seed: int = 0,
                         lambdas: Sequence[float] | None = None, device: str = "auto",
-                        progress: bool = False) -> ObjectLocalizationResult:
+                        progress: bool = False) -> ObjectLocalisationResult:
     """Linear foreground-token probe per layer of a ``shapes`` store (module docstring).
 
     ``layers``: default every token / map layer with a known grid (vector layers skipped); a vector layer
@@ -316,7 +316,7 @@ def object_localization(store: Any, layers: Sequence[str] | None = None, *,
         tokens, grid = layer_tokens(store, lay, rows_idx)
         labels = (foreground_fractions(masks, grid) > FOREGROUND_THRESHOLD).astype(np.int64)
         r = _probe_layer(tokens, labels, split, method, lam, dev, seed)
-        out.append(ObjectLocalizationRow(layer=lay, kind=kind, grid=list(grid), seconds=time.perf_counter() - t1,
+        out.append(ObjectLocalisationRow(layer=lay, kind=kind, grid=list(grid), seconds=time.perf_counter() - t1,
                                          **r))
     d = store.attrs.get("dataset") or {}
     protocol = {"method": method, "n_images": int(rows_idx.size), "test_fraction": test_fraction,
@@ -326,4 +326,4 @@ def object_localization(store: Any, layers: Sequence[str] | None = None, *,
     store_info = {"path": str(store.path), "fingerprint": d.get("fingerprint"),
                   "model": (store.attrs.get("model") or {}).get("name"), "n": int(store.n),
                   "dataset": d.get("name")}
-    return ObjectLocalizationResult(rows=out, protocol=protocol, store=store_info, seconds=time.perf_counter() - t0)
+    return ObjectLocalisationResult(rows=out, protocol=protocol, store=store_info, seconds=time.perf_counter() - t0)

@@ -17,7 +17,7 @@ from repsim.measures.cka_engine import (
     MinibatchCKA,
     NumericalError,
     batch_plan,
-    center_gram,
+    centre_gram,
     cka,
     cka_from_grams,
     cka_matrix,
@@ -166,7 +166,7 @@ def test_center_gram_is_hkh():
     x, _ = _data(1, 9, 4)
     k = x @ x.T + 3.0
     h = np.eye(9) - 1 / 9
-    np.testing.assert_allclose(center_gram(k), h @ k @ h, atol=1e-12)
+    np.testing.assert_allclose(centre_gram(k), h @ k @ h, atol=1e-12)
 
 
 @FAST

@@ -105,7 +105,7 @@ def test_localize_cli(tmp_path):
     assert run_cli("extract", "--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "64",
                    "--data", "shapes", "--n", "48", "--batch-size", "16", "--layers", "blocks.0,blocks.11",
                    "--save-inputs", "--out", out, "--quiet").exit_code == 0
-    res = run_cli("localize", out, "--out", str(tmp_path / "l.json"), "--plot", str(tmp_path / "l.png"), "--quiet")
+    res = run_cli("localise", out, "--out", str(tmp_path / "l.json"), "--plot", str(tmp_path / "l.png"), "--quiet")
     assert res.exit_code == 0, res.output
     d = json.loads((tmp_path / "l.json").read_text())
     rows = {r["layer"]: r for r in d["rows"]}
@@ -129,13 +129,13 @@ def test_localize_cli(tmp_path):
         assert row["argmax_fraction"] == pytest.approx(np.mean(m.argmax(axis=1) == np.arange(16)), abs=1e-12)
         assert row["position_chance"] == 1 / 16
     assert_drawn_png(tmp_path / "l.png")
-    res = run_cli("localize", out, "--no-cka", "--objects", "--pointing", "ig", "--pointing-images", "4",
+    res = run_cli("localise", out, "--no-cka", "--objects", "--pointing", "ig", "--pointing-images", "4",
                   "--class-tokens", "--out", str(tmp_path / "o.json"), "--quiet")
     assert res.exit_code == 0, res.output
     objects = json.loads((tmp_path / "o_objects.json").read_text())
     assert objects["kind"] == "repsim.object_localization" and len(objects["rows"]) == 2
     game = json.loads((tmp_path / "o_pointing.json").read_text())["games"]["ig"]
-    # the CLI reports the library's pointing game (tested against IG by hand in test_object_localization) on
+    # the CLI reports the library's pointing game (tested against IG by hand in test_object_localisation) on
     # the store's first 4 images, and its accuracy is the share of hits
     from hooks.gradients.attribution import store_pointing_game
 
@@ -148,5 +148,5 @@ def test_localize_cli(tmp_path):
     assert run_cli("extract", "--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "64",
                    "--data", "shapes", "--n", "16", "--batch-size", "16", "--layers", "blocks.0",
                    "--out", plain, "--quiet").exit_code == 0
-    assert_one_line_error(run_cli("localize", plain, "--quiet"), "--save-inputs")
-    assert run_cli("localize", plain, "--no-cka", "--quiet").exit_code == 0
+    assert_one_line_error(run_cli("localise", plain, "--quiet"), "--save-inputs")
+    assert run_cli("localise", plain, "--no-cka", "--quiet").exit_code == 0

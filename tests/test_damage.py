@@ -129,28 +129,28 @@ def _damage(kind: str, s: str) -> None:
 
 # kind -> (what verify must name, commands that read the damaged data and must refuse, does `info` refuse)
 CASES = {
-    "chunk_deleted": (f"{DAMAGED}: chunk 1", "cka compare probe localize", False),
-    "chunk_truncated": (f"{DAMAGED}: chunk 1", "cka compare probe localize", False),
-    "chunk_bitflip": (f"{DAMAGED}: chunk 1", "cka compare probe localize", False),
+    "chunk_deleted": (f"{DAMAGED}: chunk 1", "cka compare probe localise", False),
+    "chunk_truncated": (f"{DAMAGED}: chunk 1", "cka compare probe localise", False),
+    "chunk_bitflip": (f"{DAMAGED}: chunk 1", "cka compare probe localise", False),
     # two intact chunks exchanged: each passes its own CRC32C, the writer's content digest does not
-    "chunk_swapped": (f"{DAMAGED}: chunk 0 (rows 0..7) does not hold what was written", "cka compare probe localize",
+    "chunk_swapped": (f"{DAMAGED}: chunk 0 (rows 0..7) does not hold what was written", "cka compare probe localise",
                       False),
-    "meta_broken": (f"{DAMAGED}: its metadata", "cka compare probe localize attention", True),
-    "meta_deleted": (f"{DAMAGED}: its metadata", "cka compare probe localize attention", True),
-    "array_truncated": (f"{DAMAGED}: the array has 12 rows", "cka compare probe localize attention", False),
-    "killed_initialising": ("killed while being created", "cka compare probe localize attention", True),
-    "incomplete": ("never completed", "cka compare probe localize attention", False),
-    "flags_meta_deleted": ("progress/chunk_done: its metadata", "cka compare probe localize attention", True),
-    "flag_lost_but_marked_complete": ("marked complete but 1 of its 3", "cka compare probe localize attention", False),
-    "root_meta_broken": ("zarr.json", "cka compare probe localize attention", True),
-    "inputs_chunk_deleted": ("inputs/pixels: chunk 1", "localize", False),
+    "meta_broken": (f"{DAMAGED}: its metadata", "cka compare probe localise attention", True),
+    "meta_deleted": (f"{DAMAGED}: its metadata", "cka compare probe localise attention", True),
+    "array_truncated": (f"{DAMAGED}: the array has 12 rows", "cka compare probe localise attention", False),
+    "killed_initialising": ("killed while being created", "cka compare probe localise attention", True),
+    "incomplete": ("never completed", "cka compare probe localise attention", False),
+    "flags_meta_deleted": ("progress/chunk_done: its metadata", "cka compare probe localise attention", True),
+    "flag_lost_but_marked_complete": ("marked complete but 1 of its 3", "cka compare probe localise attention", False),
+    "root_meta_broken": ("zarr.json", "cka compare probe localise attention", True),
+    "inputs_chunk_deleted": ("inputs/pixels: chunk 1", "localise", False),
     "attention_chunk_bitflip": ("attn/blocks.0.attn/distance: chunk 1", "attention", False),
 }
 COMMANDS = {
     "cka": ["cka", "{s}", "--quiet"],
     "compare": ["compare", "{s}", "--quiet"],
     "probe": ["probe", "{s}", "--quiet", "--method", "ridge"],
-    "localize": ["localize", "{s}", "--quiet", "--images", "16"],
+    "localise": ["localise", "{s}", "--quiet", "--images", "16"],
     "attention": ["attention", "{s}"],
 }
 
@@ -218,7 +218,7 @@ def test_python_api_refuses_damage(healthy, tmp_path):
         next(iter(store.iter_batches(["blocks.0"], 24)))
     _damage("incomplete", s)
     with pytest.raises(UsageError, match="incomplete"):
-        probes.localize(open_store(s), cka=False)
+        probes.localise(open_store(s), cka=False)
 
 
 # -- point 3: code from someone else's files ----------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_store_code_needs_trust_code(healthy, tmp_path):
 
     marker = tmp_path / "MARKER"
     s, _ = _crafted_store(healthy, tmp_path, marker)
-    assert_refused(invoke("localize", s, "--no-cka", "--pointing", "ig", "--quiet"), s, pattern="--trust-code")
+    assert_refused(invoke("localise", s, "--no-cka", "--pointing", "ig", "--quiet"), s, pattern="--trust-code")
     assert not marker.exists()
     with pytest.raises(UsageError, match="--trust-code"):
         reload_model(open_store(s).attrs)
@@ -277,7 +277,7 @@ def test_store_code_hash_checked_before_import(healthy, tmp_path):
     with pytest.raises(UsageError, match="changed since the extraction"):
         reload_model(attrs, trust_code=True)
     assert not marker.exists()
-    res = invoke("localize", s, "--no-cka", "--pointing", "ig", "--trust-code", "--quiet")
+    res = invoke("localise", s, "--no-cka", "--pointing", "ig", "--trust-code", "--quiet")
     assert res.exit_code == 2 and "changed since the extraction" in res.output and "Traceback" not in res.output
     assert not marker.exists()
     # a store that records no hash of its code is refused even with the flag

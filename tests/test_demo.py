@@ -20,7 +20,7 @@ from repsim.measures.intervals import (HalfSampleCKA, bootstrap_mean, correspond
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    res = run_cli("demo", "--out", str(out), "--n", "128", "--localize-images", "64", "--quiet")
+    res = run_cli("demo", "--out", str(out), "--n", "128", "--localise-images", "64", "--quiet")
     assert res.exit_code == 0, res.output
     assert f"report: {out / 'report.md'}" in res.output
     (out / "cli_output.log").write_text(res.output)  # what a log file of the run holds (not a terminal)
@@ -79,13 +79,13 @@ def test_summary_backs_every_comparison_with_an_interval(demo_dir):
         assert c["max_abs_difference_to_map"] < 1e-3
     for name, d in s["cka_within"].items():
         assert d["first_layer"] == d["layers"][0] and d["last_layer"] not in ("head", "fc")
-    diff = s["localization"]["cls_minus_gap"]["score"]
+    diff = s["localisation"]["cls_minus_gap"]["score"]
     assert diff["low"] <= diff["value"] <= diff["high"]
     report = (demo_dir / "report.md").read_text()
     assert "transfer accuracy" not in report and "first vs last layer" not in report
     claims = ([c["slope"] for c in s["cka_across"].values()]
               + [d["adjacent_minus_first_vs_last"] for d in s["cka_within"].values()]
-              + [s["localization"]["cls_minus_gap"]["score"], s["localization"]["cls_minus_gap"]["position_accuracy"]]
+              + [s["localisation"]["cls_minus_gap"]["score"], s["localisation"]["cls_minus_gap"]["position_accuracy"]]
               + [p["pre_logits_minus_first"] for p in s["probes"].values()]
               + [o["best_gain_over_all_foreground"] for o in s["objects"].values()])
     for c in claims:
@@ -246,11 +246,11 @@ def test_demo_rerun_reuses_the_stores(demo_dir, tmp_path):
     out = tmp_path / "rerun"
     shutil.copytree(demo_dir / "stores" / "ref_resnet-n128.zarr", out / "stores" / "ref_resnet-n128.zarr")
     before = os.path.getmtime(out / "stores" / "ref_resnet-n128.zarr" / "zarr.json")
-    res = run_cli("demo", "--out", str(out), "--n", "128", "--localize-images", "64", "--quiet",
+    res = run_cli("demo", "--out", str(out), "--n", "128", "--localise-images", "64", "--quiet",
                   "--models", "ref_resnet")
     assert res.exit_code == 0, res.output
     assert os.path.getmtime(out / "stores" / "ref_resnet-n128.zarr" / "zarr.json") == before
-    res = run_cli("demo", "--out", str(out), "--n", "64", "--localize-images", "32", "--quiet",
+    res = run_cli("demo", "--out", str(out), "--n", "64", "--localise-images", "32", "--quiet",
                   "--models", "ref_resnet")  # other settings, same folder: a new store, not a refusal
     assert res.exit_code == 0, res.output
     assert (out / "stores" / "ref_resnet-n64.zarr").is_dir()

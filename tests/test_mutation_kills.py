@@ -16,7 +16,7 @@ from repsim.measures.cka_engine import (
     MinibatchCKA,
     NumericalError,
     batch_plan,
-    center_gram,
+    centre_gram,
     cka,
     cka_from_grams,
     cka_matrix,
@@ -148,17 +148,17 @@ def test_exact_store_cka_refuses_a_constant_layer():
 
 
 def test_center_gram_is_float64_and_refuses_non_square():
-    """center_gram returns float64 (a float32 Gram is up-cast before centring, so it equals the float64 result) and
+    """centre_gram returns float64 (a float32 Gram is up-cast before centring, so it equals the float64 result) and
     refuses a non-square matrix."""
     rng = np.random.default_rng(2)
     f = rng.standard_normal((6, 2))
     k32 = (f @ f.T + 1000.0).astype(np.float32)  # the offset is where float32 centring would cancel
     for unbiased in (False, True):
-        got = center_gram(k32, unbiased=unbiased)
+        got = centre_gram(k32, unbiased=unbiased)
         assert got.dtype == np.float64
-        np.testing.assert_allclose(got, center_gram(k32.astype(np.float64), unbiased=unbiased), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(got, centre_gram(k32.astype(np.float64), unbiased=unbiased), rtol=0, atol=1e-10)
     with pytest.raises(UsageError, match=r"a Gram matrix must be square, got shape \(3, 4\)"):
-        center_gram(np.ones((3, 4)))
+        centre_gram(np.ones((3, 4)))
 
 
 def _batch_sizes(plan):

@@ -78,7 +78,7 @@ def test_every_store_layer_selection_names_missing_layers_alike(tmp_path):
 def test_layer_kind_is_read_alike_by_cka_probes_and_localisation():
     """repsim.store.format.layer_kind: recorded kind, else the store format's layout for the shape; every reader agrees."""
     from probes.features import feature_reduction
-    from probes.localization import grid_positions
+    from probes.localisation import grid_positions
     from repsim.measures.cka_engine import feature_width
     from repsim.store.format import layer_kind
 
@@ -159,9 +159,9 @@ def test_one_store_protocol_that_the_store_implements(tmp_path):
 
 
 def test_names_that_meant_two_things_now_say_which():
-    """grid_positions (repsim.attention.statistics: cell coordinates) vs layer_grid (probes.localization: a layer's kind, grid and
+    """grid_positions (repsim.attention.statistics: cell coordinates) vs layer_grid (probes.localisation: a layer's kind, grid and
     prefix count, old name kept as an alias); TOKEN_MODES (CKA feature rows) vs TOKEN_READOUTS (class probe)."""
-    import probes.localization as loc
+    import probes.localisation as loc
     from repsim.attention.statistics import grid_positions
     from repsim.measures.cka_engine import TOKEN_MODES
 
@@ -173,9 +173,9 @@ def test_names_that_meant_two_things_now_say_which():
 
 
 def test_localisation_and_token_probes_pick_positioned_layers_alike(tmp_path):
-    """probes.localization._positioned_layers: the default and the checks of localize / token_class_probe /
+    """probes.localisation._positioned_layers: the default and the checks of localise / token_class_probe /
     foreground_probe (a vector layer is skipped by default, refused by name; a missing name gets the store hint)."""
-    from probes.localization import _positioned_layers, localize
+    from probes.localisation import _positioned_layers, localise
     from repsim.store.format import fingerprint_ids
     from repsim.store.reader import ActivationStore
     from repsim.store.writer import LayerSpec, StoreWriter
@@ -196,10 +196,10 @@ def test_localisation_and_token_probes_pick_positioned_layers_alike(tmp_path):
     with pytest.raises(UsageError, match=r"layer 'vec' is a vector layer \(3,\): it has no spatial positions"):
         _positioned_layers(store, ["tok", "vec"], "to probe")
     with pytest.raises(UsageError, match=r"p\.zarr has no layer 'mapp' \(did you mean 'map'\?\); it has 3 layers"):
-        localize(store, ["mapp"])
+        localise(store, ["mapp"])
     vec_only = _store(tmp_path)
     with pytest.raises(UsageError, match=r"s\.zarr has no token or map layer with known positions to localise$"):
-        localize(vec_only)
+        localise(vec_only)
 
 
 def test_results_tag_write_and_read_back_through_one_pair_of_helpers(tmp_path):
@@ -207,7 +207,7 @@ def test_results_tag_write_and_read_back_through_one_pair_of_helpers(tmp_path):
     wrong kind refused; TokenPatchCKA (whose own field is called kind) round-trips through them."""
     import json
 
-    from probes.localization import TokenPatchCKA
+    from probes.localisation import TokenPatchCKA
     from repsim.json_output import finish_result, result_fields
     from repsim.robustness import RobustnessResult
 

@@ -1,5 +1,5 @@
 """A user ViT built from nn.TransformerEncoder / nn.MultiheadAttention declares its token geometry
-(hooks.models.geometry): `repsim extract --attention` and `repsim localize` then work on it from the CLI."""
+(hooks.models.geometry): `repsim extract --attention` and `repsim localise` then work on it from the CLI."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def test_cli_extract_attention_and_localize_on_a_user_vit(model_file, tmp_path, 
     a = json.loads((tmp_path / "a.json").read_text())
     assert [ly["grid"] for ly in a["layers"]] == [[GRID, GRID]] * 2
 
-    res = _cli("localize", out, "--images", "24", "--out", str(tmp_path / "loc.json"))
+    res = _cli("localise", out, "--images", "24", "--out", str(tmp_path / "loc.json"))
     assert res.exit_code == 0, res.output
     loc = json.loads((tmp_path / "loc.json").read_text())
     assert "encoder.layers.1" in json.dumps(loc)

@@ -20,7 +20,7 @@ in or override the attribute's fields). The three fields:
 With it, every ``nn.MultiheadAttention`` (and any other global-attention layer whose layout repsim cannot
 read) under the declaring module is captured with this layout (``--attention``: mean attention distance,
 aligned maps, ... see :mod:`repsim.attention.statistics`), and the model's token layers are recorded with the grid and
-prefix count, so ``repsim localize`` and ``--pool mean`` know which tokens are patches. Token outputs must
+prefix count, so ``repsim localise`` and ``--pool mean`` know which tokens are patches. Token outputs must
 be batch first, ``(B, N, D)`` (``nn.TransformerEncoder(..., batch_first=True)``); an attention call whose
 token count is not ``num_prefix_tokens + gh·gw`` is an error, never a guessed layout.
 

@@ -18,7 +18,8 @@ from repsim.app.attention_commands import attention
 from repsim.app.demo_command import demo
 from repsim.app.extract_commands import extract, layers, models
 from repsim.app.options import check_plot_args
-from repsim.app.probe_commands import localize, probe
+from repsim.app.options import hidden_alias
+from repsim.app.probe_commands import localise, probe
 from repsim.app.similarity_commands import cka, compare, robustness
 from repsim.app.store_commands import info, verify
 from repsim.errors import RepsimError, UsageError
@@ -116,7 +117,7 @@ def cli(debug: bool) -> None:
       repsim compare vit_b16.zarr resnet50.zarr --measure procrustes,rsa # other similarity measures
       repsim attention vit_b16.zarr --plot attn.png   # needs extract --attention; --erf for CNNs
       repsim probe vit_b16.zarr --plot probe.png      # linear transfer accuracy per layer
-      repsim localize vit_b16.zarr --plot loc.png     # token-vs-patch CKA, position probe
+      repsim localise vit_b16.zarr --plot loc.png     # token-vs-patch CKA, position probe
 
     Every analysis reads the stores that `repsim extract` writes; nothing re-runs the model.
     """
@@ -128,8 +129,10 @@ def cli(debug: bool) -> None:
 
 
 # The order of a session: start here, what there is, extract, check the store, then the analyses.
-for _command in (demo, models, layers, extract, info, verify, cka, compare, attention, probe, localize, robustness):
+for _command in (demo, models, layers, extract, info, verify, cka, compare, attention, probe, localise, robustness):
     cli.add_command(_command)
+# US spelling of `localise` still runs (scripts written before the code settled on UK spelling); not listed
+cli.add_command(hidden_alias(localise, "localize"))
 
 
 def main() -> None:

@@ -404,7 +404,7 @@ class DemoContext:
 
     out: str
     n: int
-    localize_images: int
+    localise_images: int
     device: str
     bars: bool  # draw progress bars (stderr is a terminal)
     ph: PhaseProgress
@@ -436,7 +436,7 @@ def run_demo(
     out: str,
     *,
     n: int = 512,
-    localize_images: int = 256,
+    localise_images: int = 256,
     device: str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -444,7 +444,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo into folder ``out`` (created; existing stores there are reused when complete).
 
-    ``n``: held-out ``shapes`` images extracted per model (seed :data:`DEMO_SEED`); ``localize_images``: images
+    ``n``: held-out ``shapes`` images extracted per model (seed :data:`DEMO_SEED`); ``localise_images``: images
     for the token ↔ patch CKA (memory grows with its square). ``models``: a subset of :data:`DEMO_MODELS`
     (the comparisons that need a missing model are skipped). ``log`` receives a timestamped line when each phase
     starts; ``progress``: one bar per phase when stderr is a terminal, else (and with ``progress=False``) one
@@ -461,7 +461,7 @@ def run_demo(
         os.makedirs(os.path.join(out, folder), exist_ok=True)
     # one bar per phase on a terminal, one line per finished step in a log (issue 13: phases sat silent)
     bars = progress and sys.stderr.isatty()
-    ctx = DemoContext(out=out, n=n, localize_images=localize_images, device=device, bars=bars,
+    ctx = DemoContext(out=out, n=n, localise_images=localise_images, device=device, bars=bars,
                       ph=PhaseProgress(log, bars, t0))
     summary: dict[str, Any] = {
         "n_images": n, "data": f"shapes seed {DEMO_SEED} (held out)", "models": {},
@@ -598,15 +598,15 @@ def _localisation_step(ctx: DemoContext, models: list[str]) -> StepOutput:
     """Token ↔ input-patch CKA and the position probe per layer; CLS vs GAP ViT with paired intervals; the
     last block's token maps."""
     import probes
-    from probes.localization import localisation_interval, plot_token_maps
+    from probes.localisation import localisation_interval, plot_token_maps
 
-    stores, n, images = ctx.stores, ctx.n, min(ctx.localize_images, ctx.n)
+    stores, n, images = ctx.stores, ctx.n, min(ctx.localise_images, ctx.n)
     loc, final = {}, {}
     with ctx.ph.phase("localisation", "spatial localisation (token ↔ input-patch CKA, position probe)",
                       len(stores)) as step:
         for m in stores:
             with step(f"{m} ({len(comparable_layers(stores[m]))} layers)"):
-                loc[m] = probes.localize(stores[m], images=images, device=ctx.device, progress=False)
+                loc[m] = probes.localise(stores[m], images=images, device=ctx.device, progress=False)
                 loc[m].to_json(ctx.js(f"localize_{m}.json"))
     with ctx.ph.phase("localisation_bootstrap",
                       f"localisation: bootstrap of the last layer's score ({N_RESAMPLES} resamples per model)",
@@ -615,8 +615,8 @@ def _localisation_step(ctx: DemoContext, models: list[str]) -> StepOutput:
             with step(f"{m} ({r.rows[-1].layer})"):
                 final[m] = localisation_interval(stores[m], r.rows[-1].layer, images=images,
                                                  n_boot=N_RESAMPLES, seed=0, device=ctx.device)
-    done = StepOutput(figures={"localization": ctx.fig("localization.png")})
-    _plot_localisation(loc, final, done.figures["localization"])
+    done = StepOutput(figures={"localisation": ctx.fig("localisation.png")})
+    _plot_localisation(loc, final, done.figures["localisation"])
     entries: dict[str, Any] = {
         m: {"final_layer": r.rows[-1].layer,
             "final_score": statistic(final[m]["score"], final[m]["low"], final[m]["high"], n=final[m]["n"],
@@ -625,7 +625,7 @@ def _localisation_step(ctx: DemoContext, models: list[str]) -> StepOutput:
                                                  r.rows[-1].position_accuracy_high,
                                                  chance=r.rows[-1].position_chance),
             "scores": [row.score for row in r.rows]} for m, r in loc.items()}
-    done.summary["localization"] = entries
+    done.summary["localisation"] = entries
     text = "; ".join(f"{m} ({v['final_layer']}) {ci_text(**_v(v['final_score']), digits=3)}"
                      for m, v in entries.items())
     if "ref_vit" in loc and "ref_vit_gap" in loc:
@@ -656,7 +656,7 @@ def _localisation_step(ctx: DemoContext, models: list[str]) -> StepOutput:
                     "position stays linearly decodable in both even where its CKA to its own patch differs")
     else:
         loc_text = "(the CLS vs GAP comparison needs both ViTs)"
-    done.sections.append(("Spatial localisation", "localization", (
+    done.sections.append(("Spatial localisation", "localisation", (
         "Left: how much more a token resembles its own input patch than the other patches (biased CKA over "
         f"{images} images, 0 = no localisation); right: how well a linear probe recovers each "
         f"token's grid position (95% intervals over images). Last-layer scores: {text}. {loc_text}.")))
@@ -675,13 +675,13 @@ def _localisation_step(ctx: DemoContext, models: list[str]) -> StepOutput:
 def _objects_step(ctx: DemoContext, models: list[str]) -> StepOutput:
     """The object-foreground probe per layer: best IoU and its gain over calling every cell foreground."""
     import probes
-    from probes.foreground_probe import plot_object_localization
+    from probes.foreground_probe import plot_object_localisation
 
     obj = {}
     with ctx.ph.phase("objects", "object-foreground probe", len(ctx.stores)) as step:
         for m, s in ctx.stores.items():
             with step(f"{m} ({len(comparable_layers(s))} layers)"):
-                obj[m] = probes.object_localization(s, images=min(512, ctx.n), device=ctx.device, progress=False)
+                obj[m] = probes.object_localisation(s, images=min(512, ctx.n), device=ctx.device, progress=False)
                 obj[m].to_json(ctx.js(f"objects_{m}.json"))
     entries = {}
     for m, r in obj.items():
@@ -695,7 +695,7 @@ def _objects_step(ctx: DemoContext, models: list[str]) -> StepOutput:
             "no_foreground_predicted": [row.layer for row in r.rows if row.predicted_foreground_share == 0],
             "baseline_iou": r.rows[0].baseline_iou}
     path = ctx.fig("objects.png")
-    plot_object_localization(obj, path)
+    plot_object_localisation(obj, path)
     parts = []
     for m, v in entries.items():
         g = v["best_gain_over_all_foreground"]

@@ -10,14 +10,14 @@ import click
               help="Folder for the report, figures, JSON results and activation stores (created; reused stores "
                    "are resumed, not recomputed).")
 @click.option("--n", type=int, default=512, show_default=True, help="Held-out shapes images per model.")
-@click.option("--localize-images", type=int, default=256, show_default=True,
+@click.option("--localise-images", "--localize-images", "localise_images", type=int, default=256, show_default=True,
               help="Images for the token-vs-patch CKA (memory grows with its square).")
 @click.option("--models", "model_list", default=",".join(("ref_vit", "ref_vit_gap", "ref_resnet")), show_default=True,
               help="Comma-separated subset of the bundled reference models.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--quiet", is_flag=True, help="No progress bars: a line per phase and per finished step instead (as in "
               "a log).")
-def demo(out, n, localize_images, model_list, device, quiet) -> None:
+def demo(out, n, localise_images, model_list, device, quiet) -> None:
     """Run every analysis on the bundled reference models and write OUT/report.md.
 
     \b
@@ -36,6 +36,6 @@ def demo(out, n, localize_images, model_list, device, quiet) -> None:
     from repsim.app.demo import run_demo
 
     models = [m.strip() for m in model_list.split(",") if m.strip()]
-    result = run_demo(out, n=n, localize_images=localize_images, device=device, progress=not quiet,
+    result = run_demo(out, n=n, localise_images=localise_images, device=device, progress=not quiet,
                       log=click.echo, models=models)
     click.echo(f"report: {result.report}  ({len(result.figures)} figures, {result.seconds:.0f} s)")

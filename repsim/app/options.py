@@ -159,3 +159,12 @@ def dask_client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=":0", silence_logs=50) as cluster, Client(cluster) as client:
         yield client
+
+
+def hidden_alias(command: click.Command, name: str) -> click.Command:
+    """``command`` under a second ``name``, left out of ``repsim --help`` (the same callback and options)."""
+    import copy
+
+    alias = copy.copy(command)
+    alias.name, alias.hidden = name, True
+    return alias

@@ -1,4 +1,4 @@
-"""``repsim probe`` and ``repsim localize``: trained read-outs (:mod:`probes`) of stored activations."""
+"""``repsim probe`` and ``repsim localise``: trained read-outs (:mod:`probes`) of stored activations."""
 
 from __future__ import annotations
 
@@ -104,14 +104,14 @@ def probe(stores, method, features, split, test_store, layer_list, k, temperatur
               help="Also class accuracy from the centre token vs the CLS token vs the token mean, per layer "
                    "(Raghu et al. Fig. 11). Writes <stem>_class_tokens.json/.png.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_path, objects, pointing,
+def localise(store, layer_list, images, no_cka, method, seed, device, out, plot_path, objects, pointing,
              pointing_images, class_tokens, quiet) -> None:
     """Spatial localisation per layer (Raghu et al. 2021, Sec. 7): token-vs-input-patch CKA and a position probe.
 
     \b
     Examples:
       repsim extract --model vit_b16 --data ~/imagenet/val --n 2000 --save-inputs --out vit.zarr
-      repsim localize vit.zarr --out vit_loc.json --plot vit_loc.png
+      repsim localise vit.zarr --out vit_loc.json --plot vit_loc.png
 
     \b
     score = mean over token positions p of CKA(token p, its own input patch) minus the mean CKA with the
@@ -128,7 +128,7 @@ def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_
 
         with trusted():
             check_rebuild_allowed(s.attrs)  # before any number is printed
-    result = probes.localize(s, split_layers(layer_list), images=images, cka=not no_cka, method=method,
+    result = probes.localise(s, split_layers(layer_list), images=images, cka=not no_cka, method=method,
                              seed=seed, device=device, progress=not quiet)
     click.echo(result.summary())
     if out is not None:
@@ -142,7 +142,7 @@ def localize(store, layer_list, images, no_cka, method, seed, device, out, plot_
         return None if path is None else "{0}_{2}{1}".format(*os.path.splitext(path), suffix)
 
     if objects:
-        obj = probes.object_localization(s, split_layers(layer_list), method=method, seed=seed, device=device,
+        obj = probes.object_localisation(s, split_layers(layer_list), method=method, seed=seed, device=device,
                                          progress=not quiet)
         click.echo(obj.summary())
         for path, write in ((sibling(out, "objects"), obj.to_json), (sibling(plot_path, "objects"), obj.plot)):

@@ -165,7 +165,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from repsim.measures.cka_engine import NumericalError, center_gram, cka as _cka, gram_linear, gram_rbf
+from repsim.measures.cka_engine import NumericalError, centre_gram, cka as _cka, gram_linear, gram_rbf
 from repsim.errors import UsageError
 
 __all__ = [
@@ -967,7 +967,7 @@ def _cka_permuter(name: str) -> Callable[[np.ndarray, np.ndarray, dict[str, Any]
         grams = []
         for arr in (x, y):
             g = gram_linear(arr) if args["kernel"] == "linear" else gram_rbf(arr, thr)
-            g = center_gram(g, unbiased=args["debiased"])
+            g = centre_gram(g, unbiased=args["debiased"])
             nrm = float(np.linalg.norm(g))
             if not nrm > 0:
                 raise NumericalError("self-HSIC is 0 (constant representation): CKA is undefined")

@@ -87,7 +87,7 @@ __all__ = [
     "NumericalError",
     "PlanGroup",
     "batch_plan",
-    "center_gram",
+    "centre_gram",
     "cka",
     "cka_from_grams",
     "cka_matrix",
@@ -171,7 +171,7 @@ def u_centre_np(gram: np.ndarray) -> np.ndarray:
     return k
 
 
-def center_gram(gram: np.ndarray, unbiased: bool = False) -> np.ndarray:
+def centre_gram(gram: np.ndarray, unbiased: bool = False) -> np.ndarray:
     """Centre a symmetric Gram (n, n): ``HKH`` (biased) or the U-centred form (unbiased). float64 copy."""
     gram = np.asarray(gram, dtype=np.float64)
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
@@ -186,8 +186,8 @@ def center_gram(gram: np.ndarray, unbiased: bool = False) -> np.ndarray:
 def cka_from_grams(gram_x: np.ndarray, gram_y: np.ndarray, debiased: bool = False) -> float:
     """CKA of two (n, n) Grams: ``⟨K̃, L̃⟩ / (‖K̃‖_F ‖L̃‖_F)`` with biased or U-centring (the 1/(n-1)² or
     1/(n(n-3)) factors cancel)."""
-    kx = center_gram(gram_x, unbiased=debiased)
-    ky = center_gram(gram_y, unbiased=debiased)
+    kx = centre_gram(gram_x, unbiased=debiased)
+    ky = centre_gram(gram_y, unbiased=debiased)
     return _cosine(kx.ravel(), ky.ravel(), "X", "Y")
 
 
@@ -1156,7 +1156,7 @@ def _exact_matrix(a: _Side, b: _Side | None, tokens: str, debiased: bool, kernel
                 raise NumericalError(f"RBF bandwidth undefined for {what}: the median squared distance is 0")
             g = np.exp(-d2 / (2.0 * threshold**2 * med))
             del d2
-        g = center_gram(g, unbiased=debiased)
+        g = centre_gram(g, unbiased=debiased)
         nrm2 = float(np.vdot(g, g))
         if not math.isfinite(nrm2) or nrm2 < 0:
             raise NumericalError(f"self-HSIC of {what} is {nrm2}")

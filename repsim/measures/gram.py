@@ -15,7 +15,7 @@ float32 with TF32 off (or float64), U-centring in float64. A U-centred Gram has 
 symmetric, so it is stored as its strict upper triangle (:func:`pack_triu`): ``⟨K̃, L̃⟩ = 2·⟨triu K̃, triu L̃⟩``.
 
 Whole-set biased Grams (``H K H``, :func:`centred_feature_grams`, :func:`unit_centred_grams`) live here too: the
-token ↔ input-patch CKA of :mod:`probes.localization` multiplies stacks of them.
+token ↔ input-patch CKA of :mod:`probes.localisation` multiplies stacks of them.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ the strength, then the probe is refit on train + val), the rest give the test to
 tokens; chance = 1 / P. Method ``ridge`` (:func:`probes.linear.ridge_classify`, default, cheap) or ``logreg``
 (:func:`probes.linear.fit_logreg`).
 
-:func:`localize` runs both on every token / map layer of a store and plots the score and the probe accuracy
+:func:`localise` runs both on every token / map layer of a store and plots the score and the probe accuracy
 against depth.
 
 Per-token class probe (:func:`token_class_probe`)
@@ -72,8 +72,8 @@ from repsim.store.reader import check_layer_names, gather_rows
 
 __all__ = [
     "DEFAULT_IMAGES",
-    "LocalizeResult",
-    "LocalizeRow",
+    "LocalisationResult",
+    "LocalisationRow",
     "PositionProbe",
     "TokenPatchCKA",
     "grid_positions",
@@ -83,7 +83,7 @@ __all__ = [
     "localisation_interval",
     "plot_token_maps",
     "localisation_scores",
-    "localize",
+    "localise",
     "patch_pixels",
     "patch_token_cka_matrix",
     "position_probe",
@@ -541,7 +541,7 @@ def position_probe(store: Any, layer: str, *, images: int | Sequence[int] | None
 
 
 @dataclass
-class LocalizeRow:
+class LocalisationRow:
     layer: str
     kind: str
     grid: list[int]
@@ -556,11 +556,11 @@ class LocalizeRow:
 
 
 @dataclass
-class LocalizeResult:
+class LocalisationResult:
     """Localisation score (and position-probe accuracy) per layer, in network order; ``maps`` keeps each
     layer's :class:`TokenPatchCKA` (not written by :meth:`to_json` unless ``with_maps``)."""
 
-    rows: list[LocalizeRow]
+    rows: list[LocalisationRow]
     protocol: dict[str, Any]
     store: dict[str, Any]
     seconds: float
@@ -656,10 +656,10 @@ def _positioned_layers(store: Any, layers: Sequence[str] | str | None, purpose: 
     return chosen
 
 
-def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | Sequence[int] | None = None,
+def localise(store: Any, layers: Sequence[str] | None = None, *, images: int | Sequence[int] | None = None,
              max_positions: int | None = None, cka: bool = True, position: bool = True, method: str = "ridge",
              seed: int = 0, device: str = "auto", keep_maps: bool = True, progress: bool = False
-             ) -> LocalizeResult:
+             ) -> LocalisationResult:
     """Localisation score (token ↔ patch CKA) and position-probe accuracy for every selected layer.
 
     ``layers``: default every token / map layer with known positions (vector layers skipped); an explicitly
@@ -683,7 +683,7 @@ def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | S
     from tqdm.auto import tqdm
 
     rows, maps, probes_ = [], {}, {}
-    for lay in tqdm(chosen, desc="localize", unit="layer", disable=not progress):
+    for lay in tqdm(chosen, desc="localise", unit="layer", disable=not progress):
         toks = layer_tokens(store, lay, rows_idx)
         kind, grid, _ = layer_grid(store.layer_info(lay), lay)
         tp = pp = None
@@ -695,7 +695,7 @@ def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | S
         if position:
             pp = position_probe(store, lay, method=method, seed=seed, device=device, _tokens=toks)
             probes_[lay] = pp
-        rows.append(LocalizeRow(layer=lay, kind=kind, grid=list(grid), score=tp and tp.score, own=tp and tp.own,
+        rows.append(LocalisationRow(layer=lay, kind=kind, grid=list(grid), score=tp and tp.score, own=tp and tp.own,
                                 other=tp and tp.other, argmax_fraction=tp and tp.argmax_fraction,
                                 position_accuracy=pp and pp.accuracy, position_chance=pp and pp.chance,
                                 position_accuracy_low=pp and pp.accuracy_low,
@@ -707,7 +707,7 @@ def localize(store: Any, layers: Sequence[str] | None = None, *, images: int | S
                 "position_probe": {"method": method, "seed": seed, "test_fraction": 0.2, "val_fraction": 0.2,
                                    "split": "images, seeded numpy default_rng([seed, 2]) permutation"}
                 if position else None}
-    return LocalizeResult(rows=rows, protocol=protocol, store=_store_info(store), seconds=time.perf_counter() - t0,
+    return LocalisationResult(rows=rows, protocol=protocol, store=_store_info(store), seconds=time.perf_counter() - t0,
                           maps=maps, probes=probes_)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from probes.foreground_probe import (
     foreground_fractions,
     input_masks,
-    object_localization,
+    object_localisation,
     parse_shapes_id,
     shapes_masks,
     token_iou,
@@ -137,7 +137,7 @@ def test_probe_reads_encoded_fractions_and_not_random(tmp_path):
     vec = rng.normal(size=(n, 5)).astype(np.float32)
     store = make_store(tmp_path / "s.zarr", {"good": good, "rand": rand, "cmap": cmap.astype(np.float32),
                                              "vec": vec})
-    res = object_localization(store, device="cpu")
+    res = object_localisation(store, device="cpu")
     assert res.layers == ["good", "rand", "cmap"]  # vector layer skipped
     g, r, c = res.row("good"), res.row("rand"), res.row("cmap")
     assert g.n_test_images == 24 and g.n_train_images + g.n_val_images == 96
@@ -158,8 +158,8 @@ def test_probe_reads_encoded_fractions_and_not_random(tmp_path):
     res.plot(tmp_path / "ol.png")
     assert_drawn_png(tmp_path / "ol.png")
     with pytest.raises(UsageError, match="'vec' is a vector layer"):
-        object_localization(store, layers=["vec"], device="cpu")
-    lr = object_localization(store, layers=["good"], method="logreg", device="cpu", lambdas=[1e-3, 1e-2])
+        object_localisation(store, layers=["vec"], device="cpu")
+    lr = object_localisation(store, layers=["good"], method="logreg", device="cpu", lambdas=[1e-3, 1e-2])
     assert lr.row("good").iou_mean > 0.9
 
 
@@ -167,7 +167,7 @@ def test_non_shapes_store_refused(tmp_path):
     acts = {"t": np.zeros((10, 1 + P, 4), dtype=np.float32)}
     store = make_store(tmp_path / "f.zarr", acts, dataset="fake")
     with pytest.raises(UsageError, match="shapes"):
-        object_localization(store)
+        object_localisation(store)
 
 
 # ------------------------------------------------------------------------------------------------ pointing game
@@ -433,6 +433,6 @@ def test_probe_labels_follow_the_recorded_crop(tmp_path):
     good = rng.normal(size=(n, 1 + P, D)).astype(np.float32) * 0.05
     good[:, 1:, 0] = frac
     store = make_store(tmp_path / "c.zarr", {"good": good}, crop_pct=0.5)
-    res = object_localization(store, device="cpu")
+    res = object_localisation(store, device="cpu")
     g = res.row("good")
     assert res.protocol["crop_pct"] == 0.5 and g.iou_mean > 0.9 and g.accuracy > 0.97

@@ -1,4 +1,4 @@
-"""Spatial-localisation probes (probes.localize): token ↔ input-patch CKA and the position probe, on
+"""Spatial-localisation probes (probes.localise): token ↔ input-patch CKA and the position probe, on
 synthetic stores with known answers."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from probes.localization import (
+from probes.localisation import (
     TokenPatchCKA,
     localisation_scores,
-    localize,
+    localise,
     patch_pixels,
     patch_token_cka_matrix,
     position_probe,
@@ -151,8 +151,8 @@ def test_refuses_store_without_inputs(tmp_path):
     with pytest.raises(UsageError, match="--save-inputs"):
         token_patch_cka(store, "t")
     with pytest.raises(UsageError, match="--save-inputs"):
-        localize(store)
-    res = localize(store, cka=False)  # the position probe alone needs no pixels
+        localise(store)
+    res = localise(store, cka=False)  # the position probe alone needs no pixels
     assert res.rows[0].score is None and res.rows[0].position_accuracy is not None
 
 
@@ -169,7 +169,7 @@ def test_refuses_layers_without_positions(synthetic, tmp_path):
 
 def test_localize_all_layers(synthetic, tmp_path):
     store, _, _ = synthetic
-    res = localize(store, images=128, max_positions=8, device="cpu")
+    res = localise(store, images=128, max_positions=8, device="cpu")
     assert res.layers == ["local", "global", "position", "shuffled", "map"]  # the vector layer is skipped
     by = {r.layer: r for r in res.rows}
     assert by["local"].score > 0.3 and abs(by["global"].score) < 0.02  # exact 0 only over all positions
@@ -200,7 +200,7 @@ def test_end_to_end_tiny_vit(tmp_path):
     store = extract(vit, data, str(tmp_path / "v.zarr"), layers=["blocks.0", "blocks.11"], batch_size=16,
                     dtype="float32", save_inputs=True, progress=False)
     assert store.has_inputs and store.layer_info("blocks.0")["grid"] == [4, 4]
-    res = localize(store, device="cpu")
+    res = localise(store, device="cpu")
     first = res.rows[0]
     assert first.layer == "blocks.0" and first.argmax_fraction > 0.8 and first.score > 0.1
     assert first.position_accuracy > 0.9
@@ -208,7 +208,7 @@ def test_end_to_end_tiny_vit(tmp_path):
 
 def test_token_class_probe(tmp_path):
     """The class is written into the CLS token only / into every patch token: the read-outs differ."""
-    from probes.localization import token_class_probe
+    from probes.localisation import token_class_probe
 
     rng = np.random.default_rng(3)
     n, c = 150, 3
@@ -229,7 +229,7 @@ def test_token_class_probe(tmp_path):
 
 
 def test_localisation_bootstrap_resamples_are_the_cka_of_the_resampled_images(synthetic):
-    from probes.localization import localisation_bootstrap
+    from probes.localisation import localisation_bootstrap
 
     store, x, acts = synthetic
     tok = acts["local"][:48, 1:]
@@ -253,3 +253,27 @@ def test_position_probe_interval_is_over_images(synthetic):
     assert len(shuf.image_accuracy) == shuf.n_test_images
     assert np.mean(shuf.image_accuracy) == pytest.approx(shuf.accuracy)
     assert shuf.accuracy_low <= shuf.accuracy <= shuf.accuracy_high and shuf.accuracy_high > shuf.accuracy_low
+
+
+def test_us_spellings_of_earlier_releases_still_resolve():
+    """The code settled on UK spelling (issue 18); the old US names resolve to the new objects with a
+    FutureWarning, and ``repsim localize`` runs ``repsim localise`` without being listed."""
+    import warnings
+
+    from click.testing import CliRunner
+
+    import probes
+    from repsim.app.cli import cli
+
+    for old, new in probes._RENAMED.items():
+        with pytest.warns(FutureWarning, match=f"probes.{old} is now probes.{new}"):
+            assert getattr(probes, old) is getattr(probes, new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert probes.localise is probes.localisation.localise  # the new name warns nothing
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["--help"]).output
+    assert "localise" in listed and "localize" not in listed
+    old_help, new_help = (runner.invoke(cli, [name, "--help"]) for name in ("localize", "localise"))
+    assert old_help.exit_code == new_help.exit_code == 0
+    assert old_help.output.replace("localize", "localise") == new_help.output
