@@ -54,13 +54,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
 from repsim.errors import UsageError
-from repsim.json_output import finish_result, jsonable
+from repsim.results import save_figure_atomic, Result
 # the ground truth lives in the library (attention segmentation scores against the same cells); re-exported
 from repsim.data.masks import (FOREGROUND_THRESHOLD, _preprocessing_geometry, foreground_fractions, input_masks,
                           parse_shapes_id, shapes_masks, store_input_masks, token_iou)
@@ -132,8 +132,10 @@ class ObjectLocalisationRow:
 
 
 @dataclass
-class ObjectLocalisationResult:
+class ObjectLocalisationResult(Result):
     """Foreground-probe IoU per layer, in network order."""
+
+    result_kind: ClassVar[str] = "repsim.object_localization"
 
     rows: list[ObjectLocalisationRow]
     protocol: dict[str, Any]
@@ -161,12 +163,6 @@ class ObjectLocalisationResult:
             lines.append(f"{r.layer[-28:]:<28} {'x'.join(map(str, r.grid)):>7} {r.iou_mean:>6.3f} "
                          f"{r.iou_pooled:>7.3f} {100 * r.accuracy:>6.1f} {100 * r.baseline_accuracy:>6.1f}")
         return "\n".join(lines)
-
-    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        """JSON-ready dict (kind ``repsim.object_localization``); written atomically to ``path`` when given."""
-        d = jsonable({"rows": [asdict(r) for r in self.rows], "protocol": self.protocol, "store": self.store,
-                      "seconds": self.seconds, "definition": self.definition})
-        return finish_result(d, "repsim.object_localization", path)
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Test IoU against depth with its 95 % bootstrap interval and the all-foreground reference; see
@@ -237,7 +233,7 @@ def plot_object_localisation(results: dict[str, "ObjectLocalisationResult"],
         fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, color="0.25", va="bottom", ha="left", wrap=True)
         fig.get_layout_engine().set(rect=(0, 0.07 * len(notes), 1, 1 - 0.07 * len(notes)))
     if path is not None:
-        fig.savefig(os.fspath(path), dpi=150)
+        save_figure_atomic(fig, path, dpi=150)
     return fig
 
 

@@ -72,8 +72,9 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -89,7 +90,7 @@ from probes.features import (
     tf32_off,
 )
 from repsim.errors import UsageError
-from repsim.json_output import finish_result, jsonable, result_fields
+from repsim.results import save_figure_atomic, Result
 
 DEFAULT_LAMBDAS: np.ndarray = np.logspace(-6, 5, 45)
 METHODS = ("logreg", "ridge")
@@ -1043,7 +1044,7 @@ class ProbeRow:
 
 
 @dataclass(eq=False)
-class ProbeResult:
+class ProbeResult(Result):
     """Per-layer transfer accuracies of one store with everything needed to reproduce them.
 
     ``rows`` in network order (one per layer, or one concat-last-K set); ``method`` logreg | ridge | knn;
@@ -1051,6 +1052,8 @@ class ProbeResult:
     convention, selection rule, standardisation, solver tolerances, k-NN parameters, ``n_train`` / ``n_val``
     / ``n_test``, ``n_classes``; ``store`` its path, fingerprint, model and n.
     """
+
+    result_kind: ClassVar[str] = "repsim.probe"
 
     method: str
     features: str
@@ -1116,19 +1119,15 @@ class ProbeResult:
         return (f"ProbeResult({self.method}, {self.features}, {len(self.rows)} rows, best {self.best_layer!r} "
                 f"{100 * float(self.top1.max()):.2f}%)")
 
-    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        """The result as a JSON-ready dict (kind ``repsim.probe``); written atomically to ``path`` when given."""
-        d = asdict(self)
-        d["best_layer"] = self.best_layer
-        return finish_result(jsonable(d), "repsim.probe", path)
+    def json_fields(self) -> dict[str, Any]:
+        """The fields and the ``best_layer``."""
+        return dict(super().json_fields(), best_layer=self.best_layer)
 
     @classmethod
-    def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> "ProbeResult":
-        """Inverse of :meth:`to_json` (a dict or a path to the JSON file)."""
-        d = result_fields(cls, source, "repsim.probe")
-        row_fields = {f.name for f in fields(ProbeRow)}
-        d["rows"] = [ProbeRow(**{k: v for k, v in r.items() if k in row_fields}) for r in d["rows"]]
-        return cls(**d)
+    def from_fields(cls, fields: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+        """The rows rebuilt as :class:`ProbeRow` (keys a later version added are left out)."""
+        known = {f.name for f in dataclasses.fields(ProbeRow)}
+        return dict(fields, rows=[ProbeRow(**{k: v for k, v in r.items() if k in known}) for r in fields["rows"]])
 
     def plot(self, path: str | os.PathLike | None = None, others: Sequence["ProbeResult"] = (), *,
              metric: str = "top1", labels: Sequence[str] | None = None, ax: Any = None) -> Any:
@@ -1193,7 +1192,7 @@ class ProbeResult:
                      fontsize=10)
         fig.tight_layout()
         if path is not None:
-            fig.savefig(os.fspath(path), dpi=150)
+            save_figure_atomic(fig, path, dpi=150)
         return ax
 
 

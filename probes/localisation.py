@@ -56,7 +56,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ from repsim.measures.cka_engine import NumericalError
 from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
 from repsim.measures.gram import centred_feature_grams, unit_centred_grams
-from repsim.json_output import finish_result, jsonable, read_json_result, result_fields
+from repsim.results import save_figure_atomic, Result, finish_result, jsonable
 from repsim.data.masks import cell_bounds
 from repsim.store.format import layer_kind
 from repsim.store.reader import check_layer_names, gather_rows
@@ -317,12 +317,14 @@ def _default_plot_positions(grid: tuple[int, int], positions: np.ndarray) -> lis
 
 
 @dataclass
-class TokenPatchCKA:
+class TokenPatchCKA(Result):
     """CKA between each position's representation and each input patch, for one layer.
 
     ``matrix`` (len(positions), gh·gw): row k is position ``positions[k]`` (row-major index on ``grid``),
     column q the input patch q. ``own``/``other``/``score``/``argmax_fraction``: see the module docstring.
     """
+
+    result_kind: ClassVar[str] = "repsim.token_patch_cka"
 
     layer: str
     kind: str
@@ -340,19 +342,14 @@ class TokenPatchCKA:
     store: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
-    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        """JSON-ready dict (kind ``repsim.token_patch_cka``); written atomically to ``path`` when given."""
-        d = jsonable(asdict(self))
-        d["layer_kind"] = self.kind  # the field "kind" is the layer's; the JSON "kind" tags the result
-        return finish_result(d, "repsim.token_patch_cka", path)
+    def json_fields(self) -> dict[str, Any]:
+        """The fields, with the layer's ``kind`` also as ``layer_kind`` (the JSON ``kind`` tags the result)."""
+        return dict(super().json_fields(), layer_kind=self.kind)
 
     @classmethod
-    def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> "TokenPatchCKA":
-        source = read_json_result(source, "repsim.token_patch_cka")
-        d = result_fields(cls, source, "repsim.token_patch_cka")
-        d["kind"] = source["layer_kind"]
-        d["matrix"] = np.asarray(d["matrix"], dtype=np.float64)
-        return cls(**d)
+    def from_fields(cls, fields: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+        """The layer kind from ``layer_kind``, the matrix as a float64 array."""
+        return dict(fields, kind=raw["layer_kind"], matrix=np.asarray(fields["matrix"], dtype=np.float64))
 
     def map_for(self, p: int) -> np.ndarray:
         """CKA(p, ·) reshaped to the grid (gh, gw)."""
@@ -397,7 +394,7 @@ def plot_token_maps(maps: "dict[str, TokenPatchCKA]", path: str | os.PathLike | 
     fig.suptitle(f"CKA between one token and every input patch (red: the token's own patch); biased linear CKA "
                  f"over n = {first.n_images} images", fontsize=9)
     if path is not None:
-        fig.savefig(os.fspath(path), dpi=150)
+        save_figure_atomic(fig, path, dpi=150)
     return fig
 
 
@@ -453,8 +450,10 @@ def token_patch_cka(store: Any, layer: str, *, images: int | Sequence[int] | Non
 
 
 @dataclass
-class PositionProbe:
+class PositionProbe(Result):
     """Linear read-out of the grid position index from single tokens of one layer."""
+
+    result_kind: ClassVar[str] = "repsim.position_probe"
 
     layer: str
     accuracy: float
@@ -473,9 +472,6 @@ class PositionProbe:
     accuracy_high: float | None = None
     #: accuracy over each test image's P tokens, in test-row order (pairs two layers or models on the same split)
     image_accuracy: list[float] = field(default_factory=list)
-
-    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        return finish_result(jsonable(asdict(self)), "repsim.position_probe", path)
 
 
 def _image_split(n: int, test_fraction: float, val_fraction: float, seed: int
@@ -556,9 +552,11 @@ class LocalisationRow:
 
 
 @dataclass
-class LocalisationResult:
+class LocalisationResult(Result):
     """Localisation score (and position-probe accuracy) per layer, in network order; ``maps`` keeps each
     layer's :class:`TokenPatchCKA` (not written by :meth:`to_json` unless ``with_maps``)."""
+
+    result_kind: ClassVar[str] = "repsim.localize"
 
     rows: list[LocalisationRow]
     protocol: dict[str, Any]
@@ -589,7 +587,7 @@ class LocalisationResult:
              "seconds": self.seconds, "probes": {k: v.to_json() for k, v in self.probes.items()}}
         if with_maps:
             d["maps"] = {k: v.to_json() for k, v in self.maps.items()}
-        return finish_result(jsonable(d), "repsim.localize", path)
+        return finish_result(jsonable(d), self.result_kind, path)
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Localisation score (left) and position-probe accuracy with chance (right) against depth; saved to
@@ -630,7 +628,7 @@ class LocalisationResult:
             ax.grid(alpha=0.3)
         fig.tight_layout()
         if path is not None:
-            fig.savefig(os.fspath(path), dpi=150)
+            save_figure_atomic(fig, path, dpi=150)
         return fig
 
 
@@ -721,9 +719,11 @@ TOKEN_READOUTS = ("centre", "cls", "mean")
 
 
 @dataclass
-class TokenClassProbe:
+class TokenClassProbe(Result):
     """Test class accuracy per layer and token read-out (``centre`` | ``cls`` | ``mean``); None where a
     read-out does not apply (``cls`` of a map or of a token layer without prefix tokens)."""
+
+    result_kind: ClassVar[str] = "repsim.token_class_probe"
 
     layers: list[str]
     accuracy: dict[str, list[float | None]]
@@ -731,9 +731,6 @@ class TokenClassProbe:
     protocol: dict[str, Any]
     store: dict[str, Any]
     seconds: float = 0.0
-
-    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        return finish_result(jsonable(asdict(self)), "repsim.token_class_probe", path)
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Accuracy (%) against depth, one curve per token read-out, chance dotted; returns the Figure."""
@@ -758,7 +755,7 @@ class TokenClassProbe:
         ax.set_title(f"class probe from one token ({self.protocol.get('method')}, n_test = "
                      f"{self.protocol.get('n_test')})", fontsize=10)
         if path is not None:
-            fig.savefig(os.fspath(path), dpi=150)
+            save_figure_atomic(fig, path, dpi=150)
         return fig
 
 

@@ -28,15 +28,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
 from repsim.errors import UsageError
 from repsim.measures.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, bootstrap_mean, centred_gram,
                               verdict, wilson_interval)
-from repsim.json_output import finish_result, jsonable, result_fields
+from repsim.results import save_figure_atomic, Result
 from repsim.store.reader import ActivationStore, open_store
 
 KIND = "repsim.robustness"
@@ -97,8 +97,10 @@ class ModelProfile:
 
 
 @dataclass(eq=False)
-class RobustnessResult:
+class RobustnessResult(Result):
     """Robustness profiles of one or more models (see the module docstring); ``to_json`` / ``plot``."""
+
+    result_kind: ClassVar[str] = KIND
 
     models: list[ModelProfile]
     tokens: str
@@ -112,20 +114,12 @@ class RobustnessResult:
                             "over images")
     repsim_version: str | None = None
 
-    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        """The result as a JSON-ready dict (kind ``repsim.robustness``); written atomically to ``path`` if given."""
-        return finish_result(jsonable(asdict(self)), KIND, path)
-
     @classmethod
-    def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> RobustnessResult:
-        """Inverse of :meth:`to_json` (a dict or a path to the JSON file)."""
-        d = result_fields(cls, source, KIND)
-        models = []
-        for m in d.pop("models"):
-            m = dict(m)
-            m["levels"] = [LevelProfile(**lv) for lv in m.get("levels", [])]
-            models.append(ModelProfile(**m))
-        return cls(models=models, **d)
+    def from_fields(cls, fields: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+        """Each model's profile and its levels rebuilt as :class:`ModelProfile` / :class:`LevelProfile`."""
+        models = [ModelProfile(**dict(m, levels=[LevelProfile(**lv) for lv in m.get("levels", [])]))
+                  for m in fields["models"]]
+        return dict(fields, models=models)
 
     def plot(self, path: str | os.PathLike | None) -> Any:
         """Accuracy vs level (one line per model, a panel per perturbation kind), then CKA(clean, perturbed) vs
@@ -547,7 +541,7 @@ def plot_robustness(result: RobustnessResult, path: str | os.PathLike | None) ->
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure_atomic(fig, path, dpi=120)
     return fig
 
 

@@ -202,7 +202,7 @@ def test_info_does_not_load_torch(tmp_path):
 
 # The layout of issue 18, in the order data flows. Top-level modules and subpackages each package may have:
 LAYOUT = {
-    "repsim": {"modules": {"errors", "formatting", "devices", "json_output", "robustness"},
+    "repsim": {"modules": {"errors", "formatting", "devices", "results", "robustness"},
                "packages": {"app", "store", "data", "measures", "attention", "plotting"}},
     "hooks": {"modules": set(), "packages": {"models", "capture", "extract", "gradients"}},
     "probes": {"modules": {"features", "linear", "knn", "localisation", "foreground_probe"}, "packages": set()},
@@ -210,7 +210,7 @@ LAYOUT = {
 # Rank of each part of the library: a module may import only modules of its own rank or below (the package
 # faces ``repsim``/``hooks``/``probes`` and the application layer are outside the ranking). So the store
 # never reads data sets or analyses, plots take results as data, and analyses sit on the store.
-RANK = {"repsim.errors": 0, "repsim.formatting": 0, "repsim.devices": 0, "repsim.json_output": 0,
+RANK = {"repsim.errors": 0, "repsim.formatting": 0, "repsim.devices": 0, "repsim.results": 0,
         "repsim.store": 1, "repsim.data": 2, "repsim.plotting": 2, "repsim.measures": 3,
         "repsim.attention": 4, "repsim.robustness": 4, "hooks": 5, "probes": 5}
 

@@ -203,12 +203,12 @@ def test_localisation_and_token_probes_pick_positioned_layers_alike(tmp_path):
 
 
 def test_results_tag_write_and_read_back_through_one_pair_of_helpers(tmp_path):
-    """repsim.json_output.finish_result / result_fields: the kind tag, the atomic file, later keys ignored, a
+    """repsim.results.finish_result / result_fields: the kind tag, the atomic file, later keys ignored, a
     wrong kind refused; TokenPatchCKA (whose own field is called kind) round-trips through them."""
     import json
 
     from probes.localisation import TokenPatchCKA
-    from repsim.json_output import finish_result, result_fields
+    from repsim.results import finish_result, result_fields
     from repsim.robustness import RobustnessResult
 
     d = finish_result({"layers": ["a"], "n": 3}, "repsim.x", tmp_path / "r.json")

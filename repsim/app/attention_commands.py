@@ -82,7 +82,7 @@ def attention(store, out, plot_path, layer_list, rollout_images, erf, erf_images
         seg = attention_segmentation(s, split_layers(layer_list), mass=MASS if mass is None else mass,
                                      masks_dir=masks_dir, progress=True)
     if out is not None:
-        from repsim.json_output import write_json_atomic
+        from repsim.results import write_json_atomic
 
         write_json_atomic(out, report.to_json() | ({"segmentation": seg.to_json()} if seg is not None else {}))
     if plot_path is not None:

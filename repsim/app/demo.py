@@ -46,7 +46,7 @@ from repsim.errors import UsageError
 from repsim.measures.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, adjacent_minus_far,
                               bootstrap_mean, bootstrap_paired, centred_gram, ci_text, correspondence,
                               newcombe_difference, percentile_interval, statistic, verdict, wilson_interval)
-from repsim.json_output import jsonable, write_json_atomic
+from repsim.results import save_figure_atomic, jsonable, write_json_atomic
 from repsim.robustness import logits_of, robustness_profiles, top1_correct
 from repsim.store.format import layer_kind
 from repsim.store.reader import ActivationStore
@@ -272,7 +272,7 @@ def _plot_cka_panels(results: Sequence[CKAResult], titles: Sequence[str], path: 
     for ax, res, title in zip(axes, results, titles):
         res.plot(None, ax=ax)  # its title carries the models, estimator, tokens and n
         ax.set_title(f"{title}\n{ax.get_title().split(chr(10), 1)[-1]}", fontsize=9)
-    fig.savefig(path, dpi=130)
+    save_figure_atomic(fig, path, dpi=130)
 
 
 def _plot_localisation(results: dict[str, Any], final: dict[str, dict[str, Any]], path: str) -> None:
@@ -312,7 +312,7 @@ def _plot_localisation(results: dict[str, Any], final: dict[str, dict[str, Any]]
     handles = [Line2D([], [], color=f"C{k}", marker="o", label=name) for k, name in enumerate(results)]
     handles.append(Line2D([], [], color="0.4", ls=":", label="chance (position probe)"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
-    fig.savefig(path, dpi=130)
+    save_figure_atomic(fig, path, dpi=130)
 
 
 def _probe_intervals(res: Any) -> list[dict[str, Any]]:
@@ -347,7 +347,7 @@ def _plot_probes(results: dict[str, Any], intervals: dict[str, list[dict[str, An
                  f"and tested on {p.get('n_test')} held-out shapes images", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.savefig(path, dpi=130)
+    save_figure_atomic(fig, path, dpi=130)
 
 
 def _attention_analysis(m: str, store: ActivationStore, fig: Callable[[str], str], js: Callable[[str], str]

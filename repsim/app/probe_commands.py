@@ -162,7 +162,7 @@ def localise(store, layer_list, images, no_cka, method, seed, device, out, plot_
                 click.echo(f"wrote {path}")
     if pointing:
         from hooks.gradients.attribution import store_pointing_game
-        from repsim.json_output import write_json_atomic
+        from repsim.results import write_json_atomic
 
         with trusted():
             games = {m: store_pointing_game(s, m, n=pointing_images, device="cpu" if device == "auto" else device)

@@ -11,15 +11,15 @@ offset (dy, dx) of the aligned aggregated attention map in grid steps, and the h
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from repsim.attention.statistics import attention_distance, attention_rollout, centroid_offset, classify_heads, rollout_map
 from repsim.errors import UsageError
-from repsim.json_output import finish_result, write_json_atomic
+from repsim.results import Result, write_json_atomic
 from repsim.store.reader import ActivationStore
 
 
@@ -50,9 +50,12 @@ class LayerSummary:
 
 
 @dataclass(eq=False)
-class AttentionReport:
+class AttentionReport(Result):
     """Per-layer, per-head attention statistics of one store, with provenance; ``aligned[layer]`` holds the
     normalised aligned maps (heads, 2gh-1, 2gw-1) for plotting (not written to JSON)."""
+
+    result_kind: ClassVar[str] = "repsim.attention"
+    memory_only: ClassVar[tuple[str, ...]] = ('aligned',)
 
     path: str
     model: str
@@ -63,12 +66,6 @@ class AttentionReport:
     repsim_version: str | None = None
     aligned: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     definitions: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        """JSON-ready dict; written atomically to ``path`` when given."""
-        d = asdict(self)
-        d.pop("aligned")
-        return finish_result(d, "repsim.attention", path)
 
     def plot(self, path: str | os.PathLike | None, store: ActivationStore | None = None,
              rollout_images: int = 4) -> dict[str, Any]:

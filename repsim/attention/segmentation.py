@@ -62,8 +62,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ import torch
 from repsim.attention.statistics import _as_float, _grid, _prefix, _renormalised_patch_block, class_attention_statistics
 from repsim.errors import UsageError
 from repsim.measures.intervals import LEVEL, bootstrap_mean, ci_text, verdict
-from repsim.json_output import finish_result, jsonable
+from repsim.results import save_figure_atomic, Result
 from repsim.data.masks import FOREGROUND_THRESHOLD, patch_foreground, store_input_masks, token_iou
 
 __all__ = [
@@ -252,12 +252,15 @@ class LayerSegmentation:
 
 
 @dataclass(eq=False)
-class AttentionSegmentation:
+class AttentionSegmentation(Result):
     """Attention-as-segmentation scores of one store (:func:`attention_segmentation`), with provenance.
 
     ``jaccard`` / ``entropy`` hold the per-image values (layer → (n, heads), NaN where undefined) and
     ``overlay`` what the figure draws; neither goes to JSON.
     """
+
+    result_kind: ClassVar[str] = "repsim.attention_segmentation"
+    memory_only: ClassVar[tuple[str, ...]] = ('jaccard', 'entropy', 'overlay')
 
     model: str
     store: dict[str, Any]
@@ -313,14 +316,6 @@ class AttentionSegmentation:
         for layer, why in self.skipped.items():
             lines.append(f"  skipped {layer}: {why}")
         return "\n".join(lines)
-
-    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        """JSON-ready dict (kind ``repsim.attention_segmentation``); written atomically to ``path`` when given."""
-        d = jsonable({"model": self.model, "store": self.store, "mass": self.mass, "n_images": self.n_images,
-                      "masks": self.masks, "layers": [asdict(ly) for ly in self.layers], "skipped": self.skipped,
-                      "best": self.best, "best_held_out": self.best_held_out, "seconds": self.seconds,
-                      "definitions": self.definitions})
-        return finish_result(d, "repsim.attention_segmentation", path)
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
         """Jaccard heat map and best-head overlays (:func:`plot_attention_segmentation`); returns the Figure."""
@@ -593,7 +588,7 @@ def plot_attention_segmentation(result: AttentionSegmentation, path: str | os.Pa
                  f"{FOREGROUND_THRESHOLD:.0%} of its pixels on the object. Right: the best heads on the first images, "
                  "kept patches coloured over the grey image, object outline in cyan", fontsize=9)
     if path is not None:
-        fig.savefig(os.fspath(path), dpi=130)
+        save_figure_atomic(fig, path, dpi=130)
     return fig
 
 

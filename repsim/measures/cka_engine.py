@@ -58,7 +58,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -66,11 +66,11 @@ import torch
 from repsim.devices import resolve_device as _resolve_device
 from repsim.devices import tf32_off as _tf32_off
 from repsim.errors import NumericalError, RepsimError, UsageError
-from repsim.measures.gram import GRAM_DTYPES, MIN_UNBIASED, u_centre, unbiased_gram
+from repsim.measures.gram import MIN_UNBIASED, u_centre, unbiased_gram
 from repsim.measures.gram import check_finite as _check_finite
 from repsim.measures.gram import from_numpy as _from_numpy
 from repsim.measures.gram import resolve_gram_dtype as _gram_dtype
-from repsim.json_output import finish_result, result_fields
+from repsim.results import Result, finish_result
 from repsim.store.format import layer_kind
 from repsim.store.reader import StoreLike, check_layer_names, consecutive_slice, gather_rows
 
@@ -669,7 +669,7 @@ def default_memory_budget() -> int:
 
 
 @dataclass(eq=False)
-class CKAResult:
+class CKAResult(Result):
     """A layer × layer CKA map with what is needed to reproduce it.
 
     ``values[i, j]`` is the CKA of ``layers_a[i]`` and ``layers_b[j]`` (mean over repeats); ``std`` the
@@ -677,6 +677,8 @@ class CKAResult:
     ``batch_size`` the requested minibatch size (None for exact / debiased) and ``batch_rows`` the
     [smallest, largest] batch actually formed.
     """
+
+    result_kind: ClassVar[str] = "repsim.cka"
 
     layers_a: list[str]
     layers_b: list[str]
@@ -716,12 +718,11 @@ class CKAResult:
         return finish_result(d, "repsim.cka", path)
 
     @classmethod
-    def from_json(cls, source: str | os.PathLike | dict[str, Any]) -> "CKAResult":
-        """Inverse of :meth:`to_json` (a dict or a path to the JSON file)."""
-        d = result_fields(cls, source, "repsim.cka")
-        d["values"] = np.asarray(d["values"], dtype=np.float64)
-        d["std"] = None if d.get("std") is None else np.asarray(d["std"], dtype=np.float64)
-        return cls(**d)
+    def from_fields(cls, fields: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+        """``values`` / ``std`` as float64 arrays."""
+        std = fields.get("std")
+        return dict(fields, values=np.asarray(fields["values"], dtype=np.float64),
+                    std=None if std is None else np.asarray(std, dtype=np.float64))
 
     def plot(self, path: str | os.PathLike | None, ax: Any = None) -> Any:
         """Layer × layer heat map (see :func:`repsim.plotting.cka_map.plot_cka`); saved to ``path``; returns the Axes."""

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from repsim.measures.cka_engine import (aligned_positions, cka_matrix, default_m
                                select_layers)
 from repsim.errors import UsageError
 from repsim.measures.gram import MIN_UNBIASED
-from repsim.json_output import finish_result
+from repsim.results import Result
 from repsim.measures.beyond_cka import MEASURES, SimilarityWarning, bootstrap_interval, permutation_null, similarity_details
 
 
@@ -128,7 +128,7 @@ def cka_equivalent(measure: str, tokens: str, options: dict[str, Any] | None = N
 
 
 @dataclass(eq=False)
-class CompareResult:
+class CompareResult(Result):
     """One measure's layer × layer map with its orientation and provenance.
 
     ``values[i, j]`` is the measure between ``layers_a[i]`` and ``layers_b[j]``; ``p_values`` (permutation
@@ -138,6 +138,8 @@ class CompareResult:
     ``minibatch`` (the minibatch ``cka`` only): how ``repsim.measures.cka_engine.cka_matrix`` computed it (estimator,
     batch_size, n_batches, batch_rows, plan, source: stored Grams or activations, gram_dtype, rows_used, device).
     """
+
+    result_kind: ClassVar[str] = "repsim.compare"
 
     measure: str
     spec: dict[str, Any]
@@ -164,14 +166,6 @@ class CompareResult:
     notes: list[str] = field(default_factory=list)
     repsim_version: str | None = None
     minibatch: dict[str, Any] | None = None
-
-    def to_json(self, path: str | os.PathLike | None = None) -> dict[str, Any]:
-        """JSON-ready dict (arrays as lists of rows); written atomically to ``path`` when given."""
-        d = asdict(self)
-        for key in ("values", "p_values", "ci_low", "ci_high"):
-            v = getattr(self, key)
-            d[key] = None if v is None else np.asarray(v, dtype=float).tolist()
-        return finish_result(d, "repsim.compare", path)
 
     def plot(self, path: str | os.PathLike | None, ax: Any = None) -> Any:
         """Layer × layer heat map; for distances the colour map is reversed so bright always means alike.

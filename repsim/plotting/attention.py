@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from repsim.plotting.cka_map import layer_labels, model_label
+from repsim.results import save_figure_atomic
 
 
 class AttentionSummary(Protocol):
@@ -247,7 +248,7 @@ def plot_attention_report(report: AttentionSummary, path: str | os.PathLike | No
         figures["rollout"] = out["rollout"] = plot_rollout(rollout[0], rollout[1], report.model)
     for key, fig in figures.items():
         if key in targets:
-            fig.savefig(targets[key], dpi=150)
+            save_figure_atomic(fig, targets[key], dpi=150)
             out["paths"].append(targets[key])
     return out
 
@@ -280,5 +281,5 @@ def plot_erf(layers: Sequence[str], radii: Sequence[float], maps: Sequence[np.nd
     if image is not None:
         fig.colorbar(image, ax=fig.axes[1:], shrink=0.8).set_label("|gradient| (max = 1)", fontsize=7)
     if path is not None:
-        fig.savefig(os.fspath(path), dpi=150)
+        save_figure_atomic(fig, path, dpi=150)
     return fig

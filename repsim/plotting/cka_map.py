@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+from repsim.results import save_figure_atomic
 
 MAX_TICKS = 30
 MAX_LABEL_CHARS = 22
@@ -154,5 +155,5 @@ def plot_layer_map(values: Any, layers_a: Sequence[str], layers_b: Sequence[str]
                  fontsize=9)
     if path is not None:
         fig.tight_layout()
-        fig.savefig(os.fspath(path), dpi=150)
+        save_figure_atomic(fig, path, dpi=150)
     return ax
