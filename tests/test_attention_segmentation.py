@@ -345,3 +345,30 @@ def test_cli_writes_the_segmentation_section(vit_stores, tmp_path):
     assert res.exit_code == 0, res.output
     seg = json.loads(js.read_text())["segmentation"]
     assert seg["mass"] == 0.5 and {ly["query"] for ly in seg["layers"]} == {"mean"}
+
+
+def test_a_map_without_weight_on_the_patches_is_left_out_not_scored_zero(tmp_path):
+    """All of a query's attention on the class token (its patch part zero) used to abort the whole analysis;
+    that image is now left out for that head (NaN, counted in n_weightless), and the other heads and images
+    score as before."""
+    n = 24
+    true = _true_patches(n)
+    scored = true.any(1)
+    exact = np.where(true, 1.0, 0.0) + np.where(true.any(1, keepdims=True), 0.0, 1.0)
+    q = np.stack([exact, exact], axis=1)
+    lost = int(np.flatnonzero(scored)[0])
+    q[lost, 1] = 0.0  # head 1 of one scored image: no weight on the patches
+    res = attention_segmentation(make_attention_store(tmp_path / "s.zarr", {"blocks.0.attn": q}), n_boot=50)
+    full, partial = res.layer("blocks.0.attn").heads
+    assert full.n_weightless == 0 and partial.n_weightless == 1
+    assert np.isnan(res.jaccard["blocks.0.attn"][lost, 1]) and res.jaccard["blocks.0.attn"][lost, 0] == 1.0
+    share = np.where(scored, true.sum(1) / P, 1.0)  # the mass rule keeps the mask (uniform map: every patch)
+    assert full.kept_share == pytest.approx(share.mean(), abs=1e-12)
+    assert partial.jaccard == 1.0 and partial.kept_share == pytest.approx(np.delete(share, lost).mean(), abs=1e-12)
+    # the gain pairs the same images: the lost one's reference is left out too
+    base = (true.sum(1) / P)[scored]
+    keep = np.ones(scored.sum(), dtype=bool)
+    keep[0] = False
+    assert partial.gain == pytest.approx(1.0 - base[keep].mean(), abs=1e-12)
+    assert full.gain == pytest.approx(1.0 - base.mean(), abs=1e-12)
+    assert "1 head maps had no weight on the patches" in res.summary()

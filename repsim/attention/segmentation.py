@@ -235,6 +235,7 @@ class HeadSegmentation:
     entropy_high: float
     n_entropy: int
     components: float  # mean number of blobs
+    n_weightless: int = 0  # images whose query map has no weight on the patches: left out of every statistic
 
 
 @dataclass
@@ -315,6 +316,10 @@ class AttentionSegmentation(Result):
                          f"{_verdict_words(o['verdict'])}")
         for layer, why in self.skipped.items():
             lines.append(f"  skipped {layer}: {why}")
+        lost = sum(h.n_weightless for ly in self.layers for h in ly.heads)
+        if lost:
+            lines.append(f"  {lost} head maps had no weight on the patches (attention wholly on prefix tokens) and "
+                         "were left out of their head's statistics (n_weightless in the JSON)")
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike | None = None) -> Any:
@@ -359,15 +364,21 @@ def _usable_layers(store: Any, layers: Sequence[str] | None) -> tuple[list[str],
 
 
 def _head(head: int, jac: np.ndarray, base: np.ndarray, keep_share: np.ndarray, ent: np.ndarray,
-          comps: np.ndarray, n_boot: int, seed: int) -> HeadSegmentation:
+          comps: np.ndarray, n_boot: int, seed: int, n_weightless: int = 0) -> HeadSegmentation:
+    """One head's statistics over images; ``keep_share`` is NaN for the ``n_weightless`` images whose map has no
+    weight on the patches (left out of every mean)."""
+    has_map = np.isfinite(keep_share)
     j = bootstrap_mean(jac, n_boot=n_boot, seed=seed)
     g = bootstrap_mean(jac, base, n_boot=n_boot, seed=seed)
     e = bootstrap_mean(ent, n_boot=n_boot, seed=seed)
     return HeadSegmentation(head=head, jaccard=j["value"], jaccard_low=j["low"], jaccard_high=j["high"],
                             gain=g["value"], gain_low=g["low"], gain_high=g["high"],
                             verdict=verdict(g["low"], g["high"]),
-                            kept_share=float(keep_share.mean()), spatial_entropy=e["value"], entropy_low=e["low"],
-                            entropy_high=e["high"], n_entropy=int(e["n"]), components=float(comps.mean()))
+                            kept_share=float(keep_share[has_map].mean()) if has_map.any() else float("nan"),
+                            spatial_entropy=e["value"], entropy_low=e["low"], entropy_high=e["high"],
+                            n_entropy=int(e["n"]),
+                            components=float(comps[has_map].mean()) if has_map.any() else float("nan"),
+                            n_weightless=n_weightless)
 
 
 def _best(per_image: dict[str, np.ndarray], base: dict[str, np.ndarray], rows: np.ndarray, n_boot: int, seed: int
@@ -430,8 +441,13 @@ def attention_segmentation(store: Any, layers: Sequence[str] | None = None, *, m
         heads = qmap.shape[1]
         true = patch_foreground(cover, (gh, gw))  # (n, P)
         scored = true.any(-1)
-        keep = mass_threshold(qmap, mass)  # (n, heads, P)
+        # A query whose attention lies wholly on prefix tokens (or underflowed in float16) has no map on the
+        # patches: nothing to segment, so its image is left out for that head (NaN), never scored as 0.
+        weightless = qmap.sum(-1) <= 0  # (n, heads)
+        keep = mass_threshold(np.where(weightless[..., None], 1.0, qmap), mass)  # (n, heads, P)
         jac = token_iou(keep, true[:, None, :])[0]  # (n, heads), NaN where no foreground patch
+        jac[weightless] = np.nan
+        kept_share = np.where(weightless, np.nan, keep.mean(-1))
         base = token_iou(np.ones_like(true), true)[0]  # (n,)
         ent, comps = _blobs(qmap.reshape(n * heads, gh, gw))
         ent, comps = ent.reshape(n, heads), comps.reshape(n, heads)
@@ -441,8 +457,8 @@ def attention_segmentation(store: Any, layers: Sequence[str] | None = None, *, m
             query=info.get("query_map") or query_map_kind(int(info.get("num_prefix_tokens") or 0)),
             n_scored=int(scored.sum()), foreground_share=float(true[scored].mean()) if scored.any() else float("nan"),
             baseline=b["value"], baseline_low=b["low"], baseline_high=b["high"],
-            heads=[_head(h, jac[:, h], base, keep[:, h].mean(-1), ent[:, h], comps[:, h], n_boot, seed)
-                   for h in range(heads)]))
+            heads=[_head(h, jac[:, h], base, kept_share[:, h], ent[:, h], comps[:, h], n_boot, seed,
+                         n_weightless=int(weightless[:, h].sum())) for h in range(heads)]))
         per_image[layer], base_of[layer], entropy_of[layer] = jac, base, ent
         overlay_maps[layer] = qmap[: 4 * OVERLAY_IMAGES].astype(np.float32)
     everything = np.arange(n)
