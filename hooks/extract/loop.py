@@ -282,92 +282,29 @@ def plan_extraction(
     to every preprocessed batch, seeded by sample id; it is recorded in the root attribute ``perturbation`` and
     in ``config_hash`` while the store keeps the clean data set's sample ids and fingerprint.
     """
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if not acts and not grams:
-        raise UsageError("--no-acts keeps nothing without --grams: add --grams (Gram matrices only)")
-    if chunk_size is None:
-        target = DEFAULT_GRAM_ROWS if grams else DEFAULT_CHUNK_ROWS
-        chunk_size = batch_size * max(1, round(target / batch_size))
-    if grams and chunk_size < MIN_UNBIASED:
-        raise UsageError(f"--grams: the chunk (the Gram batch) must hold at least {MIN_UNBIASED} rows, "
-                         f"got --chunk-size {chunk_size}")
-    if chunk_size < 1 or chunk_size % batch_size:
-        raise UsageError(f"--chunk-size ({chunk_size}) must be a positive multiple of --batch-size ({batch_size})")
-    remote = None
-    if is_url(out):  # staged locally, uploaded when complete (repsim.store.remote)
-        if shard is not None:
-            raise UsageError(f"--out {out}: sharded extraction needs a shared file-system path (shards coordinate "
-                             "through lock files next to the store); extract there, then copy the store")
-        remote, out = out, staging_path(out)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    if shard is not None:
-        k, total = shard
-        if total < 1 or not 0 <= k < total:
-            raise UsageError(f"--shard must be k/N with 0 <= k < N, got {k}/{total}")
-        if overwrite:
-            raise UsageError("--overwrite cannot be combined with --shard (other shards may be writing)")
+    _check_storage_options(dtype, batch_size, acts, grams)
+    chunk_size = _chunk_rows(chunk_size, batch_size, grams)
+    out, remote = _local_output(out, shard)
+    _check_shard_options(shard, overwrite)
     module, info = model.module, model.info
     if perturbation is not None:
         perturbation.check_image(model.preprocessing.img_size)
     paths = select_layers(module, layers) if layers else default_layers(module, info.family)
     layouts = {p: layer_layout(info.family, p, module) for p in paths}
-
-    source, skipped = scan_images(source, strict=strict, progress=progress)
-    if len(source) == 0:
-        raise UsageError("the data set is empty")
+    source, skipped = _readable_source(source, strict, progress)
 
     # Probe: one forward pass on a few real images fixes the taps (names, kinds, shapes, call counts) and
     # measures each layer's float16 storage error.
-    transform = model.preprocessing.transform()
-    probe = _load_batch(source, transform, range(min(PROBE_ROWS, len(source))), perturbation)
-    capture = ActivationCapture(
-        module, paths, layouts=layouts, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid,
-        pool=pool, spatial_pool=spatial_pool,
-    )
-    capture.measure_next(len(probe))
-    attn_layers: list[Any] = []
-    reducer = None
-    if attention:
-        attn_layers = find_attention_layers(module)
-        if not attn_layers:
-            raise UsageError(f"{no_attention_reason(module, info.name)}: drop --attention (`repsim attention "
-                             "STORE --erf` gives a convolutional network's effective receptive fields)")
-        unknown = [ly.path for ly in attn_layers if ly.grid is None or ly.num_heads is None or ly.patch_size is None]
-        if unknown:
-            raise UsageError(f"the token geometry of attention layer {unknown[0]} cannot be read from the model "
-                             "(an nn.MultiheadAttention?): declare it with --grid GHxGW --prefix-tokens K --patch-size P "
-                             "or a `repsim_geometry` attribute on the model (see hooks/models/geometry.py)")
-        reducer = AttentionReducer(attn_layers, attn_keep)
-    elif attn_keep:
-        raise UsageError("--attn-keep needs --attention")
-    with capture, _attention_capture(module, reducer), torch.inference_mode():
-        if reducer is not None:
-            reducer.begin_batch(range(len(probe)))
-        module(probe)
-        capture.pop()
-        if reducer is not None:
-            reducer.pop_chunk()  # the probe proves the capture and the geometry; its numbers are dropped
-    taps = capture.taps or []
+    probe, capture = _planning_capture(model, source, paths, layouts, pool, spatial_pool, perturbation)
+    attn_layers, reducer = _attention_plan(model, attention, attn_keep)
+    taps = _run_probe(module, probe, capture, reducer)
     fp16_probe = _fp16_errors(capture, taps)
-    layer_dtypes = {t.name: ("float32" if dtype == "float32" or fp16_probe[t.name] > FP16_MAX_ERROR else "float16")
-                    for t in taps}
-    bytes_per_image = sum(int(np.prod(t.shape)) * np.dtype(layer_dtypes[t.name]).itemsize for t in taps) if acts else 0
-    if grams:
-        bytes_per_image += len(taps) * packed_size(chunk_size) * 4 // chunk_size
+    layer_dtypes = _stored_dtypes(taps, fp16_probe, dtype)
     if save_inputs:
         _refuse_inputs_beyond_float16(model.preprocessing, probe)
-        bytes_per_image += int(np.prod(probe.shape[1:])) * 2
-    extra_bytes = 0
-    if reducer is not None:
-        bytes_per_image += reducer.bytes_per_image()
-        extra_bytes = sum(int(np.prod(sp.shape)) * np.dtype(sp.dtype).itemsize * min(sp.first_rows, len(source))
-                          for sp in reducer.specs() if sp.rows == "first")
+    bytes_per_image, extra_bytes = _storage_bytes(taps, layer_dtypes, probe, reducer, len(source), chunk_size,
+                                                  acts=acts, grams=grams, save_inputs=save_inputs)
 
-    dataset = source.describe()
-    dataset.update(n=len(source), fingerprint=source.fingerprint, skipped=skipped)
     extraction = {
         "pool": pool,
         "spatial_pool": spatial_pool,
@@ -382,6 +319,164 @@ def plan_extraction(
         "acts": bool(acts),
         "float32_layers": [t.name for t in taps if acts and dtype == "float16" and layer_dtypes[t.name] == "float32"],
     }
+    attrs = _store_attrs(model, source, skipped, taps, extraction, reducer, perturbation)
+    if grams:
+        attrs["grams"] = _gram_attrs(len(source), chunk_size, dtype, acts)
+
+    _check_shard_count(shard, len(source), chunk_size)
+    out, resume, already_complete = _prepare_output(out, remote, attrs, overwrite)
+    return ExtractionPlan(
+        out=out, remote=remote, model=model, source=source, paths=paths, taps=taps, attrs=attrs, dtype=dtype,
+        batch_size=batch_size, chunk_size=chunk_size, pool=pool, spatial_pool=spatial_pool,
+        save_inputs=save_inputs, resume=resume, already_complete=already_complete,
+        bytes_per_image=bytes_per_image, skipped=skipped, attention_layers=attn_layers, attn_keep=attn_keep,
+        extra_bytes=extra_bytes, shard=shard, grams=grams, acts=acts, layer_dtypes=layer_dtypes,
+        fp16_probe=fp16_probe, perturbation=perturbation,
+    )
+
+
+def _check_storage_options(dtype: str, batch_size: int, acts: bool, grams: bool) -> None:
+    """Refuse an unknown storage dtype, a batch size < 1, and a run that would keep nothing (no activations,
+    no Grams)."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if not acts and not grams:
+        raise UsageError("--no-acts keeps nothing without --grams: add --grams (Gram matrices only)")
+
+
+def _chunk_rows(chunk_size: int | None, batch_size: int, grams: bool) -> int:
+    """Rows per sample chunk: ``chunk_size`` checked, or by default the multiple of ``batch_size`` nearest
+    ``DEFAULT_CHUNK_ROWS`` (``DEFAULT_GRAM_ROWS`` with ``grams``). A chunk is a whole number of batches, so a
+    resumed run forms the same batches; with ``grams`` it is the Gram batch and needs ``MIN_UNBIASED`` rows."""
+    if chunk_size is None:
+        target = DEFAULT_GRAM_ROWS if grams else DEFAULT_CHUNK_ROWS
+        chunk_size = batch_size * max(1, round(target / batch_size))
+    if grams and chunk_size < MIN_UNBIASED:
+        raise UsageError(f"--grams: the chunk (the Gram batch) must hold at least {MIN_UNBIASED} rows, "
+                         f"got --chunk-size {chunk_size}")
+    if chunk_size < 1 or chunk_size % batch_size:
+        raise UsageError(f"--chunk-size ({chunk_size}) must be a positive multiple of --batch-size ({batch_size})")
+    return chunk_size
+
+
+def _local_output(out: str, shard: tuple[int, int] | None) -> tuple[str, str | None]:
+    """(local store path, fsspec URL or None): a URL ``out`` is written to its local staging store (its folder
+    created) and uploaded when complete (:mod:`repsim.store.remote`); shards need a shared file-system path."""
+    if not is_url(out):
+        return out, None
+    if shard is not None:
+        raise UsageError(f"--out {out}: sharded extraction needs a shared file-system path (shards coordinate "
+                         "through lock files next to the store); extract there, then copy the store")
+    local = staging_path(out)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    return local, out
+
+
+def _check_shard_options(shard: tuple[int, int] | None, overwrite: bool) -> None:
+    """Refuse a shard ``(k, N)`` outside ``0 <= k < N``, and ``overwrite`` with shards (others may be writing)."""
+    if shard is None:
+        return
+    k, total = shard
+    if total < 1 or not 0 <= k < total:
+        raise UsageError(f"--shard must be k/N with 0 <= k < N, got {k}/{total}")
+    if overwrite:
+        raise UsageError("--overwrite cannot be combined with --shard (other shards may be writing)")
+
+
+def _readable_source(source: ImageSource, strict: bool, progress: bool) -> tuple[ImageSource, list[dict[str, str]]]:
+    """The source without its corrupt images, and those skipped (see :func:`scan_images`); refuses an empty one."""
+    source, skipped = scan_images(source, strict=strict, progress=progress)
+    if len(source) == 0:
+        raise UsageError("the data set is empty")
+    return source, skipped
+
+
+def _planning_capture(model: LoadedModel, source: ImageSource, paths: list[str], layouts: dict[str, Any], pool: str,
+                      spatial_pool: int | None, perturbation: Perturbation | None
+                      ) -> tuple[torch.Tensor, ActivationCapture]:
+    """(probe inputs (B, 3, H, W) of the first ``PROBE_ROWS`` samples, preprocessed and perturbed as in the run;
+    the activation capture of ``paths``, set to measure the float16 error on that batch)."""
+    info = model.info
+    transform = model.preprocessing.transform()
+    probe = _load_batch(source, transform, range(min(PROBE_ROWS, len(source))), perturbation)
+    capture = ActivationCapture(
+        model.module, paths, layouts=layouts, num_prefix_tokens=info.num_prefix_tokens, grid=info.grid,
+        pool=pool, spatial_pool=spatial_pool,
+    )
+    capture.measure_next(len(probe))
+    return probe, capture
+
+
+def _attention_plan(model: LoadedModel, attention: bool, attn_keep: int) -> tuple[list[Any], AttentionReducer | None]:
+    """(attention layers, their reducer) with ``attention``, else ([], None); refuses a model without attention
+    layers, a layer whose token geometry is unknown, and ``attn_keep`` without ``attention``."""
+    if not attention:
+        if attn_keep:
+            raise UsageError("--attn-keep needs --attention")
+        return [], None
+    module = model.module
+    attn_layers = find_attention_layers(module)
+    if not attn_layers:
+        raise UsageError(f"{no_attention_reason(module, model.info.name)}: drop --attention (`repsim attention "
+                         "STORE --erf` gives a convolutional network's effective receptive fields)")
+    unknown = [ly.path for ly in attn_layers if ly.grid is None or ly.num_heads is None or ly.patch_size is None]
+    if unknown:
+        raise UsageError(f"the token geometry of attention layer {unknown[0]} cannot be read from the model "
+                         "(an nn.MultiheadAttention?): declare it with --grid GHxGW --prefix-tokens K --patch-size P "
+                         "or a `repsim_geometry` attribute on the model (see hooks/models/geometry.py)")
+    return attn_layers, AttentionReducer(attn_layers, attn_keep)
+
+
+def _run_probe(module: torch.nn.Module, probe: torch.Tensor, capture: ActivationCapture,
+               reducer: AttentionReducer | None) -> list[TapInfo]:
+    """Run the planning forward pass on ``probe``; the taps it fixes (names, kinds, shapes, call counts). The
+    attention capture runs too, proving the capture and the geometry; its numbers are dropped."""
+    with capture, _attention_capture(module, reducer), torch.inference_mode():
+        if reducer is not None:
+            reducer.begin_batch(range(len(probe)))
+        module(probe)
+        capture.pop()
+        if reducer is not None:
+            reducer.pop_chunk()
+    return capture.taps or []
+
+
+def _stored_dtypes(taps: Sequence[TapInfo], fp16_probe: dict[str, float], dtype: str) -> dict[str, str]:
+    """Stored dtype per tap: ``dtype``, except float32 for a layer whose float16 error η on the probe exceeds
+    ``FP16_MAX_ERROR`` (see :mod:`repsim.store`, "Precision")."""
+    return {t.name: ("float32" if dtype == "float32" or fp16_probe[t.name] > FP16_MAX_ERROR else "float16")
+            for t in taps}
+
+
+def _storage_bytes(taps: Sequence[TapInfo], layer_dtypes: dict[str, str], probe: torch.Tensor,
+                   reducer: AttentionReducer | None, n: int, chunk_size: int, *, acts: bool, grams: bool,
+                   save_inputs: bool) -> tuple[int, int]:
+    """(bytes per image, bytes not proportional to n) of the store: activations at their stored dtypes,
+    packed float32 Grams (one per layer and chunk, spread over its rows), float16 inputs, attention
+    statistics; the second number is the full attention maps kept for the first images."""
+    bytes_per_image = sum(int(np.prod(t.shape)) * np.dtype(layer_dtypes[t.name]).itemsize for t in taps) if acts else 0
+    if grams:
+        bytes_per_image += len(taps) * packed_size(chunk_size) * 4 // chunk_size
+    if save_inputs:
+        bytes_per_image += int(np.prod(probe.shape[1:])) * 2
+    extra_bytes = 0
+    if reducer is not None:
+        bytes_per_image += reducer.bytes_per_image()
+        extra_bytes = sum(int(np.prod(sp.shape)) * np.dtype(sp.dtype).itemsize * min(sp.first_rows, n)
+                          for sp in reducer.specs() if sp.rows == "first")
+    return bytes_per_image, extra_bytes
+
+
+def _store_attrs(model: LoadedModel, source: ImageSource, skipped: list[dict[str, str]], taps: Sequence[TapInfo],
+                 extraction: dict[str, Any], reducer: AttentionReducer | None, perturbation: Perturbation | None
+                 ) -> dict[str, Any]:
+    """The store's root attributes, with ``config_hash``: the hash of what determines the stored numbers (model,
+    data set, preprocessing, extraction settings, taps, torch / timm versions, a perturbation when set)."""
+    info = model.info
+    dataset = source.describe()
+    dataset.update(n=len(source), fingerprint=source.fingerprint, skipped=skipped)
     config = {
         "model": info.to_dict(),
         "dataset": dataset,
@@ -408,16 +503,31 @@ def plan_extraction(
         attrs["attention"] = reducer.attrs()
     if perturbation is not None:
         attrs["perturbation"] = perturbation.to_dict()
-    if grams:
-        last = len(source) % chunk_size
-        attrs["grams"] = {"batch_rows": chunk_size, "dtype": "float32", "tokens": "flatten",
-                          "source_dtype": dtype if acts else "float32",
-                          "rows_used": len(source) - (last if 0 < last < MIN_UNBIASED else 0)}
+    return attrs
 
-    if shard is not None and shard[1] > -(-len(source) // chunk_size):
-        raise UsageError(f"--shard {shard[0]}/{shard[1]}: more shards than the {-(-len(source) // chunk_size)} "
+
+def _gram_attrs(n: int, chunk_size: int, dtype: str, acts: bool) -> dict[str, Any]:
+    """The ``grams`` root attribute: one Gram per chunk of ``chunk_size`` rows; a last chunk shorter than
+    ``MIN_UNBIASED`` rows has no unbiased Gram, so its rows are not used."""
+    last = n % chunk_size
+    return {"batch_rows": chunk_size, "dtype": "float32", "tokens": "flatten",
+            "source_dtype": dtype if acts else "float32",
+            "rows_used": n - (last if 0 < last < MIN_UNBIASED else 0)}
+
+
+def _check_shard_count(shard: tuple[int, int] | None, n: int, chunk_size: int) -> None:
+    """Refuse more shards than the ceil(n / chunk_size) sample chunks (a shard writes whole chunks)."""
+    n_chunks = -(-n // chunk_size)
+    if shard is not None and shard[1] > n_chunks:
+        raise UsageError(f"--shard {shard[0]}/{shard[1]}: more shards than the {n_chunks} "
                          "sample chunks; use fewer shards or a smaller --chunk-size")
-    resume = already_complete = False
+
+
+def _prepare_output(out: str, remote: str | None, attrs: dict[str, Any], overwrite: bool) -> tuple[str, bool, bool]:
+    """(output path, resume, already complete): under ``overwrite`` the store at ``out`` is deleted first (never
+    while another process writes it); an existing store with the same configuration resumes, another one or a
+    non-store path is refused. For a URL what counts is the uploaded store: when it is complete the path is the
+    URL itself."""
     with _creation_lock(out):  # never look at a store another process is laying out
         if overwrite and os.path.exists(out):
             if is_store(out):
@@ -430,14 +540,7 @@ def plan_extraction(
         already_complete = remote_state(remote, attrs, overwrite)
         if already_complete:
             out = remote
-    return ExtractionPlan(
-        out=out, remote=remote, model=model, source=source, paths=paths, taps=taps, attrs=attrs, dtype=dtype,
-        batch_size=batch_size, chunk_size=chunk_size, pool=pool, spatial_pool=spatial_pool,
-        save_inputs=save_inputs, resume=resume, already_complete=already_complete,
-        bytes_per_image=bytes_per_image, skipped=skipped, attention_layers=attn_layers, attn_keep=attn_keep,
-        extra_bytes=extra_bytes, shard=shard, grams=grams, acts=acts, layer_dtypes=layer_dtypes,
-        fp16_probe=fp16_probe, perturbation=perturbation,
-    )
+    return out, resume, already_complete
 
 
 def _refuse_inputs_beyond_float16(prep: Any, probe: torch.Tensor) -> None:

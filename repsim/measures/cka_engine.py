@@ -781,101 +781,35 @@ def cka_matrix(
     and ``batch_size`` equals their batch rows, with ``tokens='flatten'``, one repeat and the linear kernel.
     ``result.source`` says which path was taken.
     """
-    if estimator not in ESTIMATORS:
-        raise UsageError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
-    if kernel not in KERNELS:
-        raise UsageError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    if kernel == "rbf" and estimator == "minibatch":
-        raise UsageError("the rbf kernel is implemented for the exact and debiased estimators only; "
-                         "use estimator='exact' or 'debiased', or kernel='linear'")
-    if kernel == "rbf" and not threshold > 0:
-        raise UsageError(f"RBF threshold must be > 0, got {threshold}")
-    if tokens not in TOKEN_MODES:
-        raise UsageError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {tokens!r}")
-    if align not in ALIGN_MODES:
-        raise UsageError(f"align must be one of {', '.join(ALIGN_MODES)}, got {align!r}")
-    if repeats < 1:
-        raise UsageError(f"repeats must be >= 1, got {repeats}")
-    if repeats > 1 and estimator != "minibatch":
-        raise UsageError(f"repeats only applies to the minibatch estimator ({estimator} is deterministic)")
-    if client is not None and estimator != "minibatch":
-        raise UsageError(f"distributed CKA (workers / scheduler) runs the minibatch estimator, not {estimator}")
-    if estimator == "minibatch" and batch_size < MIN_UNBIASED:
-        raise UsageError(f"batch size must be at least {MIN_UNBIASED} (unbiased HSIC), got {batch_size}")
-    if plan not in PLANS:
-        raise UsageError(f"plan must be one of {', '.join(PLANS)}, got {plan!r}")
-    if source not in SOURCES:
-        raise UsageError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
-    if plan == "contiguous" and repeats > 1:
-        raise UsageError("repeats > 1 re-draw the batch plan: use plan='shuffled' (or 'auto')")
+    _check_estimator_and_kernel(estimator, kernel, threshold)
+    _check_row_modes(tokens, align)
+    _check_repeats_and_batches(estimator, repeats, client, batch_size)
+    _check_plan_and_source(plan, source, repeats)
     gdt = _gram_dtype(gram_dtype)
 
-    la = select_layers(store_a, layers_a)
-    if store_b is None and layers_b is not None and list(layers_b) != la:
-        store_b = store_a  # two different layer lists of one store: a cross comparison
-    within = store_b is None
-    sb = store_a if within else store_b
-    lb = la if within else select_layers(sb, layers_b)
-    for s in (store_a,) if within else (store_a, sb):
-        if hasattr(s, "require_complete"):
-            s.require_complete()  # unfinished, or damaged metadata (e.g. lost chunk digests): one line, no number
-        elif not s.complete:
-            raise UsageError(f"{s.path} is incomplete (an extraction is unfinished or was killed): rerun the same "
-                             "`repsim extract` command to finish it")
-    pos_a, pos_b, align_info = _align(store_a, None if within else sb, align)
+    la, other, lb = _compared_layers(store_a, store_b, layers_a, layers_b)
+    sb = store_a if other is None else other
+    _require_complete((store_a,) if other is None else (store_a, other))
+    pos_a, pos_b, align_info = _compared_samples(store_a, other, align, estimator)
     m = len(pos_a)
-    if estimator != "exact" and m < MIN_UNBIASED:
-        raise UsageError(f"{estimator} CKA needs at least {MIN_UNBIASED} samples, got {m}")
-    if m < 2:
-        raise UsageError(f"CKA needs at least 2 samples, got {m}")
-
-    why_not = _gram_tier_obstacle(store_a, None if within else sb, estimator, kernel, tokens, repeats, plan,
-                                  batch_size, align_info)
-    if source == "grams" and why_not:
-        raise UsageError(f"cannot use the stored Grams: {why_not}")
-    use_grams = source != "activations" and not why_not
-    if not use_grams:
-        for s in (store_a,) if within else (store_a, sb):
-            if not getattr(s, "has_acts", True):
-                raise UsageError(f"{s.path} holds only Grams (--no-acts) and they cannot serve this request: "
-                                 f"{why_not or 'source=activations was asked for'}")
-
-    infos_a = {layer: store_a.layer_info(layer) for layer in la}
-    infos_b = infos_a if within else {layer: sb.layer_info(layer) for layer in lb}
-    dims_a = {layer: feature_width(infos_a[layer], layer, tokens) for layer in la}
-    dims_b = dims_a if within else {layer: feature_width(infos_b[layer], layer, tokens) for layer in lb}
+    use_grams = _use_stored_grams(store_a, other, estimator, kernel, tokens, repeats, plan, batch_size, align_info,
+                                  source)
+    side_a, side_b = _compared_sides(store_a, other, la, lb, pos_a, pos_b, tokens)
     dev = _resolve_device(device)
-    side_a = _Side(store_a, la, pos_a, infos_a, dims_a)
-    side_b = None if within else _Side(sb, lb, pos_b, infos_b, dims_b)
 
     plan_info: dict[str, Any] = {}
     std = None
     exact_form = None
-    plan_kind = None
-    if estimator == "minibatch":
-        plan_kind = "contiguous" if use_grams or plan == "contiguous" or (plan == "auto" and repeats == 1) \
-            else "shuffled"
+    plan_kind = _minibatch_plan_kind(estimator, use_grams, plan, repeats)
     with _tf32_off():
         if use_grams:
             values, plan_info = _gram_tier_pass(side_a, side_b, dev, progress)
         elif estimator == "minibatch":
-            passes = []
-            for r in range(repeats):
-                vals, plan_info = _minibatch_pass(side_a, side_b, tokens, batch_size, _repeat_rng(seed, r),
-                                                  r, repeats, dev, gdt, progress, client=client,
-                                                  plan_kind=plan_kind)
-                passes.append(vals)
-            values = np.mean(passes, axis=0)
-            std = np.std(passes, axis=0, ddof=1) if repeats > 1 else None
+            values, std, plan_info = _minibatch_repeats(side_a, side_b, tokens, batch_size, seed, repeats, dev, gdt,
+                                                        progress, client, plan_kind)
         else:
-            budget = default_memory_budget() if memory_budget is None else int(memory_budget)
-            if estimator == "exact" and kernel == "linear" and _feature_form_fits(side_a, side_b, m, gdt, budget):
-                exact_form = "feature"
-                values = _exact_feature_form(side_a, side_b, tokens, dev, gdt, progress, batch_size)
-            else:
-                exact_form = "gram"
-                values = _exact_matrix(side_a, side_b, tokens, estimator == "debiased", kernel, threshold, dev,
-                                       gdt, progress, budget, batch_size)
+            values, exact_form = _exact_pass(side_a, side_b, tokens, estimator, kernel, threshold, dev, gdt,
+                                             progress, memory_budget, batch_size)
 
     return CKAResult(
         layers_a=list(la), layers_b=list(lb), values=np.asarray(values, dtype=np.float64),
@@ -889,6 +823,154 @@ def cka_matrix(
         source="grams" if use_grams else "activations", plan=plan_kind,
         rows_used=plan_info.get("rows_used", m),
     )
+
+
+# The argument checks of cka_matrix, in the order it runs them (the first problem found is the one reported).
+def _check_estimator_and_kernel(estimator: str, kernel: str, threshold: float) -> None:
+    """Refuse an unknown estimator or kernel, the rbf kernel with the minibatch estimator, and an RBF
+    ``threshold`` (bandwidth as a fraction of the median distance) that is not > 0."""
+    if estimator not in ESTIMATORS:
+        raise UsageError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if kernel not in KERNELS:
+        raise UsageError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "rbf" and estimator == "minibatch":
+        raise UsageError("the rbf kernel is implemented for the exact and debiased estimators only; "
+                         "use estimator='exact' or 'debiased', or kernel='linear'")
+    if kernel == "rbf" and not threshold > 0:
+        raise UsageError(f"RBF threshold must be > 0, got {threshold}")
+
+
+def _check_row_modes(tokens: str, align: str) -> None:
+    """Refuse an unknown ``tokens`` mode (how a layer becomes one row per sample) or ``align`` mode (how the
+    two stores' samples are matched)."""
+    if tokens not in TOKEN_MODES:
+        raise UsageError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {tokens!r}")
+    if align not in ALIGN_MODES:
+        raise UsageError(f"align must be one of {', '.join(ALIGN_MODES)}, got {align!r}")
+
+
+def _check_repeats_and_batches(estimator: str, repeats: int, client: Any, batch_size: int) -> None:
+    """Refuse ``repeats`` < 1, repeats or a Dask client with a deterministic (exact / debiased) estimator, and
+    minibatches (``batch_size`` rows) too small for the unbiased HSIC."""
+    if repeats < 1:
+        raise UsageError(f"repeats must be >= 1, got {repeats}")
+    if repeats > 1 and estimator != "minibatch":
+        raise UsageError(f"repeats only applies to the minibatch estimator ({estimator} is deterministic)")
+    if client is not None and estimator != "minibatch":
+        raise UsageError(f"distributed CKA (workers / scheduler) runs the minibatch estimator, not {estimator}")
+    if estimator == "minibatch" and batch_size < MIN_UNBIASED:
+        raise UsageError(f"batch size must be at least {MIN_UNBIASED} (unbiased HSIC), got {batch_size}")
+
+
+def _check_plan_and_source(plan: str, source: str, repeats: int) -> None:
+    """Refuse an unknown batch ``plan`` or data ``source``, and repeats with the fixed contiguous plan."""
+    if plan not in PLANS:
+        raise UsageError(f"plan must be one of {', '.join(PLANS)}, got {plan!r}")
+    if source not in SOURCES:
+        raise UsageError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if plan == "contiguous" and repeats > 1:
+        raise UsageError("repeats > 1 re-draw the batch plan: use plan='shuffled' (or 'auto')")
+
+
+def _compared_layers(store_a: StoreLike, store_b: StoreLike | None, layers_a: Sequence[str] | None,
+                     layers_b: Sequence[str] | None) -> tuple[list[str], StoreLike | None, list[str]]:
+    """(layers of A, the second store or None for the within-model map, layers of the second store).
+
+    One store with a second layer list that differs from the first is a cross comparison of the store with
+    itself (the second store is then ``store_a``); the within-model map uses A's layers on both axes.
+    """
+    la = select_layers(store_a, layers_a)
+    if store_b is None and layers_b is not None and list(layers_b) != la:
+        store_b = store_a  # two different layer lists of one store: a cross comparison
+    if store_b is None:
+        return la, None, la
+    return la, store_b, select_layers(store_b, layers_b)
+
+
+def _require_complete(stores: Sequence[StoreLike]) -> None:
+    """Refuse an unfinished store, or one with damaged metadata, before any number is computed."""
+    for s in stores:
+        if hasattr(s, "require_complete"):
+            s.require_complete()  # unfinished, or damaged metadata (e.g. lost chunk digests): one line, no number
+        elif not s.complete:
+            raise UsageError(f"{s.path} is incomplete (an extraction is unfinished or was killed): rerun the same "
+                             "`repsim extract` command to finish it")
+
+
+def _compared_samples(store_a: StoreLike, store_b: StoreLike | None, align: str, estimator: str
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Row positions (pos_a, pos_b), each (m,) int64, of the samples both stores hold (see :func:`_align`),
+    refused when there are too few for the estimator (the unbiased HSIC needs ``MIN_UNBIASED``, any CKA 2)."""
+    pos_a, pos_b, align_info = _align(store_a, store_b, align)
+    m = len(pos_a)
+    if estimator != "exact" and m < MIN_UNBIASED:
+        raise UsageError(f"{estimator} CKA needs at least {MIN_UNBIASED} samples, got {m}")
+    if m < 2:
+        raise UsageError(f"CKA needs at least 2 samples, got {m}")
+    return pos_a, pos_b, align_info
+
+
+def _use_stored_grams(store_a: StoreLike, store_b: StoreLike | None, estimator: str, kernel: str, tokens: str,
+                      repeats: int, plan: str, batch_size: int, align_info: dict[str, Any], source: str) -> bool:
+    """Whether the map is computed from the stored Grams (``source``: auto | grams | activations); refuses
+    ``source='grams'`` when they cannot serve the request, and a Grams-only store when they are not used."""
+    why_not = _gram_tier_obstacle(store_a, store_b, estimator, kernel, tokens, repeats, plan, batch_size, align_info)
+    if source == "grams" and why_not:
+        raise UsageError(f"cannot use the stored Grams: {why_not}")
+    use_grams = source != "activations" and not why_not
+    if not use_grams:
+        for s in (store_a,) if store_b is None else (store_a, store_b):
+            if not getattr(s, "has_acts", True):
+                raise UsageError(f"{s.path} holds only Grams (--no-acts) and they cannot serve this request: "
+                                 f"{why_not or 'source=activations was asked for'}")
+    return use_grams
+
+
+def _compared_sides(store_a: StoreLike, store_b: StoreLike | None, la: list[str], lb: list[str],
+                    pos_a: np.ndarray, pos_b: np.ndarray, tokens: str) -> tuple[_Side, _Side | None]:
+    """The two axes of the map: each store with its layers, compared rows, layer infos and feature widths
+    under ``tokens`` (the second side is None for the within-model map)."""
+    infos_a = {layer: store_a.layer_info(layer) for layer in la}
+    infos_b = infos_a if store_b is None else {layer: store_b.layer_info(layer) for layer in lb}
+    dims_a = {layer: feature_width(infos_a[layer], layer, tokens) for layer in la}
+    dims_b = dims_a if store_b is None else {layer: feature_width(infos_b[layer], layer, tokens) for layer in lb}
+    side_a = _Side(store_a, la, pos_a, infos_a, dims_a)
+    return side_a, None if store_b is None else _Side(store_b, lb, pos_b, infos_b, dims_b)
+
+
+def _minibatch_plan_kind(estimator: str, use_grams: bool, plan: str, repeats: int) -> str | None:
+    """The minibatch batch plan actually used (None for the exact / debiased estimators): the stored Grams
+    fix the contiguous plan; ``auto`` is contiguous for one repeat and shuffled for more."""
+    if estimator != "minibatch":
+        return None
+    return "contiguous" if use_grams or plan == "contiguous" or (plan == "auto" and repeats == 1) else "shuffled"
+
+
+def _minibatch_repeats(a: _Side, b: _Side | None, tokens: str, batch_size: int, seed: int, repeats: int,
+                       dev: torch.device, gdt: torch.dtype, progress: bool, client: Any, plan_kind: str | None
+                       ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Minibatch CKA over ``repeats`` passes (plan seeds ``[seed, r]``): (mean map (La, Lb), sample std with
+    ddof 1 over the passes or None for one pass, the last pass's plan facts)."""
+    passes = []
+    plan_info: dict[str, Any] = {}
+    for r in range(repeats):
+        vals, plan_info = _minibatch_pass(a, b, tokens, batch_size, _repeat_rng(seed, r), r, repeats, dev, gdt,
+                                          progress, client=client, plan_kind=plan_kind)
+        passes.append(vals)
+    return np.mean(passes, axis=0), np.std(passes, axis=0, ddof=1) if repeats > 1 else None, plan_info
+
+
+def _exact_pass(a: _Side, b: _Side | None, tokens: str, estimator: str, kernel: str, threshold: float,
+                dev: torch.device, gdt: torch.dtype, progress: bool, memory_budget: int | None, batch_size: int
+                ) -> tuple[np.ndarray, str]:
+    """Exact (biased) or debiased CKA on all samples: (map (La, Lb), form used). Linear exact CKA uses the
+    feature-space form (``"feature"``) when it fits ``memory_budget`` bytes (default half the available
+    memory), else one n × n Gram per layer (``"gram"``)."""
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
+    if estimator == "exact" and kernel == "linear" and _feature_form_fits(a, b, len(a.pos), gdt, budget):
+        return _exact_feature_form(a, b, tokens, dev, gdt, progress, batch_size), "feature"
+    return _exact_matrix(a, b, tokens, estimator == "debiased", kernel, threshold, dev, gdt, progress, budget,
+                         batch_size), "gram"
 
 
 def _gram_tier_obstacle(store_a: StoreLike, store_b: StoreLike | None, estimator: str, kernel: str, tokens: str,
