@@ -455,6 +455,66 @@ def test_attention_defaults_and_shapes_by_hand():
     assert float(attention_distance(other.transpose(-1, -2), (2, 1), (4, 8))) == pytest.approx(4.0)
 
 
+def test_pixel_distances_use_ph_down_rows_and_pw_across_columns():
+    """Patch-centre distances on a 2 × 3 grid with (ph, pw) = (3, 4) px, written out by hand (a 3-4-5 triangle
+    per diagonal step): rows are ph apart, columns pw. Checked on the function itself and through the
+    ``positions`` path (Swin / user ViTs), which, unlike the default grid, is not cached; float patch sizes keep
+    float64 precision."""
+    from repsim.attention import _pixel_distances, attention_distance, grid_positions
+
+    r = np.sqrt(73.0)  # (1, 2) steps: sqrt(3² + 8²)
+    by_hand = np.array([  # tokens (0,0) (0,1) (0,2) (1,0) (1,1) (1,2)
+        [0.0, 4.0, 8.0, 3.0, 5.0, r],
+        [4.0, 0.0, 4.0, 5.0, 3.0, 5.0],
+        [8.0, 4.0, 0.0, r, 5.0, 3.0],
+        [3.0, 5.0, r, 0.0, 4.0, 8.0],
+        [5.0, 3.0, 5.0, 4.0, 0.0, 4.0],
+        [r, 5.0, 3.0, 8.0, 4.0, 0.0],
+    ])
+    pos = grid_positions((2, 3))
+    np.testing.assert_allclose(_pixel_distances(pos, (3, 4)).numpy(), by_hand, rtol=1e-15)
+    np.testing.assert_allclose(_pixel_distances(pos, (4, 3)).numpy(), _pixel_distances(pos[:, [1, 0]], (3, 4)),
+                               rtol=1e-15)  # swapping the patch sides = swapping rows and columns
+    # query i attends only to token 5 - i (the point reflection): distances r, 3, r, r, 3, r
+    reflect = torch.eye(6, dtype=torch.float64).flip(1)[None, None]
+    got = attention_distance(reflect, (2, 3), (3, 4), positions=pos.double())
+    assert float(got) == pytest.approx((4 * r + 2 * 3.0) / 6, rel=1e-14)
+    # a patch of (0.1, 0.3) px is not a float32 number: the scale must stay float64
+    ph, pw = 0.1, 0.3
+    dy, dx = pos[None, :, 0] - pos[:, None, 0], pos[None, :, 1] - pos[:, None, 1]
+    ref = np.sqrt((dy.numpy() * ph) ** 2 + (dx.numpy() * pw) ** 2)
+    np.testing.assert_allclose(_pixel_distances(pos.double(), (ph, pw)).numpy(), ref, rtol=1e-14)
+
+
+def test_head_statistics_on_pooled_keys_by_hand():
+    """Cross-grid head statistics (keys pooled 2× along one axis, as in PVT / MViT / Twins) with one CLS token and
+    hand-known answers: 4 queries in a row over 2 keys, each query at (c − 0.5)/2 key steps. Head 0 puts half its
+    row on CLS and half on key 0, head 1 its patch mass on the key containing the query. The mean distance is
+    over queries (Nq = 4 ≠ Nk = 2, so a mean over keys is caught); along columns it counts pw, along rows ph."""
+    from repsim.attention import head_statistics
+
+    steps = torch.tensor([-0.25, 0.25, 0.75, 1.25], dtype=torch.float64)  # query centres in key steps
+    attn = torch.zeros(1, 2, 5, 3, dtype=torch.float64)
+    attn[0, :, 0, 0] = 1.0  # the CLS query: not a patch query, ignored
+    attn[0, 0, 1:, 0] = attn[0, 0, 1:, 1] = 0.5
+    attn[0, 1, 1:3, 1] = attn[0, 1, 3:5, 2] = 1.0
+    ph, pw = 4.0, 8.0
+    for axis, grid, scale in ((1, (1, 2), pw), (0, (2, 1), ph)):  # keys in a row, then in a column
+        qpos = torch.zeros(4, 2, dtype=torch.float64)
+        qpos[:, axis] = steps
+        s = head_statistics(attn, grid, (ph, pw), 1, query_positions=qpos)
+        # head 0: all patch mass on key 0, |offsets| 0.25, 0.25, 0.75, 1.25 steps; head 1: 0.25 steps each
+        np.testing.assert_allclose(s["distance"].numpy(), [[scale * 2.5 / 4, scale * 0.25]], rtol=1e-14)
+        np.testing.assert_allclose(s["prefix_mass"].numpy(), [[0.5, 0.0]], atol=0)
+        np.testing.assert_allclose(s["entropy"].numpy(), [[np.log(2.0), 0.0]], rtol=1e-14)
+        # queries sit in key cells 0, 0, 1, 1: head 0's offsets to key 0 are 0, 0, −1, −1; head 1's all 0
+        canvas = np.array([[2.0, 2.0, 0.0], [0.0, 4.0, 0.0]])
+        expected = canvas[:, None, :] if axis == 1 else canvas[:, :, None]
+        np.testing.assert_array_equal(s["aligned_sum"].numpy(), expected)
+    with pytest.raises(UsageError, match=r"^patch_size must be positive, got 0"):
+        head_statistics(attn, (2, 1), 0, 1, query_positions=qpos)
+
+
 def test_class_attention_statistics_by_hand():
     """One CLS query over 1 prefix key (the default) and a 2 × 2 grid: per-head prefix mass and entropy, the map
     renormalised per head, zeros (not NaN) for a head with no patch mass; (H, 1, S) without a batch axis works."""
