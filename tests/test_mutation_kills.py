@@ -584,3 +584,85 @@ def test_ridge_validation_curve_matches_scikit_learn(d):
     assert len(set(ref)) > 1  # the strengths are told apart, so the curve can catch a wrong one
     _, scores = _sk_ridge_val_top1(Xt, yt, Xv, yv, fit.lam)
     np.testing.assert_allclose(fit.decision_function(Xv), scores, rtol=1e-8, atol=1e-8)
+
+
+def test_validation_metric_decides_the_strength_on_imbalanced_classes():
+    """A hand-built case where top-1 and mean per-class accuracy disagree. Training: class 0 at x = 0 (8 rows),
+    class 1 at x = 1 (2 rows); validation: 6 class-0 rows at 0, 3 at 0.8 and the class-1 row at 1. λ = 1e5
+    predicts the majority class everywhere (top-1 9/10, per-class (1 + 0)/2); λ = 1e-6 separates the training
+    classes at x ≈ 0.5 (top-1 7/10, per-class (6/9 + 1)/2). Each metric must pick its own best λ, in both
+    solvers (ridge through _pick, logreg through its path loop)."""
+    from probes.linear import fit_logreg, ridge_classify
+
+    Xt, yt = np.r_[[0.0] * 8, [1.0] * 2][:, None], np.r_[[0] * 8, [1] * 2]
+    Xv, yv = np.r_[[0.0] * 6, [0.8] * 3, 1.0][:, None], np.r_[[0] * 9, 1]
+    for solver in (ridge_classify, fit_logreg):
+        for metric, lam in (("top1", 1e5), ("mean_per_class", 1e-6)):
+            fit = solver(Xt, yt, Xv, yv, [1e5, 1e-6], metric=metric, device="cpu")
+            np.testing.assert_allclose(fit.val_top1, [0.9, 0.7], rtol=1e-15)
+            np.testing.assert_allclose(fit.val_mean_per_class, [0.5, (6 / 9 + 1) / 2], rtol=1e-15)
+            assert fit.lam == lam, (solver.__name__, metric)
+
+
+@pytest.mark.parametrize("d", [5, 40])  # primal (d <= n) and dual (d > n: 24 training rows, 36 in the refit)
+@pytest.mark.parametrize("only_in", ["val", "train"])
+def test_ridge_refit_when_the_last_class_is_missing_from_one_split(d, only_in):
+    """refit=True with the last class (2) in one split only: the class count comes from all labels, so the
+    statistics of the split without it still have 3 classes (a bincount sized by that split's largest label
+    would have 2). The validation curve equals scikit-learn's Ridge on the training classes; the refit equals
+    scikit-learn's RidgeClassifier on train + val (targets ±1, so its scores are 2·ours − 1)."""
+    from sklearn.linear_model import RidgeClassifier
+
+    from probes.linear import ridge_classify
+
+    rng = np.random.default_rng(21)
+
+    def data(n, k):
+        y = np.arange(n) % k
+        X = rng.standard_normal((n, d)) * 3.0 + 10.0
+        X[:, :3] += 2.0 * np.eye(3)[y]
+        return X, y
+
+    Xt, yt = data(24, 2 if only_in == "val" else 3)
+    Xv, yv = data(12, 3 if only_in == "val" else 2)
+    lambdas = [1e-2, 1.0]
+    fit = ridge_classify(Xt, yt, Xv, yv, lambdas, refit=True, device="cpu")
+    np.testing.assert_array_equal(fit.classes, [0, 1, 2])
+    np.testing.assert_allclose(fit.val_top1, [_sk_ridge_val_top1(Xt, yt, Xv, yv, lam)[0] for lam in lambdas],
+                               atol=1e-12)
+    Xa, ya = np.vstack([Xt, Xv]), np.r_[yt, yv]
+    mu, sd = Xa.mean(0), Xa.std(0)
+    rc = RidgeClassifier(alpha=fit.lam * len(ya), solver="svd").fit((Xa - mu) / sd, ya)
+    np.testing.assert_allclose(2.0 * fit.decision_function(Xa) - 1.0, rc.decision_function((Xa - mu) / sd),
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver, n, d", [("ridge", 40, 4), ("ridge", 12, 20), ("logreg", 40, 4)])
+def test_near_constant_feature_threshold_is_relative_to_the_mean(solver, n, d):
+    """Standardisation treats a feature as constant when its sd ≤ 1e-12·max(|mean|, 1). At mean −1e6 (|mean| > 1,
+    negative) a spread of 1e-7 (relative 1e-13: rounding-size) is constant, so the fit equals the fit without that
+    column; a spread of 1e-5 (relative 1e-11) is a real feature, so the fit equals the fit with that column
+    replaced by its own z-score (standardisation makes the fit invariant to the column's offset and scale). An
+    absolute threshold (1e-12) would blow the first up to a unit-variance noise feature. Ridge primal
+    (d ≤ n: its own statistics), ridge dual (d > n) and logreg (the row scaler)."""
+    from probes.linear import fit_logreg, ridge_classify
+
+    rng = np.random.default_rng(5)
+    y = np.arange(n) % 3
+    base = rng.standard_normal((n, d)) + np.eye(3)[y] @ rng.standard_normal((3, d))
+    z = rng.standard_normal(n)
+    near, small = -1e6 + 1e-7 * z, -1e6 + 1e-5 * z
+    fit_rows = 3 * n // 4
+
+    def scores(X):
+        fitter = fit_logreg if solver == "logreg" else ridge_classify
+        fit = fitter(X[:fit_rows], y[:fit_rows], X[fit_rows:], y[fit_rows:], [0.05], device="cpu")
+        return fit.decision_function(X[fit_rows:])
+
+    without = scores(base)
+    np.testing.assert_allclose(scores(np.c_[base, near]), without, rtol=0, atol=1e-9)
+    z_small = (small - small[:fit_rows].mean()) / small[:fit_rows].std()  # the training rows' statistics
+    with_small = scores(np.c_[base, small])
+    # raw-unit scores: coef ~1e5 times x ~ -1e6 cancels against the intercept to ~1e-6 (float64 at 1e11)
+    np.testing.assert_allclose(with_small, scores(np.c_[base, z_small]), rtol=0, atol=1e-4)
+    assert np.abs(with_small - without).max() > 0.05  # the tiny feature does count
