@@ -298,6 +298,14 @@ def _precision(precision: str, n: int, d: int, c: int) -> torch.dtype:
     raise UsageError(f"precision must be auto, float32 or float64, got {precision!r}")
 
 
+def _standardising_scale(sd: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Per-feature scale (d,) float64 for z-scoring: ``sd``, or 1 (centre only) where the feature is constant up
+    to rounding, ``sd ≤ 1e-12·max(|mean|, 1)``. Relative to the mean because float64 values near ``mean`` are
+    ~2e-16·|mean| apart, so rounding alone leaves a spread of that order: an absolute threshold would blow a
+    constant feature at |mean| = 1e6 (spread ~1e-10) up to unit-variance noise."""
+    return torch.where(sd <= 1e-12 * torch.clamp(mean.abs(), min=1.0), torch.ones_like(sd), sd)
+
+
 class _Scaler:
     """Per-feature mean and scale (float64, on device) of the fitting rows; ``scale`` 1 where constant."""
 
@@ -312,9 +320,7 @@ class _Scaler:
             for lo in range(0, n, block):
                 r = X[lo:lo + block].double() - self.mean
                 ss += (r * r).sum(0)
-            sd = torch.sqrt(ss / n)
-            tiny = sd <= 1e-12 * torch.clamp(self.mean.abs(), min=1.0)
-            self.scale = torch.where(tiny, torch.ones_like(sd), sd)
+            self.scale = _standardising_scale(torch.sqrt(ss / n), self.mean)
         else:
             self.scale = torch.ones(d, dtype=torch.float64, device=X.device)
 
@@ -875,8 +881,7 @@ class _RidgeEig:
         R = (st.class_sums - st.counts[:, None] * delta[None, :]).T  # Σ (x − μ) e_yᵀ = X̃ᵀỸ (d, c)
         mean = st.shift + delta
         if standardize:
-            sd = torch.sqrt(torch.clamp(torch.diagonal(G) / n, min=0.0))
-            sd = torch.where(sd <= 1e-12 * torch.clamp(mean.abs(), min=1.0), torch.ones_like(sd), sd)
+            sd = _standardising_scale(torch.sqrt(torch.clamp(torch.diagonal(G) / n, min=0.0)), mean)
         else:
             sd = torch.ones_like(mean)
         G = G / torch.outer(sd, sd)
