@@ -299,6 +299,14 @@ def _precision(precision: str, n: int, d: int, c: int) -> torch.dtype:
     raise UsageError(f"precision must be auto, float32 or float64, got {precision!r}")
 
 
+def _standardising_scale(sd: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Per-feature scale (d,) float64 for z-scoring: ``sd``, or 1 (centre only) where the feature is constant up
+    to rounding, ``sd ≤ 1e-12·max(|mean|, 1)``. Relative to the mean because float64 values near ``mean`` are
+    ~2e-16·|mean| apart, so rounding alone leaves a spread of that order: an absolute threshold would blow a
+    constant feature at |mean| = 1e6 (spread ~1e-10) up to unit-variance noise."""
+    return torch.where(sd <= 1e-12 * torch.clamp(mean.abs(), min=1.0), torch.ones_like(sd), sd)
+
+
 class _Scaler:
     """Per-feature mean and scale (float64, on device) of the fitting rows; ``scale`` 1 where constant."""
 
@@ -313,9 +321,7 @@ class _Scaler:
             for lo in range(0, n, block):
                 r = X[lo:lo + block].double() - self.mean
                 ss += (r * r).sum(0)
-            sd = torch.sqrt(ss / n)
-            tiny = sd <= 1e-12 * torch.clamp(self.mean.abs(), min=1.0)
-            self.scale = torch.where(tiny, torch.ones_like(sd), sd)
+            self.scale = _standardising_scale(torch.sqrt(ss / n), self.mean)
         else:
             self.scale = torch.ones(d, dtype=torch.float64, device=X.device)
 
@@ -649,6 +655,139 @@ class _Memory:
         return 1
 
 
+@dataclass(frozen=True)
+class _Lbfgs:
+    """The per-strength solver settings of :func:`fit_logreg`: the stopping test (``tol``, ``rtol``; see
+    :class:`_Check`), the iteration cap per strength and the L-BFGS memory; refuses values it cannot run with."""
+
+    tol: float
+    rtol: float
+    max_iter: int
+    history: int
+
+    def __post_init__(self) -> None:
+        if self.tol <= 0 or self.max_iter < 1 or self.history < 1 or not self.rtol >= 0:
+            raise UsageError(f"need tol > 0, max_iter >= 1, history_size >= 1, rtol >= 0 (got {self.tol}, "
+                             f"{self.max_iter}, {self.history}, {self.rtol})")
+
+    def solve(self, prob: _SoftmaxProblem, lam: float, theta0: torch.Tensor, memory: _Memory | None
+              ) -> tuple[torch.Tensor, _Check, int, _Memory | None]:
+        """:meth:`_SoftmaxProblem.solve` at strength ``lam`` from ``theta0`` (d·c + c,) with these settings."""
+        return prob.solve(float(lam), theta0, self.tol, self.max_iter, self.history, memory, self.rtol)
+
+
+def _softmax_problem(X: np.ndarray, y: np.ndarray, classes: np.ndarray, standardize: bool, dtype: torch.dtype,
+                     dev: torch.device) -> tuple[_Scaler, _SoftmaxProblem]:
+    """The standardisation of the fitting rows ``X`` (n, d) (:class:`_Scaler`) and the softmax problem on them:
+    features z-scored into ``dtype`` on ``dev``, labels ``y`` (n,) as column indices into ``classes`` (c,). The
+    raw features' device copy is freed before the problem is built."""
+    Xd = _to_device(X, dev)
+    scaler = _Scaler(Xd, standardize)
+    Xs = scaler.apply(Xd, dtype)
+    del Xd
+    return scaler, _SoftmaxProblem(Xs, torch.from_numpy(_encode(y, classes)).to(dev), classes.size)
+
+
+@dataclass
+class _Path:
+    """The fitted part of a λ path, strongest first (``patience`` may stop it early), one entry per strength:
+    ``lambdas``, the stopping test at the returned point (``checks``), L-BFGS iterations, seconds and, with a
+    validation set, top-1 and mean per-class accuracy (fractions; empty without). ``best`` indexes the chosen
+    strength, ``theta`` (d·c + c,) float64 is its solution (standardised features) and ``memory`` its L-BFGS
+    curvature pairs (the refit's warm start)."""
+
+    lambdas: np.ndarray
+    checks: list[_Check]
+    iters: list[int]
+    seconds: list[float]
+    top1: list[float]
+    mpc: list[float]
+    best: int
+    theta: torch.Tensor
+    memory: _Memory | None
+
+
+def _fit_path(prob: _SoftmaxProblem, lambdas: np.ndarray, val: tuple[torch.Tensor, np.ndarray, np.ndarray] | None,
+              *, metric: str, warm_start: bool, patience: int | None, solver: _Lbfgs, progress: bool,
+              desc: str) -> _Path:
+    """Fit the strengths ``lambdas`` (strongest first) in turn, each from the previous solution and curvature
+    memory when ``warm_start`` (else from zero), and choose one.
+
+    ``val`` = (standardised validation features (m, d) in the problem's dtype and device, their column indices
+    into the classes (m,) (-1 for classes the problem never saw), their labels (m,)), or None with a single λ.
+    The choice is the highest validation ``metric`` (top1 | mean_per_class); ties keep the earlier, stronger λ.
+    ``patience``: stop once that many strengths have scored below the best so far (equal scores do not count).
+    """
+    from tqdm.auto import tqdm
+
+    d, c = prob.d, prob.c
+    theta = torch.zeros(d * c + c, dtype=torch.float64, device=prob.X.device)
+    memory = None
+    top1, mpc, iters, secs, checks = [], [], [], [], []
+    best, best_score, theta_best, since_best, memory_best = 0, -1.0, theta, 0, None
+    bar = tqdm(lambdas, desc=desc, unit="λ", disable=not progress, leave=False, dynamic_ncols=True)
+    for i, lam in enumerate(bar):
+        t0 = time.perf_counter()
+        if not warm_start:
+            theta, memory = torch.zeros_like(theta), None
+        theta, chk, it, memory = solver.solve(prob, lam, theta, memory)
+        secs.append(time.perf_counter() - t0)
+        checks.append(chk)
+        iters.append(it)
+        if val is None:
+            theta_best = theta
+            continue
+        Xv, yv_idx, y_val = val
+        a, m = _val_metrics(_predict_idx(Xv, theta[: d * c].view(d, c), theta[d * c:], prob.block), yv_idx, y_val)
+        top1.append(a)
+        mpc.append(m)
+        score = a if metric == "top1" else m
+        bar.set_postfix(val=f"{100 * score:.1f}%", it=it)
+        if score > best_score:  # strictly better: ties keep the earlier, larger λ
+            best, best_score, theta_best, since_best, memory_best = i, score, theta, 0, memory
+        elif score < best_score:  # a plateau (e.g. chance level at the strong end) is not a decline
+            since_best += 1
+            if patience is not None and since_best >= patience:
+                break
+    bar.close()
+    return _Path(lambdas[: len(checks)], checks, iters, secs, top1, mpc, best, theta_best, memory_best)
+
+
+def _refit(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, classes: np.ndarray,
+           path: _Path, *, standardize: bool, dtype: torch.dtype, dev: torch.device, warm_start: bool,
+           solver: _Lbfgs) -> tuple[np.ndarray, _Scaler, torch.Tensor, _Check, int]:
+    """Refit on train + val ((n + m, d), standardised anew) at the path's chosen λ, starting from its solution
+    re-indexed to the classes of train + val (new classes start at 0) and, when ``warm_start`` and no class was
+    added, from its curvature memory. Returns (classes (c',), scaler, θ (d·c' + c',), stopping test, iterations)."""
+    X_all = np.concatenate([X_train, X_val.astype(X_train.dtype, copy=False)])
+    y_all = np.concatenate([y_train, y_val])
+    classes_all = np.unique(y_all)
+    theta0 = _expand_theta(path.theta, classes, classes_all, X_train.shape[1])
+    scaler, prob = _softmax_problem(X_all, y_all, classes_all, standardize, dtype, dev)
+    # the path's curvature at the chosen λ approximates the refit's (same features, more rows)
+    memory = path.memory if warm_start and classes_all.size == classes.size else None
+    theta, final, n_iter, _ = solver.solve(prob, path.lambdas[path.best], theta0, memory)
+    return classes_all, scaler, theta, final, n_iter
+
+
+def _warn_unconverged(desc: str, path: _Path, final: _Check, final_iters: int, *, refit: bool, solver: _Lbfgs,
+                      dtype: torch.dtype) -> None:
+    """Warn, at :func:`fit_logreg`'s caller, when the returned model (``final``: the refit, or the path fit at
+    the chosen λ) or the path fit that chose λ failed its stopping test: which fit, why, after how many
+    iterations."""
+    path_check = path.checks[path.best]
+    if final.converged and path_check.converged:
+        return
+    if not final.converged:
+        what, bad, spent = ("the refit" if refit else "the fit"), final, final_iters
+    else:
+        what, bad, spent = "the validation-path fit", path_check, path.iters[path.best]
+    hint = ", or use precision='float64'" if dtype == torch.float32 else ""
+    warnings.warn(f"{desc}: {what} at the selected lambda = {float(path.lambdas[path.best]):.3g} did not converge: "
+                  f"{_describe(bad, solver.tol, solver.rtol)} after {spent} L-BFGS iterations (cap "
+                  f"{solver.max_iter}); raise max_iter{hint}", stacklevel=3)  # 3: the caller of fit_logreg
+
+
 def fit_logreg(
     X_train: np.ndarray,
     y_train: np.ndarray,
@@ -689,99 +828,38 @@ def fit_logreg(
     t_start = time.perf_counter()
     X_train, y_train, X_val, y_val, lam_grid, has_val, classes = _check_fit_args(
         X_train, y_train, X_val, y_val, lambdas, metric, refit)
-    d = X_train.shape[1]
-    if tol <= 0 or max_iter < 1 or history_size < 1 or not rtol >= 0:
-        raise UsageError(f"need tol > 0, max_iter >= 1, history_size >= 1, rtol >= 0 (got {tol}, {max_iter}, "
-                         f"{history_size}, {rtol})")
-    c = classes.size
+    solver = _Lbfgs(tol=tol, rtol=rtol, max_iter=max_iter, history=history_size)
+    n, d = X_train.shape
     dev = resolve_device(device)
-    dt = _precision(precision, X_train.shape[0], d, c)
-    order = np.argsort(-lam_grid, kind="stable")  # strongest first
-    path = lam_grid[order]
-
-    from tqdm.auto import tqdm
-
-    small = dev.type == "cpu" and _heavy_threads(X_train.shape[0], d, c) == 1
+    dt = _precision(precision, n, d, classes.size)
+    small = dev.type == "cpu" and _heavy_threads(n, d, classes.size) == 1
     with tf32_off(), torch.no_grad(), _num_threads(1 if small else None):
-        Xt = _to_device(X_train, dev)
-        scaler = _Scaler(Xt, standardize)
-        Xs = scaler.apply(Xt, dt)
-        del Xt
-        y_idx = torch.from_numpy(_encode(y_train, classes)).to(dev)
-        prob = _SoftmaxProblem(Xs, y_idx, c)
-        if has_val:
-            Xv = scaler.apply(_to_device(X_val, dev), dt)
-            yv_idx = _encode(y_val, classes)
-        theta = torch.zeros(d * c + c, dtype=torch.float64, device=dev)
-        memory = None
-        top1, mpc, conv, iters, secs, checks = [], [], [], [], [], []
-        best, best_score, theta_best, since_best, memory_best = 0, -1.0, theta, 0, None
-        bar = tqdm(path, desc=desc, unit="λ", disable=not progress, leave=False, dynamic_ncols=True)
-        for i, lam in enumerate(bar):
-            t0 = time.perf_counter()
-            if not warm_start:
-                theta, memory = torch.zeros_like(theta), None
-            theta, chk, it, memory = prob.solve(float(lam), theta, tol, max_iter, history_size, memory, rtol)
-            secs.append(time.perf_counter() - t0)
-            checks.append(chk)
-            conv.append(chk.converged)
-            iters.append(it)
-            if not has_val:
-                theta_best = theta
-                continue
-            W, b = theta[: d * c].view(d, c), theta[d * c:]
-            a, m = _val_metrics(_predict_idx(Xv, W, b, prob.block), yv_idx, y_val)
-            top1.append(a)
-            mpc.append(m)
-            score = a if metric == "top1" else m
-            bar.set_postfix(val=f"{100 * score:.1f}%", it=it)
-            if score > best_score:  # strictly better: ties keep the earlier, larger λ
-                best, best_score, theta_best, since_best, memory_best = i, score, theta, 0, memory
-            elif score < best_score:  # a plateau (e.g. chance level at the strong end) is not a decline
-                since_best += 1
-                if patience is not None and since_best >= patience:
-                    break
-        bar.close()
-        fitted = path[: len(conv)]
-        top1_a, mpc_a = np.asarray(top1, dtype=np.float64), np.asarray(mpc, dtype=np.float64)
-        lam_best = float(fitted[best])
-        n_fit = X_train.shape[0]
+        scaler, prob = _softmax_problem(X_train, y_train, classes, standardize, dt, dev)
+        val = (scaler.apply(_to_device(X_val, dev), dt), _encode(y_val, classes), y_val) if has_val else None
+        strongest_first = lam_grid[np.argsort(-lam_grid, kind="stable")]
+        path = _fit_path(prob, strongest_first, val, metric=metric, warm_start=warm_start, patience=patience,
+                         solver=solver, progress=progress, desc=desc)
         if refit:
-            del Xs, Xv, prob
-            X_all = np.concatenate([X_train, X_val.astype(X_train.dtype, copy=False)])
-            y_all = np.concatenate([y_train, y_val])
-            classes_all = np.unique(y_all)
-            theta0 = _expand_theta(theta_best, classes, classes_all, d)
-            same_classes = classes_all.size == classes.size
-            classes, c = classes_all, classes_all.size
-            Xa = _to_device(X_all, dev)
-            scaler = _Scaler(Xa, standardize)
-            Xs = scaler.apply(Xa, dt)
-            del Xa
-            prob = _SoftmaxProblem(Xs, torch.from_numpy(_encode(y_all, classes)).to(dev), c)
-            # the path's curvature at the chosen λ approximates the refit's (same features, more rows)
-            memory = memory_best if warm_start and same_classes else None
-            theta_best, final, it, _ = prob.solve(lam_best, theta0, tol, max_iter, history_size, memory, rtol)
-            n_fit = X_all.shape[0]
+            del prob, val  # the path's standardised features go before the refit's are made
+            classes, scaler, theta, final, final_iters = _refit(
+                X_train, y_train, X_val, y_val, classes, path, standardize=standardize, dtype=dt, dev=dev,
+                warm_start=warm_start, solver=solver)
+            n_fit = n + X_val.shape[0]
         else:
-            final, it = checks[best], iters[best]
-        coef, intercept = scaler.to_raw(theta_best[: d * c].view(d, c), theta_best[d * c:])
-    path_ok = bool(conv[best])
-    if not final.converged or not path_ok:
-        what = ("the refit" if refit else "the fit") if not final.converged else "the validation-path fit"
-        bad = final if not final.converged else checks[best]
-        warnings.warn(f"{desc}: {what} at the selected lambda = {lam_best:.3g} did not converge: "
-                      f"{_describe(bad, tol, rtol)} after {it if not final.converged else iters[best]} L-BFGS "
-                      f"iterations (cap {max_iter}); raise max_iter"
-                      + (", or use precision='float64'" if dt == torch.float32 else ""), stacklevel=2)
+            theta, final, final_iters, n_fit = path.theta, path.checks[path.best], path.iters[path.best], n
+        c = classes.size
+        coef, intercept = scaler.to_raw(theta[: d * c].view(d, c), theta[d * c:])
+    _warn_unconverged(desc, path, final, final_iters, refit=refit, solver=solver, dtype=dt)
+    checks = path.checks
     return LinearFit(
-        method="logreg", classes=classes, coef=coef, intercept=intercept, lam=lam_best, n_fit=int(n_fit),
-        n_train=int(X_train.shape[0]), lambdas=fitted, val_top1=top1_a, val_mean_per_class=mpc_a,
-        converged=np.asarray(conv, dtype=bool), n_iter=np.asarray(iters, dtype=np.int64), best_index=best,
-        final_converged=bool(final.converged), final_n_iter=int(it), final_grad=float(final.grad_max),
-        standardize=standardize,
+        method="logreg", classes=classes, coef=coef, intercept=intercept, lam=float(path.lambdas[path.best]),
+        n_fit=int(n_fit), n_train=int(n), lambdas=path.lambdas, val_top1=np.asarray(path.top1, dtype=np.float64),
+        val_mean_per_class=np.asarray(path.mpc, dtype=np.float64),
+        converged=np.asarray([c_.converged for c_ in checks], dtype=bool),
+        n_iter=np.asarray(path.iters, dtype=np.int64), best_index=path.best, final_converged=bool(final.converged),
+        final_n_iter=int(final_iters), final_grad=float(final.grad_max), standardize=standardize,
         precision=str(dt).replace("torch.", ""), device=str(dev), seconds=time.perf_counter() - t_start,
-        seconds_per_lambda=secs, objective=np.array([c_.loss for c_ in checks]),
+        seconds_per_lambda=path.seconds, objective=np.array([c_.loss for c_ in checks]),
         grad_max=np.array([c_.grad_max for c_ in checks]), grad_norm=np.array([c_.grad_norm for c_ in checks]),
         gap_bound=np.array([c_.gap_bound for c_ in checks]), final_objective=final.loss,
         final_grad_norm=final.grad_norm, final_gap_bound=final.gap_bound, rtol=float(rtol), tol=float(tol),
@@ -876,8 +954,7 @@ class _RidgeEig:
         R = (st.class_sums - st.counts[:, None] * delta[None, :]).T  # Σ (x − μ) e_yᵀ = X̃ᵀỸ (d, c)
         mean = st.shift + delta
         if standardize:
-            sd = torch.sqrt(torch.clamp(torch.diagonal(G) / n, min=0.0))
-            sd = torch.where(sd <= 1e-12 * torch.clamp(mean.abs(), min=1.0), torch.ones_like(sd), sd)
+            sd = _standardising_scale(torch.sqrt(torch.clamp(torch.diagonal(G) / n, min=0.0)), mean)
         else:
             sd = torch.ones_like(mean)
         G = G / torch.outer(sd, sd)

@@ -455,6 +455,66 @@ def test_attention_defaults_and_shapes_by_hand():
     assert float(attention_distance(other.transpose(-1, -2), (2, 1), (4, 8))) == pytest.approx(4.0)
 
 
+def test_pixel_distances_use_ph_down_rows_and_pw_across_columns():
+    """Patch-centre distances on a 2 × 3 grid with (ph, pw) = (3, 4) px, written out by hand (a 3-4-5 triangle
+    per diagonal step): rows are ph apart, columns pw. Checked on the function itself and through the
+    ``positions`` path (Swin / user ViTs), which, unlike the default grid, is not cached; float patch sizes keep
+    float64 precision."""
+    from repsim.attention import _pixel_distances, attention_distance, grid_positions
+
+    r = np.sqrt(73.0)  # (1, 2) steps: sqrt(3² + 8²)
+    by_hand = np.array([  # tokens (0,0) (0,1) (0,2) (1,0) (1,1) (1,2)
+        [0.0, 4.0, 8.0, 3.0, 5.0, r],
+        [4.0, 0.0, 4.0, 5.0, 3.0, 5.0],
+        [8.0, 4.0, 0.0, r, 5.0, 3.0],
+        [3.0, 5.0, r, 0.0, 4.0, 8.0],
+        [5.0, 3.0, 5.0, 4.0, 0.0, 4.0],
+        [r, 5.0, 3.0, 8.0, 4.0, 0.0],
+    ])
+    pos = grid_positions((2, 3))
+    np.testing.assert_allclose(_pixel_distances(pos, (3, 4)).numpy(), by_hand, rtol=1e-15)
+    np.testing.assert_allclose(_pixel_distances(pos, (4, 3)).numpy(), _pixel_distances(pos[:, [1, 0]], (3, 4)),
+                               rtol=1e-15)  # swapping the patch sides = swapping rows and columns
+    # query i attends only to token 5 - i (the point reflection): distances r, 3, r, r, 3, r
+    reflect = torch.eye(6, dtype=torch.float64).flip(1)[None, None]
+    got = attention_distance(reflect, (2, 3), (3, 4), positions=pos.double())
+    assert float(got) == pytest.approx((4 * r + 2 * 3.0) / 6, rel=1e-14)
+    # a patch of (0.1, 0.3) px is not a float32 number: the scale must stay float64
+    ph, pw = 0.1, 0.3
+    dy, dx = pos[None, :, 0] - pos[:, None, 0], pos[None, :, 1] - pos[:, None, 1]
+    ref = np.sqrt((dy.numpy() * ph) ** 2 + (dx.numpy() * pw) ** 2)
+    np.testing.assert_allclose(_pixel_distances(pos.double(), (ph, pw)).numpy(), ref, rtol=1e-14)
+
+
+def test_head_statistics_on_pooled_keys_by_hand():
+    """Cross-grid head statistics (keys pooled 2× along one axis, as in PVT / MViT / Twins) with one CLS token and
+    hand-known answers: 4 queries in a row over 2 keys, each query at (c − 0.5)/2 key steps. Head 0 puts half its
+    row on CLS and half on key 0, head 1 its patch mass on the key containing the query. The mean distance is
+    over queries (Nq = 4 ≠ Nk = 2, so a mean over keys is caught); along columns it counts pw, along rows ph."""
+    from repsim.attention import head_statistics
+
+    steps = torch.tensor([-0.25, 0.25, 0.75, 1.25], dtype=torch.float64)  # query centres in key steps
+    attn = torch.zeros(1, 2, 5, 3, dtype=torch.float64)
+    attn[0, :, 0, 0] = 1.0  # the CLS query: not a patch query, ignored
+    attn[0, 0, 1:, 0] = attn[0, 0, 1:, 1] = 0.5
+    attn[0, 1, 1:3, 1] = attn[0, 1, 3:5, 2] = 1.0
+    ph, pw = 4.0, 8.0
+    for axis, grid, scale in ((1, (1, 2), pw), (0, (2, 1), ph)):  # keys in a row, then in a column
+        qpos = torch.zeros(4, 2, dtype=torch.float64)
+        qpos[:, axis] = steps
+        s = head_statistics(attn, grid, (ph, pw), 1, query_positions=qpos)
+        # head 0: all patch mass on key 0, |offsets| 0.25, 0.25, 0.75, 1.25 steps; head 1: 0.25 steps each
+        np.testing.assert_allclose(s["distance"].numpy(), [[scale * 2.5 / 4, scale * 0.25]], rtol=1e-14)
+        np.testing.assert_allclose(s["prefix_mass"].numpy(), [[0.5, 0.0]], atol=0)
+        np.testing.assert_allclose(s["entropy"].numpy(), [[np.log(2.0), 0.0]], rtol=1e-14)
+        # queries sit in key cells 0, 0, 1, 1: head 0's offsets to key 0 are 0, 0, −1, −1; head 1's all 0
+        canvas = np.array([[2.0, 2.0, 0.0], [0.0, 4.0, 0.0]])
+        expected = canvas[:, None, :] if axis == 1 else canvas[:, :, None]
+        np.testing.assert_array_equal(s["aligned_sum"].numpy(), expected)
+    with pytest.raises(UsageError, match=r"^patch_size must be positive, got 0"):
+        head_statistics(attn, (2, 1), 0, 1, query_positions=qpos)
+
+
 def test_class_attention_statistics_by_hand():
     """One CLS query over 1 prefix key (the default) and a 2 × 2 grid: per-head prefix mass and entropy, the map
     renormalised per head, zeros (not NaN) for a head with no patch mass; (H, 1, S) without a batch axis works."""
@@ -524,3 +584,85 @@ def test_ridge_validation_curve_matches_scikit_learn(d):
     assert len(set(ref)) > 1  # the strengths are told apart, so the curve can catch a wrong one
     _, scores = _sk_ridge_val_top1(Xt, yt, Xv, yv, fit.lam)
     np.testing.assert_allclose(fit.decision_function(Xv), scores, rtol=1e-8, atol=1e-8)
+
+
+def test_validation_metric_decides_the_strength_on_imbalanced_classes():
+    """A hand-built case where top-1 and mean per-class accuracy disagree. Training: class 0 at x = 0 (8 rows),
+    class 1 at x = 1 (2 rows); validation: 6 class-0 rows at 0, 3 at 0.8 and the class-1 row at 1. λ = 1e5
+    predicts the majority class everywhere (top-1 9/10, per-class (1 + 0)/2); λ = 1e-6 separates the training
+    classes at x ≈ 0.5 (top-1 7/10, per-class (6/9 + 1)/2). Each metric must pick its own best λ, in both
+    solvers (ridge through _pick, logreg through its path loop)."""
+    from probes.linear import fit_logreg, ridge_classify
+
+    Xt, yt = np.r_[[0.0] * 8, [1.0] * 2][:, None], np.r_[[0] * 8, [1] * 2]
+    Xv, yv = np.r_[[0.0] * 6, [0.8] * 3, 1.0][:, None], np.r_[[0] * 9, 1]
+    for solver in (ridge_classify, fit_logreg):
+        for metric, lam in (("top1", 1e5), ("mean_per_class", 1e-6)):
+            fit = solver(Xt, yt, Xv, yv, [1e5, 1e-6], metric=metric, device="cpu")
+            np.testing.assert_allclose(fit.val_top1, [0.9, 0.7], rtol=1e-15)
+            np.testing.assert_allclose(fit.val_mean_per_class, [0.5, (6 / 9 + 1) / 2], rtol=1e-15)
+            assert fit.lam == lam, (solver.__name__, metric)
+
+
+@pytest.mark.parametrize("d", [5, 40])  # primal (d <= n) and dual (d > n: 24 training rows, 36 in the refit)
+@pytest.mark.parametrize("only_in", ["val", "train"])
+def test_ridge_refit_when_the_last_class_is_missing_from_one_split(d, only_in):
+    """refit=True with the last class (2) in one split only: the class count comes from all labels, so the
+    statistics of the split without it still have 3 classes (a bincount sized by that split's largest label
+    would have 2). The validation curve equals scikit-learn's Ridge on the training classes; the refit equals
+    scikit-learn's RidgeClassifier on train + val (targets ±1, so its scores are 2·ours − 1)."""
+    from sklearn.linear_model import RidgeClassifier
+
+    from probes.linear import ridge_classify
+
+    rng = np.random.default_rng(21)
+
+    def data(n, k):
+        y = np.arange(n) % k
+        X = rng.standard_normal((n, d)) * 3.0 + 10.0
+        X[:, :3] += 2.0 * np.eye(3)[y]
+        return X, y
+
+    Xt, yt = data(24, 2 if only_in == "val" else 3)
+    Xv, yv = data(12, 3 if only_in == "val" else 2)
+    lambdas = [1e-2, 1.0]
+    fit = ridge_classify(Xt, yt, Xv, yv, lambdas, refit=True, device="cpu")
+    np.testing.assert_array_equal(fit.classes, [0, 1, 2])
+    np.testing.assert_allclose(fit.val_top1, [_sk_ridge_val_top1(Xt, yt, Xv, yv, lam)[0] for lam in lambdas],
+                               atol=1e-12)
+    Xa, ya = np.vstack([Xt, Xv]), np.r_[yt, yv]
+    mu, sd = Xa.mean(0), Xa.std(0)
+    rc = RidgeClassifier(alpha=fit.lam * len(ya), solver="svd").fit((Xa - mu) / sd, ya)
+    np.testing.assert_allclose(2.0 * fit.decision_function(Xa) - 1.0, rc.decision_function((Xa - mu) / sd),
+                               rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver, n, d", [("ridge", 40, 4), ("ridge", 12, 20), ("logreg", 40, 4)])
+def test_near_constant_feature_threshold_is_relative_to_the_mean(solver, n, d):
+    """Standardisation treats a feature as constant when its sd ≤ 1e-12·max(|mean|, 1). At mean −1e6 (|mean| > 1,
+    negative) a spread of 1e-7 (relative 1e-13: rounding-size) is constant, so the fit equals the fit without that
+    column; a spread of 1e-5 (relative 1e-11) is a real feature, so the fit equals the fit with that column
+    replaced by its own z-score (standardisation makes the fit invariant to the column's offset and scale). An
+    absolute threshold (1e-12) would blow the first up to a unit-variance noise feature. Ridge primal
+    (d ≤ n: its own statistics), ridge dual (d > n) and logreg (the row scaler)."""
+    from probes.linear import fit_logreg, ridge_classify
+
+    rng = np.random.default_rng(5)
+    y = np.arange(n) % 3
+    base = rng.standard_normal((n, d)) + np.eye(3)[y] @ rng.standard_normal((3, d))
+    z = rng.standard_normal(n)
+    near, small = -1e6 + 1e-7 * z, -1e6 + 1e-5 * z
+    fit_rows = 3 * n // 4
+
+    def scores(X):
+        fitter = fit_logreg if solver == "logreg" else ridge_classify
+        fit = fitter(X[:fit_rows], y[:fit_rows], X[fit_rows:], y[fit_rows:], [0.05], device="cpu")
+        return fit.decision_function(X[fit_rows:])
+
+    without = scores(base)
+    np.testing.assert_allclose(scores(np.c_[base, near]), without, rtol=0, atol=1e-9)
+    z_small = (small - small[:fit_rows].mean()) / small[:fit_rows].std()  # the training rows' statistics
+    with_small = scores(np.c_[base, small])
+    # raw-unit scores: coef ~1e5 times x ~ -1e6 cancels against the intercept to ~1e-6 (float64 at 1e11)
+    np.testing.assert_allclose(with_small, scores(np.c_[base, z_small]), rtol=0, atol=1e-4)
+    assert np.abs(with_small - without).max() > 0.05  # the tiny feature does count
