@@ -460,7 +460,7 @@ def test_pixel_distances_use_ph_down_rows_and_pw_across_columns():
     per diagonal step): rows are ph apart, columns pw. Checked on the function itself and through the
     ``positions`` path (Swin / user ViTs), which, unlike the default grid, is not cached; float patch sizes keep
     float64 precision."""
-    from repsim.attention import _pixel_distances, attention_distance, grid_positions
+    from repsim.attention.statistics import _pixel_distances, attention_distance, grid_positions
 
     r = np.sqrt(73.0)  # (1, 2) steps: sqrt(3² + 8²)
     by_hand = np.array([  # tokens (0,0) (0,1) (0,2) (1,0) (1,1) (1,2)
@@ -491,7 +491,7 @@ def test_head_statistics_on_pooled_keys_by_hand():
     hand-known answers: 4 queries in a row over 2 keys, each query at (c − 0.5)/2 key steps. Head 0 puts half its
     row on CLS and half on key 0, head 1 its patch mass on the key containing the query. The mean distance is
     over queries (Nq = 4 ≠ Nk = 2, so a mean over keys is caught); along columns it counts pw, along rows ph."""
-    from repsim.attention import head_statistics
+    from repsim.attention.statistics import head_statistics
 
     steps = torch.tensor([-0.25, 0.25, 0.75, 1.25], dtype=torch.float64)  # query centres in key steps
     attn = torch.zeros(1, 2, 5, 3, dtype=torch.float64)
