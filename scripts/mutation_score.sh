@@ -38,7 +38,7 @@ case "$group" in
     globs=(
       'repsim.measures.gram.*'
       'repsim.measures.cka_engine.x_gram_linear__*' 'repsim.measures.cka_engine.x_gram_rbf__*' 'repsim.measures.cka_engine.x_u_centre_np__*'
-      'repsim.measures.cka_engine.x_center_gram__*' 'repsim.measures.cka_engine.x_cka_from_grams__*' 'repsim.measures.cka_engine.x__cosine__*'
+      'repsim.measures.cka_engine.x_centre_gram__*' 'repsim.measures.cka_engine.x_cka_from_grams__*' 'repsim.measures.cka_engine.x__cosine__*'
       'repsim.measures.cka_engine.x_feature_space_linear_cka__*' 'repsim.measures.cka_engine.x_cka__*'
       'repsim.measures.cka_engine.xǁMinibatchCKAǁ*' 'repsim.measures.cka_engine.x_batch_plan__*'
       'repsim.measures.cka_engine.x_contiguous_plan__*' 'repsim.measures.cka_engine.x_minibatch_cka__*'
