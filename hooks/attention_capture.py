@@ -415,133 +415,192 @@ def _hf_pretrained_type() -> type | None:
 def _discover(module: nn.Module, geometry: Any = None) -> tuple[list[_Found], list[str]]:
     """Capturable attention layers in network order, and descriptions of attention-like modules that are not."""
     modules = dict(module.named_modules())
+    hf_paths, hf_refused = _hf_attention_paths(modules)
+    unsupported = list(hf_refused.values())
+    geometries = _GeometryCache(modules)
     found: list[_Found] = []
-    unsupported: list[str] = []
-    taken: set[str] = set()
-    geoms: dict[int, _Geometry] = {}
+    for path, m in modules.items():
+        if path in hf_refused:
+            continue
+        kind, refusal = _attention_kind(path, m, hf_paths)
+        if refusal is not None:
+            unsupported.append(f"{path} ({'.'.join(_qual(m))}: {refusal})")
+        elif kind is not None:
+            found.append(_found_layer(modules, path, m, kind, hf_paths.get(path, 1), geometries))
 
-    def geom_for(path: str) -> _Geometry | None:
-        owner = _geometry_owner(modules, path)
+    covered = [f.layer.path for f in found] + sorted(hf_refused) + [u.split(" ", 1)[0] for u in unsupported]
+    unsupported += _unknown_attention(modules, covered)
+    if any(_qual(m) == ("timm.models.xcit", "XCA") for m in modules.values()):
+        return [], [f"{type(module).__name__}: {_XCIT_REFUSAL}"]
+    if geometry is not None:  # explicit geometry (MHA layers, or overrides)
+        _apply_geometry(found, geometry)
+    return found, unsupported
+
+
+#: how each kind of geometry owner (:func:`_geometry_owner`) gives its token layout
+_OWNER_GEOMETRY: dict[str, Callable[[nn.Module], _Geometry]] = {
+    "declared": _declared_geometry, "timm": _timm_geometry, "hf": _hf_geometry, "tv": _tv_geometry,
+}
+
+
+class _GeometryCache:
+    """The token geometries of one discovery, each read once and shared by every layer it applies to: the
+    capture sets a forward's grid on the shared :class:`_Geometry` (``runtime_grid``, one hook per patch
+    convolution), so all layers under one owner must hold the same object."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.modules = modules
+        self._by_owner: dict[int, _Geometry] = {}
+        self._by_family: dict[tuple[Any, ...], _Geometry] = {}
+
+    def of_owner(self, path: str) -> tuple[_Geometry | None, str | None]:
+        """(geometry of the nearest owner above ``path``, its kind: declared | timm | hf | tv), (None, None)
+        without one."""
+        owner = _geometry_owner(self.modules, path)
         if owner is None:
-            return None
+            return None, None
         _p, mod, src = owner
-        if id(mod) not in geoms:
-            geoms[id(mod)] = {"declared": _declared_geometry, "timm": _timm_geometry, "hf": _hf_geometry,
-                              "tv": _tv_geometry}[src](mod)
-        return geoms[id(mod)]
+        if id(mod) not in self._by_owner:
+            self._by_owner[id(mod)] = _OWNER_GEOMETRY[src](mod)
+        return self._by_owner[id(mod)], src
 
-    family_geoms: dict[tuple[Any, ...], _Geometry] = {}
+    def family(self, key: tuple[Any, ...], make: Callable[[], _Geometry]) -> _Geometry:
+        """The geometry of a family's stage / branch ``key`` (see :func:`_family_found`), made once."""
+        if key not in self._by_family:
+            self._by_family[key] = make()
+        return self._by_family[key]
 
-    def geom(key: tuple[Any, ...], make: Callable[[], _Geometry]) -> _Geometry:
-        if key not in family_geoms:
-            family_geoms[key] = make()
-        return family_geoms[key]
 
-    # Hugging Face: the modules each PreTrainedModel's own output recorder names as "attentions"
+def _hf_recorded_modules(modules: Mapping[str, nn.Module], root_path: str,
+                         spec: tuple[type | None, str | None, str | None, int]) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the modules at or under ``root_path`` that an HF "attentions" recorder ``spec`` names."""
+    return [(path, m) for path, m in modules.items()
+            if (not root_path or path == root_path or path.startswith(root_path + ".")) and _hf_match(spec, path, m)]
+
+
+def _hf_attention_paths(modules: Mapping[str, nn.Module]) -> tuple[dict[str, int], dict[str, str]]:
+    """Hugging Face: the modules each PreTrainedModel's own output recorder names as "attentions", as
+    ({path: output index of the weights}, {path: why it is refused}); a recorder of another class than an
+    attention (HF Swin records per stage) is refused."""
     pretrained = _hf_pretrained_type()
     hf_paths: dict[str, int] = {}
-    if pretrained is not None:
-        for ppath, pm in modules.items():
-            if not isinstance(pm, pretrained):
-                continue
-            for spec in _hf_specs(pm):
-                target = spec[0]
-                tname = target.__name__ if target is not None else (spec[1] or "")
-                for path, m in modules.items():
-                    inside = not ppath or path == ppath or path.startswith(ppath + ".")
-                    if path in hf_paths or path in taken or not inside:
-                        continue
-                    if not _hf_match(spec, path, m):
-                        continue
-                    if "Attention" not in tname:
-                        unsupported.append(f"{path} ({type(m).__name__}: transformers records its attentions per "
-                                           "stage; use the timm model)")
-                        taken.add(path)
-                        continue
+    refused: dict[str, str] = {}
+    if pretrained is None:
+        return hf_paths, refused
+    for root_path, pm in modules.items():
+        if not isinstance(pm, pretrained):
+            continue
+        for spec in _hf_specs(pm):
+            target = spec[0]
+            tname = target.__name__ if target is not None else (spec[1] or "")
+            for path, m in _hf_recorded_modules(modules, root_path, spec):
+                if path in hf_paths or path in refused:
+                    continue
+                if "Attention" in tname:
                     hf_paths[path] = spec[3]
+                else:
+                    refused[path] = (f"{path} ({type(m).__name__}: transformers records its attentions per stage; "
+                                     "use the timm model)")
+    return hf_paths, refused
 
-    for path, m in modules.items():
-        if path in taken:
-            continue
-        qual = _qual(m)
-        typename = ".".join(qual)
-        kind: str | None = None
-        if path in hf_paths:
-            kind = "hf_eager"
-        elif qual in _TIMM_REFUSED:
-            unsupported.append(f"{path} ({typename}: {_TIMM_REFUSED[qual]})")
-            continue
-        elif qual in _TIMM_KNOWN:
-            kind = _TIMM_KNOWN[qual]
-        elif isinstance(m, nn.MultiheadAttention):
-            kind = "torch_mha"
-        elif _timm_like(m):
-            kind = "timm_like"
-        elif isinstance(getattr(m, "fused_attn", None), bool):
-            unsupported.append(f"{path} ({typename}: computes attention without an attn_drop module to tap)")
-            continue
-        if kind is None:
-            continue
-        heads = _num_heads(m)
-        if kind.startswith("timm_"):
-            fam = _family_found(modules, path, m, kind, heads, typename, geom)
-            if fam is not None:
-                found.append(fam)
-                continue
-        if kind in WINDOW_KINDS:
-            found.append(_swin_found(modules, path, m, kind, heads, typename))
-            continue
-        g = geom_for(path)
-        if kind == "torch_mha" and g is not None and _geometry_owner(modules, path)[2] not in ("tv", "declared"):  # type: ignore[index]
-            g = None  # an MHA inside a timm / HF model: its tokens are not necessarily the patch tokens
-        # CaiT's self-attention blocks run before the class token is appended (Touvron et al. 2021 Sec. 3), and
-        # ConViT's GPSA blocks before it is (d'Ascoli et al. 2021 Sec. 3): no prefix token there
-        prefix = 0 if kind in ("timm_talking_heads", "timm_gpsa") else None
-        n_prefix = prefix if prefix is not None else (g.num_prefix_tokens if g else None)
-        found.append(_Found(AttentionLayer(path, kind, heads, n_prefix, g.grid if g else None,
-                                           g.patch_size if g else None, module_type=typename,
-                                           class_query=kind in CLASS_KINDS), m, g, hf_index=hf_paths.get(path, 1),
-                            prefix=prefix))
 
-    # attention-looking modules that none of the above covers (e.g. CaiT's talking-head attention)
-    covered = [f.layer.path for f in found] + sorted(taken) + [u.split(" ", 1)[0] for u in unsupported]
+def _attention_kind(path: str, m: nn.Module, hf_paths: Mapping[str, int]) -> tuple[str | None, str | None]:
+    """(kind, None) for a capturable attention module (:data:`KINDS`), (None, why) for one that is refused, and
+    (None, None) for any other module. The first rule that applies decides: an HF recorded attention, a timm
+    class refused or checked by hand, ``nn.MultiheadAttention``, a timm-like module, and last a module with a
+    ``fused_attn`` switch but no ``attn_drop`` to tap."""
+    qual = _qual(m)
+    if path in hf_paths:
+        return "hf_eager", None
+    if qual in _TIMM_REFUSED:
+        return None, _TIMM_REFUSED[qual]
+    if qual in _TIMM_KNOWN:
+        return _TIMM_KNOWN[qual], None
+    if isinstance(m, nn.MultiheadAttention):
+        return "torch_mha", None
+    if _timm_like(m):
+        return "timm_like", None
+    if isinstance(getattr(m, "fused_attn", None), bool):
+        return None, "computes attention without an attn_drop module to tap"
+    return None, None
+
+
+def _found_layer(modules: Mapping[str, nn.Module], path: str, m: nn.Module, kind: str, hf_index: int,
+                 geometries: _GeometryCache) -> _Found:
+    """The :class:`_Found` of attention module ``m`` of ``kind``: a timm family with its own geometry, a window
+    attention, or a global attention laid out by its geometry owner."""
+    heads = _num_heads(m)
+    typename = ".".join(_qual(m))
+    if kind.startswith("timm_"):
+        fam = _family_found(modules, path, m, kind, heads, typename, geometries.family)
+        if fam is not None:
+            return fam
+    if kind in WINDOW_KINDS:
+        return _swin_found(modules, path, m, kind, heads, typename)
+    g, src = geometries.of_owner(path)
+    return _global_found(path, m, kind, heads, typename, g, src, hf_index)
+
+
+def _global_found(path: str, m: nn.Module, kind: str, heads: int | None, typename: str, g: _Geometry | None,
+                  src: str | None, hf_index: int) -> _Found:
+    """A global attention layer laid out by the geometry ``g`` of its owner of kind ``src`` (see
+    :meth:`_GeometryCache.of_owner`); ``hf_index``: output index of an HF layer's weights."""
+    if kind == "torch_mha" and g is not None and src not in ("tv", "declared"):
+        g = None  # an MHA inside a timm / HF model: its tokens are not necessarily the patch tokens
+    # CaiT's self-attention blocks run before the class token is appended (Touvron et al. 2021 Sec. 3), and
+    # ConViT's GPSA blocks before it is (d'Ascoli et al. 2021 Sec. 3): no prefix token there
+    prefix = 0 if kind in ("timm_talking_heads", "timm_gpsa") else None
+    n_prefix = prefix if prefix is not None else (g.num_prefix_tokens if g else None)
+    return _Found(AttentionLayer(path, kind, heads, n_prefix, g.grid if g else None, g.patch_size if g else None,
+                                 module_type=typename, class_query=kind in CLASS_KINDS), m, g, hf_index=hf_index,
+                  prefix=prefix)
+
+
+def _unknown_attention(modules: Mapping[str, nn.Module], covered: Sequence[str]) -> list[str]:
+    """Descriptions of the attention-looking modules (class name ending in Attention / Attn) that none of the
+    ``covered`` paths (found, refused) is, holds or lies inside, e.g. a timm class repsim does not know."""
+    covered = list(covered)
 
     def related(path: str) -> bool:
         return any(path == c or path.startswith(c + ".") or c.startswith(path + ".") or not path for c in covered)
 
+    out = []
     for path, m in modules.items():
         if type(m).__name__.endswith(("Attention", "Attn")) and not related(path):
-            unsupported.append(f"{path} ({'.'.join(_qual(m))}: computes attention in a way repsim does not know)")
+            out.append(f"{path} ({'.'.join(_qual(m))}: computes attention in a way repsim does not know)")
             covered.append(path)
+    return out
 
-    if any(_qual(m) == ("timm.models.xcit", "XCA") for m in modules.values()):
-        return [], [f"{type(module).__name__}: {_XCIT_REFUSAL}"]
 
-    # explicit geometry (MHA layers, or overrides)
-    if geometry is not None:
-        by_path = {f.layer.path: f for f in found}
-        if isinstance(geometry, Mapping):
-            default = geometry.get("*")
-            unknown = [p for p in geometry if p != "*" and p not in by_path]
-            if unknown:
-                raise UsageError(f"geometry names {unknown[0]!r}, which is not a capturable attention layer "
-                                 f"(known: {', '.join(by_path) or 'none'})")
-            items = {p: v for p, v in geometry.items() if p != "*"}
-        else:
-            default, items = geometry, {}
-        for f in found:
-            value = items.get(f.layer.path)
-            if value is None and default is not None and f.layer.kind == "torch_mha" and f.geometry is None:
-                value = default
-            if value is None:
-                continue
-            if f.layer.windowed or f.resolve is not None:
-                raise UsageError(f"{f.layer.path} ({f.layer.kind}) has its geometry from the model; it cannot be "
-                                 "overridden")
-            prefix, grid, patch = _geometry_arg(value, f.layer.path)
-            f.geometry = _Geometry(prefix, grid, patch)
-            f.layer.num_prefix_tokens, f.layer.grid, f.layer.patch_size = prefix, grid, patch
-    return found, unsupported
+def _geometry_overrides(geometry: Any, known: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+    """(default geometry for MHA layers without one, {path: geometry}) of the ``geometry`` argument: one
+    geometry (the default), or a mapping of layer paths (``"*"``: the default); refuses a path that is not one of
+    the ``known`` capturable layers."""
+    if not isinstance(geometry, Mapping):
+        return geometry, {}
+    unknown = [p for p in geometry if p != "*" and p not in known]
+    if unknown:
+        raise UsageError(f"geometry names {unknown[0]!r}, which is not a capturable attention layer "
+                         f"(known: {', '.join(known) or 'none'})")
+    return geometry.get("*"), {p: v for p, v in geometry.items() if p != "*"}
+
+
+def _apply_geometry(found: list[_Found], geometry: Any) -> None:
+    """Set the explicit ``geometry`` (see :class:`AttentionCapture`) on the layers it names, and the default on
+    MHA layers without one; refuses overriding a layer whose geometry comes from the model (windows, families)."""
+    default, items = _geometry_overrides(geometry, [f.layer.path for f in found])
+    for f in found:
+        value = items.get(f.layer.path)
+        if value is None and default is not None and f.layer.kind == "torch_mha" and f.geometry is None:
+            value = default
+        if value is None:
+            continue
+        if f.layer.windowed or f.resolve is not None:
+            raise UsageError(f"{f.layer.path} ({f.layer.kind}) has its geometry from the model; it cannot be "
+                             "overridden")
+        prefix, grid, patch = _geometry_arg(value, f.layer.path)
+        f.geometry = _Geometry(prefix, grid, patch)
+        f.layer.num_prefix_tokens, f.layer.grid, f.layer.patch_size = prefix, grid, patch
 
 
 # ----------------------------------------------------------------------------------------------------------
