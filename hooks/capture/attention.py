@@ -472,12 +472,10 @@ class _GeometryCache:
 
 
 def _hf_recorded_modules(modules: Mapping[str, nn.Module], root_path: str,
-                         spec: tuple[type | None, str | None, str | None, int]) -> Iterator[tuple[str, nn.Module]]:
+                         spec: tuple[type | None, str | None, str | None, int]) -> list[tuple[str, nn.Module]]:
     """(path, module) of the modules at or under ``root_path`` that an HF "attentions" recorder ``spec`` names."""
-    for path, m in modules.items():
-        inside = not root_path or path == root_path or path.startswith(root_path + ".")
-        if inside and _hf_match(spec, path, m):
-            yield path, m
+    return [(path, m) for path, m in modules.items()
+            if (not root_path or path == root_path or path.startswith(root_path + ".")) and _hf_match(spec, path, m)]
 
 
 def _hf_attention_paths(modules: Mapping[str, nn.Module]) -> tuple[dict[str, int], dict[str, str]]:
