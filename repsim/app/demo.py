@@ -600,7 +600,7 @@ def _localisation_step(ctx: DemoContext, models: list[str]) -> StepOutput:
     import probes
     from probes.localisation import localisation_interval, plot_token_maps
 
-    stores, n, images = ctx.stores, ctx.n, min(ctx.localise_images, ctx.n)
+    stores, images = ctx.stores, min(ctx.localise_images, ctx.n)
     loc, final = {}, {}
     with ctx.ph.phase("localisation", "spatial localisation (token ↔ input-patch CKA, position probe)",
                       len(stores)) as step:
