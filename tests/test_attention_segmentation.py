@@ -372,3 +372,32 @@ def test_a_map_without_weight_on_the_patches_is_left_out_not_scored_zero(tmp_pat
     assert partial.gain == pytest.approx(1.0 - base[keep].mean(), abs=1e-12)
     assert full.gain == pytest.approx(1.0 - base.mean(), abs=1e-12)
     assert "1 head maps had no weight on the patches" in res.summary()
+
+
+def test_register_tokens_without_a_class_token_use_the_mean_query():
+    """timm ViTs with register tokens but no class token (``vit_*_reg4_gap``): the first prefix token is a
+    register, so the query map is the mean over patch queries (each renormalised over the patch keys), not the
+    row of query 0; with a class token (registers or not) it stays the class token's row."""
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from hooks.capture.attention import find_attention_layers
+    from repsim.attention.segmentation import query_map_kind
+
+    common = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    reg_only = VisionTransformer(reg_tokens=4, class_token=False, global_pool="avg", no_embed_class=True, **common)
+    cls_reg = VisionTransformer(reg_tokens=4, class_token=True, no_embed_class=True, **common)
+    plain = VisionTransformer(**common)
+    (lr,), (lc,), (lp,) = (find_attention_layers(m) for m in (reg_only, cls_reg, plain))
+    assert (lr.num_prefix_tokens, lr.class_token) == (4, False)
+    assert (lc.num_prefix_tokens, lc.class_token) == (5, True) and (lp.num_prefix_tokens, lp.class_token) == (1, True)
+    assert [query_map_kind(ly.num_prefix_tokens, ly.class_token) for ly in (lr, lc, lp)] == ["mean", "cls", "cls"]
+    assert query_map_kind(1) == "cls" and query_map_kind(0) == "mean"  # not recorded: as before
+
+    a = torch.softmax(torch.randn(2, 2, 4 + 16, 4 + 16, dtype=torch.float64), -1)
+    patch = a[..., 4:, 4:]
+    by_hand = (patch / patch.sum(-1, keepdim=True)).mean(-2)  # mean over the 16 patch queries
+    np.testing.assert_allclose(query_maps(a, (4, 4), 4, class_token=False).numpy(), by_hand.numpy(), rtol=1e-12)
+    row = a[..., 0, 4:]
+    np.testing.assert_allclose(query_maps(a, (4, 4), 4).numpy(), (row / row.sum(-1, keepdim=True)).numpy(),
+                               rtol=1e-12)

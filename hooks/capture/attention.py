@@ -152,6 +152,9 @@ class AttentionLayer:
         keys'); None for self-attention
     class_query : the only query is the class token (CaiT class attention, CrossViT cross-attention): records
         are CLS-to-patch maps (B, heads, 1, num_prefix_tokens + gh·gw)
+    class_token : whether the first prefix token is a class token (False for register tokens alone, e.g. timm
+        ``vit_*_reg4_gap``: the query map is then the mean over patch queries); None when the model does not say
+        (a prefix token is then taken to be the class token, as in every ViT family repsim knows)
 
     ``patch_size`` may be fractional (CrossViT's second branch sees the input resized: 16 px of 224 are
     17.14 px of a 240-px input).
@@ -170,6 +173,7 @@ class AttentionLayer:
     query_grid: Pair | None = None
     query_patch_size: Pair | None = None
     class_query: bool = False
+    class_token: bool | None = None
 
     @property
     def windowed(self) -> bool:
@@ -254,6 +258,7 @@ class _Geometry:
     patch_size: Pair | None
     conv: nn.Module | None = None
     runtime_grid: Pair | None = field(default=None, repr=False)
+    class_token: bool | None = None  # the first prefix token is a class token (None: not known)
 
     def current_grid(self) -> Pair | None:
         return self.runtime_grid if self.runtime_grid is not None else self.grid
@@ -263,8 +268,10 @@ def _timm_geometry(owner: nn.Module) -> _Geometry:
     pe = owner.patch_embed
     prefix = int(getattr(owner, "num_prefix_tokens", 0) or 0)
     conv = getattr(pe, "proj", None)
+    # timm's VisionTransformer keeps ``cls_token = None`` when built with class_token=False (registers only)
+    class_token = isinstance(owner.cls_token, torch.Tensor) if hasattr(owner, "cls_token") else None
     return _Geometry(prefix, _pair(getattr(pe, "grid_size", None)), _pair(getattr(pe, "patch_size", None)),
-                     conv if isinstance(conv, nn.Conv2d) else None)
+                     conv if isinstance(conv, nn.Conv2d) else None, class_token=class_token)
 
 
 def _hf_embeddings(owner: nn.Module) -> nn.Module | None:
@@ -281,6 +288,7 @@ def _hf_geometry(owner: nn.Module) -> _Geometry:
     for attr in ("cls_token", "class_embedding", "distillation_token"):
         if isinstance(getattr(emb, attr, None), torch.Tensor):
             prefix += 1
+    class_token = any(isinstance(getattr(emb, attr, None), torch.Tensor) for attr in ("cls_token", "class_embedding"))
     reg = getattr(emb, "register_tokens", None)
     if isinstance(reg, torch.Tensor):
         prefix += int(reg.shape[-2]) if reg.ndim >= 2 else 1
@@ -293,7 +301,7 @@ def _hf_geometry(owner: nn.Module) -> _Geometry:
         k, p = _pair(conv.kernel_size), _pair(conv.padding)
         if k is not None and p is not None and isinstance(conv.padding, (tuple, list)):
             grid = tuple((img[i] + 2 * p[i] - k[i]) // patch[i] + 1 for i in range(2))  # type: ignore[assignment]
-    return _Geometry(prefix, grid, patch, conv)
+    return _Geometry(prefix, grid, patch, conv, class_token=class_token)
 
 
 def _is_tv_vit(owner: nn.Module) -> bool:
@@ -305,7 +313,7 @@ def _is_tv_vit(owner: nn.Module) -> bool:
 def _tv_geometry(owner: nn.Module) -> _Geometry:
     p = int(owner.patch_size)
     g = int(owner.image_size) // p
-    return _Geometry(1, (g, g), (p, p), owner.conv_proj)
+    return _Geometry(1, (g, g), (p, p), owner.conv_proj, class_token=True)
 
 
 def _declared_geometry(owner: nn.Module) -> _Geometry:
@@ -552,8 +560,9 @@ def _global_found(path: str, m: nn.Module, kind: str, heads: int | None, typenam
     prefix = 0 if kind in ("timm_talking_heads", "timm_gpsa") else None
     n_prefix = prefix if prefix is not None else (g.num_prefix_tokens if g else None)
     return _Found(AttentionLayer(path, kind, heads, n_prefix, g.grid if g else None, g.patch_size if g else None,
-                                 module_type=typename, class_query=kind in CLASS_KINDS), m, g, hf_index=hf_index,
-                  prefix=prefix)
+                                 module_type=typename, class_query=kind in CLASS_KINDS,
+                                 class_token=g.class_token if g is not None and n_prefix else None),
+                  m, g, hf_index=hf_index, prefix=prefix)
 
 
 def _unknown_attention(modules: Mapping[str, nn.Module], covered: Sequence[str]) -> list[str]:

@@ -135,8 +135,8 @@ class AttentionReducer:
         info = {path: layer_attrs(layer) for path, layer in self.layers.items()}
         for path, layer in self.layers.items():
             # which query the stored query map is: "cls" (the first prefix token) or "mean" (of the patch queries)
-            info[path]["query_map"] = (query_map_kind(int(layer.num_prefix_tokens)) if self.keeps_query_map(layer)
-                                       else None)
+            info[path]["query_map"] = (query_map_kind(int(layer.num_prefix_tokens), layer.class_token)
+                                       if self.keeps_query_map(layer) else None)
         return {
             "layers": [p for p, ly in self.layers.items() if not is_class_query(ly)],
             "class_layers": [p for p, ly in self.layers.items() if is_class_query(ly)],
@@ -188,7 +188,7 @@ class AttentionReducer:
                     self._parts.setdefault(f"attn/{path}/{stat}", []).append(stats[stat].float().cpu().numpy())
                 aligned = stats["aligned_sum"].float().cpu().numpy()
                 if self.keeps_query_map(layer):
-                    qmap = query_maps(probs, grid, int(layer.num_prefix_tokens))
+                    qmap = query_maps(probs, grid, int(layer.num_prefix_tokens), layer.class_token)
                     self._parts.setdefault(f"attn/{path}/query_map", []).append(qmap.float().cpu().numpy())
                 if self.keeps_maps(layer) and self._rows.start < self.attn_keep:
                     keep = min(len(self._rows), self.attn_keep - self._rows.start)

@@ -123,19 +123,22 @@ DEFINITIONS = {
 # ----------------------------------------------------------------------------------------------------
 
 
-def query_map_kind(num_prefix_tokens: int) -> str:
-    """``"cls"`` when the layer has prefix tokens (the first is the class token), else ``"mean"``."""
-    return "cls" if int(num_prefix_tokens) > 0 else "mean"
+def query_map_kind(num_prefix_tokens: int, class_token: bool | None = None) -> str:
+    """``"cls"`` when the layer has prefix tokens and the first is a class token (``class_token`` True, or None:
+    not recorded, the case of every ViT family with prefix tokens but register-only ones), else ``"mean"``."""
+    return "cls" if int(num_prefix_tokens) > 0 and class_token is not False else "mean"
 
 
-def query_maps(attn: Any, grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+def query_maps(attn: Any, grid: tuple[int, int], num_prefix_tokens: int, class_token: bool | None = None
+               ) -> torch.Tensor:
     """Query map of every image and head (module docstring): shape ``attn.shape[:-2] + (gh·gw,)``, rows summing
     to 1 (0 where the query puts nothing on patch keys).
 
     ``attn`` (..., Nq, p + gh·gw): probabilities over ``p = num_prefix_tokens`` prefix keys and the patch keys,
     row-major on ``grid`` (the queries may lie on another grid, e.g. LeViT's subsampling attention). With
-    ``p > 0`` the row of query 0 (the class token), its patch part renormalised; with ``p = 0`` the mean of the
-    patch-query rows. Computed in float32 (float64 stays).
+    ``p > 0`` the row of query 0 (the class token), its patch part renormalised; with ``p = 0``, or prefix tokens
+    that are registers only (``class_token=False``), the mean of the patch-query rows, each renormalised over the
+    patch keys (:func:`query_map_kind`). Computed in float32 (float64 stays).
     """
     a = _as_float(attn, "attn")
     gh, gw = _grid(grid)
@@ -143,9 +146,9 @@ def query_maps(attn: Any, grid: tuple[int, int], num_prefix_tokens: int) -> torc
     if a.ndim < 2 or a.shape[-1] != p + gh * gw or a.shape[-2] <= p:
         raise UsageError(f"attention must have shape (..., queries, {p} + {gh}x{gw} keys) with at least one patch "
                          f"query, got {tuple(a.shape)}")
-    if p > 0:
+    if query_map_kind(p, class_token) == "cls":
         return class_attention_statistics(a[..., :1, :], (gh, gw), p)["cls_map"].flatten(-2)
-    return _renormalised_patch_block(a, 0).mean(-2)
+    return _renormalised_patch_block(a, p).mean(-2)
 
 
 def mass_threshold(maps: Any, mass: float = MASS) -> np.ndarray:
