@@ -86,11 +86,13 @@ case "$group" in
     files='"probes/linear.py"'
     tests='"tests/test_probes_linear.py"'
     # scored: the softmax objective and its gradient, the preconditioner, the bias curvature bound, the ridge
-    # statistics and eigen-solver, accuracy and the strength pick. Not scored (time box): fit_logreg's L-BFGS
-    # driver (solve, stopping checks, warm-start memory), ridge_classify's orchestration, standardisation,
-    # class encoding, prediction, the store driver, result class and plotting
+    # statistics and eigen-solver, the near-constant feature rule, accuracy and the strength pick. Not scored
+    # (time box): fit_logreg's L-BFGS driver (solve, stopping checks, warm-start memory, path, refit),
+    # ridge_classify's orchestration, standardisation, class encoding, prediction, the store driver, result class
+    # and plotting
     globs=(
-      'probes.linear.x_accuracy_scores__*' 'probes.linear.x__pick__*' 'probes.linear.xǁ_SoftmaxProblemǁloss_grad*'
+      'probes.linear.x_accuracy_scores__*' 'probes.linear.x__pick__*' 'probes.linear.x__standardising_scale__*'
+      'probes.linear.xǁ_SoftmaxProblemǁloss_grad*'
       'probes.linear.xǁ_SoftmaxProblemǁpreconditioner*' 'probes.linear.xǁ_SoftmaxProblemǁbias_curvature*'
       'probes.linear.xǁ_RidgeStatsǁ*' 'probes.linear.xǁ_RidgeEigǁ*'
     ) ;;

@@ -666,3 +666,15 @@ def test_near_constant_feature_threshold_is_relative_to_the_mean(solver, n, d):
     # raw-unit scores: coef ~1e5 times x ~ -1e6 cancels against the intercept to ~1e-6 (float64 at 1e11)
     np.testing.assert_allclose(with_small, scores(np.c_[base, z_small]), rtol=0, atol=1e-4)
     assert np.abs(with_small - without).max() > 0.05  # the tiny feature does count
+
+
+def test_standardising_scale_boundary_by_hand():
+    """The rule itself on hand-picked values: constant (scale 1) iff sd ≤ 1e-12·max(|mean|, 1), boundary
+    included; the floor 1 applies for |mean| < 1 (at mean 0.5 or 1.5 a sd of 1.2e-12 vs 1.6e-12 decides), the
+    factor |mean| above it, whatever the sign."""
+    from probes.linear import _standardising_scale
+
+    mean = torch.tensor([0.0, 0.5, 0.5, 1.5, 1.5, -1e6, -1e6, 1e6, 7.0], dtype=torch.float64)
+    sd = torch.tensor([1.2e-12, 1e-12, 0.9e-12, 1.6e-12, 1.4e-12, 1.2e-6, 0.8e-6, 0.9e-6, 0.0], dtype=torch.float64)
+    expected = [1.2e-12, 1.0, 1.0, 1.6e-12, 1.0, 1.2e-6, 1.0, 1.0, 1.0]
+    np.testing.assert_array_equal(_standardising_scale(sd, mean).numpy(), expected)
