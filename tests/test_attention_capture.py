@@ -226,7 +226,7 @@ def test_swin_positions_undo_the_roll():
 def test_hf_vit_eager_capture():
     from transformers import ViTConfig, ViTForImageClassification
 
-    from hooks.models.registry import HFImageModel
+    from hooks.models.hf_loader import HFImageModel
 
     torch.manual_seed(0)
     cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

@@ -894,7 +894,7 @@ class AttentionCapture:
 
     Parameters
     ----------
-    module : the model (timm, Hugging Face — bare or in :class:`hooks.models.registry.HFImageModel` —, torchvision,
+    module : the model (timm, Hugging Face — bare or in :class:`hooks.models.hf_loader.HFImageModel` —, torchvision,
         or any module with supported attention layers); its train / eval mode is left as it is
     layers : paths of the layers to record (default: all of :func:`find_attention_layers`)
     geometry : token layout for layers whose layout cannot be read from the model (``torch_mha``), as
@@ -1295,7 +1295,7 @@ def _check_probabilities(layer: AttentionLayer, probs: torch.Tensor) -> None:
 
 
 def _model_name(module: nn.Module) -> str:
-    inner = getattr(module, "model", None)  # hooks.models.registry.HFImageModel
+    inner = getattr(module, "model", None)  # hooks.models.hf_loader.HFImageModel
     pretrained = _hf_pretrained_type()
     target = inner if pretrained is not None and isinstance(inner, pretrained) else module
     cfg = getattr(target, "pretrained_cfg", None)

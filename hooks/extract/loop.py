@@ -63,7 +63,7 @@ from hooks.capture.attention import AttentionCapture, find_attention_layers, no_
 from hooks.capture.attention_reduce import AttentionReducer
 from hooks.capture.activations import ActivationCapture, TapInfo, finite_or_raise
 from hooks.capture.layers import default_layers, layer_layout, select_layers
-from hooks.models.registry import LoadedModel
+from hooks.models.loaded import LoadedModel
 from repsim.store.remote import remote_state, staging_path, upload_store
 
 DTYPES = ("float16", "float32")

@@ -146,7 +146,7 @@ def geometry_from_flags(module: nn.Module, grid: tuple[int, int] | None = None,
 
 def apply_geometry(loaded: Any, grid: tuple[int, int] | None = None, num_prefix_tokens: int | None = None,
                    patch_size: int | tuple[int, int] | None = None) -> TokenGeometry | None:
-    """Give a loaded model (:class:`hooks.models.registry.LoadedModel`) the declared and / or flagged geometry.
+    """Give a loaded model (:class:`hooks.models.loaded.LoadedModel`) the declared and / or flagged geometry.
 
     Sets :data:`GEOMETRY_ATTR` on ``loaded.module`` (what :mod:`hooks.capture.attention` reads) and the model
     info's ``num_prefix_tokens`` / ``grid`` / ``patch_size`` (what the activation capture records on token
