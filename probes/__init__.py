@@ -1,7 +1,7 @@
 """Trained read-outs on stored activations: linear / k-NN transfer probes, spatial-localisation probes and
 attribution probes (see the project's issues). Reads stores through :mod:`repsim`; never imports ``hooks``.
 
-Linear transfer (:mod:`probes.linear`, :mod:`probes.knn`, :mod:`probes.features`)::
+Linear transfer (:mod:`probes.linear`, :mod:`probes.solvers`, :mod:`probes.knn`, :mod:`probes.features`)::
 
     import probes, repsim
     store = repsim.open_store("vit_b16.zarr")
@@ -21,13 +21,13 @@ from typing import Any
 # public name -> module that defines it (PEP 562 lazy attributes)
 _LAZY = {
     "linear_probe": "probes.linear",
-    "fit_logreg": "probes.linear",
-    "ridge_classify": "probes.linear",
-    "accuracy_scores": "probes.linear",
-    "LinearFit": "probes.linear",
+    "fit_logreg": "probes.solvers",
+    "ridge_classify": "probes.solvers",
+    "accuracy_scores": "probes.solvers",
+    "LinearFit": "probes.solvers",
     "ProbeResult": "probes.linear",
     "ProbeRow": "probes.linear",
-    "DEFAULT_LAMBDAS": "probes.linear",
+    "DEFAULT_LAMBDAS": "probes.solvers",
     "knn_probe": "probes.knn",
     "knn_classify": "probes.knn",
     "FEATURE_MODES": "probes.features",

@@ -18,8 +18,8 @@ the same cells as :mod:`probes.localisation`). A token is *foreground* when its 
 
 Probe
 -----
-Per layer, a linear classifier (``ridge``: :func:`probes.linear.ridge_classify`, default; or ``logreg``:
-:func:`probes.linear.fit_logreg`) maps one token's representation (D,) to foreground / background. Images,
+Per layer, a linear classifier (``ridge``: :func:`probes.solvers.ridge_classify`, default; or ``logreg``:
+:func:`probes.solvers.fit_logreg`) maps one token's representation (D,) to foreground / background. Images,
 not tokens, are split with a seeded permutation (the split of :mod:`probes.localisation`): the first
 ``1 − test_fraction`` (80 %) of the images give the training tokens, of those ``val_fraction`` of the images
 pick the regularisation strength, then the probe is refit on train + val. On the test images:
@@ -239,7 +239,7 @@ def plot_object_localisation(results: dict[str, "ObjectLocalisationResult"],
 
 def _probe_layer(tokens: np.ndarray, labels: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray],
                  method: str, lambdas: np.ndarray, device: str, seed: int = 0) -> dict[str, Any]:
-    from probes.linear import fit_logreg, ridge_classify
+    from probes.solvers import fit_logreg, ridge_classify
     from repsim.measures.intervals import bootstrap_mean
 
     n, P, D = tokens.shape
@@ -286,7 +286,7 @@ def object_localisation(store: Any, layers: Sequence[str] | None = None, *,
     named explicitly is refused. ``images``: how many of the first rows or explicit row indices (default the
     first 512). ``method``: ``ridge`` (default) or ``logreg``. The image split is seeded by ``seed``.
     """
-    from probes.linear import DEFAULT_LAMBDAS
+    from probes.solvers import DEFAULT_LAMBDAS
     from repsim.devices import resolve_device
 
     t0 = time.perf_counter()

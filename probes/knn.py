@@ -22,18 +22,8 @@ import numpy as np
 import torch
 
 from probes.features import StoreLike, resolve_device, tf32_off
-from probes.linear import (
-    ProbeResult,
-    ProbeRow,
-    _check_xy,
-    _iter_features,
-    _protocol,
-    _repsim_version,
-    _store_info,
-    _to_device,
-    accuracy_scores,
-    prepare_probe,
-)
+from probes.linear import ProbeResult, ProbeRow, _iter_features, _protocol, _repsim_version, _store_info, prepare_probe
+from probes.solvers import _check_xy, _to_device, accuracy_scores
 from repsim.errors import UsageError
 
 __all__ = ["knn_classify", "knn_probe"]

@@ -35,8 +35,8 @@ A linear classifier predicts each token's grid position index (0 … P−1, row-
 Images (not tokens) are split with a seeded permutation: the first ``1 − test_fraction`` (80 %) of the
 images give the training tokens (of those, ``val_fraction`` of the images are the validation set that picks
 the strength, then the probe is refit on train + val), the rest give the test tokens. Accuracy on the test
-tokens; chance = 1 / P. Method ``ridge`` (:func:`probes.linear.ridge_classify`, default, cheap) or ``logreg``
-(:func:`probes.linear.fit_logreg`).
+tokens; chance = 1 / P. Method ``ridge`` (:func:`probes.solvers.ridge_classify`, default, cheap) or ``logreg``
+(:func:`probes.solvers.fit_logreg`).
 
 :func:`localise` runs both on every token / map layer of a store and plots the score and the probe accuracy
 against depth.
@@ -494,7 +494,7 @@ def position_probe(store: Any, layer: str, *, images: int | Sequence[int] | None
     """Test accuracy of a linear classifier predicting each token's grid position (0 … P−1) from its
     representation (module docstring). Images, not tokens, are split (seeded): a test image's tokens are
     never seen in training. Does not need saved inputs."""
-    from probes.linear import DEFAULT_LAMBDAS, accuracy_scores, fit_logreg, ridge_classify
+    from probes.solvers import DEFAULT_LAMBDAS, accuracy_scores, fit_logreg, ridge_classify
 
     if method not in ("ridge", "logreg"):
         raise UsageError(f"method must be ridge or logreg, got {method!r}")
@@ -784,7 +784,7 @@ def token_class_probe(store: Any, layers: Sequence[str] | None = None, *, method
     """Class accuracy from the centre token vs the CLS token vs the patch-token mean, per layer (module
     docstring). Needs labels."""
     from probes.features import check_labels, stratified_holdout
-    from probes.linear import DEFAULT_LAMBDAS, accuracy_scores, fit_logreg, ridge_classify
+    from probes.solvers import DEFAULT_LAMBDAS, accuracy_scores, fit_logreg, ridge_classify
 
     if method not in ("ridge", "logreg"):
         raise UsageError(f"method must be ridge or logreg, got {method!r}")

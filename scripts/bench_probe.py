@@ -16,7 +16,7 @@ array, so ours (``standardize=False``) and scikit-learn solve the *same* problem
 
 with the same max-gradient test (``max|∇| ≤ tol``, ``--tol``, scikit-learn's ``tol`` for lbfgs) and iteration
 cap. Ours also requires its objective to be certified within ``--rtol`` (relative) of the optimum (the duality-gap
-bound of ``probes.linear._Check``; default ``probes.linear.DEFAULT_RTOL``); ``--rtol 0`` gives the max-gradient
+bound of ``probes.solvers._Check``; default ``probes.solvers.DEFAULT_RTOL``); ``--rtol 0`` gives the max-gradient
 test alone, i.e. the same stopping rule as scikit-learn (at the weak end of the grid that rule stops far from
 the optimum: the ``L_sk - L`` column shows it for scikit-learn's solutions).
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tol", type=float, default=1e-5, help="max|grad| stopping test, both solvers")
     p.add_argument("--max-iter", type=int, default=1000, help="iteration cap per fit, both solvers")
     p.add_argument("--rtol", type=float, default=None,
-                   help="ours only: certified relative objective accuracy (default probes.linear.DEFAULT_RTOL; "
+                   help="ours only: certified relative objective accuracy (default probes.solvers.DEFAULT_RTOL; "
                         "0 = the max-gradient test alone)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and scikit-learn (default: all)")
     p.add_argument("--sklearn-float64", action="store_true", help="also time scikit-learn on float64 features")
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    from probes.linear import DEFAULT_LAMBDAS, DEFAULT_RTOL, accuracy_scores, fit_logreg
+    from probes.solvers import DEFAULT_LAMBDAS, DEFAULT_RTOL, accuracy_scores, fit_logreg
 
     rtol = DEFAULT_RTOL if args.rtol is None else args.rtol
 

@@ -9,7 +9,7 @@
 #   cka        repsim/measures/gram.py, the estimators of repsim/measures/cka_engine.py    tests/test_cka.py tests/test_gram_tier.py
 #   measures   the kernels of repsim/measures/beyond_cka.py               tests/test_similarity.py
 #   attention  statistics of repsim/attention/statistics.py, the Swin reducer path   tests/test_attention_stats.py + one family test
-#   probes     objective, gradient and ridge solver of probes/linear.py    tests/test_probes_linear.py
+#   probes     objective, gradient and ridge solver of probes/solvers.py    tests/test_probes_linear.py
 # Every group's tests also include tests/test_mutation_kills.py.
 #
 # mutmut 3 copies the sources into ./mutants and reads [tool.mutmut] from pyproject.toml. This script runs it in a
@@ -83,7 +83,7 @@ case "$group" in
       'repsim.attention.statistics.x_rollout_map__*'
     ) ;;
   probes)
-    files='"probes/linear.py"'
+    files='"probes/solvers.py"'
     tests='"tests/test_probes_linear.py"'
     # scored: the softmax objective and its gradient, the preconditioner, the bias curvature bound, the ridge
     # statistics and eigen-solver, the near-constant feature rule, accuracy and the strength pick. Not scored
@@ -91,10 +91,10 @@ case "$group" in
     # ridge_classify's orchestration, standardisation, class encoding, prediction, the store driver, result class
     # and plotting
     globs=(
-      'probes.linear.x_accuracy_scores__*' 'probes.linear.x__pick__*' 'probes.linear.x__standardising_scale__*'
-      'probes.linear.xǁ_SoftmaxProblemǁloss_grad*'
-      'probes.linear.xǁ_SoftmaxProblemǁpreconditioner*' 'probes.linear.xǁ_SoftmaxProblemǁbias_curvature*'
-      'probes.linear.xǁ_RidgeStatsǁ*' 'probes.linear.xǁ_RidgeEigǁ*'
+      'probes.solvers.x_accuracy_scores__*' 'probes.solvers.x__pick__*' 'probes.solvers.x__standardising_scale__*'
+      'probes.solvers.xǁ_SoftmaxProblemǁloss_grad*'
+      'probes.solvers.xǁ_SoftmaxProblemǁpreconditioner*' 'probes.solvers.xǁ_SoftmaxProblemǁbias_curvature*'
+      'probes.solvers.xǁ_RidgeStatsǁ*' 'probes.solvers.xǁ_RidgeEigǁ*'
     ) ;;
   *) echo "error: unknown group '$group' (cka, measures, attention, probes)" >&2; exit 2 ;;
 esac

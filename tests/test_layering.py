@@ -205,7 +205,8 @@ LAYOUT = {
     "repsim": {"modules": {"errors", "formatting", "devices", "results", "robustness"},
                "packages": {"app", "store", "data", "measures", "attention", "plotting"}},
     "hooks": {"modules": set(), "packages": {"models", "capture", "extract", "gradients"}},
-    "probes": {"modules": {"features", "linear", "knn", "localisation", "foreground_probe"}, "packages": set()},
+    "probes": {"modules": {"features", "solvers", "linear", "knn", "localisation", "foreground_probe"},
+               "packages": set()},
 }
 # Rank of each part of the library: a module may import only modules of its own rank or below (the package
 # faces ``repsim``/``hooks``/``probes`` and the application layer are outside the ranking). So the store

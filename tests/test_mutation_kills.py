@@ -549,7 +549,7 @@ def test_rollout_defaults_by_hand():
         attention_rollout([torch.ones(1, 2, 2)])
 
 
-# --- linear probes (probes/linear.py) ---------------------------------------------------------------------------
+# --- linear probes (probes/solvers.py) ---------------------------------------------------------------------------
 
 
 def _sk_ridge_val_top1(Xt, yt, Xv, yv, lam):
@@ -569,7 +569,7 @@ def _sk_ridge_val_top1(Xt, yt, Xv, yv, lam):
 def test_ridge_validation_curve_matches_scikit_learn(d):
     """Every λ's validation top-1 (the curve λ is chosen on) and the refitted decision function equal
     scikit-learn's Ridge on one-hot targets of standardised features, with offsets and scales far from 0 and 1."""
-    from probes.linear import ridge_classify
+    from probes.solvers import ridge_classify
 
     rng = np.random.default_rng(12)
     n, c = 40, 3
@@ -592,7 +592,7 @@ def test_validation_metric_decides_the_strength_on_imbalanced_classes():
     predicts the majority class everywhere (top-1 9/10, per-class (1 + 0)/2); λ = 1e-6 separates the training
     classes at x ≈ 0.5 (top-1 7/10, per-class (6/9 + 1)/2). Each metric must pick its own best λ, in both
     solvers (ridge through _pick, logreg through its path loop)."""
-    from probes.linear import fit_logreg, ridge_classify
+    from probes.solvers import fit_logreg, ridge_classify
 
     Xt, yt = np.r_[[0.0] * 8, [1.0] * 2][:, None], np.r_[[0] * 8, [1] * 2]
     Xv, yv = np.r_[[0.0] * 6, [0.8] * 3, 1.0][:, None], np.r_[[0] * 9, 1]
@@ -613,7 +613,7 @@ def test_ridge_refit_when_the_last_class_is_missing_from_one_split(d, only_in):
     scikit-learn's RidgeClassifier on train + val (targets ±1, so its scores are 2·ours − 1)."""
     from sklearn.linear_model import RidgeClassifier
 
-    from probes.linear import ridge_classify
+    from probes.solvers import ridge_classify
 
     rng = np.random.default_rng(21)
 
@@ -645,7 +645,7 @@ def test_near_constant_feature_threshold_is_relative_to_the_mean(solver, n, d):
     replaced by its own z-score (standardisation makes the fit invariant to the column's offset and scale). An
     absolute threshold (1e-12) would blow the first up to a unit-variance noise feature. Ridge primal
     (d ≤ n: its own statistics), ridge dual (d > n) and logreg (the row scaler)."""
-    from probes.linear import fit_logreg, ridge_classify
+    from probes.solvers import fit_logreg, ridge_classify
 
     rng = np.random.default_rng(5)
     y = np.arange(n) % 3
@@ -672,7 +672,7 @@ def test_standardising_scale_boundary_by_hand():
     """The rule itself on hand-picked values: constant (scale 1) iff sd ≤ 1e-12·max(|mean|, 1), boundary
     included; the floor 1 applies for |mean| < 1 (at mean 0.5 or 1.5 a sd of 1.2e-12 vs 1.6e-12 decides), the
     factor |mean| above it, whatever the sign."""
-    from probes.linear import _standardising_scale
+    from probes.solvers import _standardising_scale
 
     mean = torch.tensor([0.0, 0.5, 0.5, 1.5, 1.5, -1e6, -1e6, 1e6, 7.0], dtype=torch.float64)
     sd = torch.tensor([1.2e-12, 1e-12, 0.9e-12, 1.6e-12, 1.4e-12, 1.2e-6, 0.8e-6, 0.9e-6, 0.0], dtype=torch.float64)

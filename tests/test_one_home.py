@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes.linear import fit_logreg, ridge_classify
+from probes.solvers import fit_logreg, ridge_classify
 from repsim.errors import UsageError
 
 FITTERS = [fit_logreg, ridge_classify]
