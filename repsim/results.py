@@ -8,50 +8,47 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any, ClassVar, TypeVar
 
 R = TypeVar("R", bound="Result")
 
 
-def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON to ``path`` atomically: a temporary file in the same folder, then
-    ``os.replace``, so a reader never sees a half-written file and an old result survives a crash.
-    NaN / Inf are refused (``allow_nan=False``): they are not JSON and hide failed measurements.
-    The file gets the user's normal permissions (``0o666`` less the process umask, as ``open`` would give),
-    not the temporary file's private ``0o600``."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path in ``path``'s folder (same extension) to write; on success it replaces ``path``
+    (``os.replace``: a reader never sees a half-written file, and an old one survives a crash), with the
+    user's normal permissions (``0o666`` less the process umask, as ``open`` would give, not the temporary
+    file's private ``0o600``); on failure it is removed."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.write("\n")
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically (:func:`atomic_output`). NaN / Inf are refused
+    (``allow_nan=False``): they are not JSON and hide failed measurements."""
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=1, allow_nan=False)
+        f.write("\n")
 
 
 def save_figure_atomic(fig: Any, path: str | os.PathLike, *, dpi: int = 150) -> None:
-    """Save the matplotlib ``fig`` to ``path`` atomically, in the format its extension names (PNG, PDF, SVG, ...):
-    a temporary file in the same folder, then ``os.replace``, with the user's normal permissions."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    ext = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format=ext.lstrip(".").lower() or None)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Save the matplotlib ``fig`` to ``path`` atomically (:func:`atomic_output`), in the format its extension
+    names (PNG, PDF, SVG, ...)."""
+    ext = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=ext or None)
 
 
 def _umask() -> int:
