@@ -298,6 +298,18 @@ def test_disk_check(tmp_path, vit, shapes):
     plan.check_disk(force=True)
 
 
+def test_disk_estimate_counts_the_grams(tmp_path, vit, shapes):
+    """--grams: each layer adds one packed float32 Gram (the m(m-1)/2 strict upper triangle) per chunk of m
+    rows, spread over the chunk's images; with --no-acts that is all the store keeps per image."""
+    m = 16
+    both = plan_extraction(vit, shapes, str(tmp_path / "g.zarr"), batch_size=8, chunk_size=m, grams=True)
+    only = plan_extraction(vit, shapes, str(tmp_path / "h.zarr"), batch_size=8, chunk_size=m, grams=True,
+                           acts=False)
+    gram_bytes = len(only.taps) * (m * (m - 1) // 2) * 4 // m
+    assert only.bytes_per_image == gram_bytes
+    assert both.bytes_per_image == gram_bytes + sum(int(np.prod(t.shape)) * 2 for t in both.taps)
+
+
 def test_fp16_damage_after_planning_is_warned_and_fails_verify(tmp_path, shapes):
     """Images after the planning ones acquire a large offset: float16 keeps the layer (planning saw no harm), the
     per-chunk measurement catches the loss, the run warns, and verify fails naming the layer."""
