@@ -534,9 +534,8 @@ class _SoftmaxProblem:
         def point() -> torch.Tensor:
             return theta0 if torch.equal(u, u0) else u.detach() / D
 
-        start_iter = 0
         if memory is not None and memory.pairs:
-            start_iter = memory.install(opt, u, lam, D, self.d * self.c)
+            memory.install(opt, u, lam, D, self.d * self.c)
         state = opt.state[u]
         check = self.certify(point(), lam, D, tol, rtol)
         n_iter = 0

@@ -1104,7 +1104,6 @@ class AttentionCapture:
         if not {"need_weights", "average_attn_weights"} <= set(sig.parameters):
             raise UsageError(f"{f.layer.path} ({f.layer.module_type}) overrides forward without need_weights / "
                              "average_attn_weights: repsim cannot ask it for per-head weights")
-        path = f.layer.path
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             bound = sig.bind(*args, **kwargs)
