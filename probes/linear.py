@@ -41,6 +41,8 @@ from repsim.errors import UsageError
 from repsim.results import save_figure_atomic, Result
 
 
+__all__ = ["ProbeResult", "ProbeRow", "linear_probe", "prepare_probe"]
+
 # ----------------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------------

@@ -97,16 +97,7 @@ DEFAULT_RTOL = 1e-5
 DEFAULT_MAX_ITER = 1000
 DEFAULT_HISTORY = 20
 
-__all__ = [
-    "DEFAULT_LAMBDAS",
-    "LinearFit",
-    "ProbeResult",
-    "ProbeRow",
-    "accuracy_scores",
-    "fit_logreg",
-    "linear_probe",
-    "ridge_classify",
-]
+__all__ = ["DEFAULT_LAMBDAS", "LinearFit", "accuracy_scores", "check_lambdas", "fit_logreg", "ridge_classify"]
 
 
 # ----------------------------------------------------------------------------------------------------
