@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pathlib
 from collections.abc import Iterator
@@ -100,6 +101,15 @@ def tree_digest(folder: str) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def kept_unchanged(store: str) -> Iterator[None]:
+    """Wrap the ``yield`` of a fixture that shares the store folder ``store`` read-only: on leaving, assert that no
+    byte of it changed (a test that writes to a shared store must copy it first)."""
+    digest = tree_digest(store)
+    yield
+    assert tree_digest(store) == digest, f"a test wrote to the shared store {store}: copy it (shutil.copytree) first"
+
+
 def _read_only_store(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]) -> Iterator[str]:
     """Extract ``repsim extract *args`` once into a fresh temporary folder, yield its path, and check at teardown
     that no test changed the store."""
@@ -107,9 +117,8 @@ def _read_only_store(tmp_path_factory: pytest.TempPathFactory, name: str, args: 
     res = run_cli("extract", *args, "--out", out)
     assert res.exit_code == 0, res.output
     assert "B/image" in res.output, res.output  # the plan line states the size per image
-    digest = tree_digest(out)
-    yield out
-    assert tree_digest(out) == digest, f"a test wrote to the shared store {out}: copy it (shutil.copytree) first"
+    with kept_unchanged(out):
+        yield out
 
 
 @pytest.fixture(scope="session")
