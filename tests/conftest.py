@@ -77,9 +77,9 @@ def assert_drawn_png(path, min_px: int = 200, min_colours: int = 20) -> None:
 
 # -- stores shared by the whole session (issue 18) -------------------------------------------------------------
 # A store that tests in several modules only read is extracted once per session instead of once per module. A test
-# that writes to a store (resume, damage, overwrite) copies it or builds its own: each shared store checks at the
-# end of the session that no byte of it changed, so a test that writes to one fails instead of changing what later
-# tests read.
+# that writes to a store (resume, damage, overwrite) copies it or builds its own: each shared store checks at its
+# fixture's teardown (`kept_unchanged`) that no byte of it changed, so a test that writes to one fails instead of
+# silently changing what later tests read.
 
 VIT_TINY_ARGS = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--data", "shapes",
                  "--n", "24", "--batch-size", "8", "--quiet"]
