@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import pathlib
+from collections.abc import Iterator
+
 import numpy as np
+import pytest
 from click.testing import CliRunner, Result
 
 from repsim.app.cli import cli
@@ -68,3 +74,64 @@ def assert_drawn_png(path, min_px: int = 200, min_colours: int = 20) -> None:
     rgb = img[..., :3]
     assert (rgb < 0.95).any(-1).mean() > 0.02, "figure is (almost) blank"
     assert len(np.unique((rgb.reshape(-1, 3) * 255).round().astype(int), axis=0)) >= min_colours
+
+
+# -- stores shared by the whole session (issue 18) -------------------------------------------------------------
+# A store that tests in several modules only read is extracted once per session instead of once per module. A test
+# that writes to a store (resume, damage, overwrite) copies it or builds its own: each shared store checks at its
+# fixture's teardown (`kept_unchanged`) that no byte of it changed, so a test that writes to one fails instead of
+# silently changing what later tests read.
+
+VIT_TINY_ARGS = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--data", "shapes",
+                 "--n", "24", "--batch-size", "8", "--quiet"]
+"""The `repsim extract` options of :func:`vit_tiny_store` (all but ``--out``)."""
+
+VIT_TINY_FLOAT32_ARGS = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--data",
+                         "shapes", "--n", "40", "--batch-size", "4", "--chunk-size", "8", "--dtype", "float32",
+                         "--quiet"]
+"""The `repsim extract` options of :func:`vit_tiny_float32_store` (all but ``--out``)."""
+
+
+def tree_digest(folder: str) -> str:
+    """sha256 over every file under ``folder``: each relative path and its bytes, in sorted path order."""
+    h = hashlib.sha256()
+    root = pathlib.Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def kept_unchanged(store: str) -> Iterator[None]:
+    """Wrap the ``yield`` of a fixture that shares the store folder ``store`` read-only: on leaving, assert that no
+    byte of it changed (a test that writes to a shared store must copy it first)."""
+    digest = tree_digest(store)
+    yield
+    assert tree_digest(store) == digest, f"a test wrote to the shared store {store}: copy it (shutil.copytree) first"
+
+
+def _read_only_store(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]) -> Iterator[str]:
+    """Extract ``repsim extract *args`` once into a fresh temporary folder, yield its path, and check at teardown
+    that no test changed the store."""
+    out = str(tmp_path_factory.mktemp(name) / f"{name}.zarr")
+    res = run_cli("extract", *args, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "B/image" in res.output, res.output  # the plan line states the size per image
+    with kept_unchanged(out):
+        yield out
+
+
+@pytest.fixture(scope="session")
+def vit_tiny_store(tmp_path_factory) -> Iterator[str]:
+    """Path of a store of random-init timm ViT-Tiny/16 at 32 px (2 x 2 patches + CLS) on 24 ``shapes`` images
+    (seed 0): the default layer preset (15 layers), float16, one chunk. Read only."""
+    yield from _read_only_store(tmp_path_factory, "vit_tiny", VIT_TINY_ARGS)
+
+
+@pytest.fixture(scope="session")
+def vit_tiny_float32_store(tmp_path_factory) -> Iterator[str]:
+    """Path of a store of random-init timm ViT-Tiny/16 at 32 px on 40 ``shapes`` images (seed 0), float32, batches of
+    4, five chunks of 8 rows: the unsharded, single-process reference of sharded and distributed extraction. Read
+    only."""
+    yield from _read_only_store(tmp_path_factory, "vit_tiny_float32", VIT_TINY_FLOAT32_ARGS)

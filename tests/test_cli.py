@@ -9,22 +9,15 @@ import sys
 
 import pytest
 
+from conftest import VIT_TINY_ARGS
 from conftest import assert_one_line_error as _one_line_error
 from conftest import run_cli as run
 
 TINY = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("cli") / "t.zarr")
-    res = run("extract", *TINY, "--data", "shapes", "--n", "24", "--batch-size", "8", "--out", out, "--quiet")
-    assert res.exit_code == 0, res.output
-    assert "KB/image" in res.output or "B/image" in res.output
-    return out
-
-
-def test_extract_info_verify(store):
+def test_extract_info_verify(vit_tiny_store):
+    store = vit_tiny_store
     res = run("info", store)
     assert res.exit_code == 0, res.output
     assert "complete" in res.output and "blocks.11" in res.output and "tokens" in res.output
@@ -40,8 +33,8 @@ def test_extract_info_verify(store):
         f"{store}: ok ({len(arrays)} arrays, {chunks} chunks, no NaN/Inf, fingerprint consistent)")
 
 
-def test_rerun_complete_store_is_a_noop(store):
-    res = run("extract", *TINY, "--data", "shapes", "--n", "24", "--batch-size", "8", "--out", store, "--quiet")
+def test_rerun_complete_store_is_a_noop(vit_tiny_store):
+    res = run("extract", *VIT_TINY_ARGS, "--out", vit_tiny_store)
     assert res.exit_code == 0 and "already complete" in res.output
 
 
@@ -53,7 +46,7 @@ def test_models_and_layers():
     assert "* layer1.0" in res.output and "layer4.1" in res.output
 
 
-def test_errors_are_one_line_exit_2(store, tmp_path):
+def test_errors_are_one_line_exit_2(vit_tiny_store, tmp_path):
     _one_line_error(run("extract", "--model", "vit_b61", "--random-init", "--data", "shapes", "--out",
                         str(tmp_path / "x.zarr")), "vit_b16")
     _one_line_error(run("extract", *TINY, "--data", "shapes", "--n", "8", "--layers", "blockz.*",
@@ -61,7 +54,7 @@ def test_errors_are_one_line_exit_2(store, tmp_path):
     _one_line_error(run("extract", *TINY, "--data", str(tmp_path / "missing"), "--out",
                         str(tmp_path / "z.zarr")), "missing")
     _one_line_error(run("extract", *TINY, "--data", "shapes", "--n", "24", "--batch-size", "8",
-                        "--layers", "blocks.0", "--out", store), "another configuration")
+                        "--layers", "blocks.0", "--out", vit_tiny_store), "another configuration")
     _one_line_error(run("info", str(tmp_path / "nothing.zarr")), "no store")
     _one_line_error(run("extract", *TINY, "--data", "shapes", "--n", "8", "--mean", "1,2",
                         "--out", str(tmp_path / "m.zarr")), "--mean")

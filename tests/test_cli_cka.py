@@ -19,14 +19,16 @@ DATA = ["--data", "shapes", "--batch-size", "8", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
+def stores(tmp_path_factory, vit_tiny_store):
+    """``vit`` and ``resnet``: 32 shapes images (seed 0); ``other``: the ViT on 24 images (the session's store)."""
     root = tmp_path_factory.mktemp("cka")
     out = {}
-    for name, model, n, seed in (("vit", VIT, 32, 0), ("resnet", RESNET, 32, 0), ("other", VIT, 24, 0)):
+    for name, model, n, seed in (("vit", VIT, 32, 0), ("resnet", RESNET, 32, 0)):
         path = str(root / f"{name}.zarr")
         res = run("extract", *model, *DATA, "--n", str(n), "--seed", str(seed), "--out", path)
         assert res.exit_code == 0, res.output
         out[name] = path
+    out["other"] = vit_tiny_store
     return out
 
 

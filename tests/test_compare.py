@@ -19,14 +19,15 @@ ARGS = ["--random-init", "--img-size", "32", "--data", "shapes", "--batch-size",
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
+def stores(tmp_path_factory, vit_tiny_store):
+    """``vit`` and ``r18``: 40 shapes images (seed 0); ``vit24``: the ViT on 24 images (the session's store)."""
     root = tmp_path_factory.mktemp("cmp")
     out = {}
-    for name, model, n in (("vit", "timm:vit_tiny_patch16_224", 40), ("r18", "timm:resnet18", 40),
-                           ("vit24", "timm:vit_tiny_patch16_224", 24)):
+    for name, model, n in (("vit", "timm:vit_tiny_patch16_224", 40), ("r18", "timm:resnet18", 40)):
         path = str(root / f"{name}.zarr")
         assert run_cli("extract", "--model", model, *ARGS, "--n", str(n), "--out", path).exit_code == 0
         out[name] = open_store(path)
+    out["vit24"] = open_store(vit_tiny_store)
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import VIT_TINY_FLOAT32_ARGS, run_cli
 from repsim import cka_matrix, open_store
 
 distributed = pytest.importorskip("dask.distributed")
@@ -101,12 +101,9 @@ def test_killed_worker_is_retried_with_the_same_result(stores, tmp_path):
 
 
 @pytest.mark.slow
-def test_distributed_extraction_equals_local(tmp_path):
-    common = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--data", "shapes",
-              "--n", "40", "--batch-size", "4", "--chunk-size", "8", "--dtype", "float32", "--quiet"]
-    local, dist = str(tmp_path / "l.zarr"), str(tmp_path / "d.zarr")
-    assert run_cli("extract", *common, "--out", local).exit_code == 0
-    res = run_cli("extract", *common, "--out", dist, "--workers", "2")
+def test_distributed_extraction_equals_local(tmp_path, vit_tiny_float32_store):
+    local, dist = vit_tiny_float32_store, str(tmp_path / "d.zarr")  # the session's store: the same command, local
+    res = run_cli("extract", *VIT_TINY_FLOAT32_ARGS, "--out", dist, "--workers", "2")
     assert res.exit_code == 0, res.output
     a, b = open_store(local), open_store(dist)
     assert b.complete and a.ids == b.ids

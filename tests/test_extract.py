@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import run_killed_after_chunks
+from conftest import kept_unchanged, run_killed_after_chunks
 from hooks.extract.loop import extract, plan_extraction, run_extraction
 from hooks.models.registry import load_model
 from repsim import open_store
@@ -228,15 +228,23 @@ def _offset_model(offset: float, scale: float = 1.0):
     return m
 
 
+@pytest.fixture(scope="module")
+def offset_free_float32_store(tmp_path_factory, shapes):
+    """The features of ``_offset_model(0.0)`` on ``shapes``, stored as float32. Read only."""
+    ref = extract(_offset_model(0.0), shapes, str(tmp_path_factory.mktemp("offset") / "ref.zarr"), batch_size=8,
+                  layers=["feat"], dtype="float32")
+    with kept_unchanged(ref.path):
+        yield ref
+
+
 @pytest.mark.parametrize("offset,scale", [(1e4, 1.0), (0.0, 1e-9)])
-def test_float16_loss_of_variation_is_stored_losslessly(tmp_path, shapes, offset, scale):
+def test_float16_loss_of_variation_is_stored_losslessly(tmp_path, shapes, offset_free_float32_store, offset, scale):
     """Issue #12.4: a large offset (massive activations) or tiny values (underflow) would destroy the layer in
     float16 (CKA of the layer with itself + offset was NaN or 0): it is stored as float32, and CKA with the
     offset-free layer is 1."""
     from repsim import cka_matrix
 
-    ref = extract(_offset_model(0.0), shapes, str(tmp_path / "ref.zarr"), batch_size=8, layers=["feat"],
-                  dtype="float32")
+    ref = offset_free_float32_store
     store = extract(_offset_model(offset, scale), shapes, str(tmp_path / "o.zarr"), batch_size=8,
                     layers=["feat"])
     assert store.layer_info("feat")["dtype"] == "float32"

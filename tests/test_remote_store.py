@@ -6,18 +6,17 @@ import fsspec
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli, run_killed_after_chunks
+from conftest import VIT_TINY_ARGS, assert_one_line_error, run_cli, run_killed_after_chunks
 from repsim import cka_matrix, open_store
 from repsim.store.verify import verify_store
 
-ARGS = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--data", "shapes",
-        "--n", "24", "--batch-size", "8", "--quiet"]
+ARGS = VIT_TINY_ARGS  # the options of the local store: the same command writes it to a URL below
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    local = str(tmp_path_factory.mktemp("remote") / "v.zarr")
-    assert run_cli("extract", *ARGS, "--out", local).exit_code == 0
+def stores(vit_tiny_store):
+    """The session's local ViT store, and a copy of it behind a memory:// URL."""
+    local = vit_tiny_store
     url = "memory://repsim-test/v.zarr"
     fs = fsspec.filesystem("memory")
     fs.put(local, "/repsim-test/v.zarr", recursive=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_drawn_png, assert_one_line_error, run_cli, run_killed_after_chunks
+from conftest import assert_drawn_png, assert_one_line_error, kept_unchanged, run_cli, run_killed_after_chunks
 from hooks.extract.loop import extract, plan_extraction, run_extraction
 from hooks.models.registry import load_model
 from repsim import open_store
@@ -137,12 +137,20 @@ def stores(tmp_path_factory, shapes, ref_vit):
     return out
 
 
-def test_vit_and_cnn_see_the_same_perturbed_pixels(tmp_path, stores, shapes):
+@pytest.fixture(scope="module")
+def ref_resnet_patch_drop_store(tmp_path_factory, shapes):
+    """ref_resnet on the N shapes images with half of the 8-px patches dropped, inputs saved. Read only."""
+    out = str(tmp_path_factory.mktemp("rob_cnn") / "cnn_pd.zarr")
+    store = extract(load_model("ref_resnet"), shapes, out, batch_size=16, save_inputs=True,
+                    perturbation=Perturbation.parse("patch-drop:0.5", patch_px=8))
+    with kept_unchanged(out):
+        yield store
+
+
+def test_vit_and_cnn_see_the_same_perturbed_pixels(stores, shapes, ref_resnet_patch_drop_store):
     """ref_resnet (a CNN) and ref_vit, 64 px, same preprocessing: the stored perturbed inputs are equal bit for
     bit, and equal to the clean inputs with exactly 32 of the 64 8-px patches zeroed."""
-    p = Perturbation.parse("patch-drop:0.5", patch_px=8)
-    cnn = extract(load_model("ref_resnet"), shapes, str(tmp_path / "cnn.zarr"), batch_size=16, save_inputs=True,
-                  perturbation=p)
+    cnn = ref_resnet_patch_drop_store
     vit_x, cnn_x, clean_x = stores[0.5].read_inputs(), cnn.read_inputs(), stores["clean"].read_inputs()
     assert np.array_equal(vit_x.view(np.uint16), cnn_x.view(np.uint16))
     for i in range(N):
@@ -251,11 +259,9 @@ def test_grouping_refusals(stores, tmp_path, shapes, ref_vit):
 
 
 @pytest.mark.slow
-def test_several_models_cli_json_and_figure(stores, tmp_path, shapes):
-    cnn = load_model("ref_resnet")
-    c = extract(cnn, shapes, str(tmp_path / "cnn.zarr"), batch_size=16)
-    p = extract(cnn, shapes, str(tmp_path / "cnn_pd.zarr"), batch_size=16,
-                perturbation=Perturbation.parse("patch-drop:0.5", patch_px=8))
+def test_several_models_cli_json_and_figure(stores, tmp_path, shapes, ref_resnet_patch_drop_store):
+    c = extract(load_model("ref_resnet"), shapes, str(tmp_path / "cnn.zarr"), batch_size=16)
+    p = ref_resnet_patch_drop_store  # its saved inputs play no part in the profile
     res = run_cli("robustness", stores[0.5].path, c.path, stores["clean"].path, p.path, "--resamples", "10",
                   "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"), "--quiet")
     assert res.exit_code == 0, res.output

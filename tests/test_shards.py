@@ -8,13 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import VIT_TINY_FLOAT32_ARGS, assert_one_line_error, run_cli
 from repsim import open_store
 from repsim.store.locks import WriterLock, shard_lock_name
 from repsim.store.verify import verify_store
 
-ARGS = ["--model", "timm:vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--data", "shapes",
-        "--n", "40", "--batch-size", "4", "--chunk-size", "8", "--dtype", "float32", "--quiet"]
+ARGS = VIT_TINY_FLOAT32_ARGS  # the options of the session's unsharded store: the sharded runs must equal it
 
 
 def _cli_process(*args: str) -> subprocess.Popen:
@@ -23,9 +22,8 @@ def _cli_process(*args: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_concurrent_shards_equal_an_unsharded_run(tmp_path):
-    whole = str(tmp_path / "whole.zarr")
-    assert run_cli("extract", *ARGS, "--out", whole).exit_code == 0
+def test_concurrent_shards_equal_an_unsharded_run(tmp_path, vit_tiny_float32_store):
+    whole = vit_tiny_float32_store
     sharded = str(tmp_path / "sharded.zarr")
     # three processes started together: one creates the store, the others wait and reopen it
     procs = [_cli_process("extract", *ARGS, "--out", sharded, "--shard", f"{k}/3") for k in range(3)]
