@@ -8,6 +8,7 @@ import pytest
 
 from conftest import VIT_TINY_ARGS, assert_one_line_error, run_cli, run_killed_after_chunks
 from repsim import cka_matrix, open_store
+from repsim.errors import UsageError
 from repsim.store.verify import verify_store
 
 ARGS = VIT_TINY_ARGS  # the options of the local store: the same command writes it to a URL below
@@ -102,7 +103,7 @@ def test_interrupted_upload_is_not_a_store_and_reuploads(stores, tmp_path, monke
     assert res.exit_code == 1 and len(errors) == 1 and "connection reset" in errors[0], res.output
     assert "rerun the same command" in errors[0] and "Traceback" not in res.output
     assert calls and fsspec.filesystem("memory").ls("/repsim-out/interrupted.zarr")  # data objects are there
-    with pytest.raises(Exception):
+    with pytest.raises(UsageError, match=f"no repsim store at {url}"):
         open_store(url)  # but without its metadata it is no store
     monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "put", real_put)
     res = run_cli("extract", *ARGS, "--out", url)  # staged store still there: uploads again, no re-extraction
