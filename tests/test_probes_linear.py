@@ -22,7 +22,15 @@ from probes.features import (
 )
 from probes.knn import knn_classify, knn_probe
 from probes.linear import ProbeResult, linear_probe
-from probes.solvers import DEFAULT_LAMBDAS, DEFAULT_MAX_ITER, DEFAULT_RTOL, DEFAULT_TOL, accuracy_scores, fit_logreg, ridge_classify
+from probes.solvers import (
+    DEFAULT_LAMBDAS,
+    DEFAULT_MAX_ITER,
+    DEFAULT_RTOL,
+    DEFAULT_TOL,
+    accuracy_scores,
+    fit_logreg,
+    ridge_classify,
+)
 from repsim.errors import UsageError
 from repsim.store.format import fingerprint_ids
 from repsim.store.reader import ActivationStore

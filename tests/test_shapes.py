@@ -12,7 +12,14 @@ from sklearn.preprocessing import StandardScaler
 
 from repsim.data.sources import open_dataset
 from repsim.errors import UsageError
-from repsim.data.shapes import GENERATOR_VERSION, MIN_CONTRAST, SHAPE_CLASSES, ShapesDataset, render_shape_sample, shape_label
+from repsim.data.shapes import (
+    GENERATOR_VERSION,
+    MIN_CONTRAST,
+    SHAPE_CLASSES,
+    ShapesDataset,
+    render_shape_sample,
+    shape_label,
+)
 
 SIZES = (16, 32, 50, 224)
 

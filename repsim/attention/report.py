@@ -17,7 +17,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from repsim.attention.statistics import attention_distance, attention_rollout, centroid_offset, classify_heads, rollout_map
+from repsim.attention.statistics import (
+    attention_distance,
+    attention_rollout,
+    centroid_offset,
+    classify_heads,
+    rollout_map,
+)
 from repsim.errors import UsageError
 from repsim.results import Result, write_json_atomic
 from repsim.store.reader import ActivationStore

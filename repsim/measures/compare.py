@@ -33,7 +33,13 @@ from repsim.measures.cka_engine import (aligned_positions, cka_matrix, default_m
 from repsim.errors import UsageError
 from repsim.measures.gram import MIN_UNBIASED
 from repsim.results import Result
-from repsim.measures.beyond_cka import MEASURES, SimilarityWarning, bootstrap_interval, permutation_null, similarity_details
+from repsim.measures.beyond_cka import (
+    MEASURES,
+    SimilarityWarning,
+    bootstrap_interval,
+    permutation_null,
+    similarity_details,
+)
 
 
 #: compare's name for the all-sample plug-in CKA, :data:`repsim.measures.beyond_cka.MEASURES`'s ``cka``
