@@ -60,7 +60,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from repsim.errors import UsageError
-from repsim.results import save_figure_atomic, Result
+from repsim.results import Result, save_figure_atomic
 # the ground truth lives in the library (attention segmentation scores against the same cells); re-exported
 from repsim.data.masks import (FOREGROUND_THRESHOLD, _preprocessing_geometry, foreground_fractions, input_masks,
                           parse_shapes_id, shapes_masks, store_input_masks, token_iou)

@@ -38,7 +38,7 @@ from probes.solvers import (
     ridge_classify,
 )
 from repsim.errors import UsageError
-from repsim.results import save_figure_atomic, Result
+from repsim.results import Result, save_figure_atomic
 
 
 __all__ = ["ProbeResult", "ProbeRow", "linear_probe", "prepare_probe"]

@@ -65,7 +65,7 @@ from repsim.measures.cka_engine import NumericalError
 from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
 from repsim.measures.gram import centred_feature_grams, unit_centred_grams
-from repsim.results import save_figure_atomic, Result, finish_result, jsonable
+from repsim.results import Result, finish_result, jsonable, save_figure_atomic
 from repsim.data.masks import cell_bounds
 from repsim.store.format import layer_kind
 from repsim.store.reader import check_layer_names, gather_rows

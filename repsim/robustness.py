@@ -36,7 +36,7 @@ import numpy as np
 from repsim.errors import UsageError
 from repsim.measures.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, bootstrap_mean, centred_gram,
                               verdict, wilson_interval)
-from repsim.results import save_figure_atomic, Result
+from repsim.results import Result, save_figure_atomic
 from repsim.store.reader import ActivationStore, open_store
 
 KIND = "repsim.robustness"

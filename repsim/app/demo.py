@@ -46,7 +46,7 @@ from repsim.errors import UsageError
 from repsim.measures.intervals import (HALF_SAMPLE_METHOD, LEVEL, N_RESAMPLES, HalfSampleCKA, adjacent_minus_far,
                               bootstrap_mean, bootstrap_paired, centred_gram, ci_text, correspondence,
                               newcombe_difference, percentile_interval, statistic, verdict, wilson_interval)
-from repsim.results import save_figure_atomic, jsonable, write_json_atomic
+from repsim.results import jsonable, save_figure_atomic, write_json_atomic
 from repsim.robustness import logits_of, robustness_profiles, top1_correct
 from repsim.store.format import layer_kind
 from repsim.store.reader import ActivationStore

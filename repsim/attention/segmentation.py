@@ -71,7 +71,7 @@ import torch
 from repsim.attention.statistics import _as_float, _grid, _prefix, _renormalised_patch_block, class_attention_statistics
 from repsim.errors import UsageError
 from repsim.measures.intervals import LEVEL, bootstrap_mean, ci_text, verdict
-from repsim.results import save_figure_atomic, Result
+from repsim.results import Result, save_figure_atomic
 from repsim.data.masks import FOREGROUND_THRESHOLD, patch_foreground, store_input_masks, token_iou
 
 __all__ = [
