@@ -45,10 +45,10 @@ def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
 
 def save_figure_atomic(fig: Any, path: str | os.PathLike, *, dpi: int = 150) -> None:
     """Save the matplotlib ``fig`` to ``path`` atomically (:func:`atomic_output`), in the format its extension
-    names (PNG, PDF, SVG, ...)."""
+    names (PNG, PDF, SVG, ...); PNG at exactly ``path`` when it has no extension (matplotlib would append one)."""
     ext = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
     with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=ext or None)
+        fig.savefig(tmp, dpi=dpi, format=ext or "png")
 
 
 def _umask() -> int:

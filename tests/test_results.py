@@ -88,6 +88,9 @@ def test_save_figure_atomic_keeps_the_old_file_when_drawing_fails(tmp_path):
     assert target.read_bytes()[:5] == b"%PDF-"  # the format the extension names
     assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     before = target.read_bytes()
+    save_figure_atomic(fig, tmp_path / "no_extension")  # PNG at exactly the named path
+    assert (tmp_path / "no_extension").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "no_extension").unlink()
 
     class Boom(Exception):
         pass
