@@ -401,3 +401,16 @@ def test_register_tokens_without_a_class_token_use_the_mean_query():
     row = a[..., 0, 4:]
     np.testing.assert_allclose(query_maps(a, (4, 4), 4).numpy(), (row / row.sum(-1, keepdim=True)).numpy(),
                                rtol=1e-12)
+
+
+def test_best_head_is_ranked_by_gain_over_the_grid_reference():
+    """On a coarse grid the all-foreground reference already scores high, so the head with the highest raw Jaccard
+    there can gain less than a fine-grid head: the best head is the one with the highest paired gain."""
+    from repsim.attention.segmentation import _best
+
+    rows = np.arange(4)
+    coarse_base, fine_base = np.full(4, 0.5), np.full(4, 0.2)
+    per_image = {"coarse": np.full((4, 1), 0.6), "fine": np.array([[0.5], [0.5], [0.5], [np.nan]])}
+    best = _best(per_image, {"coarse": coarse_base, "fine": fine_base}, rows, n_boot=50, seed=0)
+    assert (best["layer"], best["head"]) == ("fine", 0)
+    assert best["jaccard"] == pytest.approx(0.5) and best["gain"] == pytest.approx(0.3) and best["n_scored"] == 3

@@ -39,9 +39,11 @@ spreading out. Means over images come with 95 % percentile bootstrap intervals o
 (:func:`repsim.measures.intervals.bootstrap_mean`), the gain over the reference with a paired one; a head is "above the
 reference" only when the gain's interval excludes 0 (:func:`repsim.measures.intervals.verdict`).
 
-The *best head* (highest mean Jaccard over all layers and heads) is selected on the same images it is scored
-on, which favours it (winner's curse); ``best_held_out`` therefore also selects the best head on the even rows
-and scores it on the odd rows, with its own intervals.
+The *best head* (highest mean gain over the reference, paired by image, over all layers and heads) is selected
+on the same images it is scored on, which favours it (winner's curse); ``best_held_out`` therefore also selects
+the best head on the even rows and scores it on the odd rows, with its own intervals. The gain, not the raw
+Jaccard, ranks heads because the reference depends on the grid: on a coarse grid the all-foreground prediction
+already scores higher, so raw Jaccard would favour coarse layers of a model whose layers differ in grid.
 
 Spatial entropy (Peruzzo et al. 2022, Sec. 3)
 ---------------------------------------------
@@ -386,12 +388,14 @@ def _head(head: int, jac: np.ndarray, base: np.ndarray, keep_share: np.ndarray, 
 
 def _best(per_image: dict[str, np.ndarray], base: dict[str, np.ndarray], rows: np.ndarray, n_boot: int, seed: int
           ) -> dict[str, Any]:
-    """The head with the highest mean Jaccard over images ``rows`` (positions into the per-image arrays) and its
-    statistics on the same rows."""
+    """The head with the highest mean gain over the all-foreground reference (Jaccard minus reference, paired by
+    image, over the images ``rows`` where its Jaccard is defined: positions into the per-image arrays) and its
+    statistics on the same rows (module docstring: why the gain and not the raw Jaccard)."""
     best = None
     for layer, jac in per_image.items():
+        gain = jac[rows] - base[layer][rows][:, None]  # (rows, heads), NaN where the Jaccard is undefined
         with np.errstate(invalid="ignore"):
-            means = np.nanmean(jac[rows], axis=0) if np.isfinite(jac[rows]).any() else np.full(jac.shape[1], np.nan)
+            means = np.nanmean(gain, axis=0) if np.isfinite(gain).any() else np.full(jac.shape[1], np.nan)
         for h, m in enumerate(means):
             if np.isfinite(m) and (best is None or m > best[0]):
                 best = (float(m), layer, h)
@@ -494,9 +498,10 @@ def attention_segmentation(store: Any, layers: Sequence[str] | None = None, *, m
 
 def _overlay_data(store: Any, result: AttentionSegmentation, maps: dict[str, np.ndarray], cover: np.ndarray
                   ) -> dict[str, Any]:
-    """What the overlay panels draw: the best heads (by mean Jaccard), for each its first scored images among
-    the leading rows, their query maps, kept patches, mask coverage and (where available) input pixels."""
-    ranked = sorted(((h.jaccard, ly.layer, h.head) for ly in result.layers for h in ly.heads if np.isfinite(h.jaccard)),
+    """What the overlay panels draw: the best heads (by mean gain over the reference, as :func:`_best`), for each
+    its first scored images among the leading rows, their query maps, kept patches, mask coverage and (where
+    available) input pixels."""
+    ranked = sorted(((h.gain, ly.layer, h.head) for ly in result.layers for h in ly.heads if np.isfinite(h.gain)),
                     reverse=True)[:OVERLAY_HEADS]
     rows_needed = sorted({int(r) for _, layer, h in ranked for r in _overlay_rows(result, layer, h, len(maps[layer]))})
     images = _input_images(store, rows_needed)
