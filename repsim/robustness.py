@@ -259,8 +259,10 @@ def _layer_gram(store: ActivationStore, layer: str, tokens: str) -> tuple[np.nda
     """(centred float64 Gram (n, n) of the layer's features (``tokens`` as in ``repsim cka``), whether the layer
     varies over the images). The Gram is accumulated over column blocks: centring is per column, so the blocks'
     Grams add up to the Gram of all columns, and the float64 copy never holds more than ``GRAM_COLUMNS`` columns.
-    A layer "does not vary" when its variation about the mean image is at most ``1e-12`` of its sum of squares
-    (equal inputs give equal features up to rounding)."""
+    A layer "does not vary" when its variation about the mean image is at most ``max(1e-12, eps²)`` of its sum of
+    squares, ``eps`` the machine epsilon of the layer's stored dtype (equal inputs give equal features up to
+    rounding, and rounding float32 features that differ in their last bits to float16 can leave entries one
+    float16 step apart: a share of the sum of squares up to about eps² = 9.5e-7, against 1.4e-14 in float32)."""
     import torch
 
     from repsim.measures.cka_engine import layer_features
@@ -270,7 +272,9 @@ def _layer_gram(store: ActivationStore, layer: str, tokens: str) -> tuple[np.nda
     for j in range(0, x.shape[1], GRAM_COLUMNS):
         gram += centred_gram(x[:, j:j + GRAM_COLUMNS]).numpy()
     total = float(np.square(x, dtype=np.float64).sum())
-    return gram, bool(np.trace(gram) > 1e-12 * total)
+    stored = np.dtype(store.layer_info(layer).get("dtype", "float32"))
+    tolerance = max(1e-12, float(np.finfo(stored).eps) ** 2 if stored.kind == "f" else 0.0)
+    return gram, bool(np.trace(gram) > tolerance * total)
 
 
 def logits_of(store: ActivationStore) -> tuple[str | None, str]:

@@ -307,3 +307,35 @@ def test_model_identity_ignores_where_the_weights_lay_not_what_they_are():
     assert model_identity(rec) != model_identity(other)
     assert model_identity(unhashed[0]) != model_identity(unhashed[1])
     assert rec["weights"]["file"] == "/a/w.safetensors"  # the store's record is not changed
+
+
+def test_rounding_to_float16_does_not_make_equal_images_vary(tmp_path):
+    """Images whose float32 features differ only in their last bits (equal inputs, e.g. every patch dropped) can
+    round to float16 values one step apart; that is storage rounding, not variation: the layer does not vary.
+    Variation well above float16's resolution still counts, and float32 keeps the 1e-12 tolerance."""
+    from repsim.robustness import _layer_gram
+    from repsim.store.format import fingerprint_ids
+    from repsim.store.reader import ActivationStore
+    from repsim.store.writer import LayerSpec, StoreWriter
+
+    def store(name, rows, dtype):
+        ids = [f"s{i}" for i in range(len(rows))]
+        attrs = {"format_version": 1, "model": {"name": "m"}, "dataset": {"name": "d", "n": len(rows),
+                 "fingerprint": fingerprint_ids(ids)}, "extraction": {"chunk_size": len(rows), "dtype": dtype}}
+        w = StoreWriter.create(str(tmp_path / name), attrs, [LayerSpec("f", (64,), {"kind": "vector"})], ids,
+                               np.zeros(len(rows), dtype=np.int64), dtype=dtype)
+        w.write_chunk(0, {"f": np.asarray(rows, dtype=np.float32)})
+        w.update_attrs(complete=True)
+        return ActivationStore(str(tmp_path / name))
+
+    base = np.full(64, 1000.25, dtype=np.float32)  # float16 spacing at 1000 is 0.5: 1000.25 sits on a tie
+    nudged = [base + np.float32(s) * np.where(np.arange(64) % 2, 1e-4, 0.0).astype(np.float32)
+              for s in (-1, 1, -1, 1, 1, -1)]  # last-bit differences in half the entries
+    stored = store("tie16.zarr", nudged, "float16").read("f").astype(np.float64)
+    assert np.ptp(stored, axis=0).max() == 0.5  # float16 rounding put some entries one step apart
+    gram, varies = _layer_gram(store("tie16.zarr", nudged, "float16"), "f", "flatten")
+    assert np.trace(gram) > 0 and not varies
+    real = [base + np.float32(s) for s in (-4, 4, -4, 4, 4, -4)]  # 8 float16 steps apart: real variation
+    assert _layer_gram(store("real16.zarr", real, "float16"), "f", "flatten")[1]
+    tiny = [base + np.float32(s) * np.float32(1e-2) for s in (-1, 1, -1, 1, 1, -1)]  # share 1e-10
+    assert _layer_gram(store("tiny32.zarr", tiny, "float32"), "f", "flatten")[1]  # float32 resolves it
