@@ -1169,12 +1169,11 @@ class AttentionCapture:
 
     # -- records ----------------------------------------------------------------------------------------
     def _emit(self, f: _Found, probs: torch.Tensor) -> None:
+        """Turn one attention call's probabilities into an :class:`AttentionRecord` (shapes checked against the
+        layer's geometry), then keep it and / or pass it to the callback."""
         layer = f.layer
-        probs = probs.detach()
-        if probs.dtype != torch.float32:
-            probs = probs.float()
-        call = self._calls.get(layer.path, 0)
-        self._calls[layer.path] = call + 1
+        probs = _detached_float32(probs)
+        call = self._next_call(layer.path)
         forward = max(self.num_forwards - 1, 0)
         if layer.kind == "timm_like":
             _check_probabilities(layer, probs)
@@ -1183,33 +1182,47 @@ class AttentionCapture:
         elif layer.windowed:
             rec = self._window_record(f, probs, forward, call)
         else:
-            if probs.ndim != 4 or (layer.num_heads is not None and probs.shape[1] != layer.num_heads):
-                raise UsageError(f"{layer.path} ({layer.module_type}) gave attention of shape {tuple(probs.shape)}, "
-                                 f"not (B, {layer.num_heads}, N, S)")
-            if layer.kind != "torch_mha" and self._batch is not None and probs.shape[0] != self._batch:
-                raise UsageError(f"{layer.path} ({layer.module_type}) attends over {probs.shape[0]} sequences for a "
-                                 f"batch of {self._batch} images (windowed or grid attention?); repsim captures "
-                                 "global attention and timm Swin windows only")
-            g = f.geometry
-            prefix = grid = None
-            patch = g.patch_size if g is not None else None
-            g_prefix = f.prefix if f.prefix is not None else (g.num_prefix_tokens if g is not None else None)
-            if g is not None and g_prefix is not None:
-                cur = g.current_grid()
-                n_q = 1 if layer.class_query else probs.shape[-1]
-                if cur is not None and probs.shape[-1] == g_prefix + cur[0] * cur[1] and probs.shape[-2] == n_q:
-                    prefix, grid = g_prefix, cur
-            if layer.class_query and grid is None:
-                raise UsageError(f"{layer.path} ({layer.module_type}): class attention of shape {tuple(probs.shape)} "
-                                 "does not match one class-token query over the class token and the patch grid")
-            rec = AttentionRecord(layer.path, layer.kind, probs, forward, call, prefix, grid, patch,
-                                  class_query=layer.class_query)
+            rec = self._global_record(f, probs, forward, call)
+        self._deliver(rec)
+
+    def _next_call(self, path: str) -> int:
+        """Index of this call of layer ``path`` within the current forward pass (0, 1, … for a reused module)."""
+        call = self._calls.get(path, 0)
+        self._calls[path] = call + 1
+        return call
+
+    def _global_record(self, f: _Found, probs: torch.Tensor, forward: int, call: int) -> AttentionRecord:
+        """A record of a global-attention layer, probs (B, heads, N, S); shape and batch checked, token layout
+        (prefix, grid, patch size) read from the layer's geometry when the key count matches it, else None."""
+        layer = f.layer
+        self._check_global_shape(layer, probs)
+        prefix, grid, patch = _global_layout(f, probs)
+        if layer.class_query and grid is None:
+            raise UsageError(f"{layer.path} ({layer.module_type}): class attention of shape {tuple(probs.shape)} "
+                             "does not match one class-token query over the class token and the patch grid")
+        return AttentionRecord(layer.path, layer.kind, probs, forward, call, prefix, grid, patch,
+                               class_query=layer.class_query)
+
+    def _check_global_shape(self, layer: AttentionLayer, probs: torch.Tensor) -> None:
+        """Refuse global attention that is not (B, heads, N, S), or (but for torch MHA) attends over another
+        number of sequences than the batch has images (windowed or grid attention)."""
+        if probs.ndim != 4 or (layer.num_heads is not None and probs.shape[1] != layer.num_heads):
+            raise UsageError(f"{layer.path} ({layer.module_type}) gave attention of shape {tuple(probs.shape)}, "
+                             f"not (B, {layer.num_heads}, N, S)")
+        if layer.kind != "torch_mha" and self._batch is not None and probs.shape[0] != self._batch:
+            raise UsageError(f"{layer.path} ({layer.module_type}) attends over {probs.shape[0]} sequences for a "
+                             f"batch of {self._batch} images (windowed or grid attention?); repsim captures "
+                             "global attention and timm Swin windows only")
+
+    def _deliver(self, rec: AttentionRecord) -> None:
+        """Keep ``rec`` in :attr:`records` (on ``store_device``, or a clone on the model's device) when storing,
+        and pass it, uncopied, to the callback."""
         if self.store:
             kept = rec.to(self.store_device) if self.store_device is not None else dataclasses.replace(
                 rec, probs=rec.probs.clone())
-            self.records[layer.path].append(kept)
+            self.records[rec.path].append(kept)
         if self.callback is not None:
-            self.callback(layer.path, rec)
+            self.callback(rec.path, rec)
 
     def _resolved_record(self, f: _Found, probs: torch.Tensor, forward: int, call: int) -> AttentionRecord:
         """A record of a family layer (LeViT, Twins) whose geometry its resolver gives; shapes checked."""
@@ -1281,6 +1294,30 @@ def no_attention_reason(module: nn.Module, name: str | None = None) -> str:
     if unsupported:
         return f"{name} has attention that repsim cannot capture: {'; '.join(unsupported[:3])}"
     return f"{name} has no attention layers (no module computes attention over tokens)"
+
+
+def _detached_float32(probs: torch.Tensor) -> torch.Tensor:
+    """``probs`` detached from the graph, as float32 (a copy only when it was another dtype)."""
+    probs = probs.detach()
+    if probs.dtype != torch.float32:
+        probs = probs.float()
+    return probs
+
+
+def _global_layout(f: _Found, probs: torch.Tensor) -> tuple[int | None, Pair | None, Pair | None]:
+    """``(num_prefix_tokens, grid, patch_size)`` of a global-attention call, probs (B, heads, N, S): the grid is the
+    geometry's current grid when S = prefix + gh·gw and the queries are all tokens (or the one class token);
+    otherwise prefix and grid are None. The patch size is the geometry's (None without one)."""
+    g = f.geometry
+    prefix = grid = None
+    patch = g.patch_size if g is not None else None
+    g_prefix = f.prefix if f.prefix is not None else (g.num_prefix_tokens if g is not None else None)
+    if g is not None and g_prefix is not None:
+        cur = g.current_grid()
+        n_q = 1 if f.layer.class_query else probs.shape[-1]
+        if cur is not None and probs.shape[-1] == g_prefix + cur[0] * cur[1] and probs.shape[-2] == n_q:
+            prefix, grid = g_prefix, cur
+    return prefix, grid, patch
 
 
 def _check_probabilities(layer: AttentionLayer, probs: torch.Tensor) -> None:

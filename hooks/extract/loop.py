@@ -28,6 +28,7 @@ Design points:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import platform
@@ -37,7 +38,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -731,6 +732,171 @@ def _warn_fp16_damage(plan: ExtractionPlan) -> None:
             "reports them; re-extract with --dtype float32 for exact numbers", stacklevel=2)
 
 
+def _pending_batches(plan: ExtractionPlan, writer: StoreWriter) -> list[tuple[int, range]]:
+    """``(chunk, rows)`` of every batch still to extract: the not yet completed chunks of this process's shard, each
+    cut into batches of ``plan.batch_size`` rows (a chunk's last batch may be shorter)."""
+    mine = set(plan.shard_chunks())
+    todo = [int(i) for i in np.flatnonzero(~writer.chunks_done()) if int(i) in mine]
+    return [
+        (c, range(lo, min(lo + plan.batch_size, writer.chunk_rows(c).stop)))
+        for c in todo
+        for lo in range(writer.chunk_rows(c).start, writer.chunk_rows(c).stop, plan.batch_size)
+    ]
+
+
+def _activation_capture(plan: ExtractionPlan, module: torch.nn.Module) -> ActivationCapture:
+    """The capture of the planned layers of ``module``, pooled and converted to the stored dtypes."""
+    info = plan.model.info
+    return ActivationCapture(
+        module, plan.paths, layouts={p: layer_layout(info.family, p, module) for p in plan.paths},
+        num_prefix_tokens=info.num_prefix_tokens, grid=info.grid, pool=plan.pool, spatial_pool=plan.spatial_pool,
+        dtype=plan.path_dtypes(),
+    )
+
+
+def _forward_batch(module: torch.nn.Module, capture: ActivationCapture, x: torch.Tensor, dev: torch.device,
+                   expected: list[str]) -> dict[str, torch.Tensor]:
+    """Run ``module`` on the batch ``x`` (B, 3, H, W) and return the captured activations by layer name, refusing a
+    model whose captured layers are no longer ``expected`` (the planned names, in order)."""
+    module(x.to(dev, non_blocking=True))
+    acts = capture.pop()
+    if list(acts) != expected:
+        raise UsageError("the model's layers changed since the store was planned")
+    return acts
+
+
+def _chunk_quality(plan: ExtractionPlan, capture: ActivationCapture) -> np.ndarray:
+    """float32 (n_layers,): the measured float16 error of each float16 layer on the first rows of a chunk (0 for
+    layers stored as float32), in the order of ``plan.taps``; the row of the store's quality array."""
+    eta = _fp16_errors(capture, plan.taps)
+    return np.array([eta[t.name] if plan.layer_dtypes[t.name] == "float16" else 0.0 for t in plan.taps],
+                    dtype=np.float32)
+
+
+def _check_finite(plan: ExtractionPlan, acts: dict[str, torch.Tensor], buffer_dtypes: dict[str, str]) -> None:
+    """Refuse NaN / Inf in activations that are stored (Gram-only: they show on the Gram's diagonal, and
+    unbiased_gram raises)."""
+    if not plan.acts:
+        return
+    for name, t in acts.items():
+        finite_or_raise(name, t, buffer_dtypes[name])
+
+
+def _fill_chunk_buffers(plan: ExtractionPlan, buffers: dict[str, np.ndarray] | None, acts: dict[str, torch.Tensor],
+                        rows: range, crow: range, buffer_dtypes: dict[str, str]) -> dict[str, np.ndarray]:
+    """Copy one batch's activations (rows ``rows`` of the chunk of rows ``crow``) into the chunk's buffers, one
+    array (chunk rows, *layer shape) per layer in the stored dtype, allocated at the chunk's first batch; returns
+    the buffers. A batch that is the whole chunk is its own buffer (no copy)."""
+    if len(rows) == crow.stop - crow.start:
+        return {name: t.numpy() for name, t in acts.items()}
+    if buffers is None:
+        buffers = {t.name: np.empty((crow.stop - crow.start, *t.shape), dtype=buffer_dtypes[t.name])
+                   for t in plan.taps}
+    offset = rows.start - crow.start
+    for name, t in acts.items():
+        buffers[name][offset:offset + len(rows)] = t.numpy()
+    return buffers
+
+
+def _chunk_extra_arrays(plan: ExtractionPlan, reducer: AttentionReducer | None, buffers: dict[str, np.ndarray],
+                        chunk: int, dev: torch.device, quality: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The extra arrays of a finished chunk: its attention statistics, packed Grams and float16 quality row, as
+    the plan asks."""
+    extra = {} if reducer is None else reducer.pop_chunk()
+    if plan.grams:
+        extra.update(_chunk_grams(buffers, chunk, plan.chunk_size, dev, plan.out))
+    if plan.measure_fp16:
+        extra[QUALITY_ARRAY] = quality
+    return extra
+
+
+def _prefetched(loader: ThreadPoolExecutor, plan: ExtractionPlan,
+                batches: list[tuple[int, range]]) -> Iterator[tuple[int, range, torch.Tensor]]:
+    """``(chunk, rows, x)`` for every batch in order, ``x`` the preprocessed (and perturbed) inputs (B, 3, H, W);
+    ``loader`` loads the next two batches while the caller works on this one."""
+    source, transform = plan.source, plan.model.preprocessing.transform()
+    futures = collections.deque(loader.submit(_load_batch, source, transform, r, plan.perturbation)
+                                for _, r in batches[:2])
+    for k, (chunk, rows) in enumerate(batches):
+        x = futures.popleft().result()  # the batch's future is released here
+        if k + 2 < len(batches):
+            futures.append(loader.submit(_load_batch, source, transform, batches[k + 2][1], plan.perturbation))
+        yield chunk, rows, x
+
+
+def _put_chunk(plan: ExtractionPlan, background: _BackgroundWriter, chunk: int, buffers: dict[str, np.ndarray],
+               inputs: list[np.ndarray], extra: dict[str, np.ndarray]) -> None:
+    """Queue a finished chunk for writing: its activations (none for a Gram-only store), its inputs (B, 3, H, W)
+    when they are saved, and its extra arrays."""
+    background.put(
+        chunk,
+        buffers if plan.acts else {},
+        np.concatenate(inputs) if plan.save_inputs else None,
+        extra,
+    )
+
+
+def _extract_batches(plan: ExtractionPlan, writer: StoreWriter, module: torch.nn.Module, dev: torch.device,
+                     batches: list[tuple[int, range]], progress: bool) -> None:
+    """Forward every batch of ``batches`` (two loaded ahead on threads) and hand each finished chunk to a
+    background writer; returns when all of them are on disk."""
+    from tqdm.auto import tqdm
+
+    capture = _activation_capture(plan, module)
+    reducer = AttentionReducer(plan.attention_layers, plan.attn_keep) if plan.attention_layers else None
+    background = _BackgroundWriter(writer)
+    buffer_dtypes = {t.name: str(plan.path_dtypes()[t.module]).replace("torch.", "") for t in plan.taps}
+    expected = [t.name for t in plan.taps]
+    bar = tqdm(total=sum(len(r) for _, r in batches), desc=f"extract {plan.model.info.name}", unit="img",
+               disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=2) as loader, capture, _attention_capture(module, reducer), \
+            torch.inference_mode():
+        # one buffer per layer and chunk, in the stored dtype: each batch is converted once, in place
+        buffers: dict[str, np.ndarray] | None = None
+        inputs: list[np.ndarray] = []
+        quality: np.ndarray | None = None
+        for chunk, rows, x in _prefetched(loader, plan, batches):
+            if reducer is not None:
+                reducer.begin_batch(rows)
+            crow = writer.chunk_rows(chunk)
+            measure = plan.measure_fp16 and rows.start == crow.start  # the first batch of a chunk
+            if measure:
+                capture.measure_next(FP16_CHECK_ROWS)
+            acts = _forward_batch(module, capture, x, dev, expected)
+            if measure:
+                quality = _chunk_quality(plan, capture)
+            _check_finite(plan, acts, buffer_dtypes)
+            buffers = _fill_chunk_buffers(plan, buffers, acts, rows, crow, buffer_dtypes)
+            if plan.save_inputs:
+                inputs.append(x.numpy())
+            bar.update(len(rows))
+            if rows.stop == crow.stop:
+                _put_chunk(plan, background, chunk, buffers, inputs,
+                           _chunk_extra_arrays(plan, reducer, buffers, chunk, dev, quality))
+                buffers, inputs = None, []
+    background.close()
+    bar.close()
+
+
+def _finish_store(plan: ExtractionPlan, writer: StoreWriter, t_start: float) -> None:
+    """After the batches: record this shard once all its chunks are done, and mark the store complete (after
+    warning about float16 damage) once every chunk is; ``t_start`` is the ``time.perf_counter()`` of the run's
+    start (the shard record keeps its duration, s)."""
+    done = writer.chunks_done()
+    span = plan.shard_chunks()  # never empty: plan_extraction refuses more shards than chunks
+    if plan.shard is not None and bool(done[span.start:span.stop].all()):
+        with _creation_lock(plan.out):  # the first shard to finish creates the record array
+            writer.record_shard(*plan.shard, {
+                "chunks": [span.start, span.stop],
+                "rows": [writer.chunk_rows(span.start).start, writer.chunk_rows(span.stop - 1).stop],
+                "host": socket.gethostname(), "pid": os.getpid(),
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(time.perf_counter() - t_start, 1)})
+    if bool(done.all()):
+        _warn_fp16_damage(plan)
+        writer.update_attrs(complete=True, completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
 def run_extraction(
     plan: ExtractionPlan,
     *,
@@ -738,105 +904,16 @@ def run_extraction(
     progress: bool = True,
 ) -> ActivationStore:
     """Run (or resume) the extraction planned by :func:`plan_extraction`; returns the finished store."""
-    from tqdm.auto import tqdm
-
     if plan.already_complete:
         return ActivationStore(plan.out)
     dev = _resolve_device(device)
-    model, info = plan.model, plan.model.info
-    module = model.module.to(dev).eval()
-    source = plan.source
+    module = plan.model.module.to(dev).eval()
     writer = create_or_open_store(plan)
     lock = _acquire_writer_lock(plan.out, plan.shard)
     t_start = time.perf_counter()
     try:
-        mine = set(plan.shard_chunks())
-        todo = [int(i) for i in np.flatnonzero(~writer.chunks_done()) if int(i) in mine]
-        batches = [
-            (c, range(lo, min(lo + plan.batch_size, writer.chunk_rows(c).stop)))
-            for c in todo
-            for lo in range(writer.chunk_rows(c).start, writer.chunk_rows(c).stop, plan.batch_size)
-        ]
-        transform = model.preprocessing.transform()
-        capture = ActivationCapture(
-            module, plan.paths, layouts={p: layer_layout(info.family, p, module) for p in plan.paths},
-            num_prefix_tokens=info.num_prefix_tokens, grid=info.grid, pool=plan.pool, spatial_pool=plan.spatial_pool,
-            dtype=plan.path_dtypes(),
-        )
-        reducer = AttentionReducer(plan.attention_layers, plan.attn_keep) if plan.attention_layers else None
-        background = _BackgroundWriter(writer)
-        buffer_dtypes = {t.name: str(plan.path_dtypes()[t.module]).replace("torch.", "") for t in plan.taps}
-        expected = [t.name for t in plan.taps]
-        bar = tqdm(total=sum(len(r) for _, r in batches), desc=f"extract {info.name}", unit="img",
-                   disable=not progress, dynamic_ncols=True)
-        with ThreadPoolExecutor(max_workers=2) as loader, capture, _attention_capture(module, reducer), \
-                torch.inference_mode():
-            futures = [loader.submit(_load_batch, source, transform, r, plan.perturbation) for _, r in batches[:2]]
-            # one buffer per layer and chunk, in the stored dtype: each batch is converted once, in place
-            buffers: dict[str, np.ndarray] | None = None
-            inputs: list[np.ndarray] = []
-            for k, (chunk, rows) in enumerate(batches):
-                x = futures[k].result()
-                if k + 2 < len(batches):
-                    futures.append(loader.submit(_load_batch, source, transform, batches[k + 2][1], plan.perturbation))
-                if reducer is not None:
-                    reducer.begin_batch(rows)
-                crow = writer.chunk_rows(chunk)
-                first_of_chunk = rows.start == crow.start
-                if plan.measure_fp16 and first_of_chunk:
-                    capture.measure_next(FP16_CHECK_ROWS)
-                module(x.to(dev, non_blocking=True))
-                acts = capture.pop()
-                if list(acts) != expected:
-                    raise UsageError("the model's layers changed since the store was planned")
-                if plan.measure_fp16 and first_of_chunk:
-                    eta = _fp16_errors(capture, plan.taps)
-                    quality = np.array([eta[t.name] if plan.layer_dtypes[t.name] == "float16" else 0.0
-                                        for t in plan.taps], dtype=np.float32)
-                for name, t in acts.items():
-                    if plan.acts:  # Gram-only: a NaN / Inf shows on the Gram's diagonal (unbiased_gram raises)
-                        finite_or_raise(name, t, buffer_dtypes[name])
-                if len(rows) == crow.stop - crow.start:  # the batch is the whole chunk: the capture is the buffer
-                    buffers = {name: t.numpy() for name, t in acts.items()}
-                else:
-                    if buffers is None:
-                        buffers = {t.name: np.empty((crow.stop - crow.start, *t.shape), dtype=buffer_dtypes[t.name])
-                                   for t in plan.taps}
-                    offset = rows.start - crow.start
-                    for name, t in acts.items():
-                        buffers[name][offset:offset + len(rows)] = t.numpy()
-                if plan.save_inputs:
-                    inputs.append(x.numpy())
-                futures[k] = None  # release the batch
-                bar.update(len(rows))
-                if rows.stop == crow.stop:
-                    extra = {} if reducer is None else reducer.pop_chunk()
-                    if plan.grams:
-                        extra.update(_chunk_grams(buffers, chunk, plan.chunk_size, dev, plan.out))
-                    if plan.measure_fp16:
-                        extra[QUALITY_ARRAY] = quality
-                    background.put(
-                        chunk,
-                        buffers if plan.acts else {},
-                        np.concatenate(inputs) if plan.save_inputs else None,
-                        extra,
-                    )
-                    buffers, inputs = None, []
-        background.close()
-        bar.close()
-        done = writer.chunks_done()
-        span = plan.shard_chunks()  # never empty: plan_extraction refuses more shards than chunks
-        if plan.shard is not None and bool(done[span.start:span.stop].all()):
-            with _creation_lock(plan.out):  # the first shard to finish creates the record array
-                writer.record_shard(*plan.shard, {
-                    "chunks": [span.start, span.stop],
-                    "rows": [writer.chunk_rows(span.start).start, writer.chunk_rows(span.stop - 1).stop],
-                    "host": socket.gethostname(), "pid": os.getpid(),
-                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "seconds": round(time.perf_counter() - t_start, 1)})
-        if bool(done.all()):
-            _warn_fp16_damage(plan)
-            writer.update_attrs(complete=True, completed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        _extract_batches(plan, writer, module, dev, _pending_batches(plan, writer), progress)
+        _finish_store(plan, writer, t_start)
     finally:
         lock.release()
     store = ActivationStore(plan.out)
