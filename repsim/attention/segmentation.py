@@ -10,8 +10,9 @@ Query map
 ---------
 Per image and head, the *query map* ``a`` (gh·gw patch weights, summing to 1) is the CLS query's attention over
 the patch keys, renormalised over them (prefix keys dropped: the first prefix token is the class token in timm,
-Hugging Face and torchvision ViTs), or, for a model without prefix tokens (a GAP ViT, LeViT), the mean over the
-patch queries of their rows (each a distribution over the patch keys). Extraction with ``--attention`` stores
+Hugging Face and torchvision ViTs), or, for a model without prefix tokens (a GAP ViT, LeViT) or whose prefix
+tokens are registers only (timm ``vit_*_reg4_gap``: ``class_token`` False in the capture's layer record), the mean
+over the patch queries of their rows (each a distribution over the patch keys). Extraction with ``--attention`` stores
 it for every image (``attn/<layer>/query_map``, :mod:`repsim.store`; :func:`query_maps`); windowed layers (Swin,
 Twins local attention) have no query that sees the whole image and are skipped, and so are stores written
 before query maps existed (re-extract with ``--attention``).
