@@ -37,9 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from repsim.devices import resolve_device, tf32_off  # re-exported for probes.linear / probes.knn
 from repsim.errors import UsageError
 from repsim.store.format import layer_kind
 from repsim.store.reader import StoreLike, check_layer_names
@@ -60,7 +58,6 @@ __all__ = [
     "parse_features",
     "plan_feature_sets",
     "read_layer_features",
-    "resolve_device",
     "stratified_holdout",
 ]
 

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from probes.features import StoreLike, resolve_device, tf32_off
+from probes.features import StoreLike
 from probes.linear import ProbeResult, ProbeRow, _iter_features, _protocol, _repsim_version, _store_info, prepare_probe
 from probes.solvers import _check_xy, _to_device, accuracy_scores
+from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
 
 __all__ = ["knn_classify", "knn_probe"]

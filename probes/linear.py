@@ -21,7 +21,6 @@ from probes.features import (
     load_feature_set,
     make_split,
     plan_feature_sets,
-    resolve_device,
 )
 from probes.solvers import (
     DEFAULT_HISTORY,
@@ -37,6 +36,7 @@ from probes.solvers import (
     fit_logreg,
     ridge_classify,
 )
+from repsim.devices import resolve_device
 from repsim.errors import UsageError
 from repsim.results import Result, save_figure_atomic
 

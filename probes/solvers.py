@@ -78,10 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from probes.features import (
-    resolve_device,
-    tf32_off,
-)
+from repsim.devices import resolve_device, tf32_off
 from repsim.errors import UsageError
 
 DEFAULT_LAMBDAS: np.ndarray = np.logspace(-6, 5, 45)
